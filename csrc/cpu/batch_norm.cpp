@@ -1,0 +1,247 @@
+// Batch norm, CPU: training forward (batch statistics), inference forward (given statistics),
+// and backward for both, on NCHW ([N, C, HW]) and channels_last / 2-D ([N*HW, C]) memory.
+//   NCHW         : one task per channel; its N planes are read for the two-pass statistics and
+//                  again (from cache when they fit) by the fused normalize + affine pass.
+//   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
+//                  Chan-merged in block order; then one normalize pass over the rows.
+//   backward     : per-channel sum(dy) and sum(dy * (x - mean)) in one read of x and dy; then
+//                  dx = dy * k_dy[c] + x * k_x[c] + k_0[c]. Inference backward skips the sums
+//                  unless dweight/dbias are wanted.
+// Included by capability/*.cpp, never compiled on its own.
+#include "kernels.h"
+#include "reductions.h"
+
+#include <ATen/Dispatch.h>
+
+namespace normkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+template <typename A>
+static inline A param_or(const A* p, int64_t c, A dflt) {
+  return p != nullptr ? p[c] : dflt;
+}
+
+// y = x * scale[c] + shift[c] over the whole tensor, in its own memory order.
+template <typename T>
+static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* scale,
+                           const acc_t<T>* shift) {
+  if (!s.channels_last) {
+    at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t c = nc % s.C;
+        segment_affine(xp + nc * s.HW, yp + nc * s.HW, s.HW, scale[c], shift[c]);
+      }
+    });
+  } else {
+    at::parallel_for(0, s.N * s.HW, grain_for(s.C), [&](int64_t begin, int64_t end) {
+      rows_affine(xp, yp, begin, end, s.C, scale, shift);
+    });
+  }
+}
+
+template <typename T>
+static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
+                                 const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                 at::Tensor& y, at::Tensor& mean_t, at::Tensor& invstd_t,
+                                 at::Tensor& var_t) {
+  using A = acc_t<T>;
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
+  const A* b = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
+  A* mean = mean_t.data_ptr<A>();
+  A* invstd = invstd_t.data_ptr<A>();
+  A* var = var_t.data_ptr<A>();
+  const A a_eps = static_cast<A>(eps);
+  const int64_t count = s.N * s.HW;
+
+  if (!s.channels_last) {
+    // Statistics and normalization in one task per channel, so the second and third reads of
+    // a channel's planes come from cache when they fit.
+    at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        A sum = 0;
+        for (int64_t n = 0; n < s.N; ++n) sum += segment_sum(xp + (n * s.C + c) * s.HW, s.HW);
+        const A mu = count > 0 ? sum / static_cast<A>(count) : A(0);
+        A sq = 0;
+        for (int64_t n = 0; n < s.N; ++n) sq += segment_sq_dev(xp + (n * s.C + c) * s.HW, s.HW, mu);
+        const A v = count > 0 ? sq / static_cast<A>(count) : A(0);
+        const A rs = A(1) / std::sqrt(v + a_eps);
+        mean[c] = mu;
+        var[c] = v;
+        invstd[c] = rs;
+        const A sc = rs * param_or(w, c, A(1));
+        const A sh = param_or(b, c, A(0)) - mu * sc;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t off = (n * s.C + c) * s.HW;
+          segment_affine(xp + off, yp + off, s.HW, sc, sh);
+        }
+      }
+    });
+    return;
+  }
+
+  const Blocks blocks(count, std::max<int64_t>(1, 8192 / std::max<int64_t>(s.C, 1)));
+  const int64_t nb = blocks.count;
+  std::vector<A> bmean(nb * s.C), bm2(nb * s.C);
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      columns_welford(xp, blocks.begin(blk), blocks.end(blk), s.C, bmean.data() + blk * s.C,
+                      bm2.data() + blk * s.C);
+    }
+  });
+  std::vector<A> scale(s.C), shift(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    A cnt = 0, mu = 0, m2 = 0;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      chan_merge(cnt, mu, m2, static_cast<A>(blocks.end(blk) - blocks.begin(blk)),
+                 bmean[blk * s.C + c], bm2[blk * s.C + c]);
+    }
+    const A v = cnt > 0 ? m2 / cnt : A(0);
+    const A rs = A(1) / std::sqrt(v + a_eps);
+    mean[c] = mu;
+    var[c] = v;
+    invstd[c] = rs;
+    scale[c] = rs * param_or(w, c, A(1));
+    shift[c] = param_or(b, c, A(0)) - mu * scale[c];
+  }
+  channel_affine(xp, yp, s, scale.data(), shift.data());
+}
+
+void batch_norm_fwd(const at::Tensor& x, const NormShape& s, const at::Tensor& weight,
+                    const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor& mean,
+                    at::Tensor& invstd, at::Tensor& var) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_fwd",
+                                  [&] {
+                                    batch_norm_fwd_typed<scalar_t>(x, s, weight, bias, eps, y,
+                                                                   mean, invstd, var);
+                                  });
+}
+
+template <typename T>
+static void batch_norm_elemt_typed(const at::Tensor& x, const NormShape& s,
+                                   const at::Tensor& mean_t, const at::Tensor& invstd_t,
+                                   const at::Tensor& weight, const at::Tensor& bias,
+                                   at::Tensor& y) {
+  using A = acc_t<T>;
+  const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
+  const A* b = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
+  const A* mean = mean_t.const_data_ptr<A>();
+  const A* invstd = invstd_t.const_data_ptr<A>();
+  std::vector<A> scale(s.C), shift(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    scale[c] = invstd[c] * param_or(w, c, A(1));
+    shift[c] = param_or(b, c, A(0)) - mean[c] * scale[c];
+  }
+  channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, scale.data(), shift.data());
+}
+
+void batch_norm_elemt(const at::Tensor& x, const NormShape& s, const at::Tensor& mean,
+                      const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                      at::Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "batch_norm_elemt", [&] {
+                                    batch_norm_elemt_typed<scalar_t>(x, s, mean, invstd, weight,
+                                                                     bias, y);
+                                  });
+}
+
+template <typename T>
+static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, const NormShape& s,
+                                 const at::Tensor& mean_t, const at::Tensor& invstd_t,
+                                 const at::Tensor& weight, bool train, at::Tensor& dx,
+                                 at::Tensor& dweight, at::Tensor& dbias) {
+  using A = acc_t<T>;
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = dy.const_data_ptr<T>();
+  const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
+  const A* mean = mean_t.const_data_ptr<A>();
+  const A* invstd = invstd_t.const_data_ptr<A>();
+  const int64_t count = s.N * s.HW;
+  const bool need_sums = train || dweight.defined() || dbias.defined();
+
+  std::vector<A> sum_dy(s.C, A(0)), sum_dy_xc(s.C, A(0));
+  if (need_sums && !s.channels_last) {
+    at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        A sg = 0, sd = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t off = (n * s.C + c) * s.HW;
+          const auto [g, d] = segment_grad_sums(gp + off, xp + off, s.HW, mean[c]);
+          sg += g;
+          sd += d;
+        }
+        sum_dy[c] = sg;
+        sum_dy_xc[c] = sd;
+      }
+    });
+  } else if (need_sums) {
+    const Blocks blocks(count, std::max<int64_t>(1, 8192 / std::max<int64_t>(s.C, 1)));
+    std::vector<A> part_dy(blocks.count * s.C, A(0)), part_dyx(blocks.count * s.C, A(0));
+    at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        columns_grad_sums(gp, xp, blocks.begin(blk), blocks.end(blk), s.C, mean,
+                          part_dy.data() + blk * s.C, part_dyx.data() + blk * s.C);
+      }
+    });
+    for (int64_t blk = 0; blk < blocks.count; ++blk)
+      for (int64_t c = 0; c < s.C; ++c) {
+        sum_dy[c] += part_dy[blk * s.C + c];
+        sum_dy_xc[c] += part_dyx[blk * s.C + c];
+      }
+  }
+
+  if (dweight.defined()) {
+    A* dw = dweight.data_ptr<A>();
+    for (int64_t c = 0; c < s.C; ++c) dw[c] = sum_dy_xc[c] * invstd[c];
+  }
+  if (dbias.defined()) {
+    A* db = dbias.data_ptr<A>();
+    for (int64_t c = 0; c < s.C; ++c) db[c] = sum_dy[c];
+  }
+  if (!dx.defined()) return;
+
+  // train: dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
+  // eval:  dx = w * invstd * dy
+  std::vector<A> k_dy(s.C), k_x(s.C, A(0)), k_0(s.C, A(0));
+  const A inv_count = count > 0 ? A(1) / static_cast<A>(count) : A(0);
+  for (int64_t c = 0; c < s.C; ++c) {
+    const A rs = invstd[c];
+    k_dy[c] = rs * param_or(w, c, A(1));
+    if (train) {
+      const A proj = rs * rs * sum_dy_xc[c] * inv_count;
+      k_x[c] = -k_dy[c] * proj;
+      k_0[c] = k_dy[c] * (mean[c] * proj - sum_dy[c] * inv_count);
+    }
+  }
+  T* dxp = dx.data_ptr<T>();
+  if (!s.channels_last) {
+    at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t c = nc % s.C;
+        segment_grad_input(gp + nc * s.HW, xp + nc * s.HW, dxp + nc * s.HW, s.HW, k_dy[c],
+                           k_x[c], k_0[c]);
+      }
+    });
+  } else {
+    at::parallel_for(0, count, grain_for(s.C), [&](int64_t begin, int64_t end) {
+      rows_grad_input(gp, xp, dxp, begin, end, s.C, k_dy.data(), k_x.data(), k_0.data());
+    });
+  }
+}
+
+void batch_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const NormShape& s,
+                    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                    bool train, at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_bwd",
+                                  [&] {
+                                    batch_norm_bwd_typed<scalar_t>(dy, x, s, mean, invstd,
+                                                                   weight, train, dx, dweight,
+                                                                   dbias);
+                                  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace normkernels

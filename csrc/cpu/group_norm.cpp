@@ -1,0 +1,259 @@
+// Group norm (and instance norm: one channel per group), CPU, forward and backward, for
+// NCHW ([N, C, HW]) and channels_last ([N, HW, C]) memory, walked in its own order.
+//   NCHW         : one task per (n, group), whose D * HW elements are contiguous: two-pass
+//                  statistics, then one fused normalize + affine pass per channel plane.
+//   channels_last: per-(n, channel) Welford over blocks of pixels (vectorized along C, split over
+//                  HW so that batch 1 still uses every thread), Chan-merged per block and then
+//                  per group; the normalize pass walks rows of C.
+//   backward     : per-(n, channel) sums of dy and dy * (x - mean) in one read of x and dy, then
+//                  dx = dy * k_dy[c] + x * k_x + k_0 in a second; dweight/dbias from the same
+//                  sums, reduced over n in a fixed order.
+// Included by capability/*.cpp, never compiled on its own.
+#include "kernels.h"
+#include "reductions.h"
+
+#include <ATen/Dispatch.h>
+
+namespace normkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+template <typename A>
+struct GroupView {
+  int64_t N, C, HW, G, D;  // D channels per group
+  const A* w;              // may be null
+  const A* b;              // may be null
+  A wt(int64_t c) const { return w != nullptr ? w[c] : A(1); }
+  A bs(int64_t c) const { return b != nullptr ? b[c] : A(0); }
+};
+
+// Per-(n, c) scale/shift so that y = x * scale + shift, from per-(n, g) mean and rstd.
+template <typename A>
+static void group_affine_coeffs(const GroupView<A>& v, const A* mean, const A* rstd, A* scale,
+                                A* shift) {
+  for (int64_t n = 0; n < v.N; ++n) {
+    for (int64_t c = 0; c < v.C; ++c) {
+      const int64_t ng = n * v.G + c / v.D;
+      const A s = rstd[ng] * v.wt(c);
+      scale[n * v.C + c] = s;
+      shift[n * v.C + c] = v.bs(c) - mean[ng] * s;
+    }
+  }
+}
+
+template <typename T>
+static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_t G,
+                                 const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                 at::Tensor& y, at::Tensor& mean_t, at::Tensor& rstd_t) {
+  using A = acc_t<T>;
+  const GroupView<A> v{s.N, s.C, s.HW, G, s.C / G,
+                       weight.defined() ? weight.const_data_ptr<A>() : nullptr,
+                       bias.defined() ? bias.const_data_ptr<A>() : nullptr};
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  A* mean = mean_t.data_ptr<A>();
+  A* rstd = rstd_t.data_ptr<A>();
+  const A a_eps = static_cast<A>(eps);
+  const int64_t group_size = v.D * v.HW;
+
+  if (!s.channels_last) {
+    at::parallel_for(0, v.N * G, grain_for(group_size), [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / G, g = ng % G;
+        const T* xg = xp + (n * v.C + g * v.D) * v.HW;
+        T* yg = yp + (n * v.C + g * v.D) * v.HW;
+        const A mu = segment_sum(xg, group_size) / static_cast<A>(group_size);
+        const A rs = A(1) / std::sqrt(segment_sq_dev(xg, group_size, mu) /
+                                          static_cast<A>(group_size) +
+                                      a_eps);
+        mean[ng] = mu;
+        rstd[ng] = rs;
+        for (int64_t k = 0; k < v.D; ++k) {
+          const int64_t c = g * v.D + k;
+          const A sc = rs * v.wt(c);
+          segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, sc, v.bs(c) - mu * sc);
+        }
+      }
+    });
+    return;
+  }
+
+  // channels_last: per-(n, block of pixels) Welford along C.
+  const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
+  const int64_t nb = blocks.count;
+  std::vector<A> bmean(v.N * nb * v.C), bm2(v.N * nb * v.C);
+  at::parallel_for(0, v.N * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nb, blk = t % nb;
+      columns_welford(xp + n * v.HW * v.C, blocks.begin(blk), blocks.end(blk), v.C,
+                      bmean.data() + t * v.C, bm2.data() + t * v.C);
+    }
+  });
+  for (int64_t n = 0; n < v.N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      A cnt = 0, mu = 0, m2 = 0;
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const A bc = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
+        const int64_t off = (n * nb + blk) * v.C + g * v.D;
+        for (int64_t k = 0; k < v.D; ++k) chan_merge(cnt, mu, m2, bc, bmean[off + k], bm2[off + k]);
+      }
+      mean[n * G + g] = mu;
+      rstd[n * G + g] = A(1) / std::sqrt((cnt > 0 ? m2 / cnt : A(0)) + a_eps);
+    }
+  }
+  std::vector<A> scale(v.N * v.C), shift(v.N * v.C);
+  group_affine_coeffs(v, mean, rstd, scale.data(), shift.data());
+  at::parallel_for(0, v.N * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
+    // rows [begin, end) may span several images; each image has its own coefficients
+    for (int64_t r = begin; r < end;) {
+      const int64_t n = r / v.HW;
+      const int64_t stop = std::min(end, (n + 1) * v.HW);
+      rows_affine(xp, yp, r, stop, v.C, scale.data() + n * v.C, shift.data() + n * v.C);
+      r = stop;
+    }
+  });
+}
+
+void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
+                    const at::Tensor& weight, const at::Tensor& bias, double eps, at::Tensor& y,
+                    at::Tensor& mean, at::Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_fwd",
+                                  [&] {
+                                    group_norm_fwd_typed<scalar_t>(x, s, num_groups, weight,
+                                                                   bias, eps, y, mean, rstd);
+                                  });
+}
+
+// From per-(n, c) sum_dy and sum_dy_xc = sum(dy * (x - mean_g)), the coefficients of
+// dx = dy * k_dy[c] + x * k_x[n, g] + k_0[n, g] (stored per (n, c)):
+//   g = dy * w,  xhat = (x - mean) * rstd,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+template <typename A>
+static void group_grad_coeffs(const GroupView<A>& v, const A* mean, const A* rstd,
+                              const A* sum_dy, const A* sum_dy_xc, A* k_dy, A* k_x, A* k_0) {
+  const A inv_count = A(1) / static_cast<A>(v.D * v.HW);
+  for (int64_t n = 0; n < v.N; ++n) {
+    for (int64_t g = 0; g < v.G; ++g) {
+      const int64_t ng = n * v.G + g;
+      A s_g = 0, s_gxc = 0;
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+        s_g += v.wt(c) * sum_dy[n * v.C + c];
+        s_gxc += v.wt(c) * sum_dy_xc[n * v.C + c];
+      }
+      const A rs = rstd[ng], mu = mean[ng];
+      const A mean_g = s_g * inv_count;
+      const A mean_gxhat = s_gxc * rs * inv_count;
+      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+        k_dy[n * v.C + c] = rs * v.wt(c);
+        k_x[n * v.C + c] = -rs * rs * mean_gxhat;
+        k_0[n * v.C + c] = rs * (mu * rs * mean_gxhat - mean_g);
+      }
+    }
+  }
+}
+
+// dweight[c] = sum_n sum_dy_xc[n, c] * rstd[n, g];  dbias[c] = sum_n sum_dy[n, c].
+template <typename A>
+static void group_param_grads(const GroupView<A>& v, const A* rstd, const A* sum_dy,
+                              const A* sum_dy_xc, at::Tensor& dweight, at::Tensor& dbias) {
+  A* dw = dweight.defined() ? dweight.data_ptr<A>() : nullptr;
+  A* db = dbias.defined() ? dbias.data_ptr<A>() : nullptr;
+  for (int64_t c = 0; c < v.C; ++c) {
+    A sw = 0, sb = 0;
+    for (int64_t n = 0; n < v.N; ++n) {
+      sw += sum_dy_xc[n * v.C + c] * rstd[n * v.G + c / v.D];
+      sb += sum_dy[n * v.C + c];
+    }
+    if (dw != nullptr) dw[c] = sw;
+    if (db != nullptr) db[c] = sb;
+  }
+}
+
+template <typename T>
+static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, const NormShape& s,
+                                 int64_t G, const at::Tensor& mean_t, const at::Tensor& rstd_t,
+                                 const at::Tensor& weight, at::Tensor& dx, at::Tensor& dweight,
+                                 at::Tensor& dbias) {
+  using A = acc_t<T>;
+  const GroupView<A> v{s.N, s.C, s.HW, G, s.C / G,
+                       weight.defined() ? weight.const_data_ptr<A>() : nullptr, nullptr};
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = dy.const_data_ptr<T>();
+  const A* mean = mean_t.const_data_ptr<A>();
+  const A* rstd = rstd_t.const_data_ptr<A>();
+  std::vector<A> sum_dy(v.N * v.C, A(0)), sum_dy_xc(v.N * v.C, A(0));
+
+  if (!s.channels_last) {
+    at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t ng = (nc / v.C) * G + (nc % v.C) / v.D;
+        std::tie(sum_dy[nc], sum_dy_xc[nc]) =
+            segment_grad_sums(gp + nc * v.HW, xp + nc * v.HW, v.HW, mean[ng]);
+      }
+    });
+  } else {
+    std::vector<A> shift(v.N * v.C);
+    for (int64_t n = 0; n < v.N; ++n)
+      for (int64_t c = 0; c < v.C; ++c) shift[n * v.C + c] = mean[n * G + c / v.D];
+    const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
+    const int64_t nb = blocks.count;
+    std::vector<A> part_dy(v.N * nb * v.C, A(0)), part_dyx(v.N * nb * v.C, A(0));
+    at::parallel_for(0, v.N * nb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / nb, blk = t % nb;
+        const int64_t off = n * v.HW * v.C;
+        columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), v.C,
+                          shift.data() + n * v.C, part_dy.data() + t * v.C,
+                          part_dyx.data() + t * v.C);
+      }
+    });
+    for (int64_t n = 0; n < v.N; ++n)
+      for (int64_t blk = 0; blk < nb; ++blk)
+        for (int64_t c = 0; c < v.C; ++c) {
+          sum_dy[n * v.C + c] += part_dy[(n * nb + blk) * v.C + c];
+          sum_dy_xc[n * v.C + c] += part_dyx[(n * nb + blk) * v.C + c];
+        }
+  }
+
+  if (dweight.defined() || dbias.defined()) {
+    group_param_grads(v, rstd, sum_dy.data(), sum_dy_xc.data(), dweight, dbias);
+  }
+  if (!dx.defined()) return;
+  std::vector<A> k_dy(v.N * v.C), k_x(v.N * v.C), k_0(v.N * v.C);
+  group_grad_coeffs(v, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(), k_x.data(),
+                    k_0.data());
+  T* dxp = dx.data_ptr<T>();
+  if (!s.channels_last) {
+    at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, k_dy[nc],
+                           k_x[nc], k_0[nc]);
+      }
+    });
+  } else {
+    at::parallel_for(0, v.N * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end;) {
+        const int64_t n = r / v.HW;
+        const int64_t stop = std::min(end, (n + 1) * v.HW);
+        rows_grad_input(gp, xp, dxp, r, stop, v.C, k_dy.data() + n * v.C,
+                        k_x.data() + n * v.C, k_0.data() + n * v.C);
+        r = stop;
+      }
+    });
+  }
+}
+
+void group_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const NormShape& s,
+                    int64_t num_groups, const at::Tensor& mean, const at::Tensor& rstd,
+                    const at::Tensor& weight, at::Tensor& dx, at::Tensor& dweight,
+                    at::Tensor& dbias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_bwd",
+                                  [&] {
+                                    group_norm_bwd_typed<scalar_t>(dy, x, s, num_groups, mean,
+                                                                   rstd, weight, dx, dweight,
+                                                                   dbias);
+                                  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace normkernels

@@ -1,0 +1,59 @@
+// The CPU kernel table. Each kernel file (layer_norm.cpp, group_norm.cpp, batch_norm.cpp) is
+// compiled once per CPU capability (capability/*.cpp); register.cpp picks one table at load time
+// from what the CPU supports, the way ATen's DispatchStub does.
+//
+// Kernels take tensors already in the layout they walk (register.cpp decides that) and never
+// allocate their outputs: a kernel knows nothing of modules, autograd or layout policy.
+//   x, dy, y, dx : the input's dtype; [M, N] rows for layer norm; [N, C, HW] (NCHW) or
+//                  [N, HW, C] (channels_last) for group and batch norm.
+//   weight, bias : accumulation dtype (fp32, or fp64 for fp64 inputs), contiguous, or undefined.
+//   statistics   : accumulation dtype.
+// An undefined output tensor means "not requested".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace normkernels {
+namespace cpu {
+
+struct NormShape {  // batch/group norm view of an (N, C, *spatial) tensor
+  int64_t N, C, HW;
+  bool channels_last;  // memory walks [N, HW, C] instead of [N, C, HW]
+};
+
+struct Kernels {
+  void (*layer_norm_fwd)(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         double eps, bool rms, at::Tensor& y, at::Tensor& mean,
+                         at::Tensor& rstd);
+  void (*layer_norm_bwd)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                         const at::Tensor& rstd, const at::Tensor& weight, bool rms,
+                         at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias);
+  void (*group_norm_fwd)(const at::Tensor& x, const NormShape& s, int64_t num_groups,
+                         const at::Tensor& weight, const at::Tensor& bias, double eps,
+                         at::Tensor& y, at::Tensor& mean, at::Tensor& rstd);
+  void (*group_norm_bwd)(const at::Tensor& dy, const at::Tensor& x, const NormShape& s,
+                         int64_t num_groups, const at::Tensor& mean, const at::Tensor& rstd,
+                         const at::Tensor& weight, at::Tensor& dx, at::Tensor& dweight,
+                         at::Tensor& dbias);
+  // Training forward: batch statistics (mean, 1/sqrt(var + eps), biased var), then y.
+  void (*batch_norm_fwd)(const at::Tensor& x, const NormShape& s, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor& mean,
+                         at::Tensor& invstd, at::Tensor& var);
+  // y = (x - mean[c]) * invstd[c] * weight[c] + bias[c] with given statistics (inference).
+  void (*batch_norm_elemt)(const at::Tensor& x, const NormShape& s, const at::Tensor& mean,
+                           const at::Tensor& invstd, const at::Tensor& weight,
+                           const at::Tensor& bias, at::Tensor& y);
+  // train=false: statistics were constants (inference), so dx has no mean/variance terms.
+  void (*batch_norm_bwd)(const at::Tensor& dy, const at::Tensor& x, const NormShape& s,
+                         const at::Tensor& mean, const at::Tensor& invstd,
+                         const at::Tensor& weight, bool train, at::Tensor& dx,
+                         at::Tensor& dweight, at::Tensor& dbias);
+};
+
+// One table per capability; the ones not compiled for this platform return nullptr.
+const Kernels* kernels_DEFAULT();
+const Kernels* kernels_AVX2();
+const Kernels* kernels_AVX512();
+
+}  // namespace cpu
+}  // namespace normkernels

@@ -1,0 +1,222 @@
+// Layer norm and RMS norm over the last dims, CPU: x is [M, N] contiguous rows.
+//   forward : two-pass mean/variance per row (the row stays in L1/L2 between passes), then one
+//             fused normalize + affine pass.
+//   backward: per row, one pass accumulating sum(g * xhat), sum(g) and this block's dweight/dbias
+//             partials, a second pass writing dx; the per-block partials are then summed in a
+//             fixed order (deterministic, no atomics).
+// RMS norm is the same kernel with the centering (and bias) switched off.
+// Included by capability/*.cpp, never compiled on its own.
+#include "kernels.h"
+#include "reductions.h"
+
+#include <ATen/Dispatch.h>
+
+namespace normkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+// y = (x - mean) * rstd * w + b over one row; w and b may be null.
+template <typename T>
+static inline void layer_norm_row_apply(const T* x, T* y, int64_t N, acc_t<T> mean,
+                                        acc_t<T> rstd, const acc_t<T>* w, const acc_t<T>* b) {
+  using A = acc_t<T>;
+  using C = Chunk<T>;
+  using V = typename C::V;
+  if (w == nullptr && b == nullptr) {
+    segment_affine(x, y, N, rstd, -mean * rstd);
+    return;
+  }
+  const V vmean(mean), vrstd(rstd), zero(0);
+  int64_t j = 0;
+  for (; j + C::size <= N; j += C::size) {
+    V a, c;
+    C::load(x + j, a, c);
+    a = (a - vmean) * vrstd;
+    c = (c - vmean) * vrstd;
+    const int64_t h = j + V::size();
+    if (w != nullptr) {
+      a = a * V::loadu(w + j);
+      c = c * V::loadu(w + h);
+    }
+    if (b != nullptr) {
+      a = a + V::loadu(b + j);
+      c = c + V::loadu(b + h);
+    }
+    C::store(y + j, a, c);
+  }
+  for (; j < N; ++j) {
+    A v = (static_cast<A>(x[j]) - mean) * rstd;
+    if (w != nullptr) v *= w[j];
+    if (b != nullptr) v += b[j];
+    y[j] = static_cast<T>(v);
+  }
+}
+
+template <typename T>
+static void layer_norm_fwd_typed(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& bias, double eps, bool rms, at::Tensor& y,
+                                 at::Tensor& mean, at::Tensor& rstd) {
+  using A = acc_t<T>;
+  const int64_t N = x.size(-1);
+  const int64_t M = N == 0 ? 0 : x.numel() / N;
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
+  const A* b = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
+  A* mp = mean.defined() ? mean.data_ptr<A>() : nullptr;
+  A* rp = rstd.data_ptr<A>();
+  const A a_eps = static_cast<A>(eps);
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * N;
+      const A mu = rms ? A(0) : segment_sum(xr, N) / static_cast<A>(N);
+      const A var = segment_sq_dev(xr, N, mu) / static_cast<A>(N);
+      const A rs = A(1) / std::sqrt(var + a_eps);
+      layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b);
+      if (mp != nullptr) mp[r] = mu;
+      rp[r] = rs;
+    }
+  });
+}
+
+void layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                    double eps, bool rms, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd",
+                                  [&] {
+                                    layer_norm_fwd_typed<scalar_t>(x, weight, bias, eps, rms, y,
+                                                                   mean, rstd);
+                                  });
+}
+
+template <typename T>
+static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x,
+                                 const at::Tensor& mean, const at::Tensor& rstd,
+                                 const at::Tensor& weight, bool rms, at::Tensor& dx,
+                                 at::Tensor& dweight, at::Tensor& dbias) {
+  using A = acc_t<T>;
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  const int64_t N = x.size(-1);
+  const int64_t M = N == 0 ? 0 : x.numel() / N;
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = dy.const_data_ptr<T>();
+  T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
+  const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
+  const A* mp = rms ? nullptr : mean.const_data_ptr<A>();
+  const A* rp = rstd.const_data_ptr<A>();
+  const bool want_dw = dweight.defined(), want_db = dbias.defined();
+  const bool want_params = want_dw || want_db;
+
+  // Per-block partial sums of dy * xhat (dweight) and dy (dbias).
+  const Blocks blocks(M, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)));
+  std::vector<A> part_dw(want_dw ? blocks.count * N : 0, A(0));
+  std::vector<A> part_db(want_db ? blocks.count * N : 0, A(0));
+
+  at::parallel_for(0, blocks.count, 1, [&](int64_t bb, int64_t be) {
+    for (int64_t blk = bb; blk < be; ++blk) {
+      A* pdw = want_dw ? part_dw.data() + blk * N : nullptr;
+      A* pdb = want_db ? part_db.data() + blk * N : nullptr;
+      for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
+        const T* xr = xp + r * N;
+        const T* gr = gp + r * N;
+        const A mu = mp != nullptr ? mp[r] : A(0);
+        const A rs = rp[r];
+        const V vmu(mu), vrs(rs);
+        // Pass 1: sum(g * xhat), sum(g) with g = dy * w; dweight/dbias partials.
+        V s_gx0(0), s_gx1(0), s_g0(0), s_g1(0);
+        int64_t j = 0;
+        for (; j + Ch::size <= N; j += Ch::size) {
+          V xa, xb, ga, gb;
+          Ch::load(xr + j, xa, xb);
+          Ch::load(gr + j, ga, gb);
+          const int64_t h = j + V::size();
+          const V ha = (xa - vmu) * vrs, hb = (xb - vmu) * vrs;
+          if (pdw != nullptr) {
+            at::vec::fmadd(ga, ha, V::loadu(pdw + j)).store(pdw + j);
+            at::vec::fmadd(gb, hb, V::loadu(pdw + h)).store(pdw + h);
+          }
+          if (pdb != nullptr) {
+            (V::loadu(pdb + j) + ga).store(pdb + j);
+            (V::loadu(pdb + h) + gb).store(pdb + h);
+          }
+          if (w != nullptr) {
+            ga = ga * V::loadu(w + j);
+            gb = gb * V::loadu(w + h);
+          }
+          s_gx0 = at::vec::fmadd(ga, ha, s_gx0);
+          s_gx1 = at::vec::fmadd(gb, hb, s_gx1);
+          s_g0 += ga;
+          s_g1 += gb;
+        }
+        A s_gx = hsum(s_gx0 + s_gx1), s_g = hsum(s_g0 + s_g1);
+        for (; j < N; ++j) {
+          const A hat = (static_cast<A>(xr[j]) - mu) * rs;
+          A g = static_cast<A>(gr[j]);
+          if (pdw != nullptr) pdw[j] += g * hat;
+          if (pdb != nullptr) pdb[j] += g;
+          if (w != nullptr) g *= w[j];
+          s_gx += g * hat;
+          s_g += g;
+        }
+        if (dxp == nullptr) continue;
+        // Pass 2: dx = rstd * (g - xhat * mean(g * xhat) - mean(g)); mean(g) is 0 for RMS.
+        const A c_gx = s_gx / static_cast<A>(N);
+        const A c_g = rms ? A(0) : s_g / static_cast<A>(N);
+        // dx = g * rs + x * k_x + k_0 with xhat = (x - mu) * rs
+        const A k_x = -rs * rs * c_gx;
+        const A k_0 = rs * (mu * rs * c_gx - c_g);
+        T* dr = dxp + r * N;
+        if (w == nullptr) {
+          segment_grad_input(gr, xr, dr, N, rs, k_x, k_0);
+          continue;
+        }
+        const V vkx(k_x), vk0(k_0);
+        j = 0;
+        for (; j + Ch::size <= N; j += Ch::size) {
+          V xa, xb, ga, gb;
+          Ch::load(xr + j, xa, xb);
+          Ch::load(gr + j, ga, gb);
+          const int64_t h = j + V::size();
+          ga = ga * V::loadu(w + j) * vrs;
+          gb = gb * V::loadu(w + h) * vrs;
+          Ch::store(dr + j, at::vec::fmadd(xa, vkx, ga + vk0), at::vec::fmadd(xb, vkx, gb + vk0));
+        }
+        for (; j < N; ++j) {
+          dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +
+                                 static_cast<A>(xr[j]) * k_x + k_0);
+        }
+      }
+    }
+  });
+
+  if (want_params) {
+    // Sum the block partials column by column, always in block order.
+    A* dwp = want_dw ? dweight.data_ptr<A>() : nullptr;
+    A* dbp = want_db ? dbias.data_ptr<A>() : nullptr;
+    at::parallel_for(0, N, 1024, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        A sw = 0, sb = 0;
+        for (int64_t blk = 0; blk < blocks.count; ++blk) {
+          if (dwp != nullptr) sw += part_dw[blk * N + c];
+          if (dbp != nullptr) sb += part_db[blk * N + c];
+        }
+        if (dwp != nullptr) dwp[c] = sw;
+        if (dbp != nullptr) dbp[c] = sb;
+      }
+    });
+  }
+}
+
+void layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                    const at::Tensor& rstd, const at::Tensor& weight, bool rms, at::Tensor& dx,
+                    at::Tensor& dweight, at::Tensor& dbias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd",
+                                  [&] {
+                                    layer_norm_bwd_typed<scalar_t>(dy, x, mean, rstd, weight,
+                                                                   rms, dx, dweight, dbias);
+                                  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace normkernels

@@ -1,0 +1,339 @@
+// SIMD building blocks shared by the layer, group and batch norm CPU kernels.
+//
+// Every kernel family reduces either
+//   * contiguous segments (a layer-norm row, an NCHW group, an NCHW channel plane), or
+//   * columns of a row-major [rows, C] matrix (channels_last batch/group norm, 2-D batch norm),
+// so the helpers come in those two shapes. All arithmetic runs in the accumulation type
+// acc_t<T> (fp32 for fp32/fp16/bf16, fp64 for fp64). Variances are two-pass (segments) or
+// Welford with Chan merges (columns); never E[x^2] - E[x]^2.
+//
+// This header is compiled once per CPU capability (see capability/*.cpp): everything lives in
+// the CPU_CAPABILITY inline namespace, like ATen's own vectorized kernels, so the AVX2 and
+// AVX-512 builds of the same template never collide.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace normkernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+// A chunk is two accumulator vectors: exactly one Vectorized<Half/BFloat16> widened to fp32,
+// or two plain fp32/fp64 vectors. Loops step one chunk at a time and finish with a scalar tail.
+template <typename T>
+struct Chunk {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t size = 2 * V::size();
+  static constexpr bool widened = !std::is_same_v<T, A>;
+
+  static inline void load(const T* p, V& lo, V& hi) {
+    if constexpr (widened) {
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+    } else {
+      lo = V::loadu(p);
+      hi = V::loadu(p + V::size());
+    }
+  }
+  static inline void store(T* p, const V& lo, const V& hi) {
+    if constexpr (widened) {
+      at::vec::convert_from_float<T>(lo, hi).store(p);
+    } else {
+      lo.store(p);
+      hi.store(p + V::size());
+    }
+  }
+};
+
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  alignas(64) A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A s = 0;
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// ---------------------------------------------------------------- contiguous segments
+
+// sum(p[0:n]) and sum((p[0:n] - shift)^2), in A.
+template <typename T>
+inline acc_t<T> segment_sum(const T* p, int64_t n) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  V s0(0), s1(0);
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V a, b;
+    C::load(p + i, a, b);
+    s0 += a;
+    s1 += b;
+  }
+  acc_t<T> s = hsum(s0 + s1);
+  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]);
+  return s;
+}
+
+template <typename T>
+inline acc_t<T> segment_sq_dev(const T* p, int64_t n, acc_t<T> shift) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  const V vshift(shift);
+  V s0(0), s1(0);
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V a, b;
+    C::load(p + i, a, b);
+    a = a - vshift;
+    b = b - vshift;
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+  }
+  acc_t<T> s = hsum(s0 + s1);
+  for (; i < n; ++i) {
+    const acc_t<T> d = static_cast<acc_t<T>>(p[i]) - shift;
+    s += d * d;
+  }
+  return s;
+}
+
+// y = x * scale + shift over a segment.
+template <typename T>
+inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> shift) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  const V vs(scale), vb(shift);
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V a, b;
+    C::load(x + i, a, b);
+    C::store(y + i, at::vec::fmadd(a, vs, vb), at::vec::fmadd(b, vs, vb));
+  }
+  for (; i < n; ++i) y[i] = static_cast<T>(static_cast<acc_t<T>>(x[i]) * scale + shift);
+}
+
+// (sum(dy), sum(dy * (x - shift))) over a segment.
+template <typename T>
+inline std::pair<acc_t<T>, acc_t<T>> segment_grad_sums(const T* dy, const T* x, int64_t n,
+                                                       acc_t<T> shift) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  const V vshift(shift);
+  V g0(0), g1(0), d0(0), d1(0);
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V ga, gb, xa, xb;
+    C::load(dy + i, ga, gb);
+    C::load(x + i, xa, xb);
+    g0 += ga;
+    g1 += gb;
+    d0 = at::vec::fmadd(ga, xa - vshift, d0);
+    d1 = at::vec::fmadd(gb, xb - vshift, d1);
+  }
+  acc_t<T> sg = hsum(g0 + g1), sd = hsum(d0 + d1);
+  for (; i < n; ++i) {
+    const acc_t<T> g = static_cast<acc_t<T>>(dy[i]);
+    sg += g;
+    sd += g * (static_cast<acc_t<T>>(x[i]) - shift);
+  }
+  return {sg, sd};
+}
+
+// dx = dy * k_dy + x * k_x + k_0 over a segment: the closed form of every norm's input
+// gradient once its per-segment reductions are known.
+template <typename T>
+inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> k_dy,
+                               acc_t<T> k_x, acc_t<T> k_0) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  const V vdy(k_dy), vx(k_x), v0(k_0);
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V ga, gb, xa, xb;
+    C::load(dy + i, ga, gb);
+    C::load(x + i, xa, xb);
+    C::store(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa, vx, v0)),
+             at::vec::fmadd(gb, vdy, at::vec::fmadd(xb, vx, v0)));
+  }
+  for (; i < n; ++i) {
+    dx[i] = static_cast<T>(static_cast<acc_t<T>>(dy[i]) * k_dy +
+                           static_cast<acc_t<T>>(x[i]) * k_x + k_0);
+  }
+}
+
+// ---------------------------------------------------------------- columns of [rows, C]
+
+// Per-column Welford over rows [r0, r1) of a row-major [*, C] matrix. mean/m2 (length C) are
+// overwritten; every column sees the same count (r1 - r0), so one reciprocal per row serves
+// all columns.
+template <typename T>
+inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, acc_t<T>* mean,
+                            acc_t<T>* m2) {
+  using A = acc_t<T>;
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  std::fill(mean, mean + C, A(0));
+  std::fill(m2, m2 + C, A(0));
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * C;
+    const A inv_count = A(1) / static_cast<A>(r - r0 + 1);
+    const V vinv(inv_count);
+    int64_t c = 0;
+    for (; c + Ch::size <= C; c += Ch::size) {
+      V a, b;
+      Ch::load(row + c, a, b);
+      V ma = V::loadu(mean + c), mb = V::loadu(mean + c + V::size());
+      V sa = V::loadu(m2 + c), sb = V::loadu(m2 + c + V::size());
+      const V da = a - ma, db = b - mb;
+      ma = at::vec::fmadd(da, vinv, ma);
+      mb = at::vec::fmadd(db, vinv, mb);
+      sa = at::vec::fmadd(da, a - ma, sa);
+      sb = at::vec::fmadd(db, b - mb, sb);
+      ma.store(mean + c);
+      mb.store(mean + c + V::size());
+      sa.store(m2 + c);
+      sb.store(m2 + c + V::size());
+    }
+    for (; c < C; ++c) {
+      const A v = static_cast<A>(row[c]);
+      const A d = v - mean[c];
+      mean[c] += d * inv_count;
+      m2[c] += d * (v - mean[c]);
+    }
+  }
+}
+
+// Chan's parallel merge of (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a).
+template <typename A>
+inline void chan_merge(A& count_a, A& mean_a, A& m2_a, A count_b, A mean_b, A m2_b) {
+  if (count_b == 0) return;
+  const A count = count_a + count_b;
+  const A delta = mean_b - mean_a;
+  const A frac_b = count_b / count;
+  mean_a += delta * frac_b;
+  m2_a += m2_b + delta * delta * count_a * frac_b;
+  count_a = count;
+}
+
+// Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), accumulated into
+// sum_dy/sum_dy_xc (length C, not cleared here).
+template <typename T>
+inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, int64_t C,
+                              const acc_t<T>* shift, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
+  using A = acc_t<T>;
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* gr = dy + r * C;
+    const T* xr = x + r * C;
+    int64_t c = 0;
+    for (; c + Ch::size <= C; c += Ch::size) {
+      V ga, gb, xa, xb;
+      Ch::load(gr + c, ga, gb);
+      Ch::load(xr + c, xa, xb);
+      const V sa = V::loadu(shift + c), sb = V::loadu(shift + c + V::size());
+      (V::loadu(sum_dy + c) + ga).store(sum_dy + c);
+      (V::loadu(sum_dy + c + V::size()) + gb).store(sum_dy + c + V::size());
+      at::vec::fmadd(ga, xa - sa, V::loadu(sum_dy_xc + c)).store(sum_dy_xc + c);
+      at::vec::fmadd(gb, xb - sb, V::loadu(sum_dy_xc + c + V::size()))
+          .store(sum_dy_xc + c + V::size());
+    }
+    for (; c < C; ++c) {
+      const A g = static_cast<A>(gr[c]);
+      sum_dy[c] += g;
+      sum_dy_xc[c] += g * (static_cast<A>(xr[c]) - shift[c]);
+    }
+  }
+}
+
+// y[r, c] = x[r, c] * scale[c] + shift[c] for rows [r0, r1).
+template <typename T>
+inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
+                        const acc_t<T>* scale, const acc_t<T>* shift) {
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * C;
+    T* yr = y + r * C;
+    int64_t c = 0;
+    for (; c + Ch::size <= C; c += Ch::size) {
+      V a, b;
+      Ch::load(xr + c, a, b);
+      Ch::store(yr + c,
+                at::vec::fmadd(a, V::loadu(scale + c), V::loadu(shift + c)),
+                at::vec::fmadd(b, V::loadu(scale + c + V::size()),
+                               V::loadu(shift + c + V::size())));
+    }
+    for (; c < C; ++c) {
+      yr[c] = static_cast<T>(static_cast<acc_t<T>>(xr[c]) * scale[c] + shift[c]);
+    }
+  }
+}
+
+// dx[r, c] = dy[r, c] * k_dy[c] + x[r, c] * k_x[c] + k_0[c] for rows [r0, r1).
+template <typename T>
+inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t C,
+                            const acc_t<T>* k_dy, const acc_t<T>* k_x, const acc_t<T>* k_0) {
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* gr = dy + r * C;
+    const T* xr = x + r * C;
+    T* dr = dx + r * C;
+    int64_t c = 0;
+    for (; c + Ch::size <= C; c += Ch::size) {
+      V ga, gb, xa, xb;
+      Ch::load(gr + c, ga, gb);
+      Ch::load(xr + c, xa, xb);
+      const int64_t h = c + V::size();
+      Ch::store(dr + c,
+                at::vec::fmadd(ga, V::loadu(k_dy + c),
+                               at::vec::fmadd(xa, V::loadu(k_x + c), V::loadu(k_0 + c))),
+                at::vec::fmadd(gb, V::loadu(k_dy + h),
+                               at::vec::fmadd(xb, V::loadu(k_x + h), V::loadu(k_0 + h))));
+    }
+    for (; c < C; ++c) {
+      dr[c] = static_cast<T>(static_cast<acc_t<T>>(gr[c]) * k_dy[c] +
+                             static_cast<acc_t<T>>(xr[c]) * k_x[c] + k_0[c]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- work splitting
+
+// Split [0, n) into a fixed number of contiguous blocks that depends only on n and the thread
+// count, so per-block partial results merge in the same order on every run (deterministic).
+struct Blocks {
+  int64_t count;
+  int64_t n;
+  Blocks(int64_t n_, int64_t min_per_block) : n(n_) {
+    const int64_t by_size = std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_block));
+    count = std::max<int64_t>(1, std::min<int64_t>(by_size, at::get_num_threads() * 4));
+    count = std::min<int64_t>(count, std::max<int64_t>(n, 1));
+  }
+  int64_t begin(int64_t b) const { return n * b / count; }
+  int64_t end(int64_t b) const { return n * (b + 1) / count; }
+};
+
+// A grain for at::parallel_for over items of `work` elements each: about 32K elements a task.
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, work));
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace normkernels

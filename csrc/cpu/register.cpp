@@ -1,0 +1,274 @@
+// CPU implementations of the normkernels ops: argument checks, the memory layout each kernel
+// walks, output allocation, then one call into the kernel table chosen for this CPU.
+//
+// Layout rules (mirrored by the fake kernels in normkernels/_ops.py):
+//   * layer norm: rows of the contiguous input; y/dx contiguous.
+//   * group/batch norm: a 4-D/5-D input that is channels_last(_3d) (and not plain contiguous)
+//     is walked as [N, HW, C] and gives channels_last outputs; a 2-D batch-norm input is
+//     [N, C] rows; anything else is made contiguous and walked as [N, C, HW].
+//   * dy is brought to x's layout (a copy only when it differs, e.g. an expanded gradient).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace normkernels {
+
+namespace {
+
+struct Chosen {
+  const cpu::Kernels* table;
+  const char* name;
+};
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// The best build this CPU runs, capped like ATen by ATEN_CPU_CAPABILITY (or by
+// NORMKERNELS_CPU_CAPABILITY, which caps ours alone) = default | avx2 | avx512.
+Chosen choose() {
+  int cap = 0;
+  if (cpu_has_avx2() && cpu::kernels_AVX2() != nullptr) cap = 1;
+  if (cpu_has_avx512() && cpu::kernels_AVX512() != nullptr) cap = 2;
+  for (const char* var : {"ATEN_CPU_CAPABILITY", "NORMKERNELS_CPU_CAPABILITY"}) {
+    const char* v = std::getenv(var);
+    if (v == nullptr) continue;
+    if (std::strcmp(v, "default") == 0) cap = 0;
+    if (std::strcmp(v, "avx2") == 0 && cap > 1) cap = 1;
+  }
+  if (cap == 2) return {cpu::kernels_AVX512(), "AVX512"};
+  if (cap == 1) return {cpu::kernels_AVX2(), "AVX2"};
+  return {cpu::kernels_DEFAULT(), "DEFAULT"};
+}
+
+const Chosen& chosen() {
+  static const Chosen c = choose();
+  return c;
+}
+
+const cpu::Kernels& K() { return *chosen().table; }
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_float(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() != at::kFloat8_e4m3fn &&
+                  x.scalar_type() != at::kFloat8_e5m2,
+              op, ": expected a float32, float64, float16 or bfloat16 input, got ",
+              x.scalar_type());
+}
+
+// weight/bias as contiguous tensors of the accumulation dtype (a no-op when they already are).
+at::Tensor param(const std::optional<at::Tensor>& p, const at::Tensor& x) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  return p->to(acc_type(x)).contiguous();
+}
+
+at::Tensor not_requested(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+// ---------------------------------------------------------------- layer norm
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
+    const at::Tensor& x, int64_t normalized_ndim, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+  check_float(x, "layer_norm");
+  TORCH_CHECK(normalized_ndim >= 1 && normalized_ndim <= x.dim(),
+              "layer_norm: normalized_ndim out of range");
+  const at::Tensor xc = x.contiguous();
+  int64_t N = 1;
+  for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
+  const int64_t M = N == 0 ? 0 : x.numel() / N;
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const auto sopt = x.options().dtype(acc_type(x));
+  at::Tensor mean = rms ? at::empty({0}, sopt) : at::empty({M}, sopt);
+  at::Tensor rstd = at::empty({M}, sopt);
+  at::Tensor mean_arg = rms ? at::Tensor() : mean;
+  at::Tensor y2 = y.view({M, N});
+  K().layer_norm_fwd(xc.view({M, N}), param(weight, x), param(bias, x), eps, rms, y2, mean_arg,
+                     rstd);
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, int64_t normalized_ndim, bool rms,
+    std::array<bool, 3> output_mask) {
+  check_float(x, "layer_norm_bwd");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "layer_norm_bwd: dy and x differ in shape");
+  int64_t N = 1;
+  for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
+  const int64_t M = N == 0 ? 0 : x.numel() / N;
+  const at::Tensor w = param(weight, x);
+  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  const auto sopt = x.options().dtype(acc_type(x));
+  at::Tensor dw = output_mask[1] && w.defined() ? at::empty({N}, sopt) : at::Tensor();
+  at::Tensor db = output_mask[2] ? at::empty({N}, sopt) : at::Tensor();
+  at::Tensor dx2 = dx.defined() ? dx.view({M, N}) : at::Tensor();
+  K().layer_norm_bwd(dy.contiguous().view({M, N}), x.contiguous().view({M, N}), mean, rstd, w,
+                     rms, dx2, dw, db);
+  auto param_shape = x.sizes().slice(x.dim() - normalized_ndim);
+  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type()
+                                                              : x.scalar_type();
+  return {dx.defined() ? dx : not_requested(x),
+          dw.defined() ? dw.view(param_shape).to(pdtype) : not_requested(x),
+          db.defined() ? db.view(param_shape).to(pdtype) : not_requested(x)};
+}
+
+// ---------------------------------------------------------------- group / batch norm layouts
+
+struct Walk {
+  cpu::NormShape shape;
+  at::MemoryFormat format;  // of x as walked, and of the outputs
+};
+
+Walk plan(const at::Tensor& x, bool rows_2d) {
+  const int64_t N = x.size(0), C = x.size(1);
+  int64_t hw = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
+  if (x.dim() == 2 && rows_2d) return {{N, C, 1, true}, at::MemoryFormat::Contiguous};
+  if (!x.is_contiguous()) {
+    if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+      return {{N, C, hw, true}, at::MemoryFormat::ChannelsLast};
+    if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+      return {{N, C, hw, true}, at::MemoryFormat::ChannelsLast3d};
+  }
+  return {{N, C, hw, false}, at::MemoryFormat::Contiguous};
+}
+
+void check_nc(const at::Tensor& x, const char* op) {
+  check_float(x, op);
+  TORCH_CHECK(x.dim() >= 2, op, ": expected an input of at least 2 dims (N, C, ...), got ",
+              x.dim());
+}
+
+// ---------------------------------------------------------------- group norm
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
+    const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_nc(x, "group_norm");
+  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0,
+              "group_norm: expected number of channels in input to be divisible by num_groups, "
+              "but got input of shape ", x.sizes(), " and num_groups=", num_groups);
+  const Walk w = plan(x, /*rows_2d=*/false);
+  const at::Tensor xc = x.contiguous(w.format);
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(w.format));
+  const auto sopt = x.options().dtype(acc_type(x));
+  at::Tensor mean = at::empty({x.size(0), num_groups}, sopt);
+  at::Tensor rstd = at::empty({x.size(0), num_groups}, sopt);
+  K().group_norm_fwd(xc, w.shape, num_groups, param(weight, x), param(bias, x), eps, y, mean,
+                     rstd);
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, int64_t num_groups,
+    std::array<bool, 3> output_mask) {
+  check_nc(x, "group_norm_bwd");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "group_norm_bwd: dy and x differ in shape");
+  const Walk w = plan(x, /*rows_2d=*/false);
+  const at::Tensor wt = param(weight, x);
+  at::Tensor dx = output_mask[0]
+                      ? at::empty(x.sizes(), x.options().memory_format(w.format))
+                      : at::Tensor();
+  const auto sopt = x.options().dtype(acc_type(x));
+  at::Tensor dw = output_mask[1] && wt.defined() ? at::empty({x.size(1)}, sopt) : at::Tensor();
+  at::Tensor db = output_mask[2] ? at::empty({x.size(1)}, sopt) : at::Tensor();
+  K().group_norm_bwd(dy.contiguous(w.format), x.contiguous(w.format), w.shape, num_groups,
+                     mean.contiguous(), rstd.contiguous(), wt, dx, dw, db);
+  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type()
+                                                              : x.scalar_type();
+  return {dx.defined() ? dx : not_requested(x),
+          dw.defined() ? dw.to(pdtype) : not_requested(x),
+          db.defined() ? db.to(pdtype) : not_requested(x)};
+}
+
+// ---------------------------------------------------------------- batch norm
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_nc(x, "batch_norm");
+  const Walk w = plan(x, /*rows_2d=*/true);
+  const at::Tensor xc = x.contiguous(w.format);
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(w.format));
+  const auto sopt = x.options().dtype(acc_type(x));
+  at::Tensor mean = at::empty({x.size(1)}, sopt);
+  at::Tensor invstd = at::empty({x.size(1)}, sopt);
+  at::Tensor var = at::empty({x.size(1)}, sopt);
+  K().batch_norm_fwd(xc, w.shape, param(weight, x), param(bias, x), eps, y, mean, invstd, var);
+  return {y, mean, invstd, var};
+}
+
+at::Tensor batch_norm_elemt(const at::Tensor& x, const at::Tensor& mean,
+                            const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias) {
+  check_nc(x, "batch_norm");
+  TORCH_CHECK(mean.numel() == x.size(1) && invstd.numel() == x.size(1),
+              "batch_norm: expected statistics of ", x.size(1), " channels");
+  const Walk w = plan(x, /*rows_2d=*/true);
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(w.format));
+  K().batch_norm_elemt(x.contiguous(w.format), w.shape, param(mean, x), param(invstd, x),
+                       param(weight, x), param(bias, x), y);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, bool train, std::array<bool, 3> output_mask) {
+  check_nc(x, "batch_norm_bwd");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "batch_norm_bwd: dy and x differ in shape");
+  const Walk w = plan(x, /*rows_2d=*/true);
+  const at::Tensor wt = param(weight, x);
+  at::Tensor dx = output_mask[0]
+                      ? at::empty(x.sizes(), x.options().memory_format(w.format))
+                      : at::Tensor();
+  const auto sopt = x.options().dtype(acc_type(x));
+  at::Tensor dw = output_mask[1] && wt.defined() ? at::empty({x.size(1)}, sopt) : at::Tensor();
+  at::Tensor db = output_mask[2] ? at::empty({x.size(1)}, sopt) : at::Tensor();
+  K().batch_norm_bwd(dy.contiguous(w.format), x.contiguous(w.format), w.shape, param(mean, x),
+                     param(invstd, x), wt, train, dx, dw, db);
+  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type()
+                                                              : x.scalar_type();
+  return {dx.defined() ? dx : not_requested(x),
+          dw.defined() ? dw.to(pdtype) : not_requested(x),
+          db.defined() ? db.to(pdtype) : not_requested(x)};
+}
+
+}  // namespace
+
+const char* cpu_capability_name() { return chosen().name; }
+
+}  // namespace normkernels
+
+TORCH_LIBRARY_IMPL(normkernels, CPU, m) {
+  m.impl("layer_norm_fwd", &normkernels::layer_norm_fwd);
+  m.impl("layer_norm_bwd", &normkernels::layer_norm_bwd);
+  m.impl("group_norm_fwd", &normkernels::group_norm_fwd);
+  m.impl("group_norm_bwd", &normkernels::group_norm_bwd);
+  m.impl("batch_norm_fwd", &normkernels::batch_norm_fwd);
+  m.impl("batch_norm_elemt", &normkernels::batch_norm_elemt);
+  m.impl("batch_norm_bwd", &normkernels::batch_norm_bwd);
+}

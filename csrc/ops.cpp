@@ -1,0 +1,61 @@
+// Every normkernels op schema, defined once. The ops are functional (they return new tensors and
+// mutate nothing); running-statistics updates happen in normkernels.functional.
+//
+// Statistics are fp32 (fp64 for fp64 inputs). Backward ops take an output mask and return an
+// empty tensor for every output not asked for.
+//
+// Also the Python module normkernels._C itself: importing it loads this library (and so these
+// registrations); it exposes only cpu_capability().
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace normkernels {
+const char* cpu_capability_name();  // register.cpp
+}
+
+TORCH_LIBRARY(normkernels, m) {
+  // Layer norm over the last `normalized_ndim` dims; rms=True is RMSNorm (no centering; mean
+  // comes back empty). Returns (y, mean, rstd) with statistics shaped [prod(leading dims)].
+  m.def(
+      "layer_norm_fwd(Tensor x, int normalized_ndim, Tensor? weight, Tensor? bias, float eps, "
+      "bool rms) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+      "int normalized_ndim, bool rms, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Group norm of an (N, C, *) tensor; InstanceNorm is num_groups == C. Returns (y, mean, rstd),
+  // statistics shaped [N, num_groups].
+  m.def(
+      "group_norm_fwd(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+      "int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Batch norm with batch statistics (training). Returns (y, mean, invstd, var), var biased;
+  // statistics shaped [C].
+  m.def(
+      "batch_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  // Batch norm with given per-channel statistics (inference): (x - mean) * invstd * w + b.
+  m.def(
+      "batch_norm_elemt(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> "
+      "Tensor");
+  // train=False: mean/invstd were constants (inference statistics).
+  m.def(
+      "batch_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+      "bool train, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+static PyObject* nk_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(normkernels::cpu_capability_name());
+}
+
+static PyMethodDef nk_methods[] = {
+    {"cpu_capability", nk_cpu_capability, METH_NOARGS,
+     "The SIMD build of the CPU kernels chosen for this CPU: DEFAULT, AVX2 or AVX512."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef nk_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nk_methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&nk_module); }
