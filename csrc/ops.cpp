@@ -37,10 +37,11 @@ TORCH_LIBRARY(normkernels, m) {
   m.def(
       "batch_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
-  // Batch norm with given per-channel statistics (inference): (x - mean) * invstd * w + b.
+  // Batch norm with given per-channel statistics (inference, or InstanceNorm with running
+  // statistics): (x - mean) / sqrt(var + eps) * w + b.
   m.def(
-      "batch_norm_elemt(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> "
-      "Tensor");
+      "batch_norm_infer(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+      "float eps) -> Tensor");
   // train=False: mean/invstd were constants (inference statistics).
   m.def(
       "batch_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "

@@ -1,1 +1,25 @@
+"""normkernels: fused forward and backward kernels for the normalization layers of PyTorch.
 
+    import normkernels
+    normkernels.convert(model)          # every torch.nn norm of the model on our kernels
+    normkernels.nn.LayerNorm(768)       # drop-in modules
+    normkernels.functional.group_norm   # F.* signatures
+    with normkernels.backend("cpp"): ...
+"""
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - only when the extension was not built
+    raise ImportError(
+        "normkernels._C (the C++ extension) is not built: install with "
+        "`pip install --no-build-isolation .` in the source tree"
+    ) from e
+
+from . import _ops  # noqa: F401,E402  (fake kernels and autograd of the ops)
+from . import functional, nn  # noqa: E402
+from .backend import backend  # noqa: E402
+from .convert import convert  # noqa: E402
+
+__version__ = "0.1.0"
+cpu_capability = _C.cpu_capability
+
+__all__ = ["functional", "nn", "backend", "convert", "cpu_capability"]

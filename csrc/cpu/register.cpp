@@ -222,15 +222,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
   return {y, mean, invstd, var};
 }
 
-at::Tensor batch_norm_elemt(const at::Tensor& x, const at::Tensor& mean,
-                            const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias) {
+at::Tensor batch_norm_infer(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, double eps) {
   check_nc(x, "batch_norm");
-  TORCH_CHECK(mean.numel() == x.size(1) && invstd.numel() == x.size(1),
+  TORCH_CHECK(mean.numel() == x.size(1) && var.numel() == x.size(1),
               "batch_norm: expected statistics of ", x.size(1), " channels");
   const Walk w = plan(x, /*rows_2d=*/true);
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(w.format));
-  K().batch_norm_elemt(x.contiguous(w.format), w.shape, param(mean, x), param(invstd, x),
+  const at::Tensor invstd = (param(var, x) + eps).rsqrt_();
+  K().batch_norm_elemt(x.contiguous(w.format), w.shape, param(mean, x), invstd,
                        param(weight, x), param(bias, x), y);
   return y;
 }
@@ -269,6 +270,6 @@ TORCH_LIBRARY_IMPL(normkernels, CPU, m) {
   m.impl("group_norm_fwd", &normkernels::group_norm_fwd);
   m.impl("group_norm_bwd", &normkernels::group_norm_bwd);
   m.impl("batch_norm_fwd", &normkernels::batch_norm_fwd);
-  m.impl("batch_norm_elemt", &normkernels::batch_norm_elemt);
+  m.impl("batch_norm_infer", &normkernels::batch_norm_infer);
   m.impl("batch_norm_bwd", &normkernels::batch_norm_bwd);
 }

@@ -1,0 +1,229 @@
+"""``torch.nn.functional``-compatible norms on normkernels' own kernels.
+
+Same signatures and defaults as ``torch.nn.functional``; bad input raises the exception type torch
+raises, before any kernel runs. Running statistics are updated here, in place, under no_grad,
+exactly as torch does (momentum, unbiased running variance); the ops themselves are functional.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from .backend import check_runnable
+
+_ops_ns = _ops.ops
+_layer_norm_fwd = _ops_ns.layer_norm_fwd.default
+_group_norm_fwd = _ops_ns.group_norm_fwd.default
+_batch_norm_fwd = _ops_ns.batch_norm_fwd.default
+_batch_norm_infer = _ops_ns.batch_norm_infer.default
+
+__all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm"]
+
+
+def _check_float(x: Tensor, op: str) -> None:
+    if not x.is_floating_point():
+        raise RuntimeError(
+            f"{op}: expected a floating-point input (float32, float64, float16 or bfloat16), "
+            f"got {x.dtype}"
+        )
+
+
+def _check_param(p: Optional[Tensor], name: str, shape, op: str, what: str) -> None:
+    if p is not None and tuple(p.shape) != tuple(shape):
+        raise RuntimeError(
+            f"{op}: expected {name} of shape {list(shape)} ({what}), got {list(p.shape)}"
+        )
+
+
+def _check_normalized(x: Tensor, normalized_shape: Sequence[int], op: str) -> int:
+    k = len(normalized_shape)
+    if k == 0:
+        raise RuntimeError(
+            f"{op}: expected normalized_shape to be at least 1-dimensional, i.e., containing at "
+            f"least one element, but got normalized_shape = {list(normalized_shape)}"
+        )
+    if x.dim() < k or tuple(x.shape[x.dim() - k :]) != tuple(normalized_shape):
+        raise RuntimeError(
+            f"{op}: given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(str(d) for d in normalized_shape)}], but got input of size "
+            f"{list(x.shape)}"
+        )
+    return k
+
+
+def _as_shape(normalized_shape: Union[int, Sequence[int]]) -> List[int]:
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return list(normalized_shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalization over the last ``len(normalized_shape)`` dims (``F.layer_norm``)."""
+    shape = _as_shape(normalized_shape)
+    _check_float(input, "layer_norm")
+    k = _check_normalized(input, shape, "layer_norm")
+    _check_param(weight, "weight", shape, "layer_norm", "normalized_shape")
+    _check_param(bias, "bias", shape, "layer_norm", "normalized_shape")
+    check_runnable(input, "layer_norm")
+    return _layer_norm_fwd(input, k, weight, bias, eps, False)[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """Root-mean-square normalization (``F.rms_norm``); ``eps=None`` is the machine epsilon
+    of the accumulation type, as in torch."""
+    shape = _as_shape(normalized_shape)
+    _check_float(input, "rms_norm")
+    k = _check_normalized(input, shape, "rms_norm")
+    _check_param(weight, "weight", shape, "rms_norm", "normalized_shape")
+    check_runnable(input, "rms_norm")
+    if eps is None:
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    return _layer_norm_fwd(input, k, weight, None, eps, True)[0]
+
+
+def _check_nc(input: Tensor, op: str) -> None:
+    _check_float(input, op)
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"{op}: expected at least 2 dimensions for input tensor but received {input.dim()}"
+        )
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Group normalization over (N, C, *) inputs (``F.group_norm``)."""
+    _check_nc(input, "group_norm")
+    channels = input.shape[1]
+    if num_groups <= 0 or channels % num_groups != 0:
+        raise RuntimeError(
+            "group_norm: expected number of channels in input to be divisible by num_groups, "
+            f"but got input of shape {list(input.shape)} and num_groups={num_groups}"
+        )
+    _verify_batch_size([input.shape[0] * channels // num_groups, num_groups] + list(input.shape[2:]))
+    _check_param(weight, "weight", (channels,), "group_norm", "one per channel")
+    _check_param(bias, "bias", (channels,), "group_norm", "one per channel")
+    check_runnable(input, "group_norm")
+    return _group_norm_fwd(input, num_groups, weight, bias, eps)[0]
+
+
+def _verify_batch_size(size: List[int]) -> None:
+    prod = size[0]
+    for d in size[2:]:
+        prod *= d
+    if prod == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def _verify_spatial_size(size: List[int]) -> None:
+    prod = 1
+    for d in size[2:]:
+        prod *= d
+    if prod == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
+
+
+def _check_stats(running_mean, running_var, channels, op):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{op}: {name} should contain {channels} elements not {t.numel()}")
+
+
+@torch.no_grad()
+def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> None:
+    # torch's rule: running = momentum * batch + (1 - momentum) * running
+    running.mul_(1.0 - momentum).add_(batch_value.to(running.dtype), alpha=momentum)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization (``F.batch_norm``): batch statistics when ``training`` (updating the
+    running ones when given), running statistics otherwise."""
+    _check_nc(input, "batch_norm")
+    channels = input.shape[1]
+    _check_stats(running_mean, running_var, channels, "batch_norm")
+    _check_param(weight, "weight", (channels,), "batch_norm", "one per channel")
+    _check_param(bias, "bias", (channels,), "batch_norm", "one per channel")
+    if training:
+        _verify_batch_size(list(input.shape))
+    elif running_mean is None or running_var is None:
+        raise RuntimeError(
+            "batch_norm: running_mean and running_var must be given in evaluation mode "
+            "(training=False)"
+        )
+    check_runnable(input, "batch_norm")
+    if not training:
+        return _batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+    y, mean, _invstd, var = _batch_norm_fwd(input, weight, bias, eps)
+    count = input.numel() // max(channels, 1)
+    if running_mean is not None and count > 0:
+        _update_running(running_mean, mean, momentum)
+    if running_var is not None and count > 0:
+        _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+    return y
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance normalization (``F.instance_norm``): group norm with one channel per group, or,
+    with ``use_input_stats=False``, batch norm with the running statistics."""
+    _check_nc(input, "instance_norm")
+    channels = input.shape[1]
+    _check_stats(running_mean, running_var, channels, "instance_norm")
+    _check_param(weight, "weight", (channels,), "instance_norm", "one per channel")
+    _check_param(bias, "bias", (channels,), "instance_norm", "one per channel")
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise RuntimeError(
+                "instance_norm: expected running_mean and running_var to be defined when "
+                "use_input_stats is false"
+            )
+        check_runnable(input, "instance_norm")
+        return _batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+    _verify_spatial_size(list(input.shape))
+    check_runnable(input, "instance_norm")
+    y, mean, rstd = _group_norm_fwd(input, channels, weight, bias, eps)
+    count = input.numel() // max(input.shape[0] * channels, 1)
+    if input.shape[0] > 0 and count > 0 and (running_mean is not None or running_var is not None):
+        with torch.no_grad():
+            if running_mean is not None:
+                _update_running(running_mean, mean.mean(0), momentum)
+            if running_var is not None:
+                # per-instance biased variance back from rstd, in fp64 to keep its digits
+                var = rstd.double().pow(-2).sub_(eps).clamp_(min=0)
+                _update_running(running_var, (var * (count / max(count - 1, 1))).mean(0), momentum)
+    return y

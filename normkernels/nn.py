@@ -1,0 +1,134 @@
+"""Drop-in replacements for the torch.nn norm modules.
+
+Each class subclasses the torch.nn class it replaces (so ``isinstance`` checks, constructors,
+parameters, buffers, ``state_dict`` keys, ``repr`` and pickling are torch's own) and overrides
+only the step that computes, which goes through ``normkernels.functional``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "GroupNorm", "LayerNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
+]
+
+
+class _BatchNormForward:
+    """torch.nn.modules.batchnorm._BatchNorm.forward, computing with normkernels."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # batch statistics in training, and in eval when there are no running statistics
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    pass
+
+
+class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
+    """SyncBatchNorm on normkernels: single-process (or eval) batch norm. Cross-process statistics
+    (training under an initialized process group of more than one rank) are not implemented and
+    raise rather than silently normalizing each rank on its own."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+            group = self.process_group or torch.distributed.group.WORLD
+            if torch.distributed.get_world_size(group) > 1:
+                raise NotImplementedError(
+                    "normkernels.nn.SyncBatchNorm: synchronizing batch statistics across "
+                    "processes is not implemented yet; keep torch.nn.SyncBatchNorm for "
+                    "multi-process training"
+                )
+        return super().forward(input)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+class GroupNorm(nn.GroupNorm):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.rms_norm(input, list(self.normalized_shape), self.weight, self.eps)
+
+
+class _InstanceNormApply:
+    """torch.nn.modules.instancenorm._InstanceNorm._apply_instance_norm, computing with
+    normkernels (torch's forward keeps its checks and its unbatched-input handling)."""
+
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        return F.instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class InstanceNorm1d(_InstanceNormApply, nn.InstanceNorm1d):
+    pass
+
+
+class InstanceNorm2d(_InstanceNormApply, nn.InstanceNorm2d):
+    pass
+
+
+class InstanceNorm3d(_InstanceNormApply, nn.InstanceNorm3d):
+    pass
+
+
+# torch.nn class -> its normkernels twin (used by convert)
+TWINS = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    nn.SyncBatchNorm: SyncBatchNorm,
+    nn.GroupNorm: GroupNorm,
+    nn.LayerNorm: LayerNorm,
+    nn.RMSNorm: RMSNorm,
+    nn.InstanceNorm1d: InstanceNorm1d,
+    nn.InstanceNorm2d: InstanceNorm2d,
+    nn.InstanceNorm3d: InstanceNorm3d,
+}
