@@ -1,0 +1,69 @@
+"""Every module against torch.nn on identical inputs and state: outputs, every gradient and every
+buffer, over two steps in train mode and two in eval mode; all dtypes and layouts."""
+import pytest
+import torch
+
+from samples import DTYPES, all_case_params, assert_close_like_torch, make_input, triple
+
+
+def _run(module, x, dy):
+    """Forward, then gradients of (y * dy).sum() w.r.t. x and every parameter."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    y = module(x)
+    grads = torch.autograd.grad(y, [x] + params, dy, allow_unused=True)
+    return y, grads
+
+
+def _incoming_grad(shape, step, dtype, layout):
+    if step == 0:
+        if layout == "strided":
+            return make_input(shape, "strided", dtype)  # a strided dy as well
+        return torch.randn(shape, dtype=torch.float64).to(dtype)
+    # an expanded gradient (stride 0 on every dim but the last), as `(y * w).sum()` produces
+    return torch.randn(shape[-1], dtype=torch.float64).to(dtype).expand(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case,layout", all_case_params())
+def test_module_matches_torch(case, layout, dtype):
+    mods = triple(case, dtype)
+    for mode in ("train", "eval"):
+        for m in mods.values():
+            m.train(mode == "train")
+        for step in range(2):
+            x = make_input(case.shape, layout, dtype, scale=2.0, shift=0.5)
+            dy = _incoming_grad(case.shape, step, dtype, layout)
+            x_t = x.detach().requires_grad_()
+            try:
+                y_t, g_t = _run(mods["torch"], x_t, dy)
+            except RuntimeError as e:  # torch itself lacks this CPU kernel
+                if "not implemented" in str(e):
+                    pytest.skip(f"torch has no CPU kernel here: {e}")
+                raise
+            x_o = x.detach().requires_grad_()
+            y_o, g_o = _run(mods["ours"], x_o, dy)
+            x_r = x.detach().double().requires_grad_()
+            y_r, g_r = _run(mods["ref"], x_r, dy.double())
+
+            where = f"{mode} step {step}"
+            assert_close_like_torch(y_o, y_t, y_r, f"output ({where})")
+            if layout == "channels_last":
+                fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+                if case.name.startswith("InstanceNorm"):
+                    # Deliberate: torch's instance norm reshapes through batch norm and returns a
+                    # contiguous tensor; ours keeps the input's channels_last (no hidden copy).
+                    assert y_o.is_contiguous(memory_format=fmt)
+                else:
+                    assert y_o.is_contiguous(memory_format=fmt) == y_t.is_contiguous(memory_format=fmt)
+            names = ["input"] + [n for n, p in mods["torch"].named_parameters() if p.requires_grad]
+            for name, a, b, r in zip(names, g_o, g_t, g_r):
+                assert (a is None) == (b is None), f"grad of {name} ({where})"
+                if a is not None:
+                    assert_close_like_torch(a, b, r, f"grad of {name} ({where})")
+            buffers_t = dict(mods["torch"].named_buffers())
+            buffers_r = dict(mods["ref"].named_buffers())
+            for name, buf in mods["ours"].named_buffers():
+                if buf.dtype == torch.long:
+                    assert torch.equal(buf, buffers_t[name]), f"{name} ({where})"
+                else:
+                    assert_close_like_torch(buf, buffers_t[name], buffers_r[name], f"{name} ({where})")
