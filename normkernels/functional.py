@@ -25,7 +25,7 @@ __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm"
 
 def _check_float(x: Tensor, op: str) -> None:
     if not x.is_floating_point():
-        raise RuntimeError(
+        raise NotImplementedError(
             f"{op}: expected a floating-point input (float32, float64, float16 or bfloat16), "
             f"got {x.dtype}"
         )

@@ -5,7 +5,7 @@
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
 //                  Chan-merged in block order; then one normalize pass over the rows.
 //   backward     : per-channel sum(dy) and sum(dy * (x - mean)) in one read of x and dy; then
-//                  dx = dy * k_dy[c] + x * k_x[c] + k_0[c]. Inference backward skips the sums
+//                  dx = dy * k_dy[c] + (x - mean[c]) * k_x[c] + k_0[c]. Inference backward skips the sums
 //                  unless dweight/dbias are wanted.
 // Included by capability/*.cpp, never compiled on its own.
 #include "kernels.h"
@@ -22,20 +22,20 @@ static inline A param_or(const A* p, int64_t c, A dflt) {
   return p != nullptr ? p[c] : dflt;
 }
 
-// y = x * scale[c] + shift[c] over the whole tensor, in its own memory order.
+// y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order.
 template <typename T>
-static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* scale,
-                           const acc_t<T>* shift) {
+static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
+                           const acc_t<T>* scale, const acc_t<T>* shift) {
   if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t c = nc % s.C;
-        segment_affine(xp + nc * s.HW, yp + nc * s.HW, s.HW, scale[c], shift[c]);
+        segment_affine(xp + nc * s.HW, yp + nc * s.HW, s.HW, center[c], scale[c], shift[c]);
       }
     });
   } else {
     at::parallel_for(0, s.N * s.HW, grain_for(s.C), [&](int64_t begin, int64_t end) {
-      rows_affine(xp, yp, begin, end, s.C, scale, shift);
+      rows_affine(xp, yp, begin, end, s.C, center, scale, shift);
     });
   }
 }
@@ -72,10 +72,10 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
         var[c] = v;
         invstd[c] = rs;
         const A sc = rs * param_or(w, c, A(1));
-        const A sh = param_or(b, c, A(0)) - mu * sc;
+        const A sh = param_or(b, c, A(0));
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t off = (n * s.C + c) * s.HW;
-          segment_affine(xp + off, yp + off, s.HW, sc, sh);
+          segment_affine(xp + off, yp + off, s.HW, mu, sc, sh);
         }
       }
     });
@@ -104,9 +104,9 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     var[c] = v;
     invstd[c] = rs;
     scale[c] = rs * param_or(w, c, A(1));
-    shift[c] = param_or(b, c, A(0)) - mu * scale[c];
+    shift[c] = param_or(b, c, A(0));
   }
-  channel_affine(xp, yp, s, scale.data(), shift.data());
+  channel_affine(xp, yp, s, mean, scale.data(), shift.data());
 }
 
 void batch_norm_fwd(const at::Tensor& x, const NormShape& s, const at::Tensor& weight,
@@ -132,9 +132,9 @@ static void batch_norm_elemt_typed(const at::Tensor& x, const NormShape& s,
   std::vector<A> scale(s.C), shift(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
     scale[c] = invstd[c] * param_or(w, c, A(1));
-    shift[c] = param_or(b, c, A(0)) - mean[c] * scale[c];
+    shift[c] = param_or(b, c, A(0));
   }
-  channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, scale.data(), shift.data());
+  channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, mean, scale.data(), shift.data());
 }
 
 void batch_norm_elemt(const at::Tensor& x, const NormShape& s, const at::Tensor& mean,
@@ -212,7 +212,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     if (train) {
       const A proj = rs * rs * sum_dy_xc[c] * inv_count;
       k_x[c] = -k_dy[c] * proj;
-      k_0[c] = k_dy[c] * (mean[c] * proj - sum_dy[c] * inv_count);
+      k_0[c] = -k_dy[c] * sum_dy[c] * inv_count;
     }
   }
   T* dxp = dx.data_ptr<T>();
@@ -220,13 +220,13 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t c = nc % s.C;
-        segment_grad_input(gp + nc * s.HW, xp + nc * s.HW, dxp + nc * s.HW, s.HW, k_dy[c],
-                           k_x[c], k_0[c]);
+        segment_grad_input(gp + nc * s.HW, xp + nc * s.HW, dxp + nc * s.HW, s.HW, mean[c],
+                           k_dy[c], k_x[c], k_0[c]);
       }
     });
   } else {
     at::parallel_for(0, count, grain_for(s.C), [&](int64_t begin, int64_t end) {
-      rows_grad_input(gp, xp, dxp, begin, end, s.C, k_dy.data(), k_x.data(), k_0.data());
+      rows_grad_input(gp, xp, dxp, begin, end, s.C, mean, k_dy.data(), k_x.data(), k_0.data());
     });
   }
 }

@@ -6,7 +6,7 @@
 //                  HW so that batch 1 still uses every thread), Chan-merged per block and then
 //                  per group; the normalize pass walks rows of C.
 //   backward     : per-(n, channel) sums of dy and dy * (x - mean) in one read of x and dy, then
-//                  dx = dy * k_dy[c] + x * k_x + k_0 in a second; dweight/dbias from the same
+//                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0 in a second; dweight/dbias from the same
 //                  sums, reduced over n in a fixed order.
 // Included by capability/*.cpp, never compiled on its own.
 #include "kernels.h"
@@ -27,16 +27,16 @@ struct GroupView {
   A bs(int64_t c) const { return b != nullptr ? b[c] : A(0); }
 };
 
-// Per-(n, c) scale/shift so that y = x * scale + shift, from per-(n, g) mean and rstd.
+// Per-(n, c) coefficients of y = (x - center) * scale + shift, from per-(n, g) mean and rstd.
 template <typename A>
-static void group_affine_coeffs(const GroupView<A>& v, const A* mean, const A* rstd, A* scale,
-                                A* shift) {
+static void group_affine_coeffs(const GroupView<A>& v, const A* mean, const A* rstd, A* center,
+                                A* scale, A* shift) {
   for (int64_t n = 0; n < v.N; ++n) {
     for (int64_t c = 0; c < v.C; ++c) {
       const int64_t ng = n * v.G + c / v.D;
-      const A s = rstd[ng] * v.wt(c);
-      scale[n * v.C + c] = s;
-      shift[n * v.C + c] = v.bs(c) - mean[ng] * s;
+      center[n * v.C + c] = mean[ng];
+      scale[n * v.C + c] = rstd[ng] * v.wt(c);
+      shift[n * v.C + c] = v.bs(c);
     }
   }
 }
@@ -70,8 +70,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         rstd[ng] = rs;
         for (int64_t k = 0; k < v.D; ++k) {
           const int64_t c = g * v.D + k;
-          const A sc = rs * v.wt(c);
-          segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, sc, v.bs(c) - mu * sc);
+          segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, mu, rs * v.wt(c), v.bs(c));
         }
       }
     });
@@ -101,14 +100,15 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
       rstd[n * G + g] = A(1) / std::sqrt((cnt > 0 ? m2 / cnt : A(0)) + a_eps);
     }
   }
-  std::vector<A> scale(v.N * v.C), shift(v.N * v.C);
-  group_affine_coeffs(v, mean, rstd, scale.data(), shift.data());
+  std::vector<A> center(v.N * v.C), scale(v.N * v.C), shift(v.N * v.C);
+  group_affine_coeffs(v, mean, rstd, center.data(), scale.data(), shift.data());
   at::parallel_for(0, v.N * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
     // rows [begin, end) may span several images; each image has its own coefficients
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / v.HW;
       const int64_t stop = std::min(end, (n + 1) * v.HW);
-      rows_affine(xp, yp, r, stop, v.C, scale.data() + n * v.C, shift.data() + n * v.C);
+      rows_affine(xp, yp, r, stop, v.C, center.data() + n * v.C, scale.data() + n * v.C,
+                  shift.data() + n * v.C);
       r = stop;
     }
   });
@@ -125,7 +125,7 @@ void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
 }
 
 // From per-(n, c) sum_dy and sum_dy_xc = sum(dy * (x - mean_g)), the coefficients of
-// dx = dy * k_dy[c] + x * k_x[n, g] + k_0[n, g] (stored per (n, c)):
+// dx = dy * k_dy[c] + (x - mean) * k_x[n, g] + k_0[n, g] (stored per (n, c)):
 //   g = dy * w,  xhat = (x - mean) * rstd,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 template <typename A>
 static void group_grad_coeffs(const GroupView<A>& v, const A* mean, const A* rstd,
@@ -139,13 +139,13 @@ static void group_grad_coeffs(const GroupView<A>& v, const A* mean, const A* rst
         s_g += v.wt(c) * sum_dy[n * v.C + c];
         s_gxc += v.wt(c) * sum_dy_xc[n * v.C + c];
       }
-      const A rs = rstd[ng], mu = mean[ng];
+      const A rs = rstd[ng];
       const A mean_g = s_g * inv_count;
       const A mean_gxhat = s_gxc * rs * inv_count;
       for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
         k_dy[n * v.C + c] = rs * v.wt(c);
         k_x[n * v.C + c] = -rs * rs * mean_gxhat;
-        k_0[n * v.C + c] = rs * (mu * rs * mean_gxhat - mean_g);
+        k_0[n * v.C + c] = -rs * mean_g;
       }
     }
   }
@@ -181,19 +181,18 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const A* mean = mean_t.const_data_ptr<A>();
   const A* rstd = rstd_t.const_data_ptr<A>();
   std::vector<A> sum_dy(v.N * v.C, A(0)), sum_dy_xc(v.N * v.C, A(0));
+  std::vector<A> center(v.N * v.C);  // each channel's group mean
+  for (int64_t n = 0; n < v.N; ++n)
+    for (int64_t c = 0; c < v.C; ++c) center[n * v.C + c] = mean[n * G + c / v.D];
 
   if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
-        const int64_t ng = (nc / v.C) * G + (nc % v.C) / v.D;
         std::tie(sum_dy[nc], sum_dy_xc[nc]) =
-            segment_grad_sums(gp + nc * v.HW, xp + nc * v.HW, v.HW, mean[ng]);
+            segment_grad_sums(gp + nc * v.HW, xp + nc * v.HW, v.HW, center[nc]);
       }
     });
   } else {
-    std::vector<A> shift(v.N * v.C);
-    for (int64_t n = 0; n < v.N; ++n)
-      for (int64_t c = 0; c < v.C; ++c) shift[n * v.C + c] = mean[n * G + c / v.D];
     const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
     const int64_t nb = blocks.count;
     std::vector<A> part_dy(v.N * nb * v.C, A(0)), part_dyx(v.N * nb * v.C, A(0));
@@ -202,7 +201,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         const int64_t n = t / nb, blk = t % nb;
         const int64_t off = n * v.HW * v.C;
         columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), v.C,
-                          shift.data() + n * v.C, part_dy.data() + t * v.C,
+                          center.data() + n * v.C, part_dy.data() + t * v.C,
                           part_dyx.data() + t * v.C);
       }
     });
@@ -225,8 +224,8 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
-        segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, k_dy[nc],
-                           k_x[nc], k_0[nc]);
+        segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, center[nc],
+                           k_dy[nc], k_x[nc], k_0[nc]);
       }
     });
   } else {
@@ -234,7 +233,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       for (int64_t r = begin; r < end;) {
         const int64_t n = r / v.HW;
         const int64_t stop = std::min(end, (n + 1) * v.HW);
-        rows_grad_input(gp, xp, dxp, r, stop, v.C, k_dy.data() + n * v.C,
+        rows_grad_input(gp, xp, dxp, r, stop, v.C, center.data() + n * v.C, k_dy.data() + n * v.C,
                         k_x.data() + n * v.C, k_0.data() + n * v.C);
         r = stop;
       }

@@ -23,7 +23,7 @@ static inline void layer_norm_row_apply(const T* x, T* y, int64_t N, acc_t<T> me
   using C = Chunk<T>;
   using V = typename C::V;
   if (w == nullptr && b == nullptr) {
-    segment_affine(x, y, N, rstd, -mean * rstd);
+    segment_affine(x, y, N, mean, rstd, A(0));
     return;
   }
   const V vmean(mean), vrstd(rstd), zero(0);
@@ -162,12 +162,12 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x,
         // Pass 2: dx = rstd * (g - xhat * mean(g * xhat) - mean(g)); mean(g) is 0 for RMS.
         const A c_gx = s_gx / static_cast<A>(N);
         const A c_g = rms ? A(0) : s_g / static_cast<A>(N);
-        // dx = g * rs + x * k_x + k_0 with xhat = (x - mu) * rs
+        // dx = g * rs + (x - mu) * k_x + k_0
         const A k_x = -rs * rs * c_gx;
-        const A k_0 = rs * (mu * rs * c_gx - c_g);
+        const A k_0 = -rs * c_g;
         T* dr = dxp + r * N;
         if (w == nullptr) {
-          segment_grad_input(gr, xr, dr, N, rs, k_x, k_0);
+          segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0);
           continue;
         }
         const V vkx(k_x), vk0(k_0);
@@ -179,11 +179,12 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x,
           const int64_t h = j + V::size();
           ga = ga * V::loadu(w + j) * vrs;
           gb = gb * V::loadu(w + h) * vrs;
-          Ch::store(dr + j, at::vec::fmadd(xa, vkx, ga + vk0), at::vec::fmadd(xb, vkx, gb + vk0));
+          Ch::store(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
+                   at::vec::fmadd(xb - vmu, vkx, gb + vk0));
         }
         for (; j < N; ++j) {
           dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +
-                                 static_cast<A>(xr[j]) * k_x + k_0);
+                                 (static_cast<A>(xr[j]) - mu) * k_x + k_0);
         }
       }
     }

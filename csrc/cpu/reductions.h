@@ -111,19 +111,24 @@ inline acc_t<T> segment_sq_dev(const T* p, int64_t n, acc_t<T> shift) {
   return s;
 }
 
-// y = x * scale + shift over a segment.
+// y = (x - center) * scale + shift over a segment. Centering first (rather than folding the
+// mean into the shift) keeps every digit when |mean| >> std, and gives exact zeros for
+// constant input.
 template <typename T>
-inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> shift) {
+inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T> scale,
+                           acc_t<T> shift) {
   using C = Chunk<T>;
   using V = typename C::V;
-  const V vs(scale), vb(shift);
+  const V vc(center), vs(scale), vb(shift);
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V a, b;
     C::load(x + i, a, b);
-    C::store(y + i, at::vec::fmadd(a, vs, vb), at::vec::fmadd(b, vs, vb));
+    C::store(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb));
   }
-  for (; i < n; ++i) y[i] = static_cast<T>(static_cast<acc_t<T>>(x[i]) * scale + shift);
+  for (; i < n; ++i) {
+    y[i] = static_cast<T>((static_cast<acc_t<T>>(x[i]) - center) * scale + shift);
+  }
 }
 
 // (sum(dy), sum(dy * (x - shift))) over a segment.
@@ -153,25 +158,25 @@ inline std::pair<acc_t<T>, acc_t<T>> segment_grad_sums(const T* dy, const T* x, 
   return {sg, sd};
 }
 
-// dx = dy * k_dy + x * k_x + k_0 over a segment: the closed form of every norm's input
-// gradient once its per-segment reductions are known.
+// dx = dy * k_dy + (x - center) * k_x + k_0 over a segment: the closed form of every norm's
+// input gradient once its per-segment reductions are known (centered, like segment_affine).
 template <typename T>
-inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> k_dy,
-                               acc_t<T> k_x, acc_t<T> k_0) {
+inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> center,
+                               acc_t<T> k_dy, acc_t<T> k_x, acc_t<T> k_0) {
   using C = Chunk<T>;
   using V = typename C::V;
-  const V vdy(k_dy), vx(k_x), v0(k_0);
+  const V vc(center), vdy(k_dy), vx(k_x), v0(k_0);
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V ga, gb, xa, xb;
     C::load(dy + i, ga, gb);
     C::load(x + i, xa, xb);
-    C::store(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa, vx, v0)),
-             at::vec::fmadd(gb, vdy, at::vec::fmadd(xb, vx, v0)));
+    C::store(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
+             at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)));
   }
   for (; i < n; ++i) {
     dx[i] = static_cast<T>(static_cast<acc_t<T>>(dy[i]) * k_dy +
-                           static_cast<acc_t<T>>(x[i]) * k_x + k_0);
+                           (static_cast<acc_t<T>>(x[i]) - center) * k_x + k_0);
   }
 }
 
@@ -260,10 +265,10 @@ inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, i
   }
 }
 
-// y[r, c] = x[r, c] * scale[c] + shift[c] for rows [r0, r1).
+// y[r, c] = (x[r, c] - center[c]) * scale[c] + shift[c] for rows [r0, r1).
 template <typename T>
 inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
-                        const acc_t<T>* scale, const acc_t<T>* shift) {
+                        const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift) {
   using Ch = Chunk<T>;
   using V = typename Ch::V;
   for (int64_t r = r0; r < r1; ++r) {
@@ -273,21 +278,22 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
     for (; c + Ch::size <= C; c += Ch::size) {
       V a, b;
       Ch::load(xr + c, a, b);
+      const int64_t h = c + V::size();
       Ch::store(yr + c,
-                at::vec::fmadd(a, V::loadu(scale + c), V::loadu(shift + c)),
-                at::vec::fmadd(b, V::loadu(scale + c + V::size()),
-                               V::loadu(shift + c + V::size())));
+                at::vec::fmadd(a - V::loadu(center + c), V::loadu(scale + c), V::loadu(shift + c)),
+                at::vec::fmadd(b - V::loadu(center + h), V::loadu(scale + h), V::loadu(shift + h)));
     }
     for (; c < C; ++c) {
-      yr[c] = static_cast<T>(static_cast<acc_t<T>>(xr[c]) * scale[c] + shift[c]);
+      yr[c] = static_cast<T>((static_cast<acc_t<T>>(xr[c]) - center[c]) * scale[c] + shift[c]);
     }
   }
 }
 
-// dx[r, c] = dy[r, c] * k_dy[c] + x[r, c] * k_x[c] + k_0[c] for rows [r0, r1).
+// dx[r, c] = dy[r, c] * k_dy[c] + (x[r, c] - center[c]) * k_x[c] + k_0[c] for rows [r0, r1).
 template <typename T>
 inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t C,
-                            const acc_t<T>* k_dy, const acc_t<T>* k_x, const acc_t<T>* k_0) {
+                            const acc_t<T>* center, const acc_t<T>* k_dy, const acc_t<T>* k_x,
+                            const acc_t<T>* k_0) {
   using Ch = Chunk<T>;
   using V = typename Ch::V;
   for (int64_t r = r0; r < r1; ++r) {
@@ -300,15 +306,16 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
       Ch::load(gr + c, ga, gb);
       Ch::load(xr + c, xa, xb);
       const int64_t h = c + V::size();
+      const V ca = xa - V::loadu(center + c), cb = xb - V::loadu(center + h);
       Ch::store(dr + c,
                 at::vec::fmadd(ga, V::loadu(k_dy + c),
-                               at::vec::fmadd(xa, V::loadu(k_x + c), V::loadu(k_0 + c))),
+                               at::vec::fmadd(ca, V::loadu(k_x + c), V::loadu(k_0 + c))),
                 at::vec::fmadd(gb, V::loadu(k_dy + h),
-                               at::vec::fmadd(xb, V::loadu(k_x + h), V::loadu(k_0 + h))));
+                               at::vec::fmadd(cb, V::loadu(k_x + h), V::loadu(k_0 + h))));
     }
     for (; c < C; ++c) {
       dr[c] = static_cast<T>(static_cast<acc_t<T>>(gr[c]) * k_dy[c] +
-                             static_cast<acc_t<T>>(xr[c]) * k_x[c] + k_0[c]);
+                             (static_cast<acc_t<T>>(xr[c]) - center[c]) * k_x[c] + k_0[c]);
     }
   }
 }

@@ -73,7 +73,7 @@ at::ScalarType acc_type(const at::Tensor& x) {
 }
 
 void check_float(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && x.scalar_type() != at::kFloat8_e4m3fn &&
+  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(x.scalar_type()) && x.scalar_type() != at::kFloat8_e4m3fn &&
                   x.scalar_type() != at::kFloat8_e5m2,
               op, ": expected a float32, float64, float16 or bfloat16 input, got ",
               x.scalar_type());

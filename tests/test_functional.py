@@ -1,0 +1,160 @@
+"""normkernels.functional: bad input raises what torch raises, before any kernel runs; NaN stays
+where it is; constant input gives zeros; mixed dtypes and edge sizes behave like torch."""
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import normkernels
+import normkernels.functional as NF
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+BAD_INPUT = {
+    "layer_norm-shape": lambda F: F.layer_norm(torch.randn(2, 3), (4,)),
+    "layer_norm-empty-shape": lambda F: F.layer_norm(torch.randn(2, 3), ()),
+    "layer_norm-weight": lambda F: F.layer_norm(torch.randn(2, 3), (3,), torch.randn(4)),
+    "layer_norm-int": lambda F: F.layer_norm(torch.ones(2, 3, dtype=torch.long), (3,)),
+    "layer_norm-bool": lambda F: F.layer_norm(torch.ones(2, 3, dtype=torch.bool), (3,)),
+    "rms_norm-shape": lambda F: F.rms_norm(torch.randn(2, 3), [5]),
+    "rms_norm-weight": lambda F: F.rms_norm(torch.randn(2, 3), [3], torch.randn(2)),
+    "rms_norm-int": lambda F: F.rms_norm(torch.ones(2, 3, dtype=torch.int32), [3]),
+    "group_norm-divisible": lambda F: F.group_norm(torch.randn(2, 6, 3), 4),
+    "group_norm-rank": lambda F: F.group_norm(torch.randn(6), 2),
+    "group_norm-one-value": lambda F: F.group_norm(torch.randn(1, 4), 4),
+    "group_norm-weight": lambda F: F.group_norm(torch.randn(2, 6, 3), 3, torch.randn(5)),
+    "group_norm-int": lambda F: F.group_norm(torch.ones(2, 6, 3, dtype=torch.long), 3),
+    "batch_norm-one-value": lambda F: F.batch_norm(torch.randn(1, 3), None, None, training=True),
+    "batch_norm-one-value-4d": lambda F: F.batch_norm(torch.randn(1, 3, 1, 1), None, None, training=True),
+    "batch_norm-running-size": lambda F: F.batch_norm(torch.randn(4, 3), torch.zeros(4), torch.ones(4)),
+    "batch_norm-weight": lambda F: F.batch_norm(torch.randn(4, 3), None, None, torch.ones(2), training=True),
+    "batch_norm-int": lambda F: F.batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True),
+    "instance_norm-spatial": lambda F: F.instance_norm(torch.randn(2, 3, 1)),
+    "instance_norm-no-stats": lambda F: F.instance_norm(torch.randn(2, 3, 4), use_input_stats=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+def test_bad_input_raises_like_torch_before_any_kernel(name):
+    call = BAD_INPUT[name]
+    with pytest.raises(Exception) as theirs:
+        call(TF)
+    recorder = OpRecorder()
+    with pytest.raises(type(theirs.value)) as ours:
+        with recorder:
+            call(NF)
+    assert not any(n.startswith("normkernels.") for n in recorder.names), recorder.names
+    assert str(ours.value), "the message must tell the user what is wrong"
+
+
+def test_module_errors_match_torch():
+    with pytest.raises(ValueError):  # num_groups must divide num_channels, at construction
+        normkernels.nn.GroupNorm(3, 10)
+    with pytest.raises(ValueError):  # wrong rank
+        normkernels.nn.BatchNorm2d(3)(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError):  # wrong channel count
+        normkernels.nn.BatchNorm2d(3)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError):  # wrong channel count, affine instance norm
+        normkernels.nn.InstanceNorm2d(3, affine=True)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(RuntimeError):
+        normkernels.nn.LayerNorm(8)(torch.randn(2, 7))
+
+
+def test_nan_stays_in_its_row_group_and_channel():
+    x = torch.randn(4, 6, 5)
+    x[1, 2, 3] = float("nan")
+    y = NF.layer_norm(x, (5,))
+    assert torch.isnan(y[1, 2]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    assert torch.isfinite(y[1, [0, 1, 3, 4, 5]]).all()
+    y = NF.group_norm(x, 3)  # channels 2,3 are group 1 of sample 1
+    assert torch.isnan(y[1, 2:4]).all()
+    mask = torch.ones_like(y, dtype=torch.bool)
+    mask[1, 2:4] = False
+    assert torch.isfinite(y[mask]).all()
+    y = NF.batch_norm(x, None, None, training=True)
+    assert torch.isnan(y[:, 2]).all()
+    assert torch.isfinite(y[:, [0, 1, 3, 4, 5]]).all()
+    xc = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.unsqueeze(-1).contiguous(memory_format=torch.channels_last)
+    y = NF.group_norm(xc, 3)
+    assert torch.isnan(y[1, 2:4]).all() and torch.isfinite(y[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constant_input_gives_zeros(dtype):
+    x = torch.full((3, 8, 4, 4), 3.7, dtype=dtype)
+    for y in (
+        NF.layer_norm(x, (4, 4)),
+        NF.group_norm(x, 4),
+        NF.group_norm(x.contiguous(memory_format=torch.channels_last), 4),
+        NF.batch_norm(x, None, None, training=True),
+        NF.batch_norm(x.contiguous(memory_format=torch.channels_last), None, None, training=True),
+        NF.instance_norm(x),
+    ):
+        assert torch.isfinite(y).all()
+        assert y.float().abs().max() < 1e-2
+
+
+def test_mixed_dtype_params_like_torch():
+    # bf16 activations with fp32 parameters and running statistics (autocast-style models)
+    x = torch.randn(4, 6, 5, 5).to(torch.bfloat16)
+    w, b = torch.randn(6), torch.randn(6)
+    rm_t, rv_t = torch.zeros(6), torch.ones(6)
+    rm_o, rv_o = rm_t.clone(), rv_t.clone()
+    y_t = TF.batch_norm(x, rm_t, rv_t, w, b, training=True)
+    y_o = NF.batch_norm(x, rm_o, rv_o, w, b, training=True)
+    assert y_o.dtype == y_t.dtype
+    torch.testing.assert_close(y_o.float(), y_t.float(), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(rm_o, rm_t)
+    torch.testing.assert_close(rv_o, rv_t, atol=1e-3, rtol=1e-3)
+    y_t = TF.layer_norm(x, (5,), torch.randn(5), None)
+    assert NF.layer_norm(x, (5,), torch.randn(5), None).dtype == y_t.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_rms_norm_default_eps_like_torch(dtype):
+    x = (torch.randn(4, 16) * 1e-4).to(dtype)
+    torch.testing.assert_close(NF.rms_norm(x, [16]), TF.rms_norm(x, [16]))
+
+
+def test_empty_batch_like_torch():
+    for fn in (
+        lambda F, x: F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True),
+        lambda F, x: F.group_norm(x, 3),
+        lambda F, x: F.layer_norm(x, (4, 4)),
+    ):
+        x_t = torch.randn(0, 3, 4, 4, requires_grad=True)
+        x_o = x_t.detach().clone().requires_grad_()
+        y_t, y_o = fn(TF, x_t), fn(NF, x_o)
+        assert y_o.shape == y_t.shape
+        y_o.sum().backward()
+        assert x_o.grad.shape == x_o.shape
+    rm, rv = torch.zeros(3), torch.ones(3)
+    NF.batch_norm(torch.randn(0, 3, 2, 2), rm, rv, training=True)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_one_element_per_group_and_long_rows():
+    x = torch.randn(2, 6, 1, 1)
+    torch.testing.assert_close(NF.group_norm(x, 6), TF.group_norm(x, 6))  # zeros, one element
+    x = torch.randn(3, 70001)  # a row far longer than one SIMD chunk, odd length
+    torch.testing.assert_close(NF.layer_norm(x, (70001,)), TF.layer_norm(x, (70001,)))
+
+
+def test_functional_signatures_match_torch():
+    import inspect
+
+    for name in ("layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm"):
+        ours = inspect.signature(getattr(NF, name))
+        theirs = inspect.signature(getattr(TF, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+        for p in theirs.parameters.values():
+            assert ours.parameters[p.name].default == p.default, (name, p.name)
