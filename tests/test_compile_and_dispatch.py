@@ -1,0 +1,100 @@
+"""torch.compile(fullgraph=True) traces forward and backward through our ops with no graph
+break, and no ATen norm op ever runs inside our modules."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import normkernels
+
+
+class EveryNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.gn = nn.GroupNorm(4, 8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.bn3 = nn.BatchNorm3d(2)
+        self.in1 = nn.InstanceNorm1d(8)
+        self.bn1 = nn.BatchNorm1d(64)
+        self.ln = nn.LayerNorm(64)
+        self.rms = nn.RMSNorm(64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        h = self.inorm(self.gn(self.bn(self.conv(x))))
+        h = self.bn3(h.unflatten(1, (2, 4))).flatten(1, 2)
+        h = self.in1(h.flatten(2))
+        h = h.flatten(1)[:, :64]
+        return self.head(self.rms(self.ln(self.bn1(h))))
+
+
+def _pair():
+    torch.manual_seed(0)
+    model = EveryNorm()
+    return model, normkernels.convert(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_forward_backward(backend):
+    torch._dynamo.reset()
+    ref, ours = _pair()
+    compiled = torch.compile(ours, fullgraph=True, backend=backend)
+    x = torch.randn(4, 3, 8, 8)
+    for step in range(2):  # also the running statistics, through two steps
+        y_ref, y = ref(x), compiled(x)
+        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)
+    for (name, b), c in zip(ours.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5, msg=name)
+    ours.eval()
+    ref.eval()
+    torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_no_graph_break():
+    torch._dynamo.reset()
+    _, ours = _pair()
+    explanation = torch._dynamo.explain(ours)(torch.randn(2, 3, 8, 8))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+ATEN_NORM_OPS = ("norm", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_no_aten_norm_op_runs(dtype, channels_last):
+    _, ours = _pair()
+    ours = ours.to(dtype)
+    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    recorder = OpRecorder()
+    with recorder:
+        for train in (True, False):
+            ours.train(train)
+            ours(x.requires_grad_()).sum().backward()
+    aten_norms = {n for n in recorder.names if n.startswith("aten.") and any(k in n for k in ATEN_NORM_OPS)}
+    assert not aten_norms, aten_norms
+    ours_ran = {n.split(".")[1] for n in recorder.names if n.startswith("normkernels.")}
+    assert ours_ran == {
+        "layer_norm_fwd", "layer_norm_bwd", "group_norm_fwd", "group_norm_bwd",
+        "batch_norm_fwd", "batch_norm_infer", "batch_norm_bwd",
+    }

@@ -1,0 +1,95 @@
+"""The op layer: torch.library.opcheck on every op (schema, fake kernel, autograd registration,
+AOT dispatch), fp64 gradcheck through every functional, and that masked outputs are skipped."""
+import pytest
+import torch
+
+import normkernels.functional as NF
+from samples import make_input
+
+ops = torch.ops.normkernels
+
+
+def _x(shape, layout="contiguous", dtype=torch.float32, grad=True):
+    return make_input(shape, layout, dtype).detach().requires_grad_(grad)
+
+
+def _p(n, dtype=torch.float32, grad=True):
+    return torch.randn(n, dtype=dtype).requires_grad_(grad)
+
+
+def op_samples():
+    s = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        s.append(("layer_norm_fwd", (_x((4, 5, 24), dtype=dtype), 1, _p(24, dtype), _p(24, dtype), 1e-5, False)))
+        s.append(("layer_norm_fwd", (_x((3, 4, 6), "strided", dtype), 2, None, None, 1e-5, False)))
+        s.append(("layer_norm_fwd", (_x((6, 40), dtype=dtype), 1, _p(40, dtype), None, 1e-6, True)))
+    for layout in ("contiguous", "channels_last", "strided"):
+        s.append(("group_norm_fwd", (_x((2, 6, 3, 5), layout), 3, _p(6), _p(6), 1e-5)))
+        s.append(("batch_norm_fwd", (_x((3, 4, 3, 5), layout), _p(4), _p(4), 1e-5)))
+        s.append(("batch_norm_infer", (_x((3, 4, 3, 5), layout), torch.randn(4), torch.rand(4) + 0.5, _p(4), _p(4), 1e-5)))
+    s.append(("group_norm_fwd", (_x((2, 4, 2, 3, 3), "channels_last"), 4, None, None, 1e-5)))
+    s.append(("batch_norm_fwd", (_x((8, 5)), None, _p(5), 1e-3)))
+    s.append(("batch_norm_fwd", (_x((2, 3, 2, 3, 2), "channels_last", torch.bfloat16), _p(3), _p(3), 1e-5)))
+    # backward ops with partial masks
+    x = torch.randn(6, 16)
+    _, mean, rstd = ops.layer_norm_fwd(x, 1, torch.randn(16), None, 1e-5, False)
+    s.append(("layer_norm_bwd", (torch.randn(6, 16), x, mean, rstd, torch.randn(16), 1, False, [True, False, True])))
+    x = torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+    _, mean, rstd = ops.group_norm_fwd(x, 2, None, None, 1e-5)
+    s.append(("group_norm_bwd", (torch.randn(2, 6, 4, 4), x, mean, rstd, torch.randn(6), 2, [False, True, True])))
+    _, mean, invstd, _ = ops.batch_norm_fwd(x, None, None, 1e-5)
+    s.append(("batch_norm_bwd", (torch.randn(2, 6, 4, 4), x, mean, invstd, torch.randn(6), True, [True, True, False])))
+    s.append(("batch_norm_bwd", (torch.randn(2, 6, 4, 4), x, mean, invstd, None, False, [True, False, False])))
+    return s
+
+
+@pytest.mark.parametrize("name,args", [pytest.param(n, a, id=f"{n}-{i}") for i, (n, a) in enumerate(op_samples())])
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def _gc(fn, *inputs):
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _d(shape, layout="contiguous"):
+    return _x(shape, layout, torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_gradcheck_layer_and_rms_norm(layout):
+    _gc(lambda x, w, b: NF.layer_norm(x, (7,), w, b), _d((3, 4, 7), layout), _p(7, torch.float64), _p(7, torch.float64))
+    _gc(lambda x, w: NF.rms_norm(x, [4, 7], w, 1e-5), _d((3, 4, 7), layout), _p((4, 7), torch.float64))
+    _gc(lambda x: NF.layer_norm(x, (4, 7)), _d((3, 4, 7), layout))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_gradcheck_group_and_instance_norm(layout):
+    _gc(lambda x, w, b: NF.group_norm(x, 2, w, b), _d((2, 4, 3, 3), layout), _p(4, torch.float64), _p(4, torch.float64))
+    _gc(lambda x, w, b: NF.instance_norm(x, weight=w, bias=b), _d((2, 4, 3, 3), layout), _p(4, torch.float64), _p(4, torch.float64))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_gradcheck_batch_norm(layout):
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    _gc(lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True), _d((3, 3, 2, 3), layout), _p(3, torch.float64), _p(3, torch.float64))
+    _gc(lambda x, w, b: NF.batch_norm(x, rm, rv, w, b, training=False), _d((3, 3, 2, 3), layout), _p(3, torch.float64), _p(3, torch.float64))
+    _gc(lambda x: NF.batch_norm(x, None, None, training=True), _d((5, 3)))
+
+
+def test_backward_computes_only_what_is_asked():
+    x = torch.randn(4, 8)
+    _, mean, rstd = ops.layer_norm_fwd(x, 1, None, None, 1e-5, False)
+    dx, dw, db = ops.layer_norm_bwd(torch.randn(4, 8), x, mean, rstd, torch.randn(8), 1, False, [True, False, False])
+    assert dx.shape == x.shape and dw.numel() == 0 and db.numel() == 0
+    w = torch.randn(8, requires_grad=True)
+    y = NF.layer_norm(x, (8,), w)  # x needs no grad: only dweight is computed
+    (gw,) = torch.autograd.grad(y.sum(), [w])
+    assert gw.shape == w.shape
+
+
+def test_statistics_are_fp32_for_half_inputs():
+    y, mean, rstd = ops.layer_norm_fwd(torch.randn(3, 8, dtype=torch.bfloat16), 1, None, None, 1e-5, False)
+    assert y.dtype == torch.bfloat16 and mean.dtype == rstd.dtype == torch.float32
+    _, mean, invstd, var = ops.batch_norm_fwd(torch.randn(3, 2, dtype=torch.float64), None, None, 1e-5)
+    assert mean.dtype == invstd.dtype == var.dtype == torch.float64
