@@ -1,0 +1,129 @@
+"""The public API: nn modules as drop-in subclasses, convert(), checkpoints both ways, pickling,
+deepcopy, and backend selection."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import normkernels
+from normkernels.nn import TWINS
+
+
+@pytest.mark.parametrize("torch_cls", list(TWINS), ids=lambda c: c.__name__)
+def test_twin_is_a_drop_in_subclass(torch_cls):
+    ours_cls = TWINS[torch_cls]
+    assert issubclass(ours_cls, torch_cls)
+    assert getattr(normkernels.nn, torch_cls.__name__) is ours_cls
+    args = (4, 8) if torch_cls is nn.GroupNorm else (8,)
+    a, b = torch_cls(*args), ours_cls(*args)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    assert [n for n, _ in a.named_buffers()] == [n for n, _ in b.named_buffers()]
+    assert repr(a) == repr(b)
+
+
+def _nested():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.Sequential(nn.BatchNorm2d(8), nn.ModuleDict({"gn": nn.GroupNorm(2, 8), "inn": nn.InstanceNorm2d(8)})),
+        nn.Flatten(),
+        nn.ModuleList([nn.LayerNorm(8 * 4 * 4), nn.RMSNorm(8 * 4 * 4)]),
+    )
+
+
+def _forward(model, x):
+    x = model[0](x)
+    x = model[1][0](x)
+    x = model[1][1]["inn"](model[1][1]["gn"](x))
+    x = model[2](x)
+    return model[3][1](model[3][0](x))
+
+
+def test_convert_swaps_in_place_and_keeps_state():
+    model = _nested().double().eval()
+    params_before = {n: p for n, p in model.named_parameters()}
+    buffers_before = {n: b for n, b in model.named_buffers()}
+    out = normkernels.convert(model)
+    assert out is model
+    kinds = {type(m) for m in model.modules()}
+    assert not kinds & set(TWINS), "a torch.nn norm module was left unconverted"
+    for n, p in model.named_parameters():
+        assert p is params_before[n] and p.dtype == torch.float64
+    for n, b in model.named_buffers():
+        assert b is buffers_before[n]
+    assert not any(m.training for m in model.modules())
+    assert isinstance(model[1][0], nn.BatchNorm2d)
+
+
+def test_convert_leaves_user_subclasses_alone():
+    class MyLN(nn.LayerNorm):
+        pass
+
+    model = nn.Sequential(MyLN(4), nn.LayerNorm(4))
+    normkernels.convert(model)
+    assert type(model[0]) is MyLN and type(model[1]) is normkernels.nn.LayerNorm
+    assert type(normkernels.convert(nn.BatchNorm1d(3))) is normkernels.nn.BatchNorm1d
+
+
+def test_checkpoints_load_both_ways_and_outputs_match():
+    torch.manual_seed(0)
+    plain = _nested()
+    x = torch.randn(2, 3, 6, 6)
+    _forward(plain, x)  # one training step moves the running statistics
+    converted = normkernels.convert(_nested())
+    converted.load_state_dict(plain.state_dict())
+    back = _nested()
+    back.load_state_dict(converted.state_dict())
+    for m in (plain, converted, back):
+        m.eval()
+    torch.testing.assert_close(_forward(converted, x), _forward(plain, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_forward(back, x), _forward(plain, x))
+
+
+def test_pickle_and_deepcopy():
+    model = normkernels.convert(_nested())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    clone = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    model.eval(), loaded.eval(), clone.eval()
+    assert type(loaded[1][0]) is normkernels.nn.BatchNorm2d
+    torch.testing.assert_close(_forward(loaded, x), _forward(model, x))
+    torch.testing.assert_close(_forward(clone, x), _forward(model, x))
+
+
+def test_backend_selection():
+    x = torch.randn(3, 8)
+    with normkernels.backend("cpp"):
+        torch.testing.assert_close(normkernels.functional.layer_norm(x, (8,)), torch.nn.functional.layer_norm(x, (8,)))
+    with normkernels.backend("auto"):
+        normkernels.functional.layer_norm(x, (8,))
+    with pytest.raises(ValueError):
+        with normkernels.backend("cuda"):
+            pass
+    # the Triton kernels are not in this build: asking for them says so instead of falling back
+    with pytest.raises(RuntimeError, match="Triton"):
+        with normkernels.backend("triton"):
+            pass
+    assert normkernels.backend.__module__ == "normkernels.backend"
+
+
+def test_meta_device_tensors_raise_clearly_on_other_devices():
+    from normkernels.backend import check_runnable
+
+    class FakeDevice:
+        type = "cuda"
+
+    class FakeTensor:
+        device = FakeDevice()
+
+    with pytest.raises(NotImplementedError, match="cuda"):
+        check_runnable(FakeTensor(), "layer_norm")
+
+
+def test_cpu_capability_is_reported():
+    assert normkernels.cpu_capability() in ("DEFAULT", "AVX2", "AVX512")
