@@ -6,6 +6,8 @@
     normkernels.functional.group_norm   # F.* signatures
     with normkernels.backend("cpp"): ...
 """
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - only when the extension was not built

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: torch (2.13.0 by default: here it resolves to a local CPU build; an
+# unpinned torch pulls the CUDA build), the test/bench tools, then normkernels itself, built in
+# place against whatever torch is installed. Set TORCH_SPEC="" to keep an installed torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "$TORCH_SPEC"
+fi
+"$PY" -m pip install -q numpy pytest pytest-benchmark scikit-learn matplotlib setuptools wheel
+# --no-build-isolation: build against the installed torch, never a freshly downloaded one.
+"$PY" -m pip install -q --no-build-isolation --no-deps -e .
+"$PY" -c "import normkernels; print('normkernels', normkernels.__version__, 'CPU kernels:', normkernels.cpu_capability())"
