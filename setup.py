@@ -12,6 +12,10 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+# at::parallel_for is an inline template that only runs in parallel when the including file is
+# compiled with OpenMP; the libgomp we link resolves to the one torch already loaded (same
+# SONAME), so torch.set_num_threads governs our kernels too.
+OPENMP = ["-fopenmp"] if platform.system() == "Linux" else []
 
 # Extra flags for the per-capability translation units, keyed by file name.
 CAPABILITY_FLAGS = {
@@ -56,7 +60,8 @@ setup(
         CppExtension(
             "normkernels._C",
             sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fno-math-errno"]},
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fno-math-errno"] + OPENMP},
+            extra_link_args=OPENMP,
         )
     ],
     cmdclass={"build_ext": BuildWithCapabilities.with_options(use_ninja=False)},
