@@ -1,0 +1,240 @@
+"""python -m bench: run the suite side by side and report (table, JSON, markdown, PNG plot)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+import normkernels
+
+from . import providers as P
+from .cases import suite
+from .timing import copy_bandwidth, round_robin
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MALLOC_MMAP_BYTES = 32 << 20  # glibc mmaps (and page-faults) fresh allocations this large
+
+
+def machine(device: str) -> dict:
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "normkernels": normkernels.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        model = platform.processor()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        info["cpu"] = model
+        info["cpu_capability"] = normkernels.cpu_capability()
+        info["l3_bytes"] = last_level_cache_bytes()
+    return info
+
+
+def last_level_cache_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_LEVEL3_CACHE_SIZE")) or int(os.sysconf("SC_LEVEL2_CACHE_SIZE"))
+    except (ValueError, OSError):
+        return 0
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def run(args) -> dict:
+    device = args.device
+    dtypes = [DTYPES[d] for d in args.dtype.split(",")]
+    cases = [c for c in suite(device, dtypes, args.quick) if re.search(args.filter, c.name)]
+    names, notes = P.available(device, with_compile=not args.no_compile)
+    info = machine(device)
+    print(f"# normkernels bench on {info.get('gpu') or info.get('cpu')} ({device}), torch {info['torch']}, "
+          f"{info['threads']} threads", file=sys.stderr)
+    for n in notes:
+        print(f"# {n}", file=sys.stderr)
+    copy_gbs = copy_bandwidth(device)
+    info["copy_GBps"] = copy_gbs
+    print(f"# device-to-device copy: {copy_gbs:.1f} GB/s", file=sys.stderr)
+    rows = []
+    t_start = time.time()
+    for i, case in enumerate(cases):
+        fns = {}
+        for name in names:
+            fn = P.make(name, case, device)
+            if fn is not None:
+                fns[name] = fn
+        res = round_robin(fns, device, rounds=args.rounds, sample_s=2e-3 if device == "cpu" else 5e-3)
+        t = {k: v["median_ms"] for k, v in res.items()}
+        ours_gbs = case.traffic_bytes() / (t["ours"] / 1e3) / 1e9
+        row = {
+            "case": case.name,
+            "family": case.family,
+            "mode": case.mode,
+            "dtype": str(case.dtype).replace("torch.", ""),
+            "shape": list(case.shape),
+            "layout": case.layout,
+            "ms": t,
+            "speedup_vs_torch": t["torch"] / t["ours"],
+            "control_ratio": t["torch"] / t["torch (control)"],
+            "ours_GBps": ours_gbs,
+            "pct_copy_bw": 100 * ours_gbs / copy_gbs,
+            "fits_cache": bool(info.get("l3_bytes")) and case.working_set_bytes() <= info.get("l3_bytes", 0),
+            "mmap_output": case.numel * torch.empty((), dtype=case.dtype).element_size() >= MALLOC_MMAP_BYTES,
+        }
+        for peer in ("torch.compile", "liger"):
+            if peer in t:
+                row[f"speedup_vs_{peer}"] = t[peer] / t["ours"]
+        rows.append(row)
+        elapsed = time.time() - t_start
+        print(f"[{i + 1}/{len(cases)}] {case.name}: torch {t['torch']:.3f} ms, ours {t['ours']:.3f} ms "
+              f"({row['speedup_vs_torch']:.2f}x)  {elapsed:.0f}s", file=sys.stderr)
+    summary = {
+        "geomean_speedup_vs_torch": geomean([r["speedup_vs_torch"] for r in rows]),
+        "slower_than_torch": [r["case"] for r in rows if r["speedup_vs_torch"] < 1.0],
+        "control_ratio_median": sorted(r["control_ratio"] for r in rows)[len(rows) // 2] if rows else None,
+        "control_ratio_range": [min(r["control_ratio"] for r in rows), max(r["control_ratio"] for r in rows)] if rows else None,
+        "notes": notes,
+    }
+    if any("speedup_vs_torch.compile" in r for r in rows):
+        summary["geomean_speedup_vs_compile"] = geomean([r.get("speedup_vs_torch.compile") for r in rows])
+    out_of_cache = [r for r in rows if not r["fits_cache"]]
+    summary["out_of_cache_cases"] = len(out_of_cache)
+    summary["out_of_cache_below_70pct_copy_bw"] = [r["case"] for r in out_of_cache if r["pct_copy_bw"] < 70]
+    return {"machine": info, "summary": summary, "rows": rows, "args": vars(args)}
+
+
+def markdown(result: dict) -> str:
+    info, s, rows = result["machine"], result["summary"], result["rows"]
+    has_compile = any("speedup_vs_torch.compile" in r for r in rows)
+    has_liger = any("speedup_vs_liger" in r for r in rows)
+    head = f"{info.get('gpu') or info.get('cpu')}, {info['device']}, torch {info['torch']}"
+    if "triton" in info:
+        head += f", Triton {info['triton']}"
+    if "cpu_capability" in info:
+        head += f", kernels {info['cpu_capability']}, {info['threads']} threads"
+    lines = [
+        f"# normkernels benchmark — {head}",
+        "",
+        f"Copy bandwidth (device-to-device, same run): {info['copy_GBps']:.1f} GB/s. "
+        "Times are medians of round-robin samples; speedup = torch time / ours.",
+        "",
+        "| case | torch ms | " + ("compile ms | " if has_compile else "") + ("liger ms | " if has_liger else "")
+        + "ours ms | vs torch | " + ("vs compile | " if has_compile else "") + ("vs liger | " if has_liger else "")
+        + "ours GB/s | % copy BW | in cache | control |",
+        "|---|---:|" + ("---:|" if has_compile else "") + ("---:|" if has_liger else "") + "---:|---:|"
+        + ("---:|" if has_compile else "") + ("---:|" if has_liger else "") + "---:|---:|:-:|---:|",
+    ]
+    for r in rows:
+        t = r["ms"]
+        cells = [r["case"] + (" ‡" if r["mmap_output"] else ""), f"{t['torch']:.3f}"]
+        if has_compile:
+            cells.append(f"{t.get('torch.compile', float('nan')):.3f}")
+        if has_liger:
+            cells.append(f"{t['liger']:.3f}" if "liger" in t else "—")
+        cells += [f"{t['ours']:.3f}", f"{r['speedup_vs_torch']:.2f}x"]
+        if has_compile:
+            cells.append(f"{r.get('speedup_vs_torch.compile', float('nan')):.2f}x")
+        if has_liger:
+            cells.append(f"{r['speedup_vs_liger']:.2f}x" if "speedup_vs_liger" in r else "—")
+        cells += [f"{r['ours_GBps']:.1f}", f"{r['pct_copy_bw']:.0f}%", "yes" if r["fits_cache"] else "no",
+                  f"{r['control_ratio']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"**Geometric mean speedup vs torch eager: {s['geomean_speedup_vs_torch']:.2f}x** over {len(rows)} cases"
+        + (f"; vs torch.compile: {s['geomean_speedup_vs_compile']:.2f}x" if "geomean_speedup_vs_compile" in s else "")
+        + ".",
+        f"Cases slower than torch: {len(s['slower_than_torch'])}"
+        + (" (" + ", ".join(s["slower_than_torch"]) + ")" if s["slower_than_torch"] else "") + ".",
+        f"Control (torch vs itself) ratio: median {s['control_ratio_median']:.2f}, range "
+        f"{s['control_ratio_range'][0]:.2f}–{s['control_ratio_range'][1]:.2f}: the noise floor of this run.",
+        f"Out-of-cache cases below 70% of copy bandwidth: {len(s['out_of_cache_below_70pct_copy_bw'])} of "
+        f"{s['out_of_cache_cases']}.",
+        "‡ output of 32 MB or more: glibc mmaps and page-faults each fresh allocation, for torch and ours alike.",
+    ] + [f"Note: {n}." for n in s["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(10, max(4, 0.22 * len(rows))))
+    ys = range(len(rows))
+    sp = [r["speedup_vs_torch"] for r in rows]
+    ax.barh(list(ys), sp, color=["tab:green" if v >= 1 else "tab:red" for v in sp])
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([r["case"] for r in rows], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup over torch eager (log scale)")
+    info = result["machine"]
+    ax.set_title(f"normkernels vs torch — {info.get('gpu') or info.get('cpu')} — geomean "
+                 f"{result['summary']['geomean_speedup_vs_torch']:.2f}x", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
+    p.add_argument("--filter", default="", help="regex on case names, e.g. 'batch_norm.*fwdbwd'")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and rounds, no torch.compile")
+    p.add_argument("--rounds", type=int, default=None, help="round-robin rounds per case (default 15, quick 5)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--out", default=None, help="output prefix (default bench/results/<device>)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.no_compile = True
+    if args.rounds is None:
+        args.rounds = 5 if args.quick else 15
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    result = run(args)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", args.device + ("-quick" if args.quick else ""))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    md = markdown(result)
+    print(md)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(md)
+    wrote = [out + ".json", out + ".md"]
+    if plot(result, out + ".png"):
+        wrote.append(out + ".png")
+    print("wrote " + ", ".join(wrote), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

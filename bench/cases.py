@@ -1,0 +1,141 @@
+"""The benchmark cases: each norm family at the sizes of the models that use it.
+
+A case builds, for one provider's functional namespace (torch.nn.functional, or
+normkernels.functional: same signatures), a zero-argument callable doing exactly one step:
+  fwd    training forward (batch statistics, running statistics updated where the module would)
+  infer  inference forward with running statistics (batch norm)
+  bwd    backward alone, through a graph kept from one forward
+  fwdbwd forward then backward for the input and every parameter
+Minimum traffic counted for GB/s: fwd/infer read x, write y; bwd reads x and dy, writes dx;
+fwdbwd is both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import torch
+
+MODES = ("fwd", "infer", "bwd", "fwdbwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str  # layer_norm | rms_norm | group_norm | batch_norm | instance_norm
+    shape: Tuple[int, ...]
+    mode: str
+    dtype: torch.dtype
+    layout: str = "contiguous"  # or channels_last
+    groups: int = 32  # group norm
+
+    @property
+    def name(self) -> str:
+        shape = "x".join(str(d) for d in self.shape)
+        layout = " cl" if self.layout == "channels_last" else ""
+        dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return f"{self.family} {shape}{layout} {self.mode} {dt}"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def traffic_bytes(self) -> int:
+        elems = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 5}[self.mode]
+        return elems * self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def working_set_bytes(self) -> int:
+        """Distinct bytes one step touches (x, y, and dy/dx for backward)."""
+        elems = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 4}[self.mode]
+        return elems * self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _inputs(case: Case, device: str, requires_grad: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    pshape = case.shape[-1:] if case.family in ("layer_norm", "rms_norm") else case.shape[1:2]
+    w = (torch.rand(pshape, generator=g) + 0.5).to(device=device, dtype=case.dtype)
+    b = torch.randn(pshape, generator=g).to(device=device, dtype=case.dtype)
+    if requires_grad:
+        x.requires_grad_()
+        w.requires_grad_()
+        b.requires_grad_()
+    return x, w, b
+
+
+def _forward(F, case: Case, x, w, b, state):
+    if case.family == "layer_norm":
+        return F.layer_norm(x, case.shape[-1:], w, b)
+    if case.family == "rms_norm":
+        return F.rms_norm(x, list(case.shape[-1:]), w)
+    if case.family == "group_norm":
+        return F.group_norm(x, case.groups, w, b)
+    if case.family == "instance_norm":
+        return F.instance_norm(x, None, None, w, b, True)
+    if case.family == "batch_norm":
+        rm, rv = state
+        return F.batch_norm(x, rm, rv, w, b, case.mode != "infer", 0.1, 1e-5)
+    raise ValueError(case.family)
+
+
+def build(case: Case, F, device: str, compile_fn: Callable = None) -> Callable[[], object]:
+    """The callable timing one step of `case` with functional namespace F (optionally wrapped
+    in torch.compile by compile_fn)."""
+    grad = case.mode in ("bwd", "fwdbwd")
+    x, w, b = _inputs(case, device, grad)
+    c = case.shape[1] if x.dim() > 1 else case.shape[0]
+    state = (torch.zeros(c, device=device, dtype=case.dtype), torch.ones(c, device=device, dtype=case.dtype))
+    fwd = lambda x, w, b: _forward(F, case, x, w, b, state)  # noqa: E731
+    if compile_fn is not None:
+        fwd = compile_fn(fwd)
+    if case.mode in ("fwd", "infer"):
+        return lambda: fwd(x, w, b)
+    dy = torch.randn_like(x)
+    wrt = (x, w) if case.family == "rms_norm" else (x, w, b)  # RMSNorm has no bias
+    if case.mode == "fwdbwd":
+        return lambda: torch.autograd.grad(fwd(x, w, b), wrt, dy)
+    y = fwd(x, w, b)
+    return lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
+
+
+def suite(device: str, dtypes: List[torch.dtype], quick: bool = False) -> List[Case]:
+    """Transformer (layer/RMS norm), diffusion UNet (group norm, 32 groups) and ResNet (batch
+    norm) sizes, plus instance norm and the one-row case that measures per-call overhead."""
+    cases: List[Case] = []
+    big = device != "cpu"
+    for dt in dtypes:
+        ln_shapes = [(1, 768), (8192, 768), (4096, 1024), (1024, 4096), (2048, 4096), (512, 8192)]
+        if big:
+            ln_shapes = [(1, 768), (16384, 1024), (8192, 4096), (4096, 8192), (32768, 768)]
+        if quick:
+            ln_shapes = [ln_shapes[0], ln_shapes[2], ln_shapes[3]]
+        for s in ln_shapes:
+            for mode in ("fwd", "fwdbwd") if s[0] > 1 else ("fwd",):
+                cases.append(Case("layer_norm", s, mode, dt))
+        rms_shapes = [(4096, 1024), (2048, 4096)] if not big else [(16384, 1024), (8192, 4096)]
+        for s in rms_shapes[: 1 if quick else None]:
+            for mode in ("fwd", "fwdbwd"):
+                cases.append(Case("rms_norm", s, mode, dt))
+        gn_shapes = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)]
+        if big:
+            gn_shapes = [(8, 320, 64, 64), (8, 640, 32, 32), (8, 1280, 16, 16)]
+        for s in gn_shapes[: 1 if quick else None]:
+            for layout in ("contiguous", "channels_last"):
+                for mode in ("fwd", "fwdbwd"):
+                    cases.append(Case("group_norm", s, mode, dt, layout))
+        bn_shapes = [(16, 64, 56, 56), (16, 128, 28, 28), (16, 256, 14, 14), (16, 512, 7, 7)]
+        if big:
+            bn_shapes = [(64, 64, 56, 56), (64, 128, 28, 28), (64, 256, 14, 14), (64, 512, 7, 7)]
+        for s in bn_shapes[: 2 if quick else None]:
+            for layout in ("contiguous", "channels_last"):
+                for mode in ("fwd", "fwdbwd", "infer"):
+                    cases.append(Case("batch_norm", s, mode, dt, layout))
+        in_shape = (4, 128, 64, 64) if not big else (16, 128, 64, 64)
+        for layout in ("contiguous", "channels_last")[: 1 if quick else None]:
+            for mode in ("fwd", "fwdbwd"):
+                cases.append(Case("instance_norm", in_shape, mode, dt, layout))
+    return cases

@@ -1,0 +1,69 @@
+"""Side-by-side timing on a shared, noisy machine.
+
+Providers are timed round-robin, in a new random order each round, so that drifts in machine
+load hit every provider alike; each sample times enough calls to last ~2 ms (CPU) and the
+median sample is reported. A control provider (torch against itself) shows the noise floor.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable, calls: int, device: str) -> float:
+    """Seconds per call over `calls` back-to-back calls."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: float = 2e-3,
+                seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """{provider: {median_ms, min_ms, samples}} timed side by side."""
+    rng = random.Random(seed)
+    calls = {}
+    for name, fn in fns.items():  # warm up and calibrate the calls per sample
+        fn(), fn()
+        _sync(device)
+        single = max(time_once(fn, 1, device), 1e-7)
+        calls[name] = max(1, min(1000, int(sample_s / single)))
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            samples[name].append(time_once(fns[name], calls[name], device))
+    return {
+        name: {
+            "median_ms": statistics.median(s) * 1e3,
+            "min_ms": min(s) * 1e3,
+            "samples": len(s),
+        }
+        for name, s in samples.items()
+    }
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20, rounds: int = 15) -> float:
+    """GB/s of a plain device-to-device copy into an existing tensor (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    res = round_robin({"copy": lambda: dst.copy_(src)}, device, rounds)
+    return 2 * nbytes / (res["copy"]["median_ms"] / 1e3) / 1e9
