@@ -1,9 +1,10 @@
-"""The op layer: fake (meta) kernels and autograd for every ``torch.ops.normkernels`` op.
+"""The op layer, Python side: fake (meta) kernels for every ``torch.ops.normkernels`` op.
 
-The schemas are defined once in C++ (csrc/ops.cpp) and the CPU kernels registered there; this
-module makes the ops traceable (``register_fake``: shapes, dtypes and memory formats exactly as the
-real kernels produce them, so ``torch.compile`` and ``opcheck`` see the truth) and differentiable
-(``register_autograd``: each forward op's backward is our own backward op). It knows nothing of
+The schemas are defined once in C++ (csrc/ops.cpp), the CPU kernels registered there
+(csrc/cpu/register.cpp), and autograd registered on the Autograd key in C++ (csrc/autograd.cpp:
+each forward op's backward is our own backward op, at C++ cost per call). This module makes the
+ops traceable: ``register_fake`` gives shapes, dtypes and memory formats exactly as the real
+kernels produce them, so ``torch.compile`` and ``opcheck`` see the truth. It knows nothing of
 modules or of running statistics.
 """
 from __future__ import annotations
@@ -116,96 +117,3 @@ def _batch_norm_bwd_fake(dy, x, mean, invstd, weight, train, output_mask):
     dw = _param_grad(x, weight, (x.shape[1],), output_mask[1] and weight is not None)
     db = _param_grad(x, weight, (x.shape[1],), output_mask[2])
     return dx, dw, db
-
-
-# ------------------------------------------------------------------------------------ autograd
-
-
-def _grads(mask, dx, dw, db):
-    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
-
-
-def _layer_norm_setup(ctx, inputs, output):
-    x, normalized_ndim, weight, bias, eps, rms = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.normalized_ndim, ctx.rms = normalized_ndim, rms
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], weight is not None and need[2], need[3]]
-    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, weight, ctx.normalized_ndim, ctx.rms, mask)
-    dx, dw, db = _grads(mask, dx, dw, db)
-    return dx, None, dw, db, None, None
-
-
-torch.library.register_autograd(
-    "normkernels::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup
-)
-
-
-def _group_norm_setup(ctx, inputs, output):
-    x, num_groups, weight, bias, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.num_groups = num_groups
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _group_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], weight is not None and need[2], need[3]]
-    dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, weight, ctx.num_groups, mask)
-    dx, dw, db = _grads(mask, dx, dw, db)
-    return dx, None, dw, db, None
-
-
-torch.library.register_autograd(
-    "normkernels::group_norm_fwd", _group_norm_backward, setup_context=_group_norm_setup
-)
-
-
-def _batch_norm_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
-    _, mean, invstd, var = output
-    ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.mark_non_differentiable(mean, invstd, var)
-
-
-def _batch_norm_backward(ctx, dy, _dmean, _dinvstd, _dvar):
-    x, weight, mean, invstd = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], weight is not None and need[1], need[2]]
-    dx, dw, db = ops.batch_norm_bwd(dy, x, mean, invstd, weight, True, mask)
-    dx, dw, db = _grads(mask, dx, dw, db)
-    return dx, dw, db, None
-
-
-torch.library.register_autograd(
-    "normkernels::batch_norm_fwd", _batch_norm_backward, setup_context=_batch_norm_setup
-)
-
-
-def _batch_norm_infer_setup(ctx, inputs, output):
-    x, mean, var, weight, bias, eps = inputs
-    ctx.save_for_backward(x, weight, mean, var)
-    ctx.eps = eps
-
-
-def _batch_norm_infer_backward(ctx, dy):
-    x, weight, mean, var = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], weight is not None and need[3], need[4]]
-    invstd = torch.rsqrt(var.to(stats_dtype(x)) + ctx.eps)
-    dx, dw, db = ops.batch_norm_bwd(dy, x, mean, invstd, weight, False, mask)
-    dx, dw, db = _grads(mask, dx, dw, db)
-    return dx, None, None, dw, db, None
-
-
-torch.library.register_autograd(
-    "normkernels::batch_norm_infer", _batch_norm_infer_backward, setup_context=_batch_norm_infer_setup
-)

@@ -48,7 +48,7 @@ def backend(name: str) -> Iterator[None]:
 def check_runnable(x: torch.Tensor, op: str) -> None:
     """Raise, before any kernel runs, if the chosen backend has no kernel for x's device."""
     device = x.device.type
-    if device == "cpu" or device == "meta":
+    if device in ("cpu", "meta"):
         if _state["name"] == "triton":  # pragma: no cover - unreachable until Triton lands
             raise RuntimeError(f"normkernels.{op}: the Triton backend needs TRITON_INTERPRET=1 for CPU tensors")
         return

@@ -4,7 +4,7 @@
 //
 // Kernels take tensors already in the layout they walk (register.cpp decides that) and never
 // allocate their outputs: a kernel knows nothing of modules, autograd or layout policy.
-//   x, dy, y, dx : the input's dtype; [M, N] rows for layer norm; [N, C, HW] (NCHW) or
+//   x, dy, y, dx : the input's dtype; contiguous rows of N elements for layer norm; [N, C, HW] (NCHW) or
 //                  [N, HW, C] (channels_last) for group and batch norm.
 //   weight, bias : accumulation dtype (fp32, or fp64 for fp64 inputs), contiguous, or undefined.
 //   statistics   : accumulation dtype.
@@ -22,10 +22,11 @@ struct NormShape {  // batch/group norm view of an (N, C, *spatial) tensor
 };
 
 struct Kernels {
-  void (*layer_norm_fwd)(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         double eps, bool rms, at::Tensor& y, at::Tensor& mean,
-                         at::Tensor& rstd);
-  void (*layer_norm_bwd)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+  void (*layer_norm_fwd)(const at::Tensor& x, int64_t N, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, bool rms, at::Tensor& y,
+                         at::Tensor& mean, at::Tensor& rstd);
+  void (*layer_norm_bwd)(const at::Tensor& dy, const at::Tensor& x, int64_t N,
+                         const at::Tensor& mean,
                          const at::Tensor& rstd, const at::Tensor& weight, bool rms,
                          at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias);
   void (*group_norm_fwd)(const at::Tensor& x, const NormShape& s, int64_t num_groups,

@@ -53,11 +53,10 @@ static inline void layer_norm_row_apply(const T* x, T* y, int64_t N, acc_t<T> me
 }
 
 template <typename T>
-static void layer_norm_fwd_typed(const at::Tensor& x, const at::Tensor& weight,
+static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tensor& weight,
                                  const at::Tensor& bias, double eps, bool rms, at::Tensor& y,
                                  at::Tensor& mean, at::Tensor& rstd) {
   using A = acc_t<T>;
-  const int64_t N = x.size(-1);
   const int64_t M = N == 0 ? 0 : x.numel() / N;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.data_ptr<T>();
@@ -79,24 +78,24 @@ static void layer_norm_fwd_typed(const at::Tensor& x, const at::Tensor& weight,
   });
 }
 
-void layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                    double eps, bool rms, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+void layer_norm_fwd(const at::Tensor& x, int64_t N, const at::Tensor& weight,
+                    const at::Tensor& bias, double eps, bool rms, at::Tensor& y,
+                    at::Tensor& mean, at::Tensor& rstd) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd",
                                   [&] {
-                                    layer_norm_fwd_typed<scalar_t>(x, weight, bias, eps, rms, y,
-                                                                   mean, rstd);
+                                    layer_norm_fwd_typed<scalar_t>(x, N, weight, bias, eps, rms,
+                                                                   y, mean, rstd);
                                   });
 }
 
 template <typename T>
-static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x,
+static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int64_t N,
                                  const at::Tensor& mean, const at::Tensor& rstd,
                                  const at::Tensor& weight, bool rms, at::Tensor& dx,
                                  at::Tensor& dweight, at::Tensor& dbias) {
   using A = acc_t<T>;
   using Ch = Chunk<T>;
   using V = typename Ch::V;
-  const int64_t N = x.size(-1);
   const int64_t M = N == 0 ? 0 : x.numel() / N;
   const T* xp = x.const_data_ptr<T>();
   const T* gp = dy.const_data_ptr<T>();
@@ -208,12 +207,12 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x,
   }
 }
 
-void layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                    const at::Tensor& rstd, const at::Tensor& weight, bool rms, at::Tensor& dx,
-                    at::Tensor& dweight, at::Tensor& dbias) {
+void layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, int64_t N,
+                    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
+                    bool rms, at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd",
                                   [&] {
-                                    layer_norm_bwd_typed<scalar_t>(dy, x, mean, rstd, weight,
+                                    layer_norm_bwd_typed<scalar_t>(dy, x, N, mean, rstd, weight,
                                                                    rms, dx, dweight, dbias);
                                   });
 }

@@ -82,6 +82,7 @@ void check_float(const at::Tensor& x, const char* op) {
 // weight/bias as contiguous tensors of the accumulation dtype (a no-op when they already are).
 at::Tensor param(const std::optional<at::Tensor>& p, const at::Tensor& x) {
   if (!p.has_value() || !p->defined()) return at::Tensor();
+  if (p->scalar_type() == acc_type(x) && p->is_contiguous()) return *p;  // the common case
   return p->to(acc_type(x)).contiguous();
 }
 
@@ -104,9 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   at::Tensor mean = rms ? at::empty({0}, sopt) : at::empty({M}, sopt);
   at::Tensor rstd = at::empty({M}, sopt);
   at::Tensor mean_arg = rms ? at::Tensor() : mean;
-  at::Tensor y2 = y.view({M, N});
-  K().layer_norm_fwd(xc.view({M, N}), param(weight, x), param(bias, x), eps, rms, y2, mean_arg,
-                     rstd);
+  K().layer_norm_fwd(xc, N, param(weight, x), param(bias, x), eps, rms, y, mean_arg, rstd);
   return {y, mean, rstd};
 }
 
@@ -118,15 +117,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   TORCH_CHECK(dy.sizes() == x.sizes(), "layer_norm_bwd: dy and x differ in shape");
   int64_t N = 1;
   for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
-  const int64_t M = N == 0 ? 0 : x.numel() / N;
   const at::Tensor w = param(weight, x);
   at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::Tensor();
   const auto sopt = x.options().dtype(acc_type(x));
   at::Tensor dw = output_mask[1] && w.defined() ? at::empty({N}, sopt) : at::Tensor();
   at::Tensor db = output_mask[2] ? at::empty({N}, sopt) : at::Tensor();
-  at::Tensor dx2 = dx.defined() ? dx.view({M, N}) : at::Tensor();
-  K().layer_norm_bwd(dy.contiguous().view({M, N}), x.contiguous().view({M, N}), mean, rstd, w,
-                     rms, dx2, dw, db);
+  K().layer_norm_bwd(dy.contiguous(), x.contiguous(), N, mean, rstd, w, rms, dx, dw, db);
   auto param_shape = x.sizes().slice(x.dim() - normalized_ndim);
   const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type()
                                                               : x.scalar_type();
