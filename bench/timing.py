@@ -63,6 +63,7 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
 
 def copy_bandwidth(device: str, nbytes: int = 256 << 20, rounds: int = 15) -> float:
     """GB/s of a plain device-to-device copy into an existing tensor (read + write counted)."""
+    nbytes = max(nbytes, 4)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     res = round_robin({"copy": lambda: dst.copy_(src)}, device, rounds)
