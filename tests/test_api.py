@@ -127,3 +127,33 @@ def test_meta_device_tensors_raise_clearly_on_other_devices():
 
 def test_cpu_capability_is_reported():
     assert normkernels.cpu_capability() in ("DEFAULT", "AVX2", "AVX512")
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_every_simd_build_matches_torch(capability):
+    """Each per-capability build of the kernels (chosen at load) is correct, not just the best."""
+    import os
+    import subprocess
+    import sys
+
+    code = r"""
+import torch, normkernels, normkernels.functional as NF, torch.nn.functional as F
+expected = {"default": "DEFAULT", "avx2": "AVX2"}[CAP]
+have = normkernels.cpu_capability()
+assert have == expected or (expected == "AVX2" and have == "DEFAULT"), have
+torch.manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    tol = dict(atol=1e-4, rtol=1e-4) if dt == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    x = torch.randn(5, 7, 9, 11).to(dt)
+    w = torch.randn(7).to(dt)
+    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.testing.assert_close(NF.group_norm(xi, 7, w, w).float(), F.group_norm(xi, 7, w, w).float(), **tol)
+        torch.testing.assert_close(NF.batch_norm(xi, None, None, w, w, True).float(), F.batch_norm(xi, None, None, w, w, True).float(), **tol)
+    torch.testing.assert_close(NF.layer_norm(x, (9, 11)).float(), F.layer_norm(x, (9, 11)).float(), **tol)
+    xg = x.float().requires_grad_()
+    torch.autograd.grad(NF.layer_norm(xg, (11,)).square().sum(), xg)
+print("ok")
+""".replace("CAP", repr(capability))
+    env = dict(os.environ, NORMKERNELS_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

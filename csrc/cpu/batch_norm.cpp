@@ -61,12 +61,12 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     // a channel's planes come from cache when they fit.
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        A sum = 0;
-        for (int64_t n = 0; n < s.N; ++n) sum += segment_sum(xp + (n * s.C + c) * s.HW, s.HW);
-        const A mu = count > 0 ? sum / static_cast<A>(count) : A(0);
-        A sq = 0;
-        for (int64_t n = 0; n < s.N; ++n) sq += segment_sq_dev(xp + (n * s.C + c) * s.HW, s.HW, mu);
-        const A v = count > 0 ? sq / static_cast<A>(count) : A(0);
+        VecSum<T> sum, sq;
+        for (int64_t n = 0; n < s.N; ++n) accumulate_sum(xp + (n * s.C + c) * s.HW, s.HW, sum);
+        const A mu = count > 0 ? sum.total() / static_cast<A>(count) : A(0);
+        for (int64_t n = 0; n < s.N; ++n)
+          accumulate_sq_dev(xp + (n * s.C + c) * s.HW, s.HW, mu, sq);
+        const A v = count > 0 ? sq.total() / static_cast<A>(count) : A(0);
         const A rs = A(1) / std::sqrt(v + a_eps);
         mean[c] = mu;
         var[c] = v;
@@ -165,15 +165,13 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   if (need_sums && !s.channels_last) {
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        A sg = 0, sd = 0;
+        VecSum<T> sg, sd;
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t off = (n * s.C + c) * s.HW;
-          const auto [g, d] = segment_grad_sums(gp + off, xp + off, s.HW, mean[c]);
-          sg += g;
-          sd += d;
+          accumulate_grad_sums(gp + off, xp + off, s.HW, mean[c], sg, sd);
         }
-        sum_dy[c] = sg;
-        sum_dy_xc[c] = sd;
+        sum_dy[c] = sg.total();
+        sum_dy_xc[c] = sd.total();
       }
     });
   } else if (need_sums) {

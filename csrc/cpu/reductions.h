@@ -57,6 +57,29 @@ struct Chunk {
       hi.store(p + V::size());
     }
   }
+  // The first n (0 < n < size) elements, the other lanes zero: masked loads, so short segments
+  // (a 7x7 plane is one chunk and a 17-element tail) stay vectorized.
+  static inline void load_first(const T* p, int64_t n, V& lo, V& hi) {
+    if constexpr (widened) {
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n));
+    } else {
+      lo = V::loadu(p, std::min<int64_t>(n, V::size()));
+      hi = n > V::size() ? V::loadu(p + V::size(), n - V::size()) : V(0);
+    }
+  }
+  static inline void store_first(T* p, int64_t n, const V& lo, const V& hi) {
+    if constexpr (widened) {
+      at::vec::convert_from_float<T>(lo, hi).store(p, n);
+    } else {
+      lo.store(p, std::min<int64_t>(n, V::size()));
+      if (n > V::size()) hi.store(p + V::size(), n - V::size());
+    }
+  }
+  // Zero every lane from the n-th on.
+  static inline void keep_first(int64_t n, V& lo, V& hi) {
+    lo = V::set(V(0), lo, std::min<int64_t>(n, V::size()));
+    hi = n > V::size() ? V::set(V(0), hi, n - V::size()) : V(0);
+  }
 };
 
 template <typename A>
@@ -70,45 +93,74 @@ inline A hsum(const Vectorized<A>& v) {
 
 // ---------------------------------------------------------------- contiguous segments
 
-// sum(p[0:n]) and sum((p[0:n] - shift)^2), in A.
+// Vector accumulators that several segments can add into before one horizontal sum (the
+// planes of one batch-norm channel are N short segments: a horizontal sum per plane would cost
+// more than the plane itself at 7x7).
 template <typename T>
-inline acc_t<T> segment_sum(const T* p, int64_t n) {
+struct VecSum {
+  using V = typename Chunk<T>::V;
+  V lo{0}, hi{0};
+  acc_t<T> total() const { return hsum(lo + hi); }
+};
+
+// lanes += p[0:n]
+template <typename T>
+inline void accumulate_sum(const T* p, int64_t n, VecSum<T>& acc) {
   using C = Chunk<T>;
   using V = typename C::V;
-  V s0(0), s1(0);
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V a, b;
     C::load(p + i, a, b);
-    s0 += a;
-    s1 += b;
+    acc.lo += a;
+    acc.hi += b;
   }
-  acc_t<T> s = hsum(s0 + s1);
-  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]);
-  return s;
+  if (i < n) {  // lanes past n load as zero
+    V a, b;
+    C::load_first(p + i, n - i, a, b);
+    acc.lo += a;
+    acc.hi += b;
+  }
 }
 
+// lanes += (p[0:n] - shift)^2
 template <typename T>
-inline acc_t<T> segment_sq_dev(const T* p, int64_t n, acc_t<T> shift) {
+inline void accumulate_sq_dev(const T* p, int64_t n, acc_t<T> shift, VecSum<T>& acc) {
   using C = Chunk<T>;
   using V = typename C::V;
   const V vshift(shift);
-  V s0(0), s1(0);
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V a, b;
     C::load(p + i, a, b);
     a = a - vshift;
     b = b - vshift;
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
+    acc.lo = at::vec::fmadd(a, a, acc.lo);
+    acc.hi = at::vec::fmadd(b, b, acc.hi);
   }
-  acc_t<T> s = hsum(s0 + s1);
-  for (; i < n; ++i) {
-    const acc_t<T> d = static_cast<acc_t<T>>(p[i]) - shift;
-    s += d * d;
+  if (i < n) {
+    V a, b;
+    C::load_first(p + i, n - i, a, b);
+    a = a - vshift;
+    b = b - vshift;
+    C::keep_first(n - i, a, b);
+    acc.lo = at::vec::fmadd(a, a, acc.lo);
+    acc.hi = at::vec::fmadd(b, b, acc.hi);
   }
-  return s;
+}
+
+template <typename T>
+inline acc_t<T> segment_sum(const T* p, int64_t n) {
+  VecSum<T> acc;
+  accumulate_sum(p, n, acc);
+  return acc.total();
+}
+
+template <typename T>
+inline acc_t<T> segment_sq_dev(const T* p, int64_t n, acc_t<T> shift) {
+  VecSum<T> acc;
+  accumulate_sq_dev(p, n, shift, acc);
+  return acc.total();
 }
 
 // y = (x - center) * scale + shift over a segment. Centering first (rather than folding the
@@ -126,8 +178,38 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
     C::load(x + i, a, b);
     C::store(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb));
   }
-  for (; i < n; ++i) {
-    y[i] = static_cast<T>((static_cast<acc_t<T>>(x[i]) - center) * scale + shift);
+  if (i < n) {
+    V a, b;
+    C::load_first(x + i, n - i, a, b);
+    C::store_first(y + i, n - i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb));
+  }
+}
+
+// lanes: sum_dy += dy, sum_dy_xc += dy * (x - shift), over a segment.
+template <typename T>
+inline void accumulate_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> shift,
+                                 VecSum<T>& sum_dy, VecSum<T>& sum_dy_xc) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  const V vshift(shift);
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V ga, gb, xa, xb;
+    C::load(dy + i, ga, gb);
+    C::load(x + i, xa, xb);
+    sum_dy.lo += ga;
+    sum_dy.hi += gb;
+    sum_dy_xc.lo = at::vec::fmadd(ga, xa - vshift, sum_dy_xc.lo);
+    sum_dy_xc.hi = at::vec::fmadd(gb, xb - vshift, sum_dy_xc.hi);
+  }
+  if (i < n) {  // dy's lanes past n load as zero, so no mask is needed
+    V ga, gb, xa, xb;
+    C::load_first(dy + i, n - i, ga, gb);
+    C::load_first(x + i, n - i, xa, xb);
+    sum_dy.lo += ga;
+    sum_dy.hi += gb;
+    sum_dy_xc.lo = at::vec::fmadd(ga, xa - vshift, sum_dy_xc.lo);
+    sum_dy_xc.hi = at::vec::fmadd(gb, xb - vshift, sum_dy_xc.hi);
   }
 }
 
@@ -135,27 +217,9 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
 template <typename T>
 inline std::pair<acc_t<T>, acc_t<T>> segment_grad_sums(const T* dy, const T* x, int64_t n,
                                                        acc_t<T> shift) {
-  using C = Chunk<T>;
-  using V = typename C::V;
-  const V vshift(shift);
-  V g0(0), g1(0), d0(0), d1(0);
-  int64_t i = 0;
-  for (; i + C::size <= n; i += C::size) {
-    V ga, gb, xa, xb;
-    C::load(dy + i, ga, gb);
-    C::load(x + i, xa, xb);
-    g0 += ga;
-    g1 += gb;
-    d0 = at::vec::fmadd(ga, xa - vshift, d0);
-    d1 = at::vec::fmadd(gb, xb - vshift, d1);
-  }
-  acc_t<T> sg = hsum(g0 + g1), sd = hsum(d0 + d1);
-  for (; i < n; ++i) {
-    const acc_t<T> g = static_cast<acc_t<T>>(dy[i]);
-    sg += g;
-    sd += g * (static_cast<acc_t<T>>(x[i]) - shift);
-  }
-  return {sg, sd};
+  VecSum<T> g, d;
+  accumulate_grad_sums(dy, x, n, shift, g, d);
+  return {g.total(), d.total()};
 }
 
 // dx = dy * k_dy + (x - center) * k_x + k_0 over a segment: the closed form of every norm's
@@ -174,9 +238,12 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
     C::store(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
              at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)));
   }
-  for (; i < n; ++i) {
-    dx[i] = static_cast<T>(static_cast<acc_t<T>>(dy[i]) * k_dy +
-                           (static_cast<acc_t<T>>(x[i]) - center) * k_x + k_0);
+  if (i < n) {
+    V ga, gb, xa, xb;
+    C::load_first(dy + i, n - i, ga, gb);
+    C::load_first(x + i, n - i, xa, xb);
+    C::store_first(dx + i, n - i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
+                   at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)));
   }
 }
 
