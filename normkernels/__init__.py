@@ -5,6 +5,8 @@
     normkernels.nn.LayerNorm(768)       # drop-in modules
     normkernels.functional.group_norm   # F.* signatures
     with normkernels.backend("cpp"): ...
+
+CPU tensors run the C++ kernels (csrc/), CUDA tensors the Triton kernels (normkernels/triton/).
 """
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 

@@ -117,3 +117,22 @@ def _batch_norm_bwd_fake(dy, x, mean, invstd, weight, train, output_mask):
     dw = _param_grad(x, weight, (x.shape[1],), output_mask[1] and weight is not None)
     db = _param_grad(x, weight, (x.shape[1],), output_mask[2])
     return dx, dw, db
+
+
+# ------------------------------------------------------------------------------ CUDA (Triton)
+
+
+def _register_cuda_kernels() -> None:
+    """The Triton launchers as the CUDA implementation of every op (when a GPU and Triton are
+    present; on CPU-only machines Triton is not even imported)."""
+    from .backend import triton_installed
+
+    if not (torch.cuda.is_available() and triton_installed()):
+        return
+    from . import triton as nk_triton
+
+    for name, fn in nk_triton.IMPLS.items():
+        torch.library.register_kernel(f"normkernels::{name}", "cuda", fn)
+
+
+_register_cuda_kernels()

@@ -10,6 +10,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 "$PY" -m pip install -q numpy pytest pytest-benchmark scikit-learn matplotlib setuptools wheel
+# Triton: the GPU kernels; without a GPU the tests run them under its interpreter.
+"$PY" -m pip install -q triton
 # --no-build-isolation: build against the installed torch, never a freshly downloaded one.
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -c "import normkernels; print('normkernels', normkernels.__version__, 'CPU kernels:', normkernels.cpu_capability())"

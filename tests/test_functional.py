@@ -69,7 +69,7 @@ def test_module_errors_match_torch():
         normkernels.nn.LayerNorm(8)(torch.randn(2, 7))
 
 
-def test_nan_stays_in_its_row_group_and_channel():
+def test_nan_stays_in_its_row_group_and_channel(backend_name):
     x = torch.randn(4, 6, 5)
     x[1, 2, 3] = float("nan")
     y = NF.layer_norm(x, (5,))
@@ -89,7 +89,7 @@ def test_nan_stays_in_its_row_group_and_channel():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_constant_input_gives_zeros(dtype):
+def test_constant_input_gives_zeros(dtype, backend_name):
     x = torch.full((3, 8, 4, 4), 3.7, dtype=dtype)
     for y in (
         NF.layer_norm(x, (4, 4)),
@@ -103,7 +103,7 @@ def test_constant_input_gives_zeros(dtype):
         assert y.float().abs().max() < 1e-2
 
 
-def test_mixed_dtype_params_like_torch():
+def test_mixed_dtype_params_like_torch(backend_name):
     # bf16 activations with fp32 parameters and running statistics (autocast-style models)
     x = torch.randn(4, 6, 5, 5).to(torch.bfloat16)
     w, b = torch.randn(6), torch.randn(6)
@@ -120,12 +120,12 @@ def test_mixed_dtype_params_like_torch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_rms_norm_default_eps_like_torch(dtype):
+def test_rms_norm_default_eps_like_torch(dtype, backend_name):
     x = (torch.randn(4, 16) * 1e-4).to(dtype)
     torch.testing.assert_close(NF.rms_norm(x, [16]), TF.rms_norm(x, [16]))
 
 
-def test_empty_batch_like_torch():
+def test_empty_batch_like_torch(backend_name):
     for fn in (
         lambda F, x: F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True),
         lambda F, x: F.group_norm(x, 3),
@@ -142,7 +142,7 @@ def test_empty_batch_like_torch():
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
-def test_one_element_per_group_and_long_rows():
+def test_one_element_per_group_and_long_rows(backend_name):
     x = torch.randn(2, 6, 1, 1)
     torch.testing.assert_close(NF.group_norm(x, 6), TF.group_norm(x, 6))  # zeros, one element
     x = torch.randn(3, 70001)  # a row far longer than one SIMD chunk, odd length

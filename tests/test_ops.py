@@ -57,27 +57,27 @@ def _d(shape, layout="contiguous"):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_gradcheck_layer_and_rms_norm(layout):
+def test_gradcheck_layer_and_rms_norm(layout, backend_name):
     _gc(lambda x, w, b: NF.layer_norm(x, (7,), w, b), _d((3, 4, 7), layout), _p(7, torch.float64), _p(7, torch.float64))
     _gc(lambda x, w: NF.rms_norm(x, [4, 7], w, 1e-5), _d((3, 4, 7), layout), _p((4, 7), torch.float64))
     _gc(lambda x: NF.layer_norm(x, (4, 7)), _d((3, 4, 7), layout))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_gradcheck_group_and_instance_norm(layout):
+def test_gradcheck_group_and_instance_norm(layout, backend_name):
     _gc(lambda x, w, b: NF.group_norm(x, 2, w, b), _d((2, 4, 3, 3), layout), _p(4, torch.float64), _p(4, torch.float64))
     _gc(lambda x, w, b: NF.instance_norm(x, weight=w, bias=b), _d((2, 4, 3, 3), layout), _p(4, torch.float64), _p(4, torch.float64))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_gradcheck_batch_norm(layout):
+def test_gradcheck_batch_norm(layout, backend_name):
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
     _gc(lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True), _d((3, 3, 2, 3), layout), _p(3, torch.float64), _p(3, torch.float64))
     _gc(lambda x, w, b: NF.batch_norm(x, rm, rv, w, b, training=False), _d((3, 3, 2, 3), layout), _p(3, torch.float64), _p(3, torch.float64))
     _gc(lambda x: NF.batch_norm(x, None, None, training=True), _d((5, 3)))
 
 
-def test_backward_computes_only_what_is_asked():
+def test_backward_computes_only_what_is_asked(backend_name):
     x = torch.randn(4, 8)
     _, mean, rstd = ops.layer_norm_fwd(x, 1, None, None, 1e-5, False)
     dx, dw, db = ops.layer_norm_bwd(torch.randn(4, 8), x, mean, rstd, torch.randn(8), 1, False, [True, False, False])
@@ -88,7 +88,7 @@ def test_backward_computes_only_what_is_asked():
     assert gw.shape == w.shape
 
 
-def test_statistics_are_fp32_for_half_inputs():
+def test_statistics_are_fp32_for_half_inputs(backend_name):
     y, mean, rstd = ops.layer_norm_fwd(torch.randn(3, 8, dtype=torch.bfloat16), 1, None, None, 1e-5, False)
     assert y.dtype == torch.bfloat16 and mean.dtype == rstd.dtype == torch.float32
     _, mean, invstd, var = ops.batch_norm_fwd(torch.randn(3, 2, dtype=torch.float64), None, None, 1e-5)

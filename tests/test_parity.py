@@ -25,7 +25,7 @@ def _incoming_grad(shape, step, dtype, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case,layout", all_case_params())
-def test_module_matches_torch(case, layout, dtype):
+def test_module_matches_torch(case, layout, dtype, backend_name):
     mods = triple(case, dtype)
     for mode in ("train", "eval"):
         for m in mods.values():

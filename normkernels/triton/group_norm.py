@@ -1,0 +1,145 @@
+"""Group norm (and instance norm: one channel per group), Triton, NCHW and channels_last.
+
+    forward : per-(n, group) Welford partials, each group split over several programs so that
+              small batches fill the GPU; a merge kernel (Chan, fixed order); then one
+              elementwise normalize in the input's own memory order.
+    backward: per-(n, channel) sums of dy and dy * (x - mean) (split over HW, partials summed in
+              a fixed order), per-group coefficients on [N, C]-sized tensors, then one
+              elementwise dx = dy * k_dy + (x - mean) * k_x + k_0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import heuristics as H
+from ._shape import walk
+from .common import channel_affine_kernel, channel_grad_sums_kernel, moments_merge_kernel
+from .launch import acc_dtype, count_launch, tl_acc
+
+
+@triton.jit
+def group_moments_partial_kernel(X, PCount, PMean, PM2, HW, G, D, sN, sC, sHW, k_per_split,
+                                 CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+                                 ACC: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    n = s // G
+    g = s % G
+    K = D * HW
+    k0 = split * k_per_split
+    k1 = tl.minimum(k0 + k_per_split, K)
+    count = tl.sum(tl.zeros([1], ACC), axis=0)
+    mean = tl.sum(tl.zeros([1], ACC), axis=0)
+    m2 = tl.sum(tl.zeros([1], ACC), axis=0)
+    for start in range(k0, k1, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        mask = k < k1
+        if CHANNELS_LAST:
+            hw = k // D
+            d = k % D
+        else:
+            d = k // HW
+            hw = k % HW
+        off = n * sN + (g * D + d).to(tl.int64) * sC + hw.to(tl.int64) * sHW
+        x = tl.load(X + off, mask=mask, other=0.0).to(ACC)
+        cnt = tl.sum(mask.to(ACC), axis=0)
+        bmean = tl.sum(x, axis=0) / cnt
+        dev = tl.where(mask, x - bmean, 0.0)
+        bm2 = tl.sum(dev * dev, axis=0)
+        total = count + cnt
+        delta = bmean - mean
+        mean = mean + delta * (cnt / total)
+        m2 = m2 + bm2 + delta * delta * (count * cnt / total)
+        count = total
+    out = s * nsplit + split
+    tl.store(PCount + out, count)
+    tl.store(PMean + out, mean)
+    tl.store(PM2 + out, m2)
+
+
+def _per_channel(stat: torch.Tensor, N: int, G: int, D: int) -> torch.Tensor:
+    """[N, G] -> [N, C] contiguous, each group's value repeated over its D channels."""
+    return stat.view(N, G, 1).expand(N, G, D).reshape(N, G * D).contiguous()
+
+
+def _affine(w, xc, y, center, k_x, k_0, k_dy=None, dy=None):
+    numel = xc.numel()
+    count_launch("channel_affine")
+    channel_affine_kernel[(triton.cdiv(numel, H.ELEMENTWISE_BLOCK),)](
+        xc, dy, y, center, k_x, k_0, k_dy, numel, w.C, w.HW, w.C if center.dim() == 2 else 0,
+        CHANNELS_LAST=w.channels_last, HAS_DY=dy is not None, BLOCK=H.ELEMENTWISE_BLOCK)
+
+
+def group_norm_fwd(x, num_groups, weight, bias, eps):
+    w = walk(x, rows_2d=False)
+    N, C, HW, G = w.N, w.C, w.HW, num_groups
+    D = C // G
+    sdt = acc_dtype(x)
+    y = w.empty()
+    S, K = N * G, D * HW
+    mean = torch.zeros((S,), dtype=sdt, device=x.device)
+    var = torch.zeros((S,), dtype=sdt, device=x.device)
+    rstd = torch.full((S,), 1.0 / (eps ** 0.5), dtype=sdt, device=x.device)
+    if S > 0 and K > 0:
+        splits = H.split_count(S, K, x.device)
+        k_per = triton.cdiv(K, splits)
+        splits = triton.cdiv(K, k_per)
+        parts = [torch.empty((S, splits), dtype=sdt, device=x.device) for _ in range(3)]
+        count_launch("group_moments_partial")
+        group_moments_partial_kernel[(S, splits)](
+            w.x, *parts, HW, G, D, w.sN, w.sC, w.sHW, k_per, CHANNELS_LAST=w.channels_last,
+            BLOCK=H.ELEMENTWISE_BLOCK, ACC=tl_acc(x))
+        count_launch("moments_merge")
+        moments_merge_kernel[(S,)](*parts, mean, var, rstd, splits, splits, 1, eps,
+                                   BLOCK_P=H.next_pow2(splits))
+        wt = weight.to(sdt) if weight is not None else torch.ones(C, dtype=sdt, device=x.device)
+        center = _per_channel(mean, N, G, D)
+        k_x = _per_channel(rstd, N, G, D) * wt
+        k_0 = (bias.to(sdt) if bias is not None else torch.zeros(C, dtype=sdt, device=x.device)).expand(N, C).contiguous()
+        _affine(w, w.x, y, center, k_x.contiguous(), k_0)
+    return y, mean.view(N, G), rstd.view(N, G)
+
+
+def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
+    w = walk(x, rows_2d=False)
+    N, C, HW, G = w.N, w.C, w.HW, num_groups
+    D = C // G
+    sdt = acc_dtype(x)
+    want_dx, want_dw, want_db = bool(output_mask[0]), bool(output_mask[1]) and weight is not None, bool(output_mask[2])
+    pdtype = weight.dtype if weight is not None else x.dtype
+    dyc = w.like(dy)
+    mean2, rstd2 = mean.reshape(N, G).to(sdt), rstd.reshape(N, G).to(sdt)
+    center = _per_channel(mean2, N, G, D)
+    sum_dy = torch.zeros((N, C), dtype=sdt, device=x.device)
+    sum_dyx = torch.zeros((N, C), dtype=sdt, device=x.device)
+    if N * C > 0 and HW > 0:
+        block_c, block_k = H.tile_2d(C, w.channels_last)
+        splits = H.split_count(N * triton.cdiv(C, block_c), HW, x.device, min_elems=block_k)
+        hw_per = triton.cdiv(HW, splits)
+        splits = triton.cdiv(HW, hw_per)
+        p_dy = torch.empty((splits, N, C), dtype=sdt, device=x.device)
+        p_dyx = torch.empty((splits, N, C), dtype=sdt, device=x.device)
+        count_launch("channel_grad_sums")
+        channel_grad_sums_kernel[(N, triton.cdiv(C, block_c), splits)](
+            dyc, w.x, center, p_dy, p_dyx, C, HW, w.sN, w.sC, w.sHW, hw_per, C,
+            BLOCK_C=block_c, BLOCK_K=block_k)
+        sum_dy, sum_dyx = p_dy.sum(0), p_dyx.sum(0)
+    rstd_c = _per_channel(rstd2, N, G, D)
+    dwt = (sum_dyx * rstd_c).sum(0).to(pdtype) if want_dw else x.new_empty((0,))
+    dbs = sum_dy.sum(0).to(pdtype) if want_db else x.new_empty((0,))
+    if not want_dx:
+        return x.new_empty((0,)), dwt, dbs
+    dx = w.empty()
+    if x.numel() > 0:
+        wt = weight.to(sdt) if weight is not None else torch.ones(C, dtype=sdt, device=x.device)
+        inv_count = 1.0 / (D * HW)
+        mean_g = (sum_dy * wt).view(N, G, D).sum(-1) * inv_count  # mean of g = dy * w
+        mean_gxhat = (sum_dyx * wt).view(N, G, D).sum(-1) * rstd2 * inv_count
+        k_dy = (rstd_c * wt).contiguous()
+        k_x = _per_channel(-rstd2 * rstd2 * mean_gxhat, N, G, D)
+        k_0 = _per_channel(-rstd2 * mean_g, N, G, D)
+        _affine(w, w.x, dx, center, k_x, k_0, k_dy, dyc)
+    return dx, dwt, dbs

@@ -1,0 +1,218 @@
+"""Layer norm and RMS norm, Triton: forward and backward for rows of any length.
+
+    forward : one program per row; a row up to MAX_ROW_BLOCK elements lives in registers (one
+              read), a longer row loops over blocks (two-pass statistics, then normalize).
+    backward: each program owns a contiguous run of rows: dx row by row, dweight/dbias
+              accumulated in fp32 into the program's own row of partials (no atomics), then
+              summed over programs in a fixed order (bitwise reproducible).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import heuristics as H
+from .common import sum_parts_kernel
+from .launch import acc_dtype, count_launch, tl_acc
+
+
+@triton.jit
+def _zero_scalar(ACC: tl.constexpr):
+    return tl.sum(tl.zeros([1], ACC), axis=0)
+
+
+@triton.jit
+def layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, N, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                          HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+                          ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * N
+    y_row = Y + row * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        if RMS:
+            mean = _zero_scalar(ACC)
+        else:
+            mean = tl.sum(x, axis=0) / N
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        y = d * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+        tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        mean = _zero_scalar(ACC)
+        if not RMS:
+            acc = tl.zeros([BLOCK_N], ACC)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                acc += tl.load(x_row + cols, mask=cols < N, other=0.0).to(ACC)
+            mean = tl.sum(acc, axis=0) / N
+        acc2 = tl.zeros([BLOCK_N], ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            d = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(ACC) - mean, 0.0)
+            acc2 += d * d
+        rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            y = (tl.load(x_row + cols, mask=mask, other=0.0).to(ACC) - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_B:
+                y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+            tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+    if not RMS:
+        tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DWPart, DBPart, M, N, rows_per_program,
+                          RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DX: tl.constexpr,
+                          HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SINGLE: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row0 = pid * rows_per_program
+    row1 = tl.minimum(row0 + rows_per_program, M)
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        dw_acc = tl.zeros([BLOCK_N], ACC)
+        db_acc = tl.zeros([BLOCK_N], ACC)
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        for row in range(row0, row1):
+            x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(ACC)
+            rstd = tl.load(Rstd + row)
+            if RMS:
+                xhat = x * rstd
+            else:
+                xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+            if HAS_W:
+                g = dy * w
+            else:
+                g = dy
+            if HAS_DX:
+                c1 = tl.sum(g * xhat, axis=0) / N
+                if RMS:
+                    dx = (g - xhat * c1) * rstd
+                else:
+                    dx = (g - xhat * c1 - tl.sum(g, axis=0) / N) * rstd
+                tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
+            db_acc += dy
+        if HAS_DW:
+            tl.store(DWPart + pid * N + cols, dw_acc, mask=mask)
+        if HAS_DB:
+            tl.store(DBPart + pid * N + cols, db_acc, mask=mask)
+    else:
+        for row in range(row0, row1):
+            rstd = tl.load(Rstd + row)
+            mean = _zero_scalar(ACC)
+            if not RMS:
+                mean = tl.load(Mean + row)
+            s_gx = tl.zeros([BLOCK_N], ACC)
+            s_g = tl.zeros([BLOCK_N], ACC)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(ACC)
+                dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(ACC)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                g = dy
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                s_gx += g * xhat
+                s_g += g
+                if HAS_DW:
+                    p = DWPart + pid * N + cols
+                    tl.store(p, tl.load(p, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                if HAS_DB:
+                    p = DBPart + pid * N + cols
+                    tl.store(p, tl.load(p, mask=mask, other=0.0) + dy, mask=mask)
+            if HAS_DX:
+                c1 = tl.sum(s_gx, axis=0) / N
+                c2 = tl.sum(s_g, axis=0) / N
+                for start in range(0, N, BLOCK_N):
+                    cols = start + tl.arange(0, BLOCK_N)
+                    mask = cols < N
+                    x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(ACC)
+                    dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(ACC)
+                    xhat = (x - mean) * rstd
+                    g = dy
+                    if HAS_W:
+                        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                    if RMS:
+                        dx = (g - xhat * c1) * rstd
+                    else:
+                        dx = (g - xhat * c1 - c2) * rstd
+                    tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor, normalized_ndim: int):
+    n = 1
+    for d in x.shape[x.dim() - normalized_ndim:]:
+        n *= d
+    return (x.numel() // n if n else 0), n
+
+
+def layer_norm_fwd(x, normalized_ndim, weight, bias, eps, rms):
+    xc = x.contiguous()
+    M, N = _rows(x, normalized_ndim)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    sdt = acc_dtype(x)
+    mean = torch.empty((0,) if rms else (M,), dtype=sdt, device=x.device)
+    rstd = torch.empty((M,), dtype=sdt, device=x.device)
+    if M > 0 and N > 0:
+        block = H.row_block(N)
+        w = weight.contiguous() if weight is not None else None
+        b = bias.contiguous() if bias is not None else None
+        count_launch("layer_norm_fwd")
+        layer_norm_fwd_kernel[(M,)](
+            xc, y, w, b, mean if not rms else rstd, rstd, N, eps, RMS=rms, HAS_W=w is not None,
+            HAS_B=b is not None, BLOCK_N=block, SINGLE=N <= block, ACC=tl_acc(x),
+            num_warps=H.row_warps(block))
+    return y, mean, rstd
+
+
+def layer_norm_bwd(dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask):
+    xc, dyc = x.contiguous(), dy.contiguous()
+    M, N = _rows(x, normalized_ndim)
+    pshape = x.shape[x.dim() - normalized_ndim:]
+    sdt = acc_dtype(x)
+    want_dx = bool(output_mask[0])
+    want_dw = bool(output_mask[1]) and weight is not None
+    want_db = bool(output_mask[2])
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else x.new_empty((0,))
+    P = H.programs_for_rows(M, x.device)
+    block = H.row_block(N)
+    dw_part = torch.zeros((P, N), dtype=sdt, device=x.device) if want_dw else None
+    db_part = torch.zeros((P, N), dtype=sdt, device=x.device) if want_db else None
+    if M > 0 and N > 0 and (want_dx or want_dw or want_db):
+        count_launch("layer_norm_bwd")
+        layer_norm_bwd_kernel[(P,)](
+            dyc, xc, weight.contiguous() if weight is not None else None,
+            mean if not rms else rstd, rstd, dx if want_dx else None, dw_part, db_part, M, N,
+            triton.cdiv(M, P), RMS=rms, HAS_W=weight is not None, HAS_DX=want_dx,
+            HAS_DW=want_dw, HAS_DB=want_db, BLOCK_N=block, SINGLE=N <= block, ACC=tl_acc(x),
+            num_warps=H.row_warps(block))
+    pdtype = weight.dtype if weight is not None else x.dtype
+
+    def reduce(part):
+        out = torch.empty((N,), dtype=pdtype, device=x.device)
+        count_launch("sum_parts")
+        sum_parts_kernel[(triton.cdiv(N, H.ELEMENTWISE_BLOCK),)](part, out, P, N, BLOCK=H.ELEMENTWISE_BLOCK)
+        return out.view(pshape)
+
+    dw = reduce(dw_part) if want_dw else x.new_empty((0,))
+    db = reduce(db_part) if want_db else x.new_empty((0,))
+    return dx, dw, db

@@ -1,0 +1,113 @@
+"""The Triton backend: its kernels really run (launch check), rows longer than one block,
+deterministic results, launch heuristics, and — on a CUDA machine — the kernels on the GPU."""
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normkernels
+import normkernels.functional as NF
+from samples import make_input
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None
+    or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton with a GPU or TRITON_INTERPRET=1",
+)
+
+
+def test_triton_kernels_actually_run():
+    from normkernels.triton import LAUNCHES
+
+    before = dict(LAUNCHES)
+    model = normkernels.convert(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.GroupNorm(2, 8),
+        torch.nn.Flatten(), torch.nn.LayerNorm(8 * 6 * 6)))
+    x = torch.randn(2, 3, 8, 8)
+    with normkernels.backend("triton"):
+        model(x).sum().backward()
+        model.eval()
+        model(x)
+    ran = {k for k, v in LAUNCHES.items() if v > before.get(k, 0)}
+    assert {"layer_norm_fwd", "layer_norm_bwd", "group_moments_partial", "batch_moments_partial",
+            "moments_merge", "channel_affine", "channel_grad_sums", "sum_parts"} <= ran, ran
+    # and outside the block the C++ kernels run again: no Triton launch
+    snapshot = dict(LAUNCHES)
+    model(x)
+    assert dict(LAUNCHES) == snapshot
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_rows_longer_than_one_block(rms):
+    from normkernels.triton.heuristics import MAX_ROW_BLOCK
+
+    n = MAX_ROW_BLOCK * 2 + 37
+    x = (torch.randn(3, n) * 3 + 1).requires_grad_()
+    w = torch.randn(n, requires_grad=True)
+    dy = torch.randn(3, n)
+    with normkernels.backend("triton"):
+        y = NF.rms_norm(x, [n], w, 1e-5) if rms else NF.layer_norm(x, (n,), w)
+        gx, gw = torch.autograd.grad(y, (x, w), dy)
+    ref = TF.rms_norm(x, [n], w, 1e-5) if rms else TF.layer_norm(x, (n,), w)
+    rx, rw = torch.autograd.grad(ref, (x, w), dy)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-4)
+
+
+def test_results_are_bitwise_reproducible():
+    x = make_input((4, 16, 6, 5), "channels_last", torch.float32).requires_grad_()
+    w = torch.randn(16, requires_grad=True)
+    dy = torch.randn(4, 16, 6, 5)
+    runs = []
+    with normkernels.backend("triton"):
+        for _ in range(2):
+            y = NF.group_norm(x, 4, w, w) + NF.batch_norm(x, None, None, w, w, True)
+            runs.append((y,) + torch.autograd.grad(y, (x, w), dy))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_heuristics():
+    from normkernels.triton import heuristics as H
+
+    assert [H.next_pow2(n) for n in (0, 1, 2, 3, 768, 1024, 1025)] == [1, 1, 2, 4, 1024, 1024, 2048]
+    assert H.row_block(768) == 1024 and H.row_block(10**6) == H.MAX_ROW_BLOCK
+    assert 1 <= H.row_warps(32) <= H.row_warps(1024) <= H.row_warps(8192) <= 16
+    cpu = torch.device("cpu")
+    # few statistics of many elements are split; many statistics are not
+    assert H.split_count(2, 1 << 20, cpu) > 1
+    assert H.split_count(10_000, 1 << 20, cpu) == 1
+    assert H.split_count(2, 100, cpu) == 1  # never splits below min_elems per program
+    assert H.programs_for_rows(3, cpu) == 3
+    bc, bk = H.tile_2d(320, channels_last=True)
+    assert bc == 64 and bc * bk >= 2048
+    assert H.tile_2d(320, channels_last=False)[0] <= 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_modules_match_torch(dtype):
+    """The same comparison as test_parity, on the GPU (Triton kernels compiled for real)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.GroupNorm(32, 64),
+        torch.nn.InstanceNorm2d(64, affine=True), torch.nn.Flatten(2), torch.nn.LayerNorm(32 * 32),
+        torch.nn.RMSNorm(32 * 32)).cuda().to(dtype)
+    import copy
+
+    ours = normkernels.convert(copy.deepcopy(model))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(8, 3, 32, 32, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+        y_ref, y = model(x), ours(x)
+        tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
+        torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+        y.float().square().mean().backward()
+        y_ref.float().square().mean().backward()
+        for p, q in zip(ours.parameters(), model.parameters()):
+            torch.testing.assert_close(p.grad.float(), q.grad.float(), **tol)
+            p.grad = q.grad = None
+    compiled = torch.compile(ours, fullgraph=True)
+    compiled(x).float().sum().backward()
