@@ -3,7 +3,7 @@ installed (absent peers are skipped with a note)."""
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as TF

@@ -83,13 +83,18 @@ def _group_norm_fwd_fake(x, num_groups, weight, bias, eps):
     )
 
 
-@torch.library.register_fake("normkernels::group_norm_bwd")
-def _group_norm_bwd_fake(dy, x, mean, rstd, weight, num_groups, output_mask):
-    fmt = walk_format(x, rows_2d=False)
+def _channel_grads_fake(x, weight, output_mask, rows_2d):
+    """(dx, dweight, dbias) of the group and batch norm backward ops."""
+    fmt = walk_format(x, rows_2d=rows_2d)
     dx = torch.empty_like(x, memory_format=fmt) if output_mask[0] else _not_requested(x)
     dw = _param_grad(x, weight, (x.shape[1],), output_mask[1] and weight is not None)
     db = _param_grad(x, weight, (x.shape[1],), output_mask[2])
     return dx, dw, db
+
+
+@torch.library.register_fake("normkernels::group_norm_bwd")
+def _group_norm_bwd_fake(dy, x, mean, rstd, weight, num_groups, output_mask):
+    return _channel_grads_fake(x, weight, output_mask, rows_2d=False)
 
 
 @torch.library.register_fake("normkernels::batch_norm_fwd")
@@ -112,11 +117,7 @@ def _batch_norm_infer_fake(x, mean, var, weight, bias, eps):
 
 @torch.library.register_fake("normkernels::batch_norm_bwd")
 def _batch_norm_bwd_fake(dy, x, mean, invstd, weight, train, output_mask):
-    fmt = walk_format(x, rows_2d=True)
-    dx = torch.empty_like(x, memory_format=fmt) if output_mask[0] else _not_requested(x)
-    dw = _param_grad(x, weight, (x.shape[1],), output_mask[1] and weight is not None)
-    db = _param_grad(x, weight, (x.shape[1],), output_mask[2])
-    return dx, dw, db
+    return _channel_grads_fake(x, weight, output_mask, rows_2d=True)
 
 
 # ------------------------------------------------------------------------------ CUDA (Triton)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import heuristics as H
 from ._shape import walk
-from .common import channel_affine_kernel, channel_grad_sums_kernel, moments_merge_kernel
+from .common import channel_affine, channel_grad_sums, grad_mask, moments_merge_kernel
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -55,16 +55,6 @@ def batch_moments_partial_kernel(X, PCount, PMean, PM2, C, HW, R, sN, sC, sHW, r
     tl.store(PM2 + out, m2, mask=cmask)
 
 
-def _affine(w, y, center, k_x, k_0, k_dy=None, dy=None):
-    numel = w.x.numel()
-    if numel == 0:
-        return
-    count_launch("channel_affine")
-    channel_affine_kernel[(triton.cdiv(numel, H.ELEMENTWISE_BLOCK),)](
-        w.x, dy, y, center, k_x, k_0, k_dy, numel, w.C, w.HW, 0,
-        CHANNELS_LAST=w.channels_last, HAS_DY=dy is not None, BLOCK=H.ELEMENTWISE_BLOCK)
-
-
 def _params(weight, bias, C, sdt, device):
     wt = weight.to(sdt).contiguous() if weight is not None else torch.ones(C, dtype=sdt, device=device)
     bs = bias.to(sdt).contiguous() if bias is not None else torch.zeros(C, dtype=sdt, device=device)
@@ -95,7 +85,7 @@ def batch_norm_fwd(x, weight, bias, eps):
         moments_merge_kernel[(C,)](*parts, mean, var, invstd, splits, 1, C, eps,
                                    BLOCK_P=H.next_pow2(splits))
         wt, bs = _params(weight, bias, C, sdt, x.device)
-        _affine(w, y, mean, invstd * wt, bs)
+        channel_affine(w, y, mean, invstd * wt, bs)
     return y, mean, invstd, var
 
 
@@ -105,7 +95,7 @@ def batch_norm_infer(x, mean, var, weight, bias, eps):
     y = w.empty()
     wt, bs = _params(weight, bias, w.C, sdt, x.device)
     invstd = torch.rsqrt(var.to(sdt) + eps)
-    _affine(w, y, mean.to(sdt).contiguous(), (invstd * wt).contiguous(), bs)
+    channel_affine(w, y, mean.to(sdt).contiguous(), (invstd * wt).contiguous(), bs)
     return y
 
 
@@ -113,25 +103,16 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, train, output_mask):
     w = walk(x, rows_2d=True)
     N, C, HW = w.N, w.C, w.HW
     sdt = acc_dtype(x)
-    want_dx, want_dw, want_db = bool(output_mask[0]), bool(output_mask[1]) and weight is not None, bool(output_mask[2])
+    want_dx, want_dw, want_db = grad_mask(output_mask, weight)
     pdtype = weight.dtype if weight is not None else x.dtype
     dyc = w.like(dy)
     mean, invstd = mean.to(sdt).contiguous(), invstd.to(sdt).contiguous()
     count = N * HW
     sum_dy = torch.zeros((C,), dtype=sdt, device=x.device)
     sum_dyx = torch.zeros((C,), dtype=sdt, device=x.device)
-    if (train or want_dw or want_db) and count > 0 and C > 0:
-        block_c, block_k = H.tile_2d(C, w.channels_last)
-        splits = H.split_count(N * triton.cdiv(C, block_c), HW, x.device, min_elems=block_k)
-        hw_per = triton.cdiv(HW, splits)
-        splits = triton.cdiv(HW, hw_per)
-        p_dy = torch.empty((splits, N, C), dtype=sdt, device=x.device)
-        p_dyx = torch.empty((splits, N, C), dtype=sdt, device=x.device)
-        count_launch("channel_grad_sums")
-        channel_grad_sums_kernel[(N, triton.cdiv(C, block_c), splits)](
-            dyc, w.x, mean, p_dy, p_dyx, C, HW, w.sN, w.sC, w.sHW, hw_per, 0,
-            BLOCK_C=block_c, BLOCK_K=block_k)
-        sum_dy, sum_dyx = p_dy.sum((0, 1)), p_dyx.sum((0, 1))
+    if train or want_dw or want_db:  # inference dx alone needs no reduction
+        per_sample_dy, per_sample_dyx = channel_grad_sums(w, dyc, mean, sdt)
+        sum_dy, sum_dyx = per_sample_dy.sum(0), per_sample_dyx.sum(0)
     dwt = (sum_dyx * invstd).to(pdtype) if want_dw else x.new_empty((0,))
     dbs = sum_dy.to(pdtype) if want_db else x.new_empty((0,))
     if not want_dx:
@@ -145,5 +126,5 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, train, output_mask):
     else:
         k_x = torch.zeros_like(k_dy)
         k_0 = torch.zeros_like(k_dy)
-    _affine(w, dx, mean, k_x.contiguous(), k_0.contiguous(), k_dy.contiguous(), dyc)
+    channel_affine(w, dx, mean, k_x.contiguous(), k_0.contiguous(), k_dy.contiguous(), dyc)
     return dx, dwt, dbs

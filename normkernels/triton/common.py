@@ -9,8 +9,12 @@
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from . import heuristics as H
+from .launch import count_launch
 
 
 @triton.jit
@@ -95,3 +99,44 @@ def sum_parts_kernel(Parts, Out, num_parts, n, BLOCK: tl.constexpr):
     for p in range(1, num_parts):
         acc += tl.load(Parts + p * n + cols, mask=mask, other=0.0)
     tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------ launchers
+
+
+def channel_affine(w, out, center, k_x, k_0, k_dy=None, dy=None) -> None:
+    """out = (x - center) * k_x + k_0 (+ dy * k_dy) over the walked tensor w.x; coefficients
+    are [N, C] (per sample and channel) or [C] (shared by every sample), contiguous."""
+    numel = w.x.numel()
+    if numel == 0:
+        return
+    count_launch("channel_affine")
+    channel_affine_kernel[(triton.cdiv(numel, H.ELEMENTWISE_BLOCK),)](
+        w.x, dy, out, center, k_x, k_0, k_dy, numel, w.C, w.HW, w.C if center.dim() == 2 else 0,
+        CHANNELS_LAST=w.channels_last, HAS_DY=dy is not None, BLOCK=H.ELEMENTWISE_BLOCK)
+
+
+def channel_grad_sums(w, dy, center, dtype):
+    """Per-(n, c) sum(dy) and sum(dy * (x - center)) as two [N, C] tensors; center is [N, C]
+    or [C]. HW is split over programs when N * C alone would not fill the GPU; the split
+    partials are summed in a fixed order."""
+    N, C, HW = w.N, w.C, w.HW
+    if N * C == 0 or HW == 0:
+        zeros = torch.zeros((N, C), dtype=dtype, device=w.x.device)
+        return zeros, zeros.clone()
+    block_c, block_k = H.tile_2d(C, w.channels_last)
+    splits = H.split_count(N * triton.cdiv(C, block_c), HW, w.x.device, min_elems=block_k)
+    hw_per = triton.cdiv(HW, splits)
+    splits = triton.cdiv(HW, hw_per)
+    p_dy = torch.empty((splits, N, C), dtype=dtype, device=w.x.device)
+    p_dyx = torch.empty((splits, N, C), dtype=dtype, device=w.x.device)
+    count_launch("channel_grad_sums")
+    channel_grad_sums_kernel[(N, triton.cdiv(C, block_c), splits)](
+        dy, w.x, center, p_dy, p_dyx, C, HW, w.sN, w.sC, w.sHW, hw_per,
+        C if center.dim() == 2 else 0, BLOCK_C=block_c, BLOCK_K=block_k)
+    return p_dy.sum(0), p_dyx.sum(0)
+
+
+def grad_mask(output_mask, weight):
+    """(want dx, want dweight, want dbias) from a backward op's output mask."""
+    return bool(output_mask[0]), bool(output_mask[1]) and weight is not None, bool(output_mask[2])

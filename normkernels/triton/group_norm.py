@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import heuristics as H
 from ._shape import walk
-from .common import channel_affine_kernel, channel_grad_sums_kernel, moments_merge_kernel
+from .common import channel_affine, channel_grad_sums, grad_mask, moments_merge_kernel
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -65,14 +65,6 @@ def _per_channel(stat: torch.Tensor, N: int, G: int, D: int) -> torch.Tensor:
     return stat.view(N, G, 1).expand(N, G, D).reshape(N, G * D).contiguous()
 
 
-def _affine(w, xc, y, center, k_x, k_0, k_dy=None, dy=None):
-    numel = xc.numel()
-    count_launch("channel_affine")
-    channel_affine_kernel[(triton.cdiv(numel, H.ELEMENTWISE_BLOCK),)](
-        xc, dy, y, center, k_x, k_0, k_dy, numel, w.C, w.HW, w.C if center.dim() == 2 else 0,
-        CHANNELS_LAST=w.channels_last, HAS_DY=dy is not None, BLOCK=H.ELEMENTWISE_BLOCK)
-
-
 def group_norm_fwd(x, num_groups, weight, bias, eps):
     w = walk(x, rows_2d=False)
     N, C, HW, G = w.N, w.C, w.HW, num_groups
@@ -99,7 +91,7 @@ def group_norm_fwd(x, num_groups, weight, bias, eps):
         center = _per_channel(mean, N, G, D)
         k_x = _per_channel(rstd, N, G, D) * wt
         k_0 = (bias.to(sdt) if bias is not None else torch.zeros(C, dtype=sdt, device=x.device)).expand(N, C).contiguous()
-        _affine(w, w.x, y, center, k_x.contiguous(), k_0)
+        channel_affine(w, y, center, k_x.contiguous(), k_0)
     return y, mean.view(N, G), rstd.view(N, G)
 
 
@@ -108,25 +100,12 @@ def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
     N, C, HW, G = w.N, w.C, w.HW, num_groups
     D = C // G
     sdt = acc_dtype(x)
-    want_dx, want_dw, want_db = bool(output_mask[0]), bool(output_mask[1]) and weight is not None, bool(output_mask[2])
+    want_dx, want_dw, want_db = grad_mask(output_mask, weight)
     pdtype = weight.dtype if weight is not None else x.dtype
     dyc = w.like(dy)
     mean2, rstd2 = mean.reshape(N, G).to(sdt), rstd.reshape(N, G).to(sdt)
     center = _per_channel(mean2, N, G, D)
-    sum_dy = torch.zeros((N, C), dtype=sdt, device=x.device)
-    sum_dyx = torch.zeros((N, C), dtype=sdt, device=x.device)
-    if N * C > 0 and HW > 0:
-        block_c, block_k = H.tile_2d(C, w.channels_last)
-        splits = H.split_count(N * triton.cdiv(C, block_c), HW, x.device, min_elems=block_k)
-        hw_per = triton.cdiv(HW, splits)
-        splits = triton.cdiv(HW, hw_per)
-        p_dy = torch.empty((splits, N, C), dtype=sdt, device=x.device)
-        p_dyx = torch.empty((splits, N, C), dtype=sdt, device=x.device)
-        count_launch("channel_grad_sums")
-        channel_grad_sums_kernel[(N, triton.cdiv(C, block_c), splits)](
-            dyc, w.x, center, p_dy, p_dyx, C, HW, w.sN, w.sC, w.sHW, hw_per, C,
-            BLOCK_C=block_c, BLOCK_K=block_k)
-        sum_dy, sum_dyx = p_dy.sum(0), p_dyx.sum(0)
+    sum_dy, sum_dyx = channel_grad_sums(w, dyc, center, sdt)
     rstd_c = _per_channel(rstd2, N, G, D)
     dwt = (sum_dyx * rstd_c).sum(0).to(pdtype) if want_dw else x.new_empty((0,))
     dbs = sum_dy.sum(0).to(pdtype) if want_db else x.new_empty((0,))
@@ -141,5 +120,5 @@ def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
         k_dy = (rstd_c * wt).contiguous()
         k_x = _per_channel(-rstd2 * rstd2 * mean_gxhat, N, G, D)
         k_0 = _per_channel(-rstd2 * mean_g, N, G, D)
-        _affine(w, w.x, dx, center, k_x, k_0, k_dy, dyc)
+        channel_affine(w, dx, center, k_x, k_0, k_dy, dyc)
     return dx, dwt, dbs
