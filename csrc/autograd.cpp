@@ -6,7 +6,10 @@
 // (AOTAutograd runs them on fake tensors), and opcheck sees them registered.
 //
 // Each forward's backward is our own backward op; mean/rstd (and var) outputs are
-// non-differentiable. Double backward is not supported (the backward ops have no autograd).
+// non-differentiable. Double backward (a backward run with create_graph=True, as in gradient
+// penalties) recomputes the forward from elementary differentiable ATen ops (mean, var,
+// rsqrt; never an ATen norm op) and differentiates that, so higher-order gradients are exact;
+// first-order backward always runs our kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -41,6 +44,52 @@ std::pair<bool, bool> param_needs(AutogradContext* ctx, size_t first, bool has_w
 
 Tensor if_(bool wanted, const Tensor& t) { return wanted ? t : Tensor(); }
 
+// Gradients of `y = forward(x, w, b)` for the inputs the mask asks for, as a differentiable
+// graph: used when the backward itself is being recorded (create_graph=True).
+template <typename Forward>
+std::array<Tensor, 3> differentiable_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                           const Tensor& b, const Mask& mask, Forward forward) {
+  const std::array<Tensor, 3> inputs{x, w, b};
+  std::vector<Tensor> wrt;
+  for (int i = 0; i < 3; ++i)
+    if (mask[i] && inputs[i].defined()) wrt.push_back(inputs[i]);
+  std::array<Tensor, 3> out;
+  if (wrt.empty()) return out;
+  const Tensor y = forward(x, w, b);
+  const auto grads = torch::autograd::grad({y}, wrt, {dy}, /*retain_graph=*/true,
+                                           /*create_graph=*/true, /*allow_unused=*/true);
+  size_t k = 0;
+  for (int i = 0; i < 3; ++i)
+    if (mask[i] && inputs[i].defined()) out[i] = grads[k++];
+  return out;
+}
+
+Tensor affine(Tensor y, const Tensor& w, const Tensor& b) {
+  if (w.defined()) y = y * w;
+  if (b.defined()) y = y + b;
+  return y;
+}
+
+// Biased variance and its reciprocal square root over `dims`, from elementary ops.
+std::pair<Tensor, Tensor> centered_rstd(const Tensor& x, at::IntArrayRef dims, double eps,
+                                        bool center) {
+  const Tensor xc = center ? x - x.mean(dims, /*keepdim=*/true) : x;
+  return {xc, (xc.pow(2).mean(dims, /*keepdim=*/true) + eps).rsqrt()};
+}
+
+std::vector<int64_t> channel_dims(const Tensor& x) {  // every dim but the channel dim 1
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+Tensor channel_view(const Tensor& p, const Tensor& x) {  // [C] -> [1, C, 1, ...]
+  if (!p.defined()) return p;
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = x.size(1);
+  return p.view(shape);
+}
+
 // True when this call records no graph: then the kernels below call the op directly, skipping
 // the autograd node and its saved state (the inference fast path, ~1.5 us a call).
 bool no_graph(std::initializer_list<const Tensor*> ts, std::initializer_list<const Opt*> opts) {
@@ -62,9 +111,10 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
         "normkernels::layer_norm_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = fwd.call(x, ndim, w, b, eps, rms);
-    ctx->save_for_backward({x, value(w), mean, rstd});
+    ctx->save_for_backward({x, value(w), mean, rstd, value(b)});
     ctx->saved_data["ndim"] = ndim;
     ctx->saved_data["rms"] = rms;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_b"] = b.has_value() && b->defined();
     ctx->mark_non_differentiable({mean, rstd});
     return {y, mean, rstd};
@@ -77,9 +127,20 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
-    auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], s[3], opt(s[1]),
-                                 ctx->saved_data["ndim"].toInt(), ctx->saved_data["rms"].toBool(),
-                                 mask);
+    const int64_t ndim = ctx->saved_data["ndim"].toInt();
+    const bool rms = ctx->saved_data["rms"].toBool();
+    if (at::GradMode::is_enabled()) {
+      const double eps = ctx->saved_data["eps"].toDouble();
+      std::vector<int64_t> dims;
+      for (int64_t d = s[0].dim() - ndim; d < s[0].dim(); ++d) dims.push_back(d);
+      auto g = differentiable_grads(grads[0], s[0], s[1], s[4], mask,
+                                    [&](const Tensor& x, const Tensor& w, const Tensor& b) {
+                                      auto [xc, rstd] = centered_rstd(x, dims, eps, !rms);
+                                      return affine(xc * rstd, w, b);
+                                    });
+      return {g[0], Tensor(), g[1], g[2], Tensor(), Tensor()};
+    }
+    auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], s[3], opt(s[1]), ndim, rms, mask);
     return {if_(mask[0], dx), Tensor(), if_(mask[1], dw), if_(mask[2], db), Tensor(), Tensor()};
   }
 };
@@ -106,8 +167,9 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
         "normkernels::group_norm_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = fwd.call(x, groups, w, b, eps);
-    ctx->save_for_backward({x, value(w), mean, rstd});
+    ctx->save_for_backward({x, value(w), mean, rstd, value(b)});
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_b"] = b.has_value() && b->defined();
     ctx->mark_non_differentiable({mean, rstd});
     return {y, mean, rstd};
@@ -119,8 +181,19 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
-    auto [dx, dw, db] =
-        bwd.call(grads[0], s[0], s[2], s[3], opt(s[1]), ctx->saved_data["groups"].toInt(), mask);
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    if (at::GradMode::is_enabled()) {
+      const double eps = ctx->saved_data["eps"].toDouble();
+      auto g = differentiable_grads(grads[0], s[0], s[1], s[4], mask,
+                                    [&](const Tensor& x, const Tensor& w, const Tensor& b) {
+                                      const Tensor xg = x.reshape({x.size(0), groups, -1});
+                                      auto [xc, rstd] = centered_rstd(xg, {2}, eps, true);
+                                      return affine((xc * rstd).view(x.sizes()),
+                                                    channel_view(w, x), channel_view(b, x));
+                                    });
+      return {g[0], Tensor(), g[1], g[2], Tensor()};
+    }
+    auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], s[3], opt(s[1]), groups, mask);
     return {if_(mask[0], dx), Tensor(), if_(mask[1], dw), if_(mask[2], db), Tensor()};
   }
 };
@@ -150,8 +223,9 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
                                                       double)>("normkernels::batch_norm_fwd");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, invstd, var] = fwd.call(x, w, b, eps);
-    ctx->save_for_backward({x, value(w), mean, invstd});
+    ctx->save_for_backward({x, value(w), mean, invstd, value(b)});
     ctx->saved_data["has_b"] = b.has_value() && b->defined();
+    ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, invstd, var});
     return {y, mean, invstd, var};
   }
@@ -161,6 +235,16 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
+    if (at::GradMode::is_enabled()) {
+      const double eps = ctx->saved_data["eps"].toDouble();
+      auto g = differentiable_grads(grads[0], s[0], s[1], s[4], mask,
+                                    [&](const Tensor& x, const Tensor& w, const Tensor& b) {
+                                      auto [xc, rstd] = centered_rstd(x, channel_dims(x), eps, true);
+                                      return affine(xc * rstd, channel_view(w, x),
+                                                    channel_view(b, x));
+                                    });
+      return {g[0], g[1], g[2], Tensor()};
+    }
     auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], s[3], opt(s[1]), /*train=*/true, mask);
     return {if_(mask[0], dx), if_(mask[1], dw), if_(mask[2], db), Tensor()};
   }
@@ -188,7 +272,7 @@ class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
                                 const Opt&, double)>("normkernels::batch_norm_infer");
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor y = fwd.call(x, mean, var, w, b, eps);
-    ctx->save_for_backward({x, value(w), mean, var});
+    ctx->save_for_backward({x, value(w), mean, var, value(b)});
     ctx->saved_data["has_b"] = b.has_value() && b->defined();
     ctx->saved_data["eps"] = eps;
     return {y};
@@ -201,6 +285,15 @@ class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
     const auto stats = s[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const Tensor invstd = s[3].to(stats).add(ctx->saved_data["eps"].toDouble()).rsqrt_();
+    if (at::GradMode::is_enabled()) {
+      const Tensor m = channel_view(s[2].to(stats), s[0]), r = channel_view(invstd, s[0]);
+      auto g = differentiable_grads(grads[0], s[0], s[1], s[4], mask,
+                                    [&](const Tensor& x, const Tensor& w, const Tensor& b) {
+                                      return affine((x - m) * r, channel_view(w, x),
+                                                    channel_view(b, x));
+                                    });
+      return {g[0], Tensor(), Tensor(), g[1], g[2], Tensor()};
+    }
     auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], invstd, opt(s[1]), /*train=*/false, mask);
     return {if_(mask[0], dx), Tensor(), Tensor(), if_(mask[1], dw), if_(mask[2], db), Tensor()};
   }

@@ -93,3 +93,45 @@ def test_statistics_are_fp32_for_half_inputs(backend_name):
     assert y.dtype == torch.bfloat16 and mean.dtype == rstd.dtype == torch.float32
     _, mean, invstd, var = ops.batch_norm_fwd(torch.randn(3, 2, dtype=torch.float64), None, None, 1e-5)
     assert mean.dtype == invstd.dtype == var.dtype == torch.float64
+
+
+def _ggc(fn, *inputs):
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_double_backward(layout):
+    """create_graph=True backward (gradient penalties, Hessian-vector products) is exact."""
+    d = lambda shape: _x(shape, layout if len(shape) == 4 else "contiguous", torch.float64)  # noqa: E731
+    w, b = _p(4, torch.float64), _p(4, torch.float64)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    _ggc(lambda x, w, b: NF.group_norm(x, 2, w, b), d((2, 4, 3, 3)), w, b)
+    _ggc(lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True), d((3, 4, 2, 3)), w, b)
+    _ggc(lambda x, w, b: NF.batch_norm(x, rm, rv, w, b, training=False), d((3, 4, 2, 3)), w, b)
+    _ggc(lambda x, w, b: NF.instance_norm(x, weight=w, bias=b), d((2, 4, 3, 3)), w, b)
+    _ggc(lambda x, w, b: NF.layer_norm(x, (4,), w, b), d((3, 5, 4)), w, b)
+    _ggc(lambda x, w: NF.rms_norm(x, [4], w, 1e-5), d((3, 5, 4)), w)
+
+
+def test_gradient_penalty_matches_torch():
+    torch.manual_seed(0)
+    import copy
+
+    import normkernels
+
+    critic = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(),
+                                 torch.nn.Linear(16, 1))
+    ours = normkernels.convert(copy.deepcopy(critic))
+    x = torch.randn(8, 6)
+    grads = []
+    for model in (critic, ours):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model(xi).sum(), xi, create_graph=True)
+        penalty = ((gx.norm(dim=1) - 1) ** 2).mean()
+        penalty.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)  # the last bias does not enter the penalty
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert grads[1][0] is not None and grads[1][2] is not None  # LayerNorm's weight got one
