@@ -19,8 +19,9 @@ _layer_norm_fwd = _ops_ns.layer_norm_fwd.default
 _group_norm_fwd = _ops_ns.group_norm_fwd.default
 _batch_norm_fwd = _ops_ns.batch_norm_fwd.default
 _batch_norm_infer = _ops_ns.batch_norm_infer.default
+_batch_norm_bwd = _ops_ns.batch_norm_bwd.default
 
-__all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm"]
+__all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "sync_batch_norm"]
 
 
 def _check_float(x: Tensor, op: str) -> None:
@@ -246,4 +247,94 @@ def instance_norm(
                 # per-instance biased variance back from rstd, in fp64 to keep its digits
                 var = rstd.double().pow(-2).sub_(eps).clamp_(min=0)
                 _update_running(running_var, (var * (count / max(count - 1, 1))).mean(0), momentum)
+    return y
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Batch norm with statistics over every rank of a process group (training).
+
+    forward : local per-channel (count, mean, M2) from our kernel, all_gather, Chan merge (each
+              rank merges the same numbers in the same order, so all agree bitwise), then our
+              inference kernel normalizes with the global statistics.
+    backward: local sum(dy) and sum(dy * (x - mean)) from our backward kernel, all_reduce, then
+              dx from the global sums. dweight/dbias stay local, as in torch (DDP averages them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group, world_size):
+        import torch.distributed as dist
+
+        channels = x.shape[1]
+        _, mean, _, var = _batch_norm_fwd(x, None, None, eps)
+        count = torch.full_like(mean, x.numel() // max(channels, 1))
+        local = torch.stack([count, mean, var * count])  # [3, C]: n, mean, M2
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local, group=group)
+        n_i, mean_i, m2_i = torch.stack(gathered).unbind(1)  # each [world, C]
+        n = n_i.sum(0)
+        g_mean = (n_i * mean_i).sum(0) / n
+        g_var = (m2_i.sum(0) + (n_i * (mean_i - g_mean) ** 2).sum(0)) / n
+        y = _batch_norm_infer(x, g_mean, g_var, weight, bias, eps)
+        invstd = torch.rsqrt(g_var + eps)
+        ctx.save_for_backward(x, weight, g_mean, invstd, n)
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.mark_non_differentiable(g_mean, g_var, n)
+        return y, g_mean, g_var, n
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dn):
+        import torch.distributed as dist
+
+        x, weight, mean, invstd, n = ctx.saved_tensors
+        channels = x.shape[1]
+        ones = torch.ones(channels, dtype=mean.dtype, device=x.device)
+        # local sums: dbias = sum(dy), dweight (with weight 1) = sum(dy * (x - mean)) * invstd
+        _, dw1, db = _batch_norm_bwd(dy, x, mean, invstd, ones, True, [False, True, True])
+        sums = torch.stack([db.to(mean.dtype), dw1.to(mean.dtype) / invstd])
+        local_dw = (sums[1] * invstd).to(weight.dtype) if weight is not None else None
+        # clone: the all_reduce below works in place on `sums`
+        local_db = sums[0].to(weight.dtype if weight is not None else x.dtype).clone() if ctx.has_bias else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dist.all_reduce(sums, group=ctx.group)
+            sum_dy, sum_dy_xmu = sums[0], sums[1]
+            k = invstd * (weight.to(mean.dtype) if weight is not None else ones)
+            shape = [1, channels] + [1] * (x.dim() - 2)
+            # dx = k * (dy - sum(dy)/n - (x - mean) * invstd^2 * sum(dy * (x - mean))/n)
+            dx_dy = _batch_norm_bwd(dy, x, mean, invstd, weight, False, [True, False, False])[0]
+            dx = (dx_dy - (k * sum_dy / n).view(shape)
+                  - (x - mean.view(shape)) * (k * invstd * invstd * sum_dy_xmu / n).view(shape)).to(x.dtype)
+        return dx, local_dw if ctx.needs_input_grad[1] else None, local_db if ctx.needs_input_grad[2] else None, None, None, None
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+) -> Tensor:
+    """Training batch norm whose statistics span every rank of ``process_group`` (default: the
+    world), as ``torch.nn.SyncBatchNorm`` computes them; updates the running statistics with the
+    global ones. (No torch.nn.functional twin: torch keeps this inside the module.)"""
+    import torch.distributed as dist
+
+    _check_nc(input, "sync_batch_norm")
+    channels = input.shape[1]
+    _check_stats(running_mean, running_var, channels, "sync_batch_norm")
+    _check_param(weight, "weight", (channels,), "sync_batch_norm", "one per channel")
+    _check_param(bias, "bias", (channels,), "sync_batch_norm", "one per channel")
+    check_runnable(input, "sync_batch_norm")
+    group = process_group or dist.group.WORLD
+    world_size = dist.get_world_size(group)
+    y, mean, var, n = _SyncBatchNorm.apply(input, weight, bias, eps, group, world_size)
+    total = int(n[0].item()) if n.numel() else 0
+    if total > 1:
+        if running_mean is not None:
+            _update_running(running_mean, mean, momentum)
+        if running_var is not None:
+            _update_running(running_var, var * (total / (total - 1)), momentum)
     return y

@@ -55,20 +55,35 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
 
 
 class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
-    """SyncBatchNorm on normkernels: single-process (or eval) batch norm. Cross-process statistics
-    (training under an initialized process group of more than one rank) are not implemented and
-    raise rather than silently normalizing each rank on its own."""
+    """SyncBatchNorm on normkernels: in training under an initialized process group of more
+    than one rank, statistics span every rank (F.sync_batch_norm); otherwise plain batch norm,
+    as torch does."""
 
     def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        group = None
         if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
             group = self.process_group or torch.distributed.group.WORLD
-            if torch.distributed.get_world_size(group) > 1:
-                raise NotImplementedError(
-                    "normkernels.nn.SyncBatchNorm: synchronizing batch statistics across "
-                    "processes is not implemented yet; keep torch.nn.SyncBatchNorm for "
-                    "multi-process training"
-                )
-        return super().forward(input)
+            if torch.distributed.get_world_size(group) <= 1:
+                group = None
+        if group is None:
+            return super().forward(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.sync_batch_norm(
+            input,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            factor,
+            self.eps,
+            group,
+        )
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
