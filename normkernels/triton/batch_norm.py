@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import heuristics as H
 from ._shape import walk
-from .common import channel_affine, channel_grad_sums, grad_mask, moments_merge_kernel
+from .common import channel_affine, channel_grad_sums, chan_merge, grad_mask, moments_merge_kernel
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -44,11 +44,7 @@ def batch_moments_partial_kernel(X, PCount, PMean, PM2, C, HW, R, sN, sC, sHW, r
         bmean = tl.sum(x, axis=1) / cnt
         dev = tl.where(m, x - bmean[:, None], 0.0)
         bm2 = tl.sum(dev * dev, axis=1)
-        total = count + cnt
-        delta = bmean - mean
-        mean = mean + delta * (cnt / total)
-        m2 = m2 + bm2 + delta * delta * (count * cnt / total)
-        count = total
+        count, mean, m2 = chan_merge(count, mean, m2, cnt, bmean, bm2)
     out = split * C + c
     tl.store(PCount + out, tl.zeros([BLOCK_C], ACC) + count, mask=cmask)
     tl.store(PMean + out, mean, mask=cmask)

@@ -18,6 +18,16 @@ from .launch import count_launch
 
 
 @triton.jit
+def chan_merge(count, mean, m2, block_count, block_mean, block_m2):
+    """Chan's merge of a block's (count, mean, M2) into running ones (scalars or vectors)."""
+    total = count + block_count
+    delta = block_mean - mean
+    mean = mean + delta * (block_count / total)
+    m2 = m2 + block_m2 + delta * delta * (count * block_count / total)
+    return total, mean, m2
+
+
+@triton.jit
 def moments_merge_kernel(PCount, PMean, PM2, Mean, Var, Rstd, num_parts, stride_stat, stride_part,
                          eps, BLOCK_P: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import heuristics as H
 from ._shape import walk
-from .common import channel_affine, channel_grad_sums, grad_mask, moments_merge_kernel
+from .common import channel_affine, channel_grad_sums, chan_merge, grad_mask, moments_merge_kernel
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -49,11 +49,7 @@ def group_moments_partial_kernel(X, PCount, PMean, PM2, HW, G, D, sN, sC, sHW, k
         bmean = tl.sum(x, axis=0) / cnt
         dev = tl.where(mask, x - bmean, 0.0)
         bm2 = tl.sum(dev * dev, axis=0)
-        total = count + cnt
-        delta = bmean - mean
-        mean = mean + delta * (cnt / total)
-        m2 = m2 + bm2 + delta * delta * (count * cnt / total)
-        count = total
+        count, mean, m2 = chan_merge(count, mean, m2, cnt, bmean, bm2)
     out = s * nsplit + split
     tl.store(PCount + out, count)
     tl.store(PMean + out, mean)
