@@ -6,7 +6,8 @@
 // allocate their outputs: a kernel knows nothing of modules, autograd or layout policy.
 //   x, dy, y, dx : the input's dtype; contiguous rows of N elements for layer norm; [N, C, HW] (NCHW) or
 //                  [N, HW, C] (channels_last) for group and batch norm.
-//   weight, bias : accumulation dtype (fp32, or fp64 for fp64 inputs), contiguous, or undefined.
+//   weight, bias : accumulation dtype (fp32, or fp64 for fp64 inputs), contiguous, or undefined;
+//                  layer_norm_fwd also takes them in x's own dtype (both the same).
 //   statistics   : accumulation dtype.
 // An undefined output tensor means "not requested".
 #pragma once

@@ -15,44 +15,51 @@ namespace normkernels {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 
-// y = (x - mean) * rstd * w + b over one row; w and b may be null.
-template <typename T>
+// y = (x - mean) * rstd * w + b over one row; w and b may be null. The parameters are either
+// the accumulation type or the input's own type (PT), widened in registers: converting bf16
+// weights to fp32 tensors on every call would cost more than a one-row layer norm itself.
+template <typename T, typename PT>
 static inline void layer_norm_row_apply(const T* x, T* y, int64_t N, acc_t<T> mean,
-                                        acc_t<T> rstd, const acc_t<T>* w, const acc_t<T>* b) {
+                                        acc_t<T> rstd, const PT* w, const PT* b) {
   using A = acc_t<T>;
   using C = Chunk<T>;
+  using CP = Chunk<PT>;
   using V = typename C::V;
+  static_assert(C::size == CP::size, "input and parameter chunks must line up");
   if (w == nullptr && b == nullptr) {
     segment_affine(x, y, N, mean, rstd, A(0));
     return;
   }
-  const V vmean(mean), vrstd(rstd), zero(0);
+  const V vmean(mean), vrstd(rstd);
   int64_t j = 0;
   for (; j + C::size <= N; j += C::size) {
     V a, c;
     C::load(x + j, a, c);
     a = (a - vmean) * vrstd;
     c = (c - vmean) * vrstd;
-    const int64_t h = j + V::size();
     if (w != nullptr) {
-      a = a * V::loadu(w + j);
-      c = c * V::loadu(w + h);
+      V wa, wc;
+      CP::load(w + j, wa, wc);
+      a = a * wa;
+      c = c * wc;
     }
     if (b != nullptr) {
-      a = a + V::loadu(b + j);
-      c = c + V::loadu(b + h);
+      V ba, bc;
+      CP::load(b + j, ba, bc);
+      a = a + ba;
+      c = c + bc;
     }
     C::store(y + j, a, c);
   }
   for (; j < N; ++j) {
     A v = (static_cast<A>(x[j]) - mean) * rstd;
-    if (w != nullptr) v *= w[j];
-    if (b != nullptr) v += b[j];
+    if (w != nullptr) v *= static_cast<A>(w[j]);
+    if (b != nullptr) v += static_cast<A>(b[j]);
     y[j] = static_cast<T>(v);
   }
 }
 
-template <typename T>
+template <typename T, typename PT>
 static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tensor& weight,
                                  const at::Tensor& bias, double eps, bool rms, at::Tensor& y,
                                  at::Tensor& mean, at::Tensor& rstd) {
@@ -60,8 +67,8 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   const int64_t M = N == 0 ? 0 : x.numel() / N;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
-  const A* b = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
+  const PT* w = weight.defined() ? weight.const_data_ptr<PT>() : nullptr;
+  const PT* b = bias.defined() ? bias.const_data_ptr<PT>() : nullptr;
   A* mp = mean.defined() ? mean.data_ptr<A>() : nullptr;
   A* rp = rstd.data_ptr<A>();
   const A a_eps = static_cast<A>(eps);
@@ -87,10 +94,18 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
 void layer_norm_fwd(const at::Tensor& x, int64_t N, const at::Tensor& weight,
                     const at::Tensor& bias, double eps, bool rms, at::Tensor& y,
                     at::Tensor& mean, at::Tensor& rstd) {
+  // weight/bias arrive in the accumulation dtype or in x's own dtype (see register.cpp)
+  const at::Tensor& p = weight.defined() ? weight : bias;
+  const bool params_like_x = p.defined() && p.scalar_type() == x.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd",
                                   [&] {
-                                    layer_norm_fwd_typed<scalar_t>(x, N, weight, bias, eps, rms,
-                                                                   y, mean, rstd);
+                                    if (params_like_x) {
+                                      layer_norm_fwd_typed<scalar_t, scalar_t>(
+                                          x, N, weight, bias, eps, rms, y, mean, rstd);
+                                    } else {
+                                      layer_norm_fwd_typed<scalar_t, acc_t<scalar_t>>(
+                                          x, N, weight, bias, eps, rms, y, mean, rstd);
+                                    }
                                   });
 }
 
