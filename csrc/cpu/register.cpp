@@ -105,13 +105,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   at::Tensor mean = rms ? at::empty({0}, sopt) : at::empty({M}, sopt);
   at::Tensor rstd = at::empty({M}, sopt);
   at::Tensor mean_arg = rms ? at::Tensor() : mean;
-  // Parameters already in x's dtype are read as they are (no per-call conversion); any other
-  // mix is brought to the accumulation dtype.
+  // With few rows, half-type parameters are read as they are: converting them to fp32 tensors
+  // would cost more than the rows themselves (a one-token decode step). With many rows the
+  // one conversion is cheaper than widening them again on every row.
+  constexpr int64_t kFewRows = 64;
   auto like_x = [&](const std::optional<at::Tensor>& p) {
     return !p.has_value() || !p->defined() ||
            (p->scalar_type() == x.scalar_type() && p->is_contiguous());
   };
-  if (like_x(weight) && like_x(bias)) {
+  if (M <= kFewRows && like_x(weight) && like_x(bias)) {
     K().layer_norm_fwd(xc, N, weight.has_value() ? *weight : at::Tensor(),
                        bias.has_value() ? *bias : at::Tensor(), eps, rms, y, mean_arg, rstd);
   } else {
