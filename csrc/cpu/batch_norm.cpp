@@ -1,8 +1,7 @@
 // Batch norm, CPU: training forward (batch statistics), inference forward (given statistics),
 // and backward for both, on NCHW ([N, C, HW]) and channels_last / 2-D ([N*HW, C]) memory.
-//   NCHW         : one task per channel; its N planes are read once for one-pass Welford
-//                  statistics (Chan-merged plane by plane) and again (from cache when they fit)
-//                  by the fused normalize + affine pass.
+//   NCHW         : one task per channel; its N planes are read for the two-pass statistics and
+//                  again (from cache when they fit) by the fused normalize + affine pass.
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
 //                  Chan-merged in block order; then one normalize pass over the rows.
 //   backward     : per-channel sum(dy) and sum(dy * (x - mean)) in one read of x and dy; then
@@ -62,13 +61,12 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     // a channel's planes come from cache when they fit.
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        // one-pass moments per plane, Chan-merged over the N planes in order
-        A cnt = 0, mu = 0, m2 = 0;
-        for (int64_t n = 0; n < s.N; ++n) {
-          const auto [pm, pm2] = segment_moments(xp + (n * s.C + c) * s.HW, s.HW);
-          chan_merge(cnt, mu, m2, static_cast<A>(s.HW), pm, pm2);
-        }
-        const A v = count > 0 ? m2 / static_cast<A>(count) : A(0);
+        VecSum<T> sum, sq;
+        for (int64_t n = 0; n < s.N; ++n) accumulate_sum(xp + (n * s.C + c) * s.HW, s.HW, sum);
+        const A mu = count > 0 ? sum.total() / static_cast<A>(count) : A(0);
+        for (int64_t n = 0; n < s.N; ++n)
+          accumulate_sq_dev(xp + (n * s.C + c) * s.HW, s.HW, mu, sq);
+        const A v = count > 0 ? sq.total() / static_cast<A>(count) : A(0);
         const A rs = A(1) / std::sqrt(v + a_eps);
         mean[c] = mu;
         var[c] = v;

@@ -1,7 +1,7 @@
 // Group norm (and instance norm: one channel per group), CPU, forward and backward, for
 // NCHW ([N, C, HW]) and channels_last ([N, HW, C]) memory, walked in its own order.
-//   NCHW         : one task per (n, group), whose D * HW elements are contiguous: one-pass
-//                  Welford statistics, then one fused normalize + affine pass per channel plane.
+//   NCHW         : one task per (n, group), whose D * HW elements are contiguous: two-pass
+//                  statistics, then one fused normalize + affine pass per channel plane.
 //   channels_last: per-(n, channel) Welford over blocks of pixels (vectorized along C, split over
 //                  HW so that batch 1 still uses every thread), Chan-merged per block and then
 //                  per group; the normalize pass walks rows of C.
@@ -62,8 +62,10 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         const int64_t n = ng / G, g = ng % G;
         const T* xg = xp + (n * v.C + g * v.D) * v.HW;
         T* yg = yp + (n * v.C + g * v.D) * v.HW;
-        const auto [mu, m2] = segment_moments(xg, group_size);
-        const A rs = A(1) / std::sqrt(m2 / static_cast<A>(group_size) + a_eps);
+        const A mu = segment_sum(xg, group_size) / static_cast<A>(group_size);
+        const A rs = A(1) / std::sqrt(segment_sq_dev(xg, group_size, mu) /
+                                          static_cast<A>(group_size) +
+                                      a_eps);
         mean[ng] = mu;
         rstd[ng] = rs;
         for (int64_t k = 0; k < v.D; ++k) {

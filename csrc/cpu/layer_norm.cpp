@@ -1,6 +1,6 @@
 // Layer norm and RMS norm over the last dims, CPU: x is [M, N] contiguous rows.
-//   forward : one-pass Welford mean/variance per row (per SIMD lane, merged exactly), then one
-//             fused normalize + affine pass while the row is still in L1/L2.
+//   forward : two-pass mean/variance per row (the row stays in L1/L2 between passes), then one
+//             fused normalize + affine pass.
 //   backward: per row, one pass accumulating sum(g * xhat), sum(g) and this block's dweight/dbias
 //             partials, a second pass writing dx; the per-block partials are then summed in a
 //             fixed order (deterministic, no atomics).
@@ -75,14 +75,9 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + r * N;
-      A mu = 0, var = 0;
-      if (rms) {
-        var = segment_sq_dev(xr, N, A(0)) / static_cast<A>(N);  // mean of squares
-      } else {
-        const auto [m, m2] = segment_moments(xr, N);
-        mu = m;
-        var = m2 / static_cast<A>(N);
-      }
+      // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
+      const A mu = rms ? A(0) : segment_sum(xr, N) / static_cast<A>(N);
+      const A var = segment_sq_dev(xr, N, mu) / static_cast<A>(N);
       const A rs = A(1) / std::sqrt(var + a_eps);
       layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b);
       if (mp != nullptr) mp[r] = mu;

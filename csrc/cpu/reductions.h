@@ -93,19 +93,6 @@ inline A hsum(const Vectorized<A>& v) {
 
 // ---------------------------------------------------------------- contiguous segments
 
-// Chan's parallel merge of (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a).
-template <typename A>
-inline void chan_merge(A& count_a, A& mean_a, A& m2_a, A count_b, A mean_b, A m2_b) {
-  if (count_b == 0) return;
-  const A count = count_a + count_b;
-  const A delta = mean_b - mean_a;
-  const A frac_b = count_b / count;
-  mean_a += delta * frac_b;
-  m2_a += m2_b + delta * delta * count_a * frac_b;
-  count_a = count;
-}
-
-
 // Vector accumulators that several segments can add into before one horizontal sum (the
 // planes of one batch-norm channel are N short segments: a horizontal sum per plane would cost
 // more than the plane itself at 7x7).
@@ -115,6 +102,26 @@ struct VecSum {
   V lo{0}, hi{0};
   acc_t<T> total() const { return hsum(lo + hi); }
 };
+
+// lanes += p[0:n]
+template <typename T>
+inline void accumulate_sum(const T* p, int64_t n, VecSum<T>& acc) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V a, b;
+    C::load(p + i, a, b);
+    acc.lo += a;
+    acc.hi += b;
+  }
+  if (i < n) {  // lanes past n load as zero
+    V a, b;
+    C::load_first(p + i, n - i, a, b);
+    acc.lo += a;
+    acc.hi += b;
+  }
+}
 
 // lanes += (p[0:n] - shift)^2
 template <typename T>
@@ -143,60 +150,17 @@ inline void accumulate_sq_dev(const T* p, int64_t n, acc_t<T> shift, VecSum<T>& 
 }
 
 template <typename T>
+inline acc_t<T> segment_sum(const T* p, int64_t n) {
+  VecSum<T> acc;
+  accumulate_sum(p, n, acc);
+  return acc.total();
+}
+
+template <typename T>
 inline acc_t<T> segment_sq_dev(const T* p, int64_t n, acc_t<T> shift) {
   VecSum<T> acc;
   accumulate_sq_dev(p, n, shift, acc);
   return acc.total();
-}
-
-// Mean and M2 (sum of squared deviations) of p[0:n] in one read: Welford per SIMD lane over
-// full chunks (every lane has seen the same count, so one reciprocal per chunk serves all),
-// lanes merged exactly, then the partial tail chunk (two-pass in registers) merged with Chan's
-// formula. One pass instead of two for the statistics of a row, group or channel.
-template <typename T>
-inline std::pair<acc_t<T>, acc_t<T>> segment_moments(const T* p, int64_t n) {
-  using A = acc_t<T>;
-  using C = Chunk<T>;
-  using V = typename C::V;
-  constexpr int64_t L = V::size();
-  V mean0(0), mean1(0), m2_0(0), m2_1(0);
-  int64_t k = 0, i = 0;
-  for (; i + C::size <= n; i += C::size) {
-    ++k;
-    const V inv(A(1) / static_cast<A>(k));
-    V a, b;
-    C::load(p + i, a, b);
-    const V d0 = a - mean0, d1 = b - mean1;
-    mean0 = at::vec::fmadd(d0, inv, mean0);
-    mean1 = at::vec::fmadd(d1, inv, mean1);
-    m2_0 = at::vec::fmadd(d0, a - mean0, m2_0);
-    m2_1 = at::vec::fmadd(d1, b - mean1, m2_1);
-  }
-  A count = 0, mean = 0, m2 = 0;
-  if (k > 0) {
-    alignas(64) A lane_mean[2 * L];
-    mean0.store(lane_mean);
-    mean1.store(lane_mean + L);
-    A avg = 0;
-    for (int64_t l = 0; l < 2 * L; ++l) avg += lane_mean[l];
-    avg /= static_cast<A>(2 * L);
-    A spread = 0;  // lanes all count k: M2 = sum(M2_lane) + k * sum((mean_lane - mean)^2)
-    for (int64_t l = 0; l < 2 * L; ++l) spread += (lane_mean[l] - avg) * (lane_mean[l] - avg);
-    count = static_cast<A>(k * 2 * L);
-    mean = avg;
-    m2 = hsum(m2_0 + m2_1) + static_cast<A>(k) * spread;
-  }
-  if (i < n) {
-    const int64_t r = n - i;
-    V a, b;
-    C::load_first(p + i, r, a, b);
-    const A tail_mean = hsum(a + b) / static_cast<A>(r);
-    const V vt(tail_mean);
-    V da = a - vt, db = b - vt;
-    C::keep_first(r, da, db);
-    chan_merge(count, mean, m2, static_cast<A>(r), tail_mean, hsum(da * da + db * db));
-  }
-  return {mean, m2};
 }
 
 // y = (x - center) * scale + shift over a segment. Centering first (rather than folding the
@@ -323,6 +287,18 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, acc_t
       m2[c] += d * (v - mean[c]);
     }
   }
+}
+
+// Chan's parallel merge of (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a).
+template <typename A>
+inline void chan_merge(A& count_a, A& mean_a, A& m2_a, A count_b, A mean_b, A m2_b) {
+  if (count_b == 0) return;
+  const A count = count_a + count_b;
+  const A delta = mean_b - mean_a;
+  const A frac_b = count_b / count;
+  mean_a += delta * frac_b;
+  m2_a += m2_b + delta * delta * count_a * frac_b;
+  count_a = count;
 }
 
 // Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), accumulated into
