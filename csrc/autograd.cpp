@@ -101,14 +101,51 @@ bool no_graph(std::initializer_list<const Tensor*> ts, std::initializer_list<con
   return true;
 }
 
+// One typed handle per op, looked up once; the signatures mirror csrc/ops.cpp.
+const auto& layer_norm_fwd_op() {
+  static auto h = op<Three(const Tensor&, int64_t, const Opt&, const Opt&, double, bool)>(
+      "normkernels::layer_norm_fwd");
+  return h;
+}
+const auto& layer_norm_bwd_op() {
+  static auto h = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&,
+                           int64_t, bool, Mask)>("normkernels::layer_norm_bwd");
+  return h;
+}
+const auto& group_norm_fwd_op() {
+  static auto h = op<Three(const Tensor&, int64_t, const Opt&, const Opt&, double)>(
+      "normkernels::group_norm_fwd");
+  return h;
+}
+const auto& group_norm_bwd_op() {
+  static auto h = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&,
+                           int64_t, Mask)>("normkernels::group_norm_bwd");
+  return h;
+}
+const auto& batch_norm_fwd_op() {
+  static auto h = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Opt&,
+                                                               const Opt&, double)>(
+      "normkernels::batch_norm_fwd");
+  return h;
+}
+const auto& batch_norm_infer_op() {
+  static auto h = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&,
+                            double)>("normkernels::batch_norm_infer");
+  return h;
+}
+const auto& batch_norm_bwd_op() {
+  static auto h = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&,
+                           bool, Mask)>("normkernels::batch_norm_bwd");
+  return h;
+}
+
 // ---------------------------------------------------------------- layer norm / RMS norm
 
 class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t ndim, const Opt& w,
                                const Opt& b, double eps, bool rms) {
-    static auto fwd = op<Three(const Tensor&, int64_t, const Opt&, const Opt&, double, bool)>(
-        "normkernels::layer_norm_fwd");
+    const auto& fwd = layer_norm_fwd_op();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = fwd.call(x, ndim, w, b, eps, rms);
     ctx->save_for_backward({x, value(w), mean, rstd, value(b)});
@@ -121,9 +158,7 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd =
-        op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, int64_t,
-                 bool, Mask)>("normkernels::layer_norm_bwd");
+    const auto& bwd = layer_norm_bwd_op();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
@@ -148,8 +183,7 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
 Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, double eps,
                      bool rms) {
   if (no_graph({&x}, {&w, &b})) {
-    static auto fwd = op<Three(const Tensor&, int64_t, const Opt&, const Opt&, double, bool)>(
-        "normkernels::layer_norm_fwd");
+    const auto& fwd = layer_norm_fwd_op();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, ndim, w, b, eps, rms);
   }
@@ -163,8 +197,7 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t groups,
                                const Opt& w, const Opt& b, double eps) {
-    static auto fwd = op<Three(const Tensor&, int64_t, const Opt&, const Opt&, double)>(
-        "normkernels::group_norm_fwd");
+    const auto& fwd = group_norm_fwd_op();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = fwd.call(x, groups, w, b, eps);
     ctx->save_for_backward({x, value(w), mean, rstd, value(b)});
@@ -176,8 +209,7 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                               const Opt&, int64_t, Mask)>("normkernels::group_norm_bwd");
+    const auto& bwd = group_norm_bwd_op();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
@@ -200,8 +232,7 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
 
 Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b, double eps) {
   if (no_graph({&x}, {&w, &b})) {
-    static auto fwd = op<Three(const Tensor&, int64_t, const Opt&, const Opt&, double)>(
-        "normkernels::group_norm_fwd");
+    const auto& fwd = group_norm_fwd_op();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, groups, w, b, eps);
   }
@@ -211,16 +242,11 @@ Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b
 
 // ---------------------------------------------------------------- batch norm
 
-using BatchNormBwd = Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Opt&, bool, Mask);
-
 class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Opt& w, const Opt& b,
                                double eps) {
-    static auto fwd =
-        op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Opt&, const Opt&,
-                                                      double)>("normkernels::batch_norm_fwd");
+    const auto& fwd = batch_norm_fwd_op();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, invstd, var] = fwd.call(x, w, b, eps);
     ctx->save_for_backward({x, value(w), mean, invstd, value(b)});
@@ -231,7 +257,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op<BatchNormBwd>("normkernels::batch_norm_bwd");
+    const auto& bwd = batch_norm_bwd_op();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
@@ -253,9 +279,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const Opt& w,
                                                           const Opt& b, double eps) {
   if (no_graph({&x}, {&w, &b})) {
-    static auto fwd =
-        op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Opt&, const Opt&,
-                                                      double)>("normkernels::batch_norm_fwd");
+    const auto& fwd = batch_norm_fwd_op();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, w, b, eps);
   }
@@ -268,8 +292,7 @@ class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean,
                                const Tensor& var, const Opt& w, const Opt& b, double eps) {
-    static auto fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&,
-                                const Opt&, double)>("normkernels::batch_norm_infer");
+    const auto& fwd = batch_norm_infer_op();
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor y = fwd.call(x, mean, var, w, b, eps);
     ctx->save_for_backward({x, value(w), mean, var, value(b)});
@@ -279,7 +302,7 @@ class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op<BatchNormBwd>("normkernels::batch_norm_bwd");
+    const auto& bwd = batch_norm_bwd_op();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 3, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
@@ -302,8 +325,7 @@ class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
 Tensor batch_norm_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const Opt& w,
                         const Opt& b, double eps) {
   if (no_graph({&x}, {&w, &b})) {
-    static auto fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&,
-                                const Opt&, double)>("normkernels::batch_norm_infer");
+    const auto& fwd = batch_norm_infer_op();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, mean, var, w, b, eps);
   }
