@@ -162,16 +162,33 @@ def _verify_spatial_size(size: List[int]) -> None:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
 
 
-def _check_stats(running_mean, running_var, channels, op):
+def _check_channel_args(input, running_mean, running_var, weight, bias, op) -> int:
+    """Checks shared by the per-channel norms (batch, instance, sync batch); returns C."""
+    _check_nc(input, op)
+    channels = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"{op}: {name} should contain {channels} elements not {t.numel()}")
+    _check_param(weight, "weight", (channels,), op, "one per channel")
+    _check_param(bias, "bias", (channels,), op, "one per channel")
+    return channels
 
 
 @torch.no_grad()
 def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> None:
     # torch's rule: running = momentum * batch + (1 - momentum) * running
     running.mul_(1.0 - momentum).add_(batch_value.to(running.dtype), alpha=momentum)
+
+
+def _update_running_stats(running_mean, running_var, mean, biased_var, count, momentum) -> None:
+    """Running statistics from a batch of `count` values per channel: the mean, and the
+    variance made unbiased (torch's rule). Nothing is updated for an empty batch."""
+    if count <= 0:
+        return
+    if running_mean is not None:
+        _update_running(running_mean, mean, momentum)
+    if running_var is not None:
+        _update_running(running_var, biased_var * (count / max(count - 1, 1)), momentum)
 
 
 def batch_norm(
@@ -186,11 +203,7 @@ def batch_norm(
 ) -> Tensor:
     """Batch normalization (``F.batch_norm``): batch statistics when ``training`` (updating the
     running ones when given), running statistics otherwise."""
-    _check_nc(input, "batch_norm")
-    channels = input.shape[1]
-    _check_stats(running_mean, running_var, channels, "batch_norm")
-    _check_param(weight, "weight", (channels,), "batch_norm", "one per channel")
-    _check_param(bias, "bias", (channels,), "batch_norm", "one per channel")
+    channels = _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
     if training:
         _verify_batch_size(list(input.shape))
     elif running_mean is None or running_var is None:
@@ -202,11 +215,7 @@ def batch_norm(
     if not training:
         return _batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
     y, mean, _invstd, var = _batch_norm_fwd(input, weight, bias, eps)
-    count = input.numel() // max(channels, 1)
-    if running_mean is not None and count > 0:
-        _update_running(running_mean, mean, momentum)
-    if running_var is not None and count > 0:
-        _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+    _update_running_stats(running_mean, running_var, mean, var, input.numel() // max(channels, 1), momentum)
     return y
 
 
@@ -222,11 +231,7 @@ def instance_norm(
 ) -> Tensor:
     """Instance normalization (``F.instance_norm``): group norm with one channel per group, or,
     with ``use_input_stats=False``, batch norm with the running statistics."""
-    _check_nc(input, "instance_norm")
-    channels = input.shape[1]
-    _check_stats(running_mean, running_var, channels, "instance_norm")
-    _check_param(weight, "weight", (channels,), "instance_norm", "one per channel")
-    _check_param(bias, "bias", (channels,), "instance_norm", "one per channel")
+    channels = _check_channel_args(input, running_mean, running_var, weight, bias, "instance_norm")
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError(
@@ -322,19 +327,12 @@ def sync_batch_norm(
     global ones. (No torch.nn.functional twin: torch keeps this inside the module.)"""
     import torch.distributed as dist
 
-    _check_nc(input, "sync_batch_norm")
-    channels = input.shape[1]
-    _check_stats(running_mean, running_var, channels, "sync_batch_norm")
-    _check_param(weight, "weight", (channels,), "sync_batch_norm", "one per channel")
-    _check_param(bias, "bias", (channels,), "sync_batch_norm", "one per channel")
+    _check_channel_args(input, running_mean, running_var, weight, bias, "sync_batch_norm")
     check_runnable(input, "sync_batch_norm")
     group = process_group or dist.group.WORLD
     world_size = dist.get_world_size(group)
     y, mean, var, n = _SyncBatchNorm.apply(input, weight, bias, eps, group, world_size)
     total = int(n[0].item()) if n.numel() else 0
-    if total > 1:
-        if running_mean is not None:
-            _update_running(running_mean, mean, momentum)
-        if running_var is not None:
-            _update_running(running_var, var * (total / (total - 1)), momentum)
+    if total > 1:  # one value per channel over all ranks leaves the running statistics alone
+        _update_running_stats(running_mean, running_var, mean, var, total, momentum)
     return y
