@@ -53,6 +53,9 @@ CASES: List[Case] = [
     Case("BatchNorm1d-3d", lambda: nn.BatchNorm1d(5), (4, 5, 9)),
     Case("BatchNorm2d", lambda: nn.BatchNorm2d(6), (3, 6, 5, 4), ["contiguous", "channels_last", "strided"]),
     Case("BatchNorm2d-prime", lambda: nn.BatchNorm2d(37), (2, 37, 3, 3), ["contiguous", "channels_last"]),
+    # planes of 63 (> one SIMD chunk, odd): most planes start misaligned, so the elementwise
+    # passes take their masked head, aligned body and masked tail
+    Case("BatchNorm2d-oddplane", lambda: nn.BatchNorm2d(3), (2, 3, 7, 9)),
     Case("BatchNorm2d-noaffine", lambda: nn.BatchNorm2d(4, affine=False), (2, 4, 3, 3)),
     Case("BatchNorm2d-cumulative", lambda: nn.BatchNorm2d(4, momentum=None), (2, 4, 3, 3)),
     Case("BatchNorm2d-nostats", lambda: nn.BatchNorm2d(4, track_running_stats=False), (2, 4, 3, 3), ["contiguous", "channels_last"]),
@@ -63,6 +66,7 @@ CASES: List[Case] = [
     Case("InstanceNorm1d-unbatched", lambda: nn.InstanceNorm1d(5, affine=True), (5, 9), ["contiguous"]),
     Case("InstanceNorm2d-affine", lambda: nn.InstanceNorm2d(6, affine=True), (2, 6, 5, 5), ["contiguous", "channels_last", "strided"]),
     Case("InstanceNorm2d-stats", lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True), (3, 4, 6, 5), ["contiguous", "channels_last"]),
+    Case("InstanceNorm2d-oddplane", lambda: nn.InstanceNorm2d(3, affine=True), (2, 3, 7, 7)),
     Case("InstanceNorm3d", lambda: nn.InstanceNorm3d(3, affine=True), (2, 3, 3, 4, 4), ["contiguous", "channels_last"]),
 ]
 
