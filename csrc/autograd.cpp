@@ -15,20 +15,17 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "op_handles.h"
+
 namespace normkernels {
 namespace {
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using Opt = std::optional<Tensor>;
-using Mask = std::array<bool, 3>;
-using Three = std::tuple<Tensor, Tensor, Tensor>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
+using ops::Mask;
+using ops::Opt;
+using ops::Three;
 
 Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 Tensor value(const Opt& t) { return t.has_value() ? *t : Tensor(); }
@@ -101,51 +98,13 @@ bool no_graph(std::initializer_list<const Tensor*> ts, std::initializer_list<con
   return true;
 }
 
-// One typed handle per op, looked up once; the signatures mirror csrc/ops.cpp.
-const auto& layer_norm_fwd_op() {
-  static auto h = op<Three(const Tensor&, int64_t, const Opt&, const Opt&, double, bool)>(
-      "normkernels::layer_norm_fwd");
-  return h;
-}
-const auto& layer_norm_bwd_op() {
-  static auto h = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&,
-                           int64_t, bool, Mask)>("normkernels::layer_norm_bwd");
-  return h;
-}
-const auto& group_norm_fwd_op() {
-  static auto h = op<Three(const Tensor&, int64_t, const Opt&, const Opt&, double)>(
-      "normkernels::group_norm_fwd");
-  return h;
-}
-const auto& group_norm_bwd_op() {
-  static auto h = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&,
-                           int64_t, Mask)>("normkernels::group_norm_bwd");
-  return h;
-}
-const auto& batch_norm_fwd_op() {
-  static auto h = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Opt&,
-                                                               const Opt&, double)>(
-      "normkernels::batch_norm_fwd");
-  return h;
-}
-const auto& batch_norm_infer_op() {
-  static auto h = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&,
-                            double)>("normkernels::batch_norm_infer");
-  return h;
-}
-const auto& batch_norm_bwd_op() {
-  static auto h = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&,
-                           bool, Mask)>("normkernels::batch_norm_bwd");
-  return h;
-}
-
 // ---------------------------------------------------------------- layer norm / RMS norm
 
 class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t ndim, const Opt& w,
                                const Opt& b, double eps, bool rms) {
-    const auto& fwd = layer_norm_fwd_op();
+    const auto& fwd = ops::layer_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = fwd.call(x, ndim, w, b, eps, rms);
     ctx->save_for_backward({x, value(w), mean, rstd, value(b)});
@@ -158,7 +117,7 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto& bwd = layer_norm_bwd_op();
+    const auto& bwd = ops::layer_norm_bwd();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
@@ -183,7 +142,7 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
 Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, double eps,
                      bool rms) {
   if (no_graph({&x}, {&w, &b})) {
-    const auto& fwd = layer_norm_fwd_op();
+    const auto& fwd = ops::layer_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, ndim, w, b, eps, rms);
   }
@@ -197,7 +156,7 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t groups,
                                const Opt& w, const Opt& b, double eps) {
-    const auto& fwd = group_norm_fwd_op();
+    const auto& fwd = ops::group_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = fwd.call(x, groups, w, b, eps);
     ctx->save_for_backward({x, value(w), mean, rstd, value(b)});
@@ -209,7 +168,7 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto& bwd = group_norm_bwd_op();
+    const auto& bwd = ops::group_norm_bwd();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
@@ -232,7 +191,7 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
 
 Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b, double eps) {
   if (no_graph({&x}, {&w, &b})) {
-    const auto& fwd = group_norm_fwd_op();
+    const auto& fwd = ops::group_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, groups, w, b, eps);
   }
@@ -246,7 +205,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Opt& w, const Opt& b,
                                double eps) {
-    const auto& fwd = batch_norm_fwd_op();
+    const auto& fwd = ops::batch_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, invstd, var] = fwd.call(x, w, b, eps);
     ctx->save_for_backward({x, value(w), mean, invstd, value(b)});
@@ -257,7 +216,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto& bwd = batch_norm_bwd_op();
+    const auto& bwd = ops::batch_norm_bwd();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
@@ -279,7 +238,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const Opt& w,
                                                           const Opt& b, double eps) {
   if (no_graph({&x}, {&w, &b})) {
-    const auto& fwd = batch_norm_fwd_op();
+    const auto& fwd = ops::batch_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, w, b, eps);
   }
@@ -292,7 +251,7 @@ class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean,
                                const Tensor& var, const Opt& w, const Opt& b, double eps) {
-    const auto& fwd = batch_norm_infer_op();
+    const auto& fwd = ops::batch_norm_infer();
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor y = fwd.call(x, mean, var, w, b, eps);
     ctx->save_for_backward({x, value(w), mean, var, value(b)});
@@ -302,7 +261,7 @@ class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto& bwd = batch_norm_bwd_op();
+    const auto& bwd = ops::batch_norm_bwd();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 3, s[1].defined(), ctx->saved_data["has_b"].toBool());
     const Mask mask{ctx->needs_input_grad(0), nw, nb};
@@ -325,7 +284,7 @@ class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
 Tensor batch_norm_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const Opt& w,
                         const Opt& b, double eps) {
   if (no_graph({&x}, {&w, &b})) {
-    const auto& fwd = batch_norm_infer_op();
+    const auto& fwd = ops::batch_norm_infer();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, mean, var, w, b, eps);
   }

@@ -5,14 +5,16 @@
 // empty tensor for every output not asked for.
 //
 // Also the Python module normkernels._C itself: importing it loads this library (and so these
-// registrations); it exposes only cpu_capability().
+// registrations); it exposes cpu_capability() and the eager fast path of normkernels.functional
+// (csrc/python_entry.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
 
 namespace normkernels {
-const char* cpu_capability_name();  // register.cpp
+const char* cpu_capability_name();     // register.cpp
+int add_python_entries(PyObject* module);  // python_entry.cpp
 }
 
 TORCH_LIBRARY(normkernels, m) {
@@ -59,4 +61,11 @@ static PyMethodDef nk_methods[] = {
 
 static struct PyModuleDef nk_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nk_methods};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&nk_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&nk_module);
+  if (module != nullptr && normkernels::add_python_entries(module) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _C, _ops
 from .backend import check_runnable
 
 _ops_ns = _ops.ops
@@ -20,6 +20,11 @@ _group_norm_fwd = _ops_ns.group_norm_fwd.default
 _batch_norm_fwd = _ops_ns.batch_norm_fwd.default
 _batch_norm_infer = _ops_ns.batch_norm_infer.default
 _batch_norm_bwd = _ops_ns.batch_norm_bwd.default
+
+# The eager fast path (csrc/python_entry.cpp): validates a plain CPU call and runs the op through
+# the dispatcher at C cost, or returns None and the Python path below handles (and explains)
+# everything else. Dynamo cannot trace into C, so under torch.compile the Python path is used.
+_is_compiling = torch.compiler.is_compiling
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "sync_batch_norm"]
 
@@ -90,6 +95,10 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Layer normalization over the last ``len(normalized_shape)`` dims (``F.layer_norm``)."""
+    if not _is_compiling():
+        y = _C.layer_norm(input, normalized_shape, weight, bias, eps, False)
+        if y is not None:
+            return y
     shape = _normalized(normalized_shape)
     if not _rowwise_ok(input, shape, weight, bias):
         _rowwise_errors(input, shape, weight, bias, "layer_norm")
@@ -104,11 +113,15 @@ def rms_norm(
 ) -> Tensor:
     """Root-mean-square normalization (``F.rms_norm``); ``eps=None`` is the machine epsilon
     of the accumulation type, as in torch."""
+    if eps is None:
+        eps = _EPS64 if getattr(input, "dtype", None) == torch.float64 else _EPS32
+    if not _is_compiling():
+        y = _C.layer_norm(input, normalized_shape, weight, None, eps, True)
+        if y is not None:
+            return y
     shape = _normalized(normalized_shape)
     if not _rowwise_ok(input, shape, weight, None):
         _rowwise_errors(input, shape, weight, None, "rms_norm")
-    if eps is None:
-        eps = _EPS64 if input.dtype == torch.float64 else _EPS32
     return _layer_norm_fwd(input, len(shape), weight, None, eps, True)[0]
 
 
@@ -132,6 +145,10 @@ def group_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Group normalization over (N, C, *) inputs (``F.group_norm``)."""
+    if not _is_compiling():
+        y = _C.group_norm(input, num_groups, weight, bias, eps)
+        if y is not None:
+            return y
     _check_nc(input, "group_norm")
     channels = input.shape[1]
     if num_groups <= 0 or channels % num_groups != 0:
@@ -182,7 +199,8 @@ def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> No
 
 def _update_running_stats(running_mean, running_var, mean, biased_var, count, momentum) -> None:
     """Running statistics from a batch of `count` values per channel: the mean, and the
-    variance made unbiased (torch's rule). Nothing is updated for an empty batch."""
+    variance made unbiased (torch's rule). Nothing is updated for an empty batch. (The eager
+    fast path applies the same rule in C++: update_running_stats in csrc/python_entry.cpp.)"""
     if count <= 0:
         return
     if running_mean is not None:
@@ -203,6 +221,10 @@ def batch_norm(
 ) -> Tensor:
     """Batch normalization (``F.batch_norm``): batch statistics when ``training`` (updating the
     running ones when given), running statistics otherwise."""
+    if not _is_compiling():
+        y = _C.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if y is not None:
+            return y
     channels = _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
     if training:
         _verify_batch_size(list(input.shape))

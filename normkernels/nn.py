@@ -102,7 +102,7 @@ class LayerNorm(nn.LayerNorm):
 
 class RMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, list(self.normalized_shape), self.weight, self.eps)
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
 class _InstanceNormApply:

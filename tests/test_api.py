@@ -174,3 +174,59 @@ print("ok")
     env = dict(os.environ, NORMKERNELS_CPU_CAPABILITY=capability)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_eager_fast_path_takes_plain_calls_and_declines_the_rest():
+    """functional's C fast path runs plain CPU calls and returns None for everything it does not
+    check, which the Python path then handles (and explains)."""
+    from normkernels import _C
+
+    x = torch.randn(3, 4, 5, 6)
+    w, b = torch.randn(4), torch.randn(4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    torch.testing.assert_close(_C.layer_norm(x, (5, 6), None, None, 1e-5, False),
+                               torch.nn.functional.layer_norm(x, (5, 6)))
+    torch.testing.assert_close(_C.layer_norm(x, 6, None, None, 1e-5, True),
+                               torch.nn.functional.rms_norm(x, (6,), eps=1e-5))
+    torch.testing.assert_close(_C.group_norm(x, 2, w, b, 1e-5),
+                               torch.nn.functional.group_norm(x, 2, w, b))
+    rm_t, rv_t = rm.clone(), rv.clone()
+    torch.testing.assert_close(_C.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                               torch.nn.functional.batch_norm(x, rm_t, rv_t, w, b, True))
+    torch.testing.assert_close((rm, rv), (rm_t, rv_t))  # running statistics updated like torch's
+    torch.testing.assert_close(_C.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5),
+                               torch.nn.functional.batch_norm(x, rm, rv, w, b, False))
+
+    class Sub(torch.Tensor):
+        pass
+
+    declined = [
+        _C.layer_norm(x, (5, 7), None, None, 1e-5, False),  # shape mismatch
+        _C.layer_norm(x, (), None, None, 1e-5, False),
+        _C.layer_norm(x.long(), (6,), None, None, 1e-5, False),  # not floating point
+        _C.layer_norm(x.as_subclass(Sub), (6,), None, None, 1e-5, False),  # a subclass
+        _C.layer_norm(x, (6,), w, None, 1e-5, False),  # weight of the wrong shape
+        _C.group_norm(x, 3, None, None, 1e-5),  # 4 channels in 3 groups
+        _C.batch_norm(x, None, None, w, b, False, 0.1, 1e-5),  # eval without statistics
+        _C.batch_norm(torch.randn(1, 4), None, None, None, None, True, 0.1, 1e-5),  # 1 value
+        _C.batch_norm(x, rm[:3], rv, w, b, True, 0.1, 1e-5),
+    ]
+    assert all(d is None for d in declined)
+    # a __torch_function__ mode sees the call: the fast path steps aside for it
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        assert _C.layer_norm(x, (6,), None, None, 1e-5, False) is None
+        y = normkernels.functional.layer_norm(x, (6,))
+    assert seen
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (6,)))
+    # the declined calls still raise torch's errors through the Python path
+    with pytest.raises(RuntimeError):
+        normkernels.functional.group_norm(x, 3)
+    with pytest.raises(ValueError):
+        normkernels.functional.batch_norm(torch.randn(1, 4), None, None, training=True)
