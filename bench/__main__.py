@@ -52,40 +52,37 @@ def machine(device: str) -> dict:
     return info
 
 
-def last_level_cache_bytes() -> int:
-    """Size of the largest CPU cache (Linux sysfs), 0 where unknown."""
-    sizes = [0]
+def cpu_caches() -> list:
+    """(level, bytes) of each cache cpu0 sees (Linux sysfs); empty where unknown."""
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        for entry in os.listdir(base):
-            try:
-                with open(os.path.join(base, entry, "size")) as f:
-                    text = f.read().strip()
-            except OSError:
-                continue
-            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-            sizes.append(int(text.rstrip("KMG")) * unit)
+        entries = os.listdir(base)
     except OSError:
-        pass
-    return max(sizes)
+        return []
+    caches = []
+    for entry in entries:  # index0..3, beside plain files such as uevent
+        try:
+            with open(os.path.join(base, entry, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        caches.append((level, int(text.rstrip("KMG")) * unit))
+    return caches
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache, 0 where unknown."""
+    return max((size for _, size in cpu_caches()), default=0)
 
 
 def private_cache_bytes() -> int:
     """L2 size times the threads used: what this run surely has to itself. (VMs often report
     the host's whole shared L3, here 480 MB, of which our share is unknown.)"""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(base):
-            with open(os.path.join(base, entry, "level")) as f:
-                if f.read().strip() != "2":
-                    continue
-            with open(os.path.join(base, entry, "size")) as f:
-                text = f.read().strip()
-            unit = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-            return int(text.rstrip("KM")) * unit * torch.get_num_threads()
-    except (OSError, ValueError):
-        pass
-    return 0
+    l2 = [size for level, size in cpu_caches() if level == 2]
+    return l2[0] * torch.get_num_threads() if l2 else 0
 
 
 def geomean(xs):

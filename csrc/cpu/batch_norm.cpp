@@ -121,29 +121,17 @@ void batch_norm_fwd(const at::Tensor& x, const NormShape& s, const at::Tensor& w
 
 template <typename T>
 static void batch_norm_elemt_typed(const at::Tensor& x, const NormShape& s,
-                                   const at::Tensor& mean_t, const at::Tensor& invstd_t,
-                                   const at::Tensor& weight, const at::Tensor& bias,
-                                   at::Tensor& y) {
+                                   const at::Tensor& coef, at::Tensor& y) {
   using A = acc_t<T>;
-  const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
-  const A* b = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
-  const A* mean = mean_t.const_data_ptr<A>();
-  const A* invstd = invstd_t.const_data_ptr<A>();
-  std::vector<A> scale(s.C), shift(s.C);
-  for (int64_t c = 0; c < s.C; ++c) {
-    scale[c] = invstd[c] * param_or(w, c, A(1));
-    shift[c] = param_or(b, c, A(0));
-  }
-  channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, mean, scale.data(), shift.data());
+  const A* k = coef.const_data_ptr<A>();
+  channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, k, k + s.C, k + 2 * s.C);
 }
 
-void batch_norm_elemt(const at::Tensor& x, const NormShape& s, const at::Tensor& mean,
-                      const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+void batch_norm_elemt(const at::Tensor& x, const NormShape& s, const at::Tensor& coef,
                       at::Tensor& y) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "batch_norm_elemt", [&] {
-                                    batch_norm_elemt_typed<scalar_t>(x, s, mean, invstd, weight,
-                                                                     bias, y);
+                                    batch_norm_elemt_typed<scalar_t>(x, s, coef, y);
                                   });
 }
 

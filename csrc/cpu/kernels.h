@@ -41,10 +41,10 @@ struct Kernels {
   void (*batch_norm_fwd)(const at::Tensor& x, const NormShape& s, const at::Tensor& weight,
                          const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor& mean,
                          at::Tensor& invstd, at::Tensor& var);
-  // y = (x - mean[c]) * invstd[c] * weight[c] + bias[c] with given statistics (inference).
-  void (*batch_norm_elemt)(const at::Tensor& x, const NormShape& s, const at::Tensor& mean,
-                           const at::Tensor& invstd, const at::Tensor& weight,
-                           const at::Tensor& bias, at::Tensor& y);
+  // y = (x - center[c]) * scale[c] + shift[c] with given per-channel coefficients (inference):
+  // coef is [3, C] of the accumulation type, rows center, scale, shift.
+  void (*batch_norm_elemt)(const at::Tensor& x, const NormShape& s, const at::Tensor& coef,
+                           at::Tensor& y);
   // train=false: statistics were constants (inference), so dx has no mean/variance terms.
   void (*batch_norm_bwd)(const at::Tensor& dy, const at::Tensor& x, const NormShape& s,
                          const at::Tensor& mean, const at::Tensor& invstd,
