@@ -45,7 +45,7 @@ class BuildWithCapabilities(BuildExtension):
         super().build_extensions()
 
 
-sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/register.cpp")
+sources = sorted(glob.glob("csrc/*.cpp") + ["csrc/cpu/register.cpp", "csrc/cpu/output_pool.cpp"]
                  + glob.glob("csrc/cpu/capability/*.cpp"))
 
 setup(

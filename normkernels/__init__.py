@@ -25,5 +25,11 @@ from .convert import convert  # noqa: E402
 
 __version__ = "0.1.0"
 cpu_capability = _C.cpu_capability
+# Large CPU outputs come from a pool of freed blocks (csrc/cpu/output_pool.h: it saves the page
+# faults of fresh memory each step); these release and report its idle memory, as
+# torch.cuda.empty_cache / memory_reserved do for the GPU.
+empty_cpu_cache = _C.empty_cpu_cache
+cached_cpu_bytes = _C.cached_cpu_bytes
 
-__all__ = ["functional", "nn", "backend", "convert", "cpu_capability"]
+__all__ = ["functional", "nn", "backend", "convert", "cpu_capability", "empty_cpu_cache",
+           "cached_cpu_bytes"]

@@ -56,6 +56,11 @@ CASES: List[Case] = [
     # planes of 63 (> one SIMD chunk, odd): most planes start misaligned, so the elementwise
     # passes take their masked head, aligned body and masked tail
     Case("BatchNorm2d-oddplane", lambda: nn.BatchNorm2d(3), (2, 3, 7, 9)),
+    # 25-value planes across 50 channels: inference walks them as two blocks of contiguous
+    # channel spans (short_planes_affine), one ending mid-chunk
+    Case("BatchNorm2d-shortplanes", lambda: nn.BatchNorm2d(50), (3, 50, 5, 5)),
+    # one value per plane: walked as [N, C] rows
+    Case("BatchNorm2d-1x1", lambda: nn.BatchNorm2d(6), (8, 6, 1, 1), ["contiguous"]),
     Case("BatchNorm2d-noaffine", lambda: nn.BatchNorm2d(4, affine=False), (2, 4, 3, 3)),
     Case("BatchNorm2d-cumulative", lambda: nn.BatchNorm2d(4, momentum=None), (2, 4, 3, 3)),
     Case("BatchNorm2d-nostats", lambda: nn.BatchNorm2d(4, track_running_stats=False), (2, 4, 3, 3), ["contiguous", "channels_last"]),
@@ -67,6 +72,7 @@ CASES: List[Case] = [
     Case("InstanceNorm2d-affine", lambda: nn.InstanceNorm2d(6, affine=True), (2, 6, 5, 5), ["contiguous", "channels_last", "strided"]),
     Case("InstanceNorm2d-stats", lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True), (3, 4, 6, 5), ["contiguous", "channels_last"]),
     Case("InstanceNorm2d-oddplane", lambda: nn.InstanceNorm2d(3, affine=True), (2, 3, 7, 7)),
+    Case("GroupNorm-1x1", lambda: nn.GroupNorm(3, 6), (4, 6, 1, 1), ["contiguous"]),
     Case("InstanceNorm3d", lambda: nn.InstanceNorm3d(3, affine=True), (2, 3, 3, 4, 4), ["contiguous", "channels_last"]),
 ]
 

@@ -230,3 +230,50 @@ def test_eager_fast_path_takes_plain_calls_and_declines_the_rest():
         normkernels.functional.group_norm(x, 3)
     with pytest.raises(ValueError):
         normkernels.functional.batch_norm(torch.randn(1, 4), None, None, training=True)
+
+
+def test_large_outputs_reuse_freed_blocks_and_release_on_request():
+    """Outputs of 1 MiB or more come from normkernels' CPU pool: a freed one is handed out again
+    (no fresh, page-faulting memory each step), resizes like any tensor, and empty_cpu_cache
+    gives the idle memory back."""
+    import normkernels.functional as NF
+
+    x = torch.randn(512, 1024)  # 2 MiB outputs
+    normkernels.empty_cpu_cache()
+    y = NF.layer_norm(x, (1024,))
+    ptr = y.data_ptr()
+    del y
+    assert normkernels.cached_cpu_bytes() >= x.nbytes
+    y = NF.layer_norm(x, (1024,))
+    assert y.data_ptr() == ptr  # the same block again
+    assert normkernels.cached_cpu_bytes() == 0
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (1024,)))
+    # channels_last outputs keep torch's strides
+    xc = torch.randn(4, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    yc = NF.group_norm(xc, 8)
+    assert yc.stride() == xc.stride()
+    torch.testing.assert_close(yc, torch.nn.functional.group_norm(xc, 8))
+    # storage from the pool resizes (and keeps its values) like any tensor's
+    head = y[:2].clone()
+    y.resize_(1024, 1024)
+    torch.testing.assert_close(y[:2], head)
+    del y, yc
+    assert normkernels.empty_cpu_cache() >= x.nbytes
+    assert normkernels.cached_cpu_bytes() == 0
+
+
+def test_output_pool_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+
+    code = r"""
+import torch, normkernels, normkernels.functional as NF
+y = NF.layer_norm(torch.randn(512, 1024), (1024,))
+del y
+assert normkernels.cached_cpu_bytes() == 0
+print("ok")
+"""
+    env = dict(os.environ, NORMKERNELS_CPU_CACHE_MB="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -4,18 +4,20 @@
 // Layout rules (mirrored by the fake kernels in normkernels/_ops.py):
 //   * layer norm: rows of the contiguous input; y/dx contiguous.
 //   * group/batch norm: a 4-D/5-D input that is channels_last(_3d) (and not plain contiguous)
-//     is walked as [N, HW, C] and gives channels_last outputs; a 2-D batch-norm input is
-//     [N, C] rows; anything else is made contiguous and walked as [N, C, HW].
+//     is walked as [N, HW, C] and gives channels_last outputs; a 2-D batch-norm input, and any
+//     input with one value per plane, is [N, C] rows; anything else is made contiguous and walked as [N, C, HW].
 //   * dy is brought to x's layout (a copy only when it differs, e.g. an expanded gradient).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 
 #include "kernels.h"
+#include "output_pool.h"
 
 namespace normkernels {
 
@@ -88,28 +90,24 @@ at::Tensor param(const std::optional<at::Tensor>& p, const at::Tensor& x) {
   return p->to(acc_type(x)).contiguous();
 }
 
-// p[i] (a 1-D view of any floating dtype and stride) as A.
+// out[c] = p[c] for a per-channel parameter or statistic of any floating dtype and stride
+// (`absent` where p is undefined).
 template <typename A>
-struct ParamReader {
-  const void* data = nullptr;
-  at::ScalarType dtype = at::kFloat;
-  int64_t stride = 1;
-  explicit ParamReader(const at::Tensor& p) {
-    if (!p.defined()) return;
-    const at::Tensor flat = p.dim() == 1 ? p : p.reshape({-1});
-    data = flat.const_data_ptr();
-    dtype = flat.scalar_type();
-    stride = flat.stride(0);
+void read_channels(const at::Tensor& p, A absent, A* out, int64_t C) {
+  if (!p.defined()) {
+    std::fill(out, out + C, absent);
+    return;
   }
-  A operator()(int64_t i, A absent) const {
-    if (data == nullptr) return absent;
-    A v{};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "param", [&] {
-      v = static_cast<A>(static_cast<const scalar_t*>(data)[i * stride]);
-    });
-    return v;
-  }
-};
+  const at::Tensor flat = p.dim() == 1 ? p : p.reshape({-1});
+  const int64_t stride = flat.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "read_channels",
+                                  [&] {
+                                    const scalar_t* d = flat.const_data_ptr<scalar_t>();
+                                    for (int64_t c = 0; c < C; ++c) {
+                                      out[c] = static_cast<A>(d[c * stride]);
+                                    }
+                                  });
+}
 
 // Batch-norm inference as one per-channel affine map: [3, C] rows center = mean,
 // scale = weight / sqrt(var + eps), shift = bias, in x's accumulation type, read straight from
@@ -122,14 +120,16 @@ at::Tensor inference_coefficients(const at::Tensor& x, const at::Tensor& mean,
   at::Tensor coef = at::empty({3, C}, x.options().dtype(acc_type(x)));
   AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "inference_coefficients", [&] {
     using A = scalar_t;
-    const ParamReader<A> m(mean), v(var), w(weight.value_or(at::Tensor())),
-        b(bias.value_or(at::Tensor()));
-    A* k = coef.data_ptr<A>();
+    A* center = coef.data_ptr<A>();
+    A* scale = center + C;
+    A* shift = scale + C;
+    read_channels(mean, A(0), center, C);
+    read_channels(var, A(0), scale, C);
+    read_channels(weight.value_or(at::Tensor()), A(1), shift, C);  // shift holds weight a while
     for (int64_t c = 0; c < C; ++c) {
-      k[c] = m(c, A(0));
-      k[C + c] = w(c, A(1)) / std::sqrt(v(c, A(0)) + static_cast<A>(eps));
-      k[2 * C + c] = b(c, A(0));
+      scale[c] = shift[c] / std::sqrt(scale[c] + static_cast<A>(eps));
     }
+    read_channels(bias.value_or(at::Tensor()), A(0), shift, C);
   });
   return coef;
 }
@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   int64_t N = 1;
   for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
   const int64_t M = N == 0 ? 0 : x.numel() / N;
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options());
   const auto sopt = x.options().dtype(acc_type(x));
   at::Tensor mean = rms ? at::empty({0}, sopt) : at::empty({M}, sopt);
   at::Tensor rstd = at::empty({M}, sopt);
@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   int64_t N = 1;
   for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
   const at::Tensor w = param(weight, x);
-  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor dx = output_mask[0] ? cpu::empty_output(x.sizes(), x.options()) : at::Tensor();
   const auto sopt = x.options().dtype(acc_type(x));
   at::Tensor dw = output_mask[1] && w.defined() ? at::empty({N}, sopt) : at::Tensor();
   at::Tensor db = output_mask[2] ? at::empty({N}, sopt) : at::Tensor();
@@ -204,6 +204,8 @@ Walk plan(const at::Tensor& x, bool rows_2d) {
   int64_t hw = 1;
   for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
   if (x.dim() == 2 && rows_2d) return {{N, C, 1, true}, at::MemoryFormat::Contiguous};
+  // One value per plane (1x1 maps): contiguous memory is already [N, C] rows.
+  if (hw == 1) return {{N, C, 1, true}, at::MemoryFormat::Contiguous};
   if (!x.is_contiguous()) {
     if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
       return {{N, C, hw, true}, at::MemoryFormat::ChannelsLast};
@@ -230,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
               "but got input of shape ", x.sizes(), " and num_groups=", num_groups);
   const Walk w = plan(x, /*rows_2d=*/false);
   const at::Tensor xc = x.contiguous(w.format);
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(w.format));
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
   const auto sopt = x.options().dtype(acc_type(x));
   at::Tensor mean = at::empty({x.size(0), num_groups}, sopt);
   at::Tensor rstd = at::empty({x.size(0), num_groups}, sopt);
@@ -248,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
   const Walk w = plan(x, /*rows_2d=*/false);
   const at::Tensor wt = param(weight, x);
   at::Tensor dx = output_mask[0]
-                      ? at::empty(x.sizes(), x.options().memory_format(w.format))
+                      ? cpu::empty_output(x.sizes(), x.options(), w.format)
                       : at::Tensor();
   const auto sopt = x.options().dtype(acc_type(x));
   at::Tensor dw = output_mask[1] && wt.defined() ? at::empty({x.size(1)}, sopt) : at::Tensor();
@@ -270,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
   check_nc(x, "batch_norm");
   const Walk w = plan(x, /*rows_2d=*/true);
   const at::Tensor xc = x.contiguous(w.format);
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(w.format));
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
   const auto sopt = x.options().dtype(acc_type(x));
   at::Tensor mean = at::empty({x.size(1)}, sopt);
   at::Tensor invstd = at::empty({x.size(1)}, sopt);
@@ -286,7 +288,7 @@ at::Tensor batch_norm_infer(const at::Tensor& x, const at::Tensor& mean, const a
   TORCH_CHECK(mean.numel() == x.size(1) && var.numel() == x.size(1),
               "batch_norm: expected statistics of ", x.size(1), " channels");
   const Walk w = plan(x, /*rows_2d=*/true);
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(w.format));
+  at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
   K().batch_norm_elemt(x.contiguous(w.format), w.shape,
                        inference_coefficients(x, mean, var, weight, bias, eps), y);
   return y;
@@ -300,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   const Walk w = plan(x, /*rows_2d=*/true);
   const at::Tensor wt = param(weight, x);
   at::Tensor dx = output_mask[0]
-                      ? at::empty(x.sizes(), x.options().memory_format(w.format))
+                      ? cpu::empty_output(x.sizes(), x.options(), w.format)
                       : at::Tensor();
   const auto sopt = x.options().dtype(acc_type(x));
   at::Tensor dw = output_mask[1] && wt.defined() ? at::empty({x.size(1)}, sopt) : at::Tensor();
