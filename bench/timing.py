@@ -6,6 +6,8 @@ median sample is reported. A control provider (torch against itself) shows the n
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import random
 import statistics
 import time
@@ -61,10 +63,31 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
     }
 
 
-def copy_bandwidth(device: str, nbytes: int = 256 << 20, rounds: int = 15) -> float:
-    """GB/s of a plain device-to-device copy into an existing tensor (read + write counted)."""
-    nbytes = max(nbytes, 4)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+def copy_step(device: str, nbytes: int) -> Callable[[], object]:
+    """One plain device-to-device copy of `nbytes` into an existing tensor: the bandwidth
+    baseline (read + write of nbytes each)."""
+    src = torch.empty(max(nbytes, 4) // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    res = round_robin({"copy": lambda: dst.copy_(src)}, device, rounds)
-    return 2 * nbytes / (res["copy"]["median_ms"] / 1e3) / 1e9
+    return lambda: dst.copy_(src)
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20, rounds: int = 15) -> float:
+    """GB/s of copy_step timed alone."""
+    res = round_robin({"copy": copy_step(device, nbytes)}, device, rounds)
+    return 2 * max(nbytes, 4) / (res["copy"]["median_ms"] / 1e3) / 1e9
+
+
+def steady_malloc() -> bool:
+    """Keeps glibc from handing freed memory back to the OS (no mmapped blocks, no heap trim),
+    for the whole process: then every provider's outputs reuse freed memory instead of
+    page-faulting fresh pages on each call, and the table compares kernels, not page faults.
+    (By default glibc mmaps blocks of 32 MB or more and trims the heap, so a step of torch's
+    can fault on its whole output; how often depends on what else the process allocates,
+    normkernels' own output pool included.) False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
