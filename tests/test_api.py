@@ -277,3 +277,30 @@ print("ok")
     env = dict(os.environ, NORMKERNELS_CPU_CACHE_MB="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_output_pool_works_in_a_forked_child():
+    """A DataLoader worker is a fork: the pool it inherits (and its lock) must still work."""
+    import multiprocessing
+
+    import normkernels.functional as NF
+
+    x = torch.randn(512, 1024)
+    y = NF.layer_norm(x, (1024,))
+    del y  # an idle block in the pool the child inherits
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_norm_in_child)
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+
+
+def _norm_in_child():
+    import normkernels.functional as NF
+
+    # as DataLoader workers do: torch's own OpenMP ops hang in a child forked after a parallel
+    # region (libgomp is not fork-safe), with or without normkernels
+    torch.set_num_threads(1)
+    x = torch.randn(512, 1024)
+    for _ in range(3):
+        torch.testing.assert_close(NF.layer_norm(x, (1024,)), torch.nn.functional.layer_norm(x, (1024,)))

@@ -15,6 +15,10 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define NORMKERNELS_HAVE_ATFORK 1
+#endif
 
 namespace normkernels {
 namespace cpu {
@@ -61,6 +65,11 @@ size_t limit_from_env() {
 class OutputPool final : public c10::Allocator {
  public:
   OutputPool() : limit_(limit_from_env()) {}
+
+  // fork() while another thread holds the lock (a tensor freed on a worker thread) would leave
+  // the child (a DataLoader worker, say) a pool locked forever: hold it across the fork.
+  void lock() { mutex_.lock(); }
+  void unlock() { mutex_.unlock(); }
 
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinPooledBytes || limit_ == 0) {
@@ -129,7 +138,13 @@ class OutputPool final : public c10::Allocator {
 
 // Never destroyed: tensors may outlive static destruction and still return their blocks.
 OutputPool& pool() {
-  static OutputPool* instance = new OutputPool();
+  static OutputPool* instance = [] {
+    auto* p = new OutputPool();
+#ifdef NORMKERNELS_HAVE_ATFORK
+    pthread_atfork([] { pool().lock(); }, [] { pool().unlock(); }, [] { pool().unlock(); });
+#endif
+    return p;
+  }();
   return *instance;
 }
 
