@@ -5,8 +5,8 @@
 // empty tensor for every output not asked for.
 //
 // Also the Python module normkernels._C itself: importing it loads this library (and so these
-// registrations); it exposes cpu_capability(), the output pool's controls and the eager fast path of normkernels.functional
-// (csrc/python_entry.cpp).
+// registrations); it exposes cpu_capability(), the output pool's controls and the eager fast
+// path of normkernels.functional (csrc/python_entry.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

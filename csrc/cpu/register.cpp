@@ -4,8 +4,9 @@
 // Layout rules (mirrored by the fake kernels in normkernels/_ops.py):
 //   * layer norm: rows of the contiguous input; y/dx contiguous.
 //   * group/batch norm: a 4-D/5-D input that is channels_last(_3d) (and not plain contiguous)
-//     is walked as [N, HW, C] and gives channels_last outputs; a 2-D batch-norm input, and any
-//     input with one value per plane, is [N, C] rows; anything else is made contiguous and walked as [N, C, HW].
+//     is walked as [N, HW, C] and gives channels_last outputs; an input with one value per
+//     plane ((N, C), or 1x1 maps) is [N, C] rows; anything else is made contiguous and walked
+//     as [N, C, HW].
 //   * dy is brought to x's layout (a copy only when it differs, e.g. an expanded gradient).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -199,12 +200,11 @@ struct Walk {
   at::MemoryFormat format;  // of x as walked, and of the outputs
 };
 
-Walk plan(const at::Tensor& x, bool rows_2d) {
+Walk plan(const at::Tensor& x) {
   const int64_t N = x.size(0), C = x.size(1);
   int64_t hw = 1;
   for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
-  if (x.dim() == 2 && rows_2d) return {{N, C, 1, true}, at::MemoryFormat::Contiguous};
-  // One value per plane (1x1 maps): contiguous memory is already [N, C] rows.
+  // One value per plane ((N, C) inputs, 1x1 maps): contiguous memory is already [N, C] rows.
   if (hw == 1) return {{N, C, 1, true}, at::MemoryFormat::Contiguous};
   if (!x.is_contiguous()) {
     if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
@@ -230,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
   TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0,
               "group_norm: expected number of channels in input to be divisible by num_groups, "
               "but got input of shape ", x.sizes(), " and num_groups=", num_groups);
-  const Walk w = plan(x, /*rows_2d=*/false);
+  const Walk w = plan(x);
   const at::Tensor xc = x.contiguous(w.format);
   at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
   const auto sopt = x.options().dtype(acc_type(x));
@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     std::array<bool, 3> output_mask) {
   check_nc(x, "group_norm_bwd");
   TORCH_CHECK(dy.sizes() == x.sizes(), "group_norm_bwd: dy and x differ in shape");
-  const Walk w = plan(x, /*rows_2d=*/false);
+  const Walk w = plan(x);
   const at::Tensor wt = param(weight, x);
   at::Tensor dx = output_mask[0]
                       ? cpu::empty_output(x.sizes(), x.options(), w.format)
@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   check_nc(x, "batch_norm");
-  const Walk w = plan(x, /*rows_2d=*/true);
+  const Walk w = plan(x);
   const at::Tensor xc = x.contiguous(w.format);
   at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
   const auto sopt = x.options().dtype(acc_type(x));
@@ -287,7 +287,7 @@ at::Tensor batch_norm_infer(const at::Tensor& x, const at::Tensor& mean, const a
   check_nc(x, "batch_norm");
   TORCH_CHECK(mean.numel() == x.size(1) && var.numel() == x.size(1),
               "batch_norm: expected statistics of ", x.size(1), " channels");
-  const Walk w = plan(x, /*rows_2d=*/true);
+  const Walk w = plan(x);
   at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
   K().batch_norm_elemt(x.contiguous(w.format), w.shape,
                        inference_coefficients(x, mean, var, weight, bias, eps), y);
@@ -299,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     const std::optional<at::Tensor>& weight, bool train, std::array<bool, 3> output_mask) {
   check_nc(x, "batch_norm_bwd");
   TORCH_CHECK(dy.sizes() == x.sizes(), "batch_norm_bwd: dy and x differ in shape");
-  const Walk w = plan(x, /*rows_2d=*/true);
+  const Walk w = plan(x);
   const at::Tensor wt = param(weight, x);
   at::Tensor dx = output_mask[0]
                       ? cpu::empty_output(x.sizes(), x.options(), w.format)
