@@ -94,6 +94,9 @@ def run(args) -> dict:
     device = args.device
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
     cases = [c for c in suite(device, dtypes, args.quick) if re.search(args.filter, c.name)]
+    if not cases:
+        raise SystemExit(f"python -m bench: no case matches --filter {args.filter!r}"
+                         + (" in the --quick suite" if args.quick else ""))
     names, notes = P.available(device, with_compile=not args.no_compile)
     info = machine(device)
     info["malloc"] = "default"
@@ -141,7 +144,7 @@ def run(args) -> dict:
             "pct_dram_copy_bw": 100 * ours_gbs / info["copy_GBps"],
             "fits_cache": case.working_set_bytes() <= info.get("private_cache_bytes", 0),
             "mmap_output": info["malloc"] == "default" and device == "cpu"
-            and case.numel * torch.empty((), dtype=case.dtype).element_size() >= MALLOC_MMAP_BYTES,
+            and x_bytes >= MALLOC_MMAP_BYTES,
         }
         for peer in ("torch.compile", "liger"):
             if peer in t:
