@@ -45,7 +45,8 @@ class BuildWithCapabilities(BuildExtension):
         super().build_extensions()
 
 
-sources = sorted(glob.glob("csrc/*.cpp") + ["csrc/cpu/register.cpp", "csrc/cpu/output_pool.cpp"]
+sources = sorted(glob.glob("csrc/*.cpp") + ["csrc/cpu/register.cpp", "csrc/cpu/output_pool.cpp",
+                                            "csrc/cpu/stream_stores.cpp"]
                  + glob.glob("csrc/cpu/capability/*.cpp"))
 
 setup(

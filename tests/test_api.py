@@ -304,3 +304,64 @@ def _norm_in_child():
     x = torch.randn(512, 1024)
     for _ in range(3):
         torch.testing.assert_close(NF.layer_norm(x, (1024,)), torch.nn.functional.layer_norm(x, (1024,)))
+
+
+def test_streaming_stores_match_torch():
+    """Outputs larger than the last-level cache are written with streaming stores. Forced on
+    (NORMKERNELS_STREAM_STORES=1), that path must pass the CPU parity suite (every family,
+    dtype and layout, misaligned rows falling back to plain stores) and match torch on shapes
+    whose rows are whole aligned chunks, forward and backward."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, NORMKERNELS_STREAM_STORES="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpp",
+         os.path.join(here, "test_parity.py")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+    code = r"""
+import sys
+import torch
+import torch.nn.functional as TF
+import normkernels.functional as NF
+sys.path.insert(0, sys.argv[1])  # the tests folder, for samples.py
+from samples import assert_close_like_torch
+
+def check(name, fn_ours, fn_torch, x, params):
+    runs = []
+    for fn, cast in ((fn_ours, None), (fn_torch, None), (fn_torch, torch.float64)):
+        xi = (x if cast is None else x.to(cast)).clone().requires_grad_()
+        pi = [(p if cast is None else p.to(cast)).clone().requires_grad_() for p in params]
+        y = fn(xi, *pi)
+        dy = torch.ones_like(y).copy_(DY[: y.numel()].view(y.shape))
+        runs.append([y] + list(torch.autograd.grad(y, [xi] + pi, dy)))
+    for i, (a, b, r) in enumerate(zip(*runs)):
+        assert_close_like_torch(a, b, r, f"{name} {x.dtype} {'output' if i == 0 else i}")
+
+DY = torch.randn(1 << 16, dtype=torch.float64)
+for dt in (torch.float32, torch.bfloat16):
+    x = torch.randn(64, 1024).to(dt)
+    w, b = torch.rand(1024).to(dt) + 0.5, torch.randn(1024).to(dt)
+    check("layer_norm", lambda x, w, b: NF.layer_norm(x, (1024,), w, b),
+          lambda x, w, b: TF.layer_norm(x, (1024,), w, b), x, [w, b])
+    check("rms_norm", lambda x, w: NF.rms_norm(x, (1024,), w),
+          lambda x, w: TF.rms_norm(x, (1024,), w), x, [w])
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 64, 8, 8).to(dt).contiguous(memory_format=fmt)
+        w, b = torch.rand(64).to(dt) + 0.5, torch.randn(64).to(dt)
+        check("group_norm", lambda x, w, b: NF.group_norm(x, 8, w, b),
+              lambda x, w, b: TF.group_norm(x, 8, w, b), x, [w, b])
+        stats = lambda x: (torch.zeros(64, dtype=x.dtype), torch.ones(64, dtype=x.dtype))
+        check("batch_norm train", lambda x, w, b: NF.batch_norm(x, *stats(x), w, b, True),
+              lambda x, w, b: TF.batch_norm(x, *stats(x), w, b, True), x, [w, b])
+        check("batch_norm eval", lambda x, w, b: NF.batch_norm(x, *stats(x), w, b, False),
+              lambda x, w, b: TF.batch_norm(x, *stats(x), w, b, False), x, [w, b])
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

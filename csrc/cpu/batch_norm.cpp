@@ -3,7 +3,7 @@
 //   NCHW         : one task per channel; its N planes are read for the two-pass statistics and
 //                  again (from cache when they fit) by the fused normalize + affine pass.
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
-//                  Chan-merged in block order; then one normalize pass over the rows.
+//                  merged exactly in block order; then one normalize pass over the rows.
 //   backward     : per-channel sum(dy) and sum(dy * (x - mean)) in one read of x and dy; then
 //                  dx = dy * k_dy[c] + (x - mean[c]) * k_x[c] + k_0[c]. Inference backward skips the sums
 //                  unless dweight/dbias are wanted.
@@ -80,18 +80,22 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
 template <typename T>
 static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
                            const acc_t<T>* scale, const acc_t<T>* shift) {
+  const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)));
   if (!s.channels_last && s.HW < 2 * Chunk<T>::size && s.N > 1) {
     short_planes_affine(xp, yp, s, center, scale, shift);
   } else if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t c = nc % s.C;
-        segment_affine(xp + nc * s.HW, yp + nc * s.HW, s.HW, center[c], scale[c], shift[c]);
+        segment_affine(xp + nc * s.HW, yp + nc * s.HW, s.HW, center[c], scale[c], shift[c],
+                       stream);
       }
     });
   } else {
     at::parallel_for(0, s.N * s.HW, grain_for(s.C), [&](int64_t begin, int64_t end) {
-      rows_affine(xp, yp, begin, end, s.C, center, scale, shift);
+      const StreamFence fence(stream);
+      rows_affine(xp, yp, begin, end, s.C, center, scale, shift, stream);
     });
   }
 }
@@ -115,7 +119,9 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   if (!s.channels_last) {
     // Statistics and normalization in one task per channel, so the second and third reads of
     // a channel's planes come from cache when they fit.
+    const bool stream = stream_stores(2 * x.nbytes());
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) {
         VecSum<T> sum, sq;
         for (int64_t n = 0; n < s.N; ++n) accumulate_sum(xp + (n * s.C + c) * s.HW, s.HW, sum);
@@ -131,7 +137,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
         const A sh = param_or(b, c, A(0));
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t off = (n * s.C + c) * s.HW;
-          segment_affine(xp + off, yp + off, s.HW, mu, sc, sh);
+          segment_affine(xp + off, yp + off, s.HW, mu, sc, sh, stream);
         }
       }
     });
@@ -147,16 +153,15 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
                       bm2.data() + blk * s.C);
     }
   });
+  std::vector<A> block_count(nb), m2(s.C);
+  for (int64_t blk = 0; blk < nb; ++blk)
+    block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
+  columns_merge(block_count.data(), nb, bmean.data(), bm2.data(), s.C, mean, m2.data());
+  const A inv_count = count > 0 ? A(1) / static_cast<A>(count) : A(0);
   std::vector<A> scale(s.C), shift(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
-    A cnt = 0, mu = 0, m2 = 0;
-    for (int64_t blk = 0; blk < nb; ++blk) {
-      chan_merge(cnt, mu, m2, static_cast<A>(blocks.end(blk) - blocks.begin(blk)),
-                 bmean[blk * s.C + c], bm2[blk * s.C + c]);
-    }
-    const A v = cnt > 0 ? m2 / cnt : A(0);
+    const A v = m2[c] * inv_count;
     const A rs = A(1) / std::sqrt(v + a_eps);
-    mean[c] = mu;
     var[c] = v;
     invstd[c] = rs;
     scale[c] = rs * param_or(w, c, A(1));
@@ -258,17 +263,21 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     }
   }
   T* dxp = dx.data_ptr<T>();
+  const bool stream = stream_stores(3 * x.nbytes());
   if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t c = nc % s.C;
         segment_grad_input(gp + nc * s.HW, xp + nc * s.HW, dxp + nc * s.HW, s.HW, mean[c],
-                           k_dy[c], k_x[c], k_0[c]);
+                           k_dy[c], k_x[c], k_0[c], stream);
       }
     });
   } else {
     at::parallel_for(0, count, grain_for(s.C), [&](int64_t begin, int64_t end) {
-      rows_grad_input(gp, xp, dxp, begin, end, s.C, mean, k_dy.data(), k_x.data(), k_0.data());
+      const StreamFence fence(stream);
+      rows_grad_input(gp, xp, dxp, begin, end, s.C, mean, k_dy.data(), k_x.data(), k_0.data(),
+                      stream);
     });
   }
 }

@@ -3,7 +3,7 @@
 //   NCHW         : one task per (n, group), whose D * HW elements are contiguous: two-pass
 //                  statistics, then one fused normalize + affine pass per channel plane.
 //   channels_last: per-(n, channel) Welford over blocks of pixels (vectorized along C, split over
-//                  HW so that batch 1 still uses every thread), Chan-merged per block and then
+//                  HW so that batch 1 still uses every thread), merged exactly per block and then
 //                  per group; the normalize pass walks rows of C.
 //   backward     : per-(n, channel) sums of dy and dy * (x - mean) in one read of x and dy, then
 //                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0 in a second; dweight/dbias from the same
@@ -56,8 +56,10 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   const A a_eps = static_cast<A>(eps);
   const int64_t group_size = v.D * v.HW;
 
+  const bool stream = stream_stores(2 * x.nbytes());
   if (!s.channels_last) {
     at::parallel_for(0, v.N * G, grain_for(group_size), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, g = ng % G;
         const T* xg = xp + (n * v.C + g * v.D) * v.HW;
@@ -70,7 +72,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         rstd[ng] = rs;
         for (int64_t k = 0; k < v.D; ++k) {
           const int64_t c = g * v.D + k;
-          segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, mu, rs * v.wt(c), v.bs(c));
+          segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, mu, rs * v.wt(c), v.bs(c), stream);
         }
       }
     });
@@ -88,27 +90,39 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
                       bmean.data() + t * v.C, bm2.data() + t * v.C);
     }
   });
+  // blocks -> per-(n, c) statistics over HW pixels -> per-(n, g) over the group's D channels,
+  // each an exact two-pass combination (every channel of a group has the same count, HW).
+  std::vector<A> block_count(nb), chan_mean(v.C), chan_m2(v.C);
+  for (int64_t blk = 0; blk < nb; ++blk)
+    block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
+  const A inv_group_size = group_size > 0 ? A(1) / static_cast<A>(group_size) : A(0);
   for (int64_t n = 0; n < v.N; ++n) {
+    columns_merge(block_count.data(), nb, bmean.data() + n * nb * v.C, bm2.data() + n * nb * v.C,
+                  v.C, chan_mean.data(), chan_m2.data());
     for (int64_t g = 0; g < G; ++g) {
-      A cnt = 0, mu = 0, m2 = 0;
-      for (int64_t blk = 0; blk < nb; ++blk) {
-        const A bc = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
-        const int64_t off = (n * nb + blk) * v.C + g * v.D;
-        for (int64_t k = 0; k < v.D; ++k) chan_merge(cnt, mu, m2, bc, bmean[off + k], bm2[off + k]);
+      const A* cm = chan_mean.data() + g * v.D;
+      const A* cs = chan_m2.data() + g * v.D;
+      A mu = 0, m2 = 0;
+      for (int64_t k = 0; k < v.D; ++k) mu += cm[k];
+      mu /= static_cast<A>(v.D);
+      for (int64_t k = 0; k < v.D; ++k) {
+        const A d = cm[k] - mu;
+        m2 += cs[k] + static_cast<A>(v.HW) * d * d;
       }
       mean[n * G + g] = mu;
-      rstd[n * G + g] = A(1) / std::sqrt((cnt > 0 ? m2 / cnt : A(0)) + a_eps);
+      rstd[n * G + g] = A(1) / std::sqrt(m2 * inv_group_size + a_eps);
     }
   }
   std::vector<A> center(v.N * v.C), scale(v.N * v.C), shift(v.N * v.C);
   group_affine_coeffs(v, mean, rstd, center.data(), scale.data(), shift.data());
   at::parallel_for(0, v.N * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
+    const StreamFence fence(stream);
     // rows [begin, end) may span several images; each image has its own coefficients
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / v.HW;
       const int64_t stop = std::min(end, (n + 1) * v.HW);
       rows_affine(xp, yp, r, stop, v.C, center.data() + n * v.C, scale.data() + n * v.C,
-                  shift.data() + n * v.C);
+                  shift.data() + n * v.C, stream);
       r = stop;
     }
   });
@@ -221,20 +235,23 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   group_grad_coeffs(v, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(), k_x.data(),
                     k_0.data());
   T* dxp = dx.data_ptr<T>();
+  const bool stream = stream_stores(3 * x.nbytes());
   if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
       for (int64_t nc = begin; nc < end; ++nc) {
         segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, center[nc],
-                           k_dy[nc], k_x[nc], k_0[nc]);
+                           k_dy[nc], k_x[nc], k_0[nc], stream);
       }
     });
   } else {
     at::parallel_for(0, v.N * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
       for (int64_t r = begin; r < end;) {
         const int64_t n = r / v.HW;
         const int64_t stop = std::min(end, (n + 1) * v.HW);
         rows_grad_input(gp, xp, dxp, r, stop, v.C, center.data() + n * v.C, k_dy.data() + n * v.C,
-                        k_x.data() + n * v.C, k_0.data() + n * v.C);
+                        k_x.data() + n * v.C, k_0.data() + n * v.C, stream);
         r = stop;
       }
     });

@@ -20,14 +20,14 @@ inline namespace CPU_CAPABILITY {
 // weights to fp32 tensors on every call would cost more than a one-row layer norm itself.
 template <typename T, typename PT>
 static inline void layer_norm_row_apply(const T* x, T* y, int64_t N, acc_t<T> mean,
-                                        acc_t<T> rstd, const PT* w, const PT* b) {
+                                        acc_t<T> rstd, const PT* w, const PT* b, bool stream) {
   using A = acc_t<T>;
   using C = Chunk<T>;
   using CP = Chunk<PT>;
   using V = typename C::V;
   static_assert(C::size == CP::size, "input and parameter chunks must line up");
   if (w == nullptr && b == nullptr) {
-    segment_affine(x, y, N, mean, rstd, A(0));
+    segment_affine(x, y, N, mean, rstd, A(0), stream);
     return;
   }
   const V vmean(mean), vrstd(rstd);
@@ -49,7 +49,7 @@ static inline void layer_norm_row_apply(const T* x, T* y, int64_t N, acc_t<T> me
       a = a + ba;
       c = c + bc;
     }
-    C::store(y + j, a, c);
+    C::put(y + j, a, c, stream);
   }
   for (; j < N; ++j) {
     A v = (static_cast<A>(x[j]) - mean) * rstd;
@@ -72,14 +72,16 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   A* mp = mean.defined() ? mean.data_ptr<A>() : nullptr;
   A* rp = rstd.data_ptr<A>();
   const A a_eps = static_cast<A>(eps);
+  const bool stream = stream_stores(2 * x.nbytes());
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    const StreamFence fence(stream);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + r * N;
       // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
       const A mu = rms ? A(0) : segment_sum(xr, N) / static_cast<A>(N);
       const A var = segment_sq_dev(xr, N, mu) / static_cast<A>(N);
       const A rs = A(1) / std::sqrt(var + a_eps);
-      layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b);
+      layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, stream);
       if (mp != nullptr) mp[r] = mu;
       rp[r] = rs;
     }
@@ -127,7 +129,9 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   std::vector<A> part_dw(want_dw ? blocks.count * N : 0, A(0));
   std::vector<A> part_db(want_db ? blocks.count * N : 0, A(0));
 
+  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
   at::parallel_for(0, blocks.count, 1, [&](int64_t bb, int64_t be) {
+    const StreamFence fence(stream);
     for (int64_t blk = bb; blk < be; ++blk) {
       A* pdw = want_dw ? part_dw.data() + blk * N : nullptr;
       A* pdb = want_db ? part_db.data() + blk * N : nullptr;
@@ -182,7 +186,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
         const A k_0 = -rs * c_g;
         T* dr = dxp + r * N;
         if (w == nullptr) {
-          segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0);
+          segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0, stream);
           continue;
         }
         const V vkx(k_x), vk0(k_0);
@@ -194,8 +198,8 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
           const int64_t h = j + V::size();
           ga = ga * V::loadu(w + j) * vrs;
           gb = gb * V::loadu(w + h) * vrs;
-          Ch::store(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
-                   at::vec::fmadd(xb - vmu, vkx, gb + vk0));
+          Ch::put(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
+                  at::vec::fmadd(xb - vmu, vkx, gb + vk0), stream);
         }
         for (; j < N; ++j) {
           dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +

@@ -5,7 +5,7 @@
 //   * columns of a row-major [rows, C] matrix (channels_last batch/group norm, 2-D batch norm),
 // so the helpers come in those two shapes. All arithmetic runs in the accumulation type
 // acc_t<T> (fp32 for fp32/fp16/bf16, fp64 for fp64). Variances are two-pass (segments) or
-// Welford with Chan merges (columns); never E[x^2] - E[x]^2.
+// Welford merged exactly across blocks (columns); never E[x^2] - E[x]^2.
 //
 // This header is compiled once per CPU capability (see capability/*.cpp): everything lives in
 // the CPU_CAPABILITY inline namespace, like ATen's own vectorized kernels, so the AVX2 and
@@ -16,6 +16,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -32,6 +36,45 @@ using at::vec::Vectorized;
 
 template <typename T>
 using acc_t = at::opmath_type<T>;
+
+// Non-temporal ("streaming") store of one vector to an address aligned to its size: the line
+// is written around the caches, without first being read from memory. Where the capability has
+// no such instruction, a plain store.
+template <typename V>
+inline void stream_vec(void* p, const V& v) {
+  using E = typename V::value_type;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<E, float>) {
+    _mm512_stream_ps(static_cast<float*>(p), v);
+  } else if constexpr (std::is_same_v<E, double>) {
+    _mm512_stream_pd(static_cast<double*>(p), v);
+  } else {
+    _mm512_stream_si512(static_cast<__m512i*>(p), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<E, float>) {
+    _mm256_stream_ps(static_cast<float*>(p), v);
+  } else if constexpr (std::is_same_v<E, double>) {
+    _mm256_stream_pd(static_cast<double*>(p), v);
+  } else {
+    _mm256_stream_si256(static_cast<__m256i*>(p), v);
+  }
+#else
+  v.store(static_cast<E*>(p));
+#endif
+}
+
+// Streaming stores are weakly ordered: every task that issued some fences before it ends, so
+// the thread that continues after the parallel region reads what they wrote.
+struct StreamFence {
+  bool on;
+  explicit StreamFence(bool stream) : on(stream) {}
+  ~StreamFence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (on) _mm_sfence();
+#endif
+  }
+};
 
 // A chunk is two accumulator vectors: exactly one Vectorized<Half/BFloat16> widened to fp32,
 // or two plain fp32/fp64 vectors. Loops step one chunk at a time and finish with a scalar tail.
@@ -56,6 +99,19 @@ struct Chunk {
     } else {
       lo.store(p);
       hi.store(p + V::size());
+    }
+  }
+  // store(), as streaming stores when `stream` is set and p is aligned for them (the elementwise
+  // passes align their stores; a misaligned one, such as a row of odd length, stays plain).
+  static constexpr uintptr_t stream_align = widened ? sizeof(Vectorized<T>) : sizeof(V);
+  static inline void put(T* p, const V& lo, const V& hi, bool stream) {
+    if (!stream || reinterpret_cast<uintptr_t>(p) % stream_align != 0) {
+      store(p, lo, hi);
+    } else if constexpr (widened) {
+      stream_vec(p, at::vec::convert_from_float<T>(lo, hi));
+    } else {
+      stream_vec(p, lo);
+      stream_vec(p + V::size(), hi);
     }
   }
   // The first n (0 < n < size) elements, the other lanes zero: masked loads, so short segments
@@ -215,7 +271,7 @@ inline int64_t aligned_start(const T* out, int64_t n) {
 // constant input.
 template <typename T>
 inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T> scale,
-                           acc_t<T> shift) {
+                           acc_t<T> shift, bool stream) {
   using C = Chunk<T>;
   using V = typename C::V;
   const V vc(center), vs(scale), vb(shift);
@@ -228,7 +284,7 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
   for (; i + C::size <= n; i += C::size) {
     V a, b;
     C::load(x + i, a, b);
-    C::store(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb));
+    C::put(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb), stream);
   }
   if (i < n) {
     V a, b;
@@ -284,7 +340,7 @@ inline std::pair<acc_t<T>, acc_t<T>> segment_grad_sums(const T* dy, const T* x, 
 // input gradient once its per-segment reductions are known (centered, like segment_affine).
 template <typename T>
 inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> center,
-                               acc_t<T> k_dy, acc_t<T> k_x, acc_t<T> k_0) {
+                               acc_t<T> k_dy, acc_t<T> k_x, acc_t<T> k_0, bool stream) {
   using C = Chunk<T>;
   using V = typename C::V;
   const V vc(center), vdy(k_dy), vx(k_x), v0(k_0);
@@ -300,8 +356,8 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
     V ga, gb, xa, xb;
     C::load(dy + i, ga, gb);
     C::load(x + i, xa, xb);
-    C::store(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
-             at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)));
+    C::put(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
+           at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)), stream);
   }
   if (i < n) {
     V ga, gb, xa, xb;
@@ -314,56 +370,101 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
 
 // ---------------------------------------------------------------- columns of [rows, C]
 
+// Welford update of the columns [c, c + K * V::size()) over rows [p0, p1), with the tile's
+// means and m2 held in registers for the whole sweep (loaded and stored once, not once a row).
+// inv_count[r - p0] is 1 / (rows seen so far, row r included).
+template <typename T, int K>
+inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t C, int64_t c,
+                         const acc_t<T>* inv_count, acc_t<T>* mean, acc_t<T>* m2) {
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  static_assert(K % 2 == 0, "a tile is whole chunks");
+  V m[K], s[K];
+  for (int k = 0; k < K; ++k) {
+    m[k] = V::loadu(mean + c + k * V::size());
+    s[k] = V::loadu(m2 + c + k * V::size());
+  }
+  for (int64_t r = p0; r < p1; ++r) {
+    const T* row = x + r * C + c;
+    V a[K];
+    for (int k = 0; k < K; k += 2) Ch::load(row + k * V::size(), a[k], a[k + 1]);
+    const V vinv(inv_count[r - p0]);
+    for (int k = 0; k < K; ++k) {
+      const V d = a[k] - m[k];
+      m[k] = at::vec::fmadd(d, vinv, m[k]);
+      s[k] = at::vec::fmadd(d, a[k] - m[k], s[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    m[k].store(mean + c + k * V::size());
+    s[k].store(m2 + c + k * V::size());
+  }
+}
+
 // Per-column Welford over rows [r0, r1) of a row-major [*, C] matrix. mean/m2 (length C) are
-// overwritten; every column sees the same count (r1 - r0), so one reciprocal per row serves
-// all columns.
+// overwritten; every column sees the same count, so one reciprocal per row serves all columns.
+// Register tiles of columns sweep passes of rows sized to stay in L2 between tiles: keeping
+// the running statistics in memory instead (a load and a store of both per element) made this
+// pass store-bound at half the speed of the normalize pass after it.
 template <typename T>
 inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, acc_t<T>* mean,
                             acc_t<T>* m2) {
   using A = acc_t<T>;
   using Ch = Chunk<T>;
-  using V = typename Ch::V;
   std::fill(mean, mean + C, A(0));
   std::fill(m2, m2 + C, A(0));
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* row = x + r * C;
-    const A inv_count = A(1) / static_cast<A>(r - r0 + 1);
-    const V vinv(inv_count);
+  if (r1 <= r0) return;
+  const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T)));
+  const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
+  std::vector<A> inv_count(std::min(pass_rows, r1 - r0));
+  for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
+    const int64_t p1 = std::min(r1, p0 + pass_rows);
+    for (int64_t r = p0; r < p1; ++r) inv_count[r - p0] = A(1) / static_cast<A>(r - r0 + 1);
     int64_t c = 0;
-    for (; c + Ch::size <= C; c += Ch::size) {
-      V a, b;
-      Ch::load(row + c, a, b);
-      V ma = V::loadu(mean + c), mb = V::loadu(mean + c + V::size());
-      V sa = V::loadu(m2 + c), sb = V::loadu(m2 + c + V::size());
-      const V da = a - ma, db = b - mb;
-      ma = at::vec::fmadd(da, vinv, ma);
-      mb = at::vec::fmadd(db, vinv, mb);
-      sa = at::vec::fmadd(da, a - ma, sa);
-      sb = at::vec::fmadd(db, b - mb, sb);
-      ma.store(mean + c);
-      mb.store(mean + c + V::size());
-      sa.store(m2 + c);
-      sb.store(m2 + c + V::size());
-    }
+    for (; c + 2 * Ch::size <= C; c += 2 * Ch::size)
+      welford_tile<T, 4>(x, p0, p1, C, c, inv_count.data(), mean, m2);
+    for (; c + Ch::size <= C; c += Ch::size)
+      welford_tile<T, 2>(x, p0, p1, C, c, inv_count.data(), mean, m2);
     for (; c < C; ++c) {
-      const A v = static_cast<A>(row[c]);
-      const A d = v - mean[c];
-      mean[c] += d * inv_count;
-      m2[c] += d * (v - mean[c]);
+      for (int64_t r = p0; r < p1; ++r) {
+        const A v = static_cast<A>(x[r * C + c]);
+        const A d = v - mean[c];
+        mean[c] += d * inv_count[r - p0];
+        m2[c] += d * (v - mean[c]);
+      }
     }
   }
 }
 
-// Chan's parallel merge of (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a).
+// Merge per-block column statistics (block b: count[b] rows, means part_mean[b * C + c] and
+// squared-deviation sums part_m2[b * C + c]) into each column's mean and m2 over all blocks, by
+// the exact two-pass combination
+//   mean = sum_b count_b * mean_b / sum_b count_b,   m2 = sum_b (m2_b + count_b * (mean_b - mean)^2),
+// which is as stable as Chan's pairwise merge but costs one division in all instead of one per
+// block and column in a serial chain (that chain cost as much as the statistics pass itself at
+// C = 1280). Plain loops along C, which the compiler vectorizes.
 template <typename A>
-inline void chan_merge(A& count_a, A& mean_a, A& m2_a, A count_b, A mean_b, A m2_b) {
-  if (count_b == 0) return;
-  const A count = count_a + count_b;
-  const A delta = mean_b - mean_a;
-  const A frac_b = count_b / count;
-  mean_a += delta * frac_b;
-  m2_a += m2_b + delta * delta * count_a * frac_b;
-  count_a = count;
+inline void columns_merge(const A* count, int64_t nb, const A* part_mean, const A* part_m2,
+                          int64_t C, A* mean, A* m2) {
+  A total = 0;
+  for (int64_t b = 0; b < nb; ++b) total += count[b];
+  const A inv_total = total > 0 ? A(1) / total : A(0);
+  std::fill(mean, mean + C, A(0));
+  std::fill(m2, m2 + C, A(0));
+  for (int64_t b = 0; b < nb; ++b) {
+    const A* pm = part_mean + b * C;
+    const A w = count[b] * inv_total;
+    for (int64_t c = 0; c < C; ++c) mean[c] += w * pm[c];
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const A* pm = part_mean + b * C;
+    const A* ps = part_m2 + b * C;
+    const A cb = count[b];
+    for (int64_t c = 0; c < C; ++c) {
+      const A d = pm[c] - mean[c];
+      m2[c] += ps[c] + cb * d * d;
+    }
+  }
 }
 
 // Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), accumulated into
@@ -400,7 +501,8 @@ inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, i
 // y[r, c] = (x[r, c] - center[c]) * scale[c] + shift[c] for rows [r0, r1).
 template <typename T>
 inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
-                        const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift) {
+                        const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift,
+                        bool stream) {
   using Ch = Chunk<T>;
   using V = typename Ch::V;
   for (int64_t r = r0; r < r1; ++r) {
@@ -411,9 +513,10 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
       V a, b;
       Ch::load(xr + c, a, b);
       const int64_t h = c + V::size();
-      Ch::store(yr + c,
-                at::vec::fmadd(a - V::loadu(center + c), V::loadu(scale + c), V::loadu(shift + c)),
-                at::vec::fmadd(b - V::loadu(center + h), V::loadu(scale + h), V::loadu(shift + h)));
+      Ch::put(yr + c,
+              at::vec::fmadd(a - V::loadu(center + c), V::loadu(scale + c), V::loadu(shift + c)),
+              at::vec::fmadd(b - V::loadu(center + h), V::loadu(scale + h), V::loadu(shift + h)),
+              stream);
     }
     for (; c < C; ++c) {
       yr[c] = static_cast<T>((static_cast<acc_t<T>>(xr[c]) - center[c]) * scale[c] + shift[c]);
@@ -425,7 +528,7 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
 template <typename T>
 inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t C,
                             const acc_t<T>* center, const acc_t<T>* k_dy, const acc_t<T>* k_x,
-                            const acc_t<T>* k_0) {
+                            const acc_t<T>* k_0, bool stream) {
   using Ch = Chunk<T>;
   using V = typename Ch::V;
   for (int64_t r = r0; r < r1; ++r) {
@@ -439,11 +542,12 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
       Ch::load(xr + c, xa, xb);
       const int64_t h = c + V::size();
       const V ca = xa - V::loadu(center + c), cb = xb - V::loadu(center + h);
-      Ch::store(dr + c,
-                at::vec::fmadd(ga, V::loadu(k_dy + c),
-                               at::vec::fmadd(ca, V::loadu(k_x + c), V::loadu(k_0 + c))),
-                at::vec::fmadd(gb, V::loadu(k_dy + h),
-                               at::vec::fmadd(cb, V::loadu(k_x + h), V::loadu(k_0 + h))));
+      Ch::put(dr + c,
+              at::vec::fmadd(ga, V::loadu(k_dy + c),
+                             at::vec::fmadd(ca, V::loadu(k_x + c), V::loadu(k_0 + c))),
+              at::vec::fmadd(gb, V::loadu(k_dy + h),
+                             at::vec::fmadd(cb, V::loadu(k_x + h), V::loadu(k_0 + h))),
+              stream);
     }
     for (; c < C; ++c) {
       dr[c] = static_cast<T>(static_cast<acc_t<T>>(gr[c]) * k_dy[c] +
