@@ -57,7 +57,7 @@ struct Kernels {
 // last-level cache anyway: each output line then costs one write to memory instead of a read
 // for ownership and a write, a third of a forward pass's traffic. Smaller outputs stay plain, so
 // the next layer finds them in cache. NORMKERNELS_STREAM_STORES=0/1 forces it off/on (read
-// once); the cache size comes from the OS (none known: never).
+// once); the cache size comes from the OS, at most 32 MiB (none known: never).
 bool stream_stores(int64_t bytes);
 
 // One table per capability; the ones not compiled for this platform return nullptr.

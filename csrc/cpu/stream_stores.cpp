@@ -15,17 +15,13 @@ namespace normkernels {
 namespace cpu {
 namespace {
 
-// Bytes of the largest cache level the OS reports, 0 if none.
+// Bytes of last-level cache a pass can count on, 0 if the OS says nothing. VMs report it
+// loosely: this AMD EPYC guest's sysfs gives cpu0's 32 MiB CCX L3 while glibc's sysconf sums
+// the socket's (320 MiB); a Xeon guest's sysfs gave the host's 480 MiB. So: the smaller of the
+// two reports, and at most 32 MiB, about what one core complex shares on current servers (with
+// NORMKERNELS_STREAM_STORES to override).
 int64_t last_level_cache_bytes() {
-  int64_t best = 0;
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-  best = std::max<int64_t>(best, sysconf(_SC_LEVEL3_CACHE_SIZE));
-#endif
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-  if (best <= 0) best = std::max<int64_t>(best, sysconf(_SC_LEVEL2_CACHE_SIZE));
-#endif
-  if (best > 0) return best;
-  // sysconf knows nothing here (some libcs, Arm): sysfs lists each cache level of cpu0.
+  int64_t from_sysfs = 0;
   for (int index = 0; index < 8; ++index) {
     const std::string path =
         "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
@@ -38,9 +34,15 @@ int64_t last_level_cache_bytes() {
     if (got < 1) continue;
     if (unit == 'K') value <<= 10;
     if (unit == 'M') value <<= 20;
-    best = std::max<int64_t>(best, value);
+    from_sysfs = std::max<int64_t>(from_sysfs, value);
   }
-  return best;
+  int64_t from_sysconf = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+  from_sysconf = std::max<int64_t>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+  int64_t llc = from_sysfs > 0 && from_sysconf > 0 ? std::min(from_sysfs, from_sysconf)
+                                                   : std::max(from_sysfs, from_sysconf);
+  return std::min<int64_t>(llc, int64_t{32} << 20);
 }
 
 // -1: decide by size; 0: never; 1: always.
