@@ -15,26 +15,30 @@ namespace normkernels {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 
-// y = (x - mean) * rstd * w + b over one row; w and b may be null. The parameters are either
+// y = (x - mean) * rstd * w + b over one row; w and b may be null. x is the input's dtype, or
+// the row already widened to the accumulation type (TX = acc_t<T>); the parameters are either
 // the accumulation type or the input's own type (PT), widened in registers: converting bf16
 // weights to fp32 tensors on every call would cost more than a one-row layer norm itself.
-template <typename T, typename PT>
-static inline void layer_norm_row_apply(const T* x, T* y, int64_t N, acc_t<T> mean,
+template <typename TX, typename T, typename PT>
+static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> mean,
                                         acc_t<T> rstd, const PT* w, const PT* b, bool stream) {
   using A = acc_t<T>;
   using C = Chunk<T>;
+  using CX = Chunk<TX>;
   using CP = Chunk<PT>;
   using V = typename C::V;
-  static_assert(C::size == CP::size, "input and parameter chunks must line up");
-  if (w == nullptr && b == nullptr) {
-    segment_affine(x, y, N, mean, rstd, A(0), stream);
-    return;
+  static_assert(C::size == CP::size && C::size == CX::size, "chunks must line up");
+  if constexpr (std::is_same_v<TX, T>) {
+    if (w == nullptr && b == nullptr) {
+      segment_affine(x, y, N, mean, rstd, A(0), stream);
+      return;
+    }
   }
   const V vmean(mean), vrstd(rstd);
   int64_t j = 0;
   for (; j + C::size <= N; j += C::size) {
     V a, c;
-    C::load(x + j, a, c);
+    CX::load(x + j, a, c);
     a = (a - vmean) * vrstd;
     c = (c - vmean) * vrstd;
     if (w != nullptr) {
@@ -59,6 +63,71 @@ static inline void layer_norm_row_apply(const T* x, T* y, int64_t N, acc_t<T> me
   }
 }
 
+// Widens a row of n elements into out (accumulation type) and returns its sum.
+template <typename T>
+static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
+  using A = acc_t<T>;
+  using C = Chunk<T>;
+  using V = typename C::V;
+  V lo(0), hi(0);
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V a, b;
+    C::load(p + i, a, b);
+    a.store(out + i);
+    b.store(out + i + V::size());
+    lo += a;
+    hi += b;
+  }
+  A total = hsum(lo + hi);
+  for (; i < n; ++i) {
+    out[i] = static_cast<A>(p[i]);
+    total += out[i];
+  }
+  return total;
+}
+
+// Rows of a half-precision input at least this long are widened to fp32 once (in L1) and the
+// statistics and normalize passes read that copy: each bf16 -> fp32 conversion costs more
+// than the fp32 load it replaces, and these passes are compute-bound, not memory-bound, in bf16.
+// With at least kWidenParamsRows rows, half-precision weight and bias are widened once per
+// call, not once per row.
+constexpr int64_t kWidenRowMax = 16384;
+constexpr int64_t kWidenParamsRows = 4;
+
+template <typename T, typename PT>
+static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const PT* w,
+                                const PT* b, acc_t<T> eps, bool rms, acc_t<T>* mp, acc_t<T>* rp,
+                                bool stream) {
+  using A = acc_t<T>;
+  constexpr bool widened = Chunk<T>::widened;
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    const StreamFence fence(stream);
+    std::vector<A> row(widened && N <= kWidenRowMax ? N : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * N;
+      // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
+      A mu, var;
+      if (!row.empty()) {
+        const A sum = widen_and_sum(xr, N, row.data());
+        mu = rms ? A(0) : sum / static_cast<A>(N);
+        var = segment_sq_dev(row.data(), N, mu) / static_cast<A>(N);
+      } else {
+        mu = rms ? A(0) : segment_sum(xr, N) / static_cast<A>(N);
+        var = segment_sq_dev(xr, N, mu) / static_cast<A>(N);
+      }
+      const A rs = A(1) / std::sqrt(var + eps);
+      if (!row.empty()) {
+        layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, w, b, stream);
+      } else {
+        layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, stream);
+      }
+      if (mp != nullptr) mp[r] = mu;
+      rp[r] = rs;
+    }
+  });
+}
+
 template <typename T, typename PT>
 static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tensor& weight,
                                  const at::Tensor& bias, double eps, bool rms, at::Tensor& y,
@@ -71,21 +140,21 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   const PT* b = bias.defined() ? bias.const_data_ptr<PT>() : nullptr;
   A* mp = mean.defined() ? mean.data_ptr<A>() : nullptr;
   A* rp = rstd.data_ptr<A>();
-  const A a_eps = static_cast<A>(eps);
   const bool stream = stream_stores(2 * x.nbytes());
-  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-    const StreamFence fence(stream);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xp + r * N;
-      // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
-      const A mu = rms ? A(0) : segment_sum(xr, N) / static_cast<A>(N);
-      const A var = segment_sq_dev(xr, N, mu) / static_cast<A>(N);
-      const A rs = A(1) / std::sqrt(var + a_eps);
-      layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, stream);
-      if (mp != nullptr) mp[r] = mu;
-      rp[r] = rs;
+  if constexpr (!std::is_same_v<PT, A>) {
+    if (M >= kWidenParamsRows) {
+      std::vector<A> wide(2 * N);
+      for (int64_t j = 0; j < N; ++j) {
+        if (w != nullptr) wide[j] = static_cast<A>(w[j]);
+        if (b != nullptr) wide[N + j] = static_cast<A>(b[j]);
+      }
+      layer_norm_fwd_rows<T, A>(xp, yp, M, N, w != nullptr ? wide.data() : nullptr,
+                                b != nullptr ? wide.data() + N : nullptr, static_cast<A>(eps),
+                                rms, mp, rp, stream);
+      return;
     }
-  });
+  }
+  layer_norm_fwd_rows<T, PT>(xp, yp, M, N, w, b, static_cast<A>(eps), rms, mp, rp, stream);
 }
 
 void layer_norm_fwd(const at::Tensor& x, int64_t N, const at::Tensor& weight,
