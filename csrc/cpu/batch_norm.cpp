@@ -5,7 +5,8 @@
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
 //                  merged exactly in block order; then one normalize pass over the rows.
 //   backward     : per-channel sum(dy) and sum(dy * (x - mean)) in one read of x and dy; then
-//                  dx = dy * k_dy[c] + (x - mean[c]) * k_x[c] + k_0[c]. Inference backward skips the sums
+//                  dx = dy * k_dy[c] + (x - mean[c]) * k_x[c] + k_0[c], for NCHW in the same task
+//                  per channel (its planes still in L2). Inference backward skips the sums
 //                  unless dweight/dbias are wanted.
 // Included by capability/*.cpp, never compiled on its own.
 #include "kernels.h"
@@ -209,19 +210,56 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const A* invstd = invstd_t.const_data_ptr<A>();
   const int64_t count = s.N * s.HW;
   const bool need_sums = train || dweight.defined() || dbias.defined();
+  T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
 
   std::vector<A> sum_dy(s.C, A(0)), sum_dy_xc(s.C, A(0));
-  if (need_sums && !s.channels_last) {
+  // train: dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
+  // eval:  dx = w * invstd * dy
+  std::vector<A> k_dy(s.C), k_x(s.C, A(0)), k_0(s.C, A(0));
+  const A inv_count = count > 0 ? A(1) / static_cast<A>(count) : A(0);
+  const auto grad_coeffs = [&](int64_t c) {
+    const A rs = invstd[c];
+    k_dy[c] = rs * param_or(w, c, A(1));
+    if (train) {
+      const A proj = rs * rs * sum_dy_xc[c] * inv_count;
+      k_x[c] = -k_dy[c] * proj;
+      k_0[c] = -k_dy[c] * sum_dy[c] * inv_count;
+    }
+  };
+  const auto channel_sums = [&](int64_t c) {
+    VecSum<T> sg, sd;
+    for (int64_t n = 0; n < s.N; ++n) {
+      const int64_t off = (n * s.C + c) * s.HW;
+      accumulate_grad_sums(gp + off, xp + off, s.HW, mean[c], sg, sd);
+    }
+    sum_dy[c] = sg.total();
+    sum_dy_xc[c] = sd.total();
+  };
+  const auto channel_grad_input = [&](int64_t c, bool stream) {
+    for (int64_t n = 0; n < s.N; ++n) {
+      const int64_t off = (n * s.C + c) * s.HW;
+      segment_grad_input(gp + off, xp + off, dxp + off, s.HW, mean[c], k_dy[c], k_x[c], k_0[c],
+                         stream);
+    }
+  };
+  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
+  // NCHW with a channel per thread at least: one task per channel sums its planes and then
+  // writes their dx while they are in L2 (16 planes of 56x56 are 200 KB of x and of dy), one
+  // pass over memory instead of two.
+  const bool fused = !s.channels_last && dxp != nullptr && s.C >= at::get_num_threads();
+
+  if (fused) {
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) {
-        VecSum<T> sg, sd;
-        for (int64_t n = 0; n < s.N; ++n) {
-          const int64_t off = (n * s.C + c) * s.HW;
-          accumulate_grad_sums(gp + off, xp + off, s.HW, mean[c], sg, sd);
-        }
-        sum_dy[c] = sg.total();
-        sum_dy_xc[c] = sd.total();
+        if (need_sums) channel_sums(c);
+        grad_coeffs(c);
+        channel_grad_input(c, stream);
       }
+    });
+  } else if (need_sums && !s.channels_last) {
+    at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) channel_sums(c);
     });
   } else if (need_sums) {
     const Blocks blocks(count, std::max<int64_t>(1, 8192 / std::max<int64_t>(s.C, 1)));
@@ -247,31 +285,13 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     A* db = dbias.data_ptr<A>();
     for (int64_t c = 0; c < s.C; ++c) db[c] = sum_dy[c];
   }
-  if (!dx.defined()) return;
+  if (dxp == nullptr || fused) return;
 
-  // train: dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
-  // eval:  dx = w * invstd * dy
-  std::vector<A> k_dy(s.C), k_x(s.C, A(0)), k_0(s.C, A(0));
-  const A inv_count = count > 0 ? A(1) / static_cast<A>(count) : A(0);
-  for (int64_t c = 0; c < s.C; ++c) {
-    const A rs = invstd[c];
-    k_dy[c] = rs * param_or(w, c, A(1));
-    if (train) {
-      const A proj = rs * rs * sum_dy_xc[c] * inv_count;
-      k_x[c] = -k_dy[c] * proj;
-      k_0[c] = -k_dy[c] * sum_dy[c] * inv_count;
-    }
-  }
-  T* dxp = dx.data_ptr<T>();
-  const bool stream = stream_stores(3 * x.nbytes());
+  for (int64_t c = 0; c < s.C; ++c) grad_coeffs(c);
   if (!s.channels_last) {
-    at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const int64_t c = nc % s.C;
-        segment_grad_input(gp + nc * s.HW, xp + nc * s.HW, dxp + nc * s.HW, s.HW, mean[c],
-                           k_dy[c], k_x[c], k_0[c], stream);
-      }
+      for (int64_t c = begin; c < end; ++c) channel_grad_input(c, stream);
     });
   } else {
     at::parallel_for(0, count, grain_for(s.C), [&](int64_t begin, int64_t end) {

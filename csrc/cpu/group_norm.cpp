@@ -5,9 +5,11 @@
 //   channels_last: per-(n, channel) Welford over blocks of pixels (vectorized along C, split over
 //                  HW so that batch 1 still uses every thread), merged exactly per block and then
 //                  per group; the normalize pass walks rows of C.
-//   backward     : per-(n, channel) sums of dy and dy * (x - mean) in one read of x and dy, then
-//                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0 in a second; dweight/dbias from the same
-//                  sums, reduced over n in a fixed order.
+//   backward     : per-(n, channel) sums of dy and dy * (x - mean), then
+//                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0; for NCHW both in one task per
+//                  (n, group), the second pass reading the group from L2, for channels_last two
+//                  passes over memory; dweight/dbias from the same sums, reduced over n in a
+//                  fixed order.
 // Included by capability/*.cpp, never compiled on its own.
 #include "kernels.h"
 #include "reductions.h"
@@ -139,29 +141,26 @@ void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
 }
 
 // From per-(n, c) sum_dy and sum_dy_xc = sum(dy * (x - mean_g)), the coefficients of
-// dx = dy * k_dy[c] + (x - mean) * k_x[n, g] + k_0[n, g] (stored per (n, c)):
+// dx = dy * k_dy[c] + (x - mean) * k_x[n, g] + k_0[n, g] (stored per (n, c)) of one group:
 //   g = dy * w,  xhat = (x - mean) * rstd,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 template <typename A>
-static void group_grad_coeffs(const GroupView<A>& v, const A* mean, const A* rstd,
-                              const A* sum_dy, const A* sum_dy_xc, A* k_dy, A* k_x, A* k_0) {
+static void group_grad_coeffs(const GroupView<A>& v, int64_t n, int64_t g, const A* mean,
+                              const A* rstd, const A* sum_dy, const A* sum_dy_xc, A* k_dy,
+                              A* k_x, A* k_0) {
   const A inv_count = A(1) / static_cast<A>(v.D * v.HW);
-  for (int64_t n = 0; n < v.N; ++n) {
-    for (int64_t g = 0; g < v.G; ++g) {
-      const int64_t ng = n * v.G + g;
-      A s_g = 0, s_gxc = 0;
-      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-        s_g += v.wt(c) * sum_dy[n * v.C + c];
-        s_gxc += v.wt(c) * sum_dy_xc[n * v.C + c];
-      }
-      const A rs = rstd[ng];
-      const A mean_g = s_g * inv_count;
-      const A mean_gxhat = s_gxc * rs * inv_count;
-      for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
-        k_dy[n * v.C + c] = rs * v.wt(c);
-        k_x[n * v.C + c] = -rs * rs * mean_gxhat;
-        k_0[n * v.C + c] = -rs * mean_g;
-      }
-    }
+  const int64_t ng = n * v.G + g;
+  A s_g = 0, s_gxc = 0;
+  for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+    s_g += v.wt(c) * sum_dy[n * v.C + c];
+    s_gxc += v.wt(c) * sum_dy_xc[n * v.C + c];
+  }
+  const A rs = rstd[ng];
+  const A mean_g = s_g * inv_count;
+  const A mean_gxhat = s_gxc * rs * inv_count;
+  for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+    k_dy[n * v.C + c] = rs * v.wt(c);
+    k_x[n * v.C + c] = -rs * rs * mean_gxhat;
+    k_0[n * v.C + c] = -rs * mean_g;
   }
 }
 
@@ -195,10 +194,43 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const A* mean = mean_t.const_data_ptr<A>();
   const A* rstd = rstd_t.const_data_ptr<A>();
   std::vector<A> sum_dy(v.N * v.C, A(0)), sum_dy_xc(v.N * v.C, A(0));
+  std::vector<A> k_dy(v.N * v.C), k_x(v.N * v.C), k_0(v.N * v.C);
+  T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
+  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
+
+  if (!s.channels_last && v.N * G >= at::get_num_threads()) {
+    // One task per (n, group): its planes' sums, then (their x and dy now in L2: a group of
+    // D * HW elements, 160 KB of each at 320 channels and 64x64) its dx, in one pass over
+    // memory instead of two. (Fewer groups than threads: planes in parallel, two passes.)
+    at::parallel_for(0, v.N * G, grain_for(v.D * v.HW), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / G, g = ng % G;
+        const int64_t nc0 = n * v.C + g * v.D;
+        for (int64_t nc = nc0; nc < nc0 + v.D; ++nc) {
+          std::tie(sum_dy[nc], sum_dy_xc[nc]) =
+              segment_grad_sums(gp + nc * v.HW, xp + nc * v.HW, v.HW, mean[ng]);
+        }
+        if (dxp == nullptr) continue;
+        group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
+                          k_x.data(), k_0.data());
+        for (int64_t nc = nc0; nc < nc0 + v.D; ++nc) {
+          segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, mean[ng],
+                             k_dy[nc], k_x[nc], k_0[nc], stream);
+        }
+      }
+    });
+    if (dweight.defined() || dbias.defined()) {
+      group_param_grads(v, rstd, sum_dy.data(), sum_dy_xc.data(), dweight, dbias);
+    }
+    return;
+  }
+
+  // channels_last (a group's channels are strided through every row), or too few groups to
+  // share out: the sums in one pass over all of x and dy, dx in a second.
   std::vector<A> center(v.N * v.C);  // each channel's group mean
   for (int64_t n = 0; n < v.N; ++n)
     for (int64_t c = 0; c < v.C; ++c) center[n * v.C + c] = mean[n * G + c / v.D];
-
   if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
@@ -230,12 +262,11 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   if (dweight.defined() || dbias.defined()) {
     group_param_grads(v, rstd, sum_dy.data(), sum_dy_xc.data(), dweight, dbias);
   }
-  if (!dx.defined()) return;
-  std::vector<A> k_dy(v.N * v.C), k_x(v.N * v.C), k_0(v.N * v.C);
-  group_grad_coeffs(v, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(), k_x.data(),
-                    k_0.data());
-  T* dxp = dx.data_ptr<T>();
-  const bool stream = stream_stores(3 * x.nbytes());
+  if (dxp == nullptr) return;
+  for (int64_t n = 0; n < v.N; ++n)
+    for (int64_t g = 0; g < G; ++g)
+      group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
+                        k_x.data(), k_0.data());
   if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
@@ -244,18 +275,18 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                            k_dy[nc], k_x[nc], k_0[nc], stream);
       }
     });
-  } else {
-    at::parallel_for(0, v.N * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
-      const StreamFence fence(stream);
-      for (int64_t r = begin; r < end;) {
-        const int64_t n = r / v.HW;
-        const int64_t stop = std::min(end, (n + 1) * v.HW);
-        rows_grad_input(gp, xp, dxp, r, stop, v.C, center.data() + n * v.C, k_dy.data() + n * v.C,
-                        k_x.data() + n * v.C, k_0.data() + n * v.C, stream);
-        r = stop;
-      }
-    });
+    return;
   }
+  at::parallel_for(0, v.N * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
+    const StreamFence fence(stream);
+    for (int64_t r = begin; r < end;) {
+      const int64_t n = r / v.HW;
+      const int64_t stop = std::min(end, (n + 1) * v.HW);
+      rows_grad_input(gp, xp, dxp, r, stop, v.C, center.data() + n * v.C, k_dy.data() + n * v.C,
+                      k_x.data() + n * v.C, k_0.data() + n * v.C, stream);
+      r = stop;
+    }
+  });
 }
 
 void group_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const NormShape& s,
