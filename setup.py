@@ -34,7 +34,28 @@ class BuildWithCapabilities(BuildExtension):
         if self.parallel is None:
             self.parallel = os.cpu_count() or 1
 
+    def _compiler_accepts(self, flags):
+        """Whether the C++ compiler builds an AVX512_BF16 conversion with these flags."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cpp")
+            with open(src, "w") as f:
+                f.write("#include <immintrin.h>\n"
+                        "__m512i f(__m512 a, __m512 b) {"
+                        " return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(a, b)); }\n")
+            try:
+                self.compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+                return True
+            except Exception:  # distutils' CompileError, or a compiler that is not there
+                return False
+
     def build_extensions(self):
+        # AVX512_BF16 (one-instruction fp32 -> bf16) where the compiler has it; the kernels
+        # check the CPU for it at run time (csrc/cpu/reductions.h).
+        bf16 = ["-mavx512bf16"]
+        if X86 and self._compiler_accepts(CAPABILITY_FLAGS["avx512.cpp"] + bf16):
+            CAPABILITY_FLAGS["avx512.cpp"] = CAPABILITY_FLAGS["avx512.cpp"] + bf16
         compile_one = self.compiler._compile
 
         def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):

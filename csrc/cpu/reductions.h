@@ -20,6 +20,10 @@
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#include <cpuid.h>
+#define NK_AVX512_BF16 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -76,6 +80,32 @@ struct StreamFence {
   }
 };
 
+#ifdef NK_AVX512_BF16
+// Whether this CPU has AVX512_BF16 (CPUID leaf 7, subleaf 1, EAX bit 5). The AVX-512 build is
+// compiled with -mavx512bf16 where the compiler knows it, but only the bf16 stores below use it,
+// behind this flag, so the same build runs on AVX-512 CPUs without it.
+inline const bool kCpuHasAvx512Bf16 = [] {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 5)) != 0;
+}();
+#endif
+
+// fp32 lanes lo, hi -> one vector of T (bf16 or fp16), rounded to nearest even. With
+// AVX512_BF16, bf16 is one instruction (vcvtne2ps2bf16) instead of ATen's fourteen; that
+// instruction flushes results below bf16's smallest normal (1.2e-38) to zero where ATen keeps
+// them denormal, a difference below any tolerance a bf16 result is held to.
+template <typename T>
+inline Vectorized<T> narrow(const Vectorized<float>& lo, const Vectorized<float>& hi) {
+#ifdef NK_AVX512_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (kCpuHasAvx512Bf16) {
+      return Vectorized<T>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+#endif
+  return at::vec::convert_from_float<T>(lo, hi);
+}
+
 // A chunk is two accumulator vectors: exactly one Vectorized<Half/BFloat16> widened to fp32,
 // or two plain fp32/fp64 vectors. Loops step one chunk at a time and finish with a scalar tail.
 template <typename T>
@@ -95,7 +125,7 @@ struct Chunk {
   }
   static inline void store(T* p, const V& lo, const V& hi) {
     if constexpr (widened) {
-      at::vec::convert_from_float<T>(lo, hi).store(p);
+      narrow<T>(lo, hi).store(p);
     } else {
       lo.store(p);
       hi.store(p + V::size());
@@ -108,7 +138,7 @@ struct Chunk {
     if (!stream || reinterpret_cast<uintptr_t>(p) % stream_align != 0) {
       store(p, lo, hi);
     } else if constexpr (widened) {
-      stream_vec(p, at::vec::convert_from_float<T>(lo, hi));
+      stream_vec(p, narrow<T>(lo, hi));
     } else {
       stream_vec(p, lo);
       stream_vec(p + V::size(), hi);
@@ -126,7 +156,7 @@ struct Chunk {
   }
   static inline void store_first(T* p, int64_t n, const V& lo, const V& hi) {
     if constexpr (widened) {
-      at::vec::convert_from_float<T>(lo, hi).store(p, n);
+      narrow<T>(lo, hi).store(p, n);
     } else {
       lo.store(p, std::min<int64_t>(n, V::size()));
       if (n > V::size()) hi.store(p + V::size(), n - V::size());
