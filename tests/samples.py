@@ -48,6 +48,9 @@ CASES: List[Case] = [
     Case("GroupNorm-2d", lambda: nn.GroupNorm(5, 10), (6, 10)),
     Case("GroupNorm-prime-per-group", lambda: nn.GroupNorm(13, 13), (2, 13, 3, 3), ["contiguous", "channels_last"]),
     Case("GroupNorm-noaffine", lambda: nn.GroupNorm(2, 8, affine=False), (2, 8, 4, 4), ["contiguous", "channels_last"]),
+    # one (n, group) task for two or more threads: the NCHW backward takes its two-pass path
+    # (planes in parallel) instead of one fused task per group
+    Case("GroupNorm-onegroup", lambda: nn.GroupNorm(1, 6), (1, 6, 5, 5), ["contiguous"]),
     # batch norm
     Case("BatchNorm1d-2d", lambda: nn.BatchNorm1d(11), (8, 11)),
     Case("BatchNorm1d-3d", lambda: nn.BatchNorm1d(5), (4, 5, 9)),
@@ -62,6 +65,8 @@ CASES: List[Case] = [
     # one value per plane: walked as [N, C] rows
     Case("BatchNorm2d-1x1", lambda: nn.BatchNorm2d(6), (8, 6, 1, 1), ["contiguous"]),
     Case("BatchNorm2d-noaffine", lambda: nn.BatchNorm2d(4, affine=False), (2, 4, 3, 3)),
+    # fewer channels than threads: the NCHW backward's two-pass path, not one task per channel
+    Case("BatchNorm2d-onechannel", lambda: nn.BatchNorm2d(1), (4, 1, 5, 5), ["contiguous"]),
     Case("BatchNorm2d-cumulative", lambda: nn.BatchNorm2d(4, momentum=None), (2, 4, 3, 3)),
     Case("BatchNorm2d-nostats", lambda: nn.BatchNorm2d(4, track_running_stats=False), (2, 4, 3, 3), ["contiguous", "channels_last"]),
     Case("BatchNorm3d", lambda: nn.BatchNorm3d(3), (2, 3, 3, 4, 5), ["contiguous", "channels_last", "strided"]),
