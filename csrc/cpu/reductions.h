@@ -497,33 +497,60 @@ inline void columns_merge(const A* count, int64_t nb, const A* part_mean, const 
   }
 }
 
+// columns_grad_sums over the columns [c, c + K * V::size()) and rows [p0, p1), the tile's sums
+// held in registers for the whole sweep.
+template <typename T, int K>
+inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int64_t C, int64_t c,
+                           const acc_t<T>* shift, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  static_assert(K % 2 == 0, "a tile is whole chunks");
+  V sh[K], sg[K], sd[K];
+  for (int k = 0; k < K; ++k) {
+    sh[k] = V::loadu(shift + c + k * V::size());
+    sg[k] = V::loadu(sum_dy + c + k * V::size());
+    sd[k] = V::loadu(sum_dy_xc + c + k * V::size());
+  }
+  for (int64_t r = p0; r < p1; ++r) {
+    V g[K], v[K];
+    for (int k = 0; k < K; k += 2) {
+      Ch::load(dy + r * C + c + k * V::size(), g[k], g[k + 1]);
+      Ch::load(x + r * C + c + k * V::size(), v[k], v[k + 1]);
+    }
+    for (int k = 0; k < K; ++k) {
+      sg[k] += g[k];
+      sd[k] = at::vec::fmadd(g[k], v[k] - sh[k], sd[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    sg[k].store(sum_dy + c + k * V::size());
+    sd[k].store(sum_dy_xc + c + k * V::size());
+  }
+}
+
 // Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), accumulated into
-// sum_dy/sum_dy_xc (length C, not cleared here).
+// sum_dy/sum_dy_xc (length C, not cleared here). Register tiles of columns over L2-sized passes
+// of rows, as columns_welford.
 template <typename T>
 inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, int64_t C,
                               const acc_t<T>* shift, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
   using A = acc_t<T>;
   using Ch = Chunk<T>;
-  using V = typename Ch::V;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* gr = dy + r * C;
-    const T* xr = x + r * C;
+  const int64_t row_bytes = std::max<int64_t>(1, 2 * C * static_cast<int64_t>(sizeof(T)));
+  const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
+  for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
+    const int64_t p1 = std::min(r1, p0 + pass_rows);
     int64_t c = 0;
-    for (; c + Ch::size <= C; c += Ch::size) {
-      V ga, gb, xa, xb;
-      Ch::load(gr + c, ga, gb);
-      Ch::load(xr + c, xa, xb);
-      const V sa = V::loadu(shift + c), sb = V::loadu(shift + c + V::size());
-      (V::loadu(sum_dy + c) + ga).store(sum_dy + c);
-      (V::loadu(sum_dy + c + V::size()) + gb).store(sum_dy + c + V::size());
-      at::vec::fmadd(ga, xa - sa, V::loadu(sum_dy_xc + c)).store(sum_dy_xc + c);
-      at::vec::fmadd(gb, xb - sb, V::loadu(sum_dy_xc + c + V::size()))
-          .store(sum_dy_xc + c + V::size());
-    }
+    for (; c + 2 * Ch::size <= C; c += 2 * Ch::size)
+      grad_sums_tile<T, 4>(dy, x, p0, p1, C, c, shift, sum_dy, sum_dy_xc);
+    for (; c + Ch::size <= C; c += Ch::size)
+      grad_sums_tile<T, 2>(dy, x, p0, p1, C, c, shift, sum_dy, sum_dy_xc);
     for (; c < C; ++c) {
-      const A g = static_cast<A>(gr[c]);
-      sum_dy[c] += g;
-      sum_dy_xc[c] += g * (static_cast<A>(xr[c]) - shift[c]);
+      for (int64_t r = p0; r < p1; ++r) {
+        const A g = static_cast<A>(dy[r * C + c]);
+        sum_dy[c] += g;
+        sum_dy_xc[c] += g * (static_cast<A>(x[r * C + c]) - shift[c]);
+      }
     }
   }
 }
