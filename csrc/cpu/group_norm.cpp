@@ -93,8 +93,9 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     }
   });
   // blocks -> per-(n, c) statistics over HW pixels -> per-(n, g) over the group's D channels,
-  // each an exact two-pass combination (every channel of a group has the same count, HW).
-  std::vector<A> block_count(nb), chan_mean(v.C), chan_m2(v.C);
+  // both by columns_merge (for the second, a group is one column of D blocks of HW values).
+  std::vector<A> block_count(nb), chan_count(v.D, static_cast<A>(v.HW)), chan_mean(v.C),
+      chan_m2(v.C);
   for (int64_t blk = 0; blk < nb; ++blk)
     block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
   const A inv_group_size = group_size > 0 ? A(1) / static_cast<A>(group_size) : A(0);
@@ -102,17 +103,11 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     columns_merge(block_count.data(), nb, bmean.data() + n * nb * v.C, bm2.data() + n * nb * v.C,
                   v.C, chan_mean.data(), chan_m2.data());
     for (int64_t g = 0; g < G; ++g) {
-      const A* cm = chan_mean.data() + g * v.D;
-      const A* cs = chan_m2.data() + g * v.D;
-      A mu = 0, m2 = 0;
-      for (int64_t k = 0; k < v.D; ++k) mu += cm[k];
-      mu /= static_cast<A>(v.D);
-      for (int64_t k = 0; k < v.D; ++k) {
-        const A d = cm[k] - mu;
-        m2 += cs[k] + static_cast<A>(v.HW) * d * d;
-      }
-      mean[n * G + g] = mu;
-      rstd[n * G + g] = A(1) / std::sqrt(m2 * inv_group_size + a_eps);
+      const int64_t ng = n * G + g;
+      A m2 = 0;
+      columns_merge(chan_count.data(), v.D, chan_mean.data() + g * v.D,
+                    chan_m2.data() + g * v.D, 1, mean + ng, &m2);
+      rstd[ng] = A(1) / std::sqrt(m2 * inv_group_size + a_eps);
     }
   }
   std::vector<A> center(v.N * v.C), scale(v.N * v.C), shift(v.N * v.C);
@@ -197,48 +192,39 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   std::vector<A> k_dy(v.N * v.C), k_x(v.N * v.C), k_0(v.N * v.C);
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
+  // NCHW planes: plane nc = n * C + c belongs to group nc / D (= n * G + c / D).
+  const auto plane_sums = [&](int64_t nc) {
+    std::tie(sum_dy[nc], sum_dy_xc[nc]) =
+        segment_grad_sums(gp + nc * v.HW, xp + nc * v.HW, v.HW, mean[nc / v.D]);
+  };
+  const auto plane_grad_input = [&](int64_t nc) {
+    segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, mean[nc / v.D],
+                       k_dy[nc], k_x[nc], k_0[nc], stream);
+  };
+  // NCHW with a group per thread at least: one task per (n, group) sums its planes and then
+  // writes their dx while they are in L2 (a group is D * HW elements, 160 KB of x and of dy at
+  // 320 channels and 64x64), one pass over memory instead of two.
+  const bool fused = !s.channels_last && dxp != nullptr && v.N * G >= at::get_num_threads();
 
-  if (!s.channels_last && v.N * G >= at::get_num_threads()) {
-    // One task per (n, group): its planes' sums, then (their x and dy now in L2: a group of
-    // D * HW elements, 160 KB of each at 320 channels and 64x64) its dx, in one pass over
-    // memory instead of two. (Fewer groups than threads: planes in parallel, two passes.)
+  std::vector<A> center;  // channels_last: each channel's group mean, per image
+  if (fused) {
     at::parallel_for(0, v.N * G, grain_for(v.D * v.HW), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / G, g = ng % G;
-        const int64_t nc0 = n * v.C + g * v.D;
-        for (int64_t nc = nc0; nc < nc0 + v.D; ++nc) {
-          std::tie(sum_dy[nc], sum_dy_xc[nc]) =
-              segment_grad_sums(gp + nc * v.HW, xp + nc * v.HW, v.HW, mean[ng]);
-        }
-        if (dxp == nullptr) continue;
-        group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
-                          k_x.data(), k_0.data());
-        for (int64_t nc = nc0; nc < nc0 + v.D; ++nc) {
-          segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, mean[ng],
-                             k_dy[nc], k_x[nc], k_0[nc], stream);
-        }
+        for (int64_t nc = ng * v.D; nc < (ng + 1) * v.D; ++nc) plane_sums(nc);
+        group_grad_coeffs(v, ng / G, ng % G, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
+                          k_dy.data(), k_x.data(), k_0.data());
+        for (int64_t nc = ng * v.D; nc < (ng + 1) * v.D; ++nc) plane_grad_input(nc);
       }
     });
-    if (dweight.defined() || dbias.defined()) {
-      group_param_grads(v, rstd, sum_dy.data(), sum_dy_xc.data(), dweight, dbias);
-    }
-    return;
-  }
-
-  // channels_last (a group's channels are strided through every row), or too few groups to
-  // share out: the sums in one pass over all of x and dy, dx in a second.
-  std::vector<A> center(v.N * v.C);  // each channel's group mean
-  for (int64_t n = 0; n < v.N; ++n)
-    for (int64_t c = 0; c < v.C; ++c) center[n * v.C + c] = mean[n * G + c / v.D];
-  if (!s.channels_last) {
+  } else if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
-        std::tie(sum_dy[nc], sum_dy_xc[nc]) =
-            segment_grad_sums(gp + nc * v.HW, xp + nc * v.HW, v.HW, center[nc]);
-      }
+      for (int64_t nc = begin; nc < end; ++nc) plane_sums(nc);
     });
   } else {
+    // A group's channels are strided through every row: blocks of rows, columns of C.
+    center.resize(v.N * v.C);
+    for (int64_t nc = 0; nc < v.N * v.C; ++nc) center[nc] = mean[nc / v.D];
     const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
     const int64_t nb = blocks.count;
     std::vector<A> part_dy(v.N * nb * v.C, A(0)), part_dyx(v.N * nb * v.C, A(0));
@@ -262,7 +248,9 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   if (dweight.defined() || dbias.defined()) {
     group_param_grads(v, rstd, sum_dy.data(), sum_dy_xc.data(), dweight, dbias);
   }
-  if (dxp == nullptr) return;
+  if (dxp == nullptr || fused) return;
+
+  // The second pass over memory: fewer groups than threads (NCHW), or channels_last.
   for (int64_t n = 0; n < v.N; ++n)
     for (int64_t g = 0; g < G; ++g)
       group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
@@ -270,10 +258,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      for (int64_t nc = begin; nc < end; ++nc) {
-        segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, center[nc],
-                           k_dy[nc], k_x[nc], k_0[nc], stream);
-      }
+      for (int64_t nc = begin; nc < end; ++nc) plane_grad_input(nc);
     });
     return;
   }
