@@ -56,12 +56,14 @@ CASES: List[Case] = [
     Case("BatchNorm1d-3d", lambda: nn.BatchNorm1d(5), (4, 5, 9)),
     Case("BatchNorm2d", lambda: nn.BatchNorm2d(6), (3, 6, 5, 4), ["contiguous", "channels_last", "strided"]),
     Case("BatchNorm2d-prime", lambda: nn.BatchNorm2d(37), (2, 37, 3, 3), ["contiguous", "channels_last"]),
-    # planes of 63 (> one SIMD chunk, odd): most planes start misaligned, so the elementwise
+    # planes of 81 (over two SIMD chunks, odd): most planes start misaligned, so the elementwise
     # passes take their masked head, aligned body and masked tail
-    Case("BatchNorm2d-oddplane", lambda: nn.BatchNorm2d(3), (2, 3, 7, 9)),
-    # 25-value planes across 50 channels: inference walks them as two blocks of contiguous
-    # channel spans (short_planes_affine), one ending mid-chunk
+    Case("BatchNorm2d-oddplane", lambda: nn.BatchNorm2d(3), (2, 3, 9, 9)),
+    # planes shorter than two chunks are walked as blocks of channels, one contiguous span per
+    # sample (ShortPlanes): 25-value planes across 50 channels make spans of 500, 500 and 250
+    # (register tiles, then a masked one); 7x7 planes: spans of at most 10 channels (490)
     Case("BatchNorm2d-shortplanes", lambda: nn.BatchNorm2d(50), (3, 50, 5, 5)),
+    Case("BatchNorm2d-7x7", lambda: nn.BatchNorm2d(24), (4, 24, 7, 7), ["contiguous", "strided"]),
     # one value per plane: walked as [N, C] rows
     Case("BatchNorm2d-1x1", lambda: nn.BatchNorm2d(6), (8, 6, 1, 1), ["contiguous"]),
     Case("BatchNorm2d-noaffine", lambda: nn.BatchNorm2d(4, affine=False), (2, 4, 3, 3)),

@@ -23,56 +23,60 @@ static inline A param_or(const A* p, int64_t c, A dflt) {
   return p != nullptr ? p[c] : dflt;
 }
 
-// channel_affine for NCHW planes shorter than two chunks (7x7 and smaller): walked plane by
-// plane, such a plane would be all masked head and tail. Instead a block of channels is one
-// contiguous span in every sample, walked in whole chunks against per-element coefficients
-// laid out once per block (12 KB for fp32, in L1) and reused for all N samples.
+// NCHW planes shorter than two chunks (7x7 and smaller). Walked plane by plane, such a plane is
+// all masked head and tail (a 7x7 bf16 plane: one chunk and a 17-element tail). Instead a block
+// of channels [c0, c1) is one contiguous span in every sample: an [N, span] matrix whose rows
+// are C * HW apart, which the column helpers walk in whole chunks against per-element
+// statistics and coefficients (a few KB, in L1) laid out once per block and reused for all N
+// samples. A block's N spans (16 x 1024 elements) stay in L2 between its passes.
+template <typename T>
+struct ShortPlanes {
+  static constexpr int64_t kSpan = 512;  // elements of a block's span at most
+  int64_t C, HW, per_block, count;
+  explicit ShortPlanes(const NormShape& s) : C(s.C), HW(s.HW) {
+    const int64_t threads = at::get_num_threads();
+    per_block = std::clamp<int64_t>((C + threads - 1) / threads, 1, std::max<int64_t>(1, kSpan / HW));
+    count = (C + per_block - 1) / per_block;
+  }
+  static bool applies(const NormShape& s) {
+    return !s.channels_last && s.HW > 0 && s.HW < 2 * Chunk<T>::size;
+  }
+  int64_t c0(int64_t blk) const { return blk * per_block; }
+  int64_t c1(int64_t blk) const { return std::min(C, c0(blk) + per_block); }
+  int64_t span(int64_t blk) const { return (c1(blk) - c0(blk)) * HW; }
+  int64_t ld() const { return C * HW; }
+  // out[(c - c0) * HW + p] = per_channel[c] for the block's channels and every position p
+  template <typename A>
+  void spread(int64_t blk, const A* per_channel, A* out) const {
+    for (int64_t c = c0(blk); c < c1(blk); ++c)
+      std::fill(out + (c - c0(blk)) * HW, out + (c - c0(blk) + 1) * HW, per_channel[c]);
+  }
+  // per_channel[c] = sum of in over channel c's positions
+  template <typename A>
+  void gather_sums(int64_t blk, const A* in, A* per_channel) const {
+    for (int64_t c = c0(blk); c < c1(blk); ++c)
+      per_channel[c] = segment_sum(in + (c - c0(blk)) * HW, HW);
+  }
+};
+
+// channel_affine on short NCHW planes.
 template <typename T>
 static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
-                                const acc_t<T>* scale, const acc_t<T>* shift) {
+                                const acc_t<T>* scale, const acc_t<T>* shift, bool stream) {
   using A = acc_t<T>;
-  using Ch = Chunk<T>;
-  using V = typename Ch::V;
-  constexpr int64_t kSpan = 1024;  // elements per block at most (HW < 2 chunks <= kSpan)
-  const int64_t per_block = std::max<int64_t>(1, kSpan / s.HW);
-  const int64_t blocks = (s.C + per_block - 1) / per_block;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    // each row padded by a chunk: the tail's coefficient loads run past the span
-    constexpr int64_t kRow = kSpan + Ch::size;
-    alignas(64) A coef[3 * kRow];
-    A* ce = coef;
-    A* sc = coef + kRow;
-    A* sh = coef + 2 * kRow;
+  const ShortPlanes<T> sp(s);
+  at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
+    const StreamFence fence(stream);
+    std::vector<A> coef(3 * sp.kSpan);
+    A* ce = coef.data();
+    A* sc = ce + sp.kSpan;
+    A* sh = sc + sp.kSpan;
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t c0 = blk * per_block, c1 = std::min(s.C, c0 + per_block);
-      const int64_t span = (c1 - c0) * s.HW;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t at = (c - c0) * s.HW;
-        std::fill(ce + at, ce + at + s.HW, center[c]);
-        std::fill(sc + at, sc + at + s.HW, scale[c]);
-        std::fill(sh + at, sh + at + s.HW, shift[c]);
-      }
-      for (int64_t n = 0; n < s.N; ++n) {
-        const int64_t off = (n * s.C + c0) * s.HW;
-        const T* x = xp + off;
-        T* y = yp + off;
-        int64_t j = 0;
-        for (; j + Ch::size <= span; j += Ch::size) {
-          const int64_t h = j + V::size();
-          V a, b;
-          Ch::load(x + j, a, b);
-          Ch::store(y + j, at::vec::fmadd(a - V::loadu(ce + j), V::loadu(sc + j), V::loadu(sh + j)),
-                    at::vec::fmadd(b - V::loadu(ce + h), V::loadu(sc + h), V::loadu(sh + h)));
-        }
-        if (j < span) {  // lanes past the span compute on stale coefficients and are not stored
-          const int64_t h = j + V::size();
-          V a, b;
-          Ch::load_first(x + j, span - j, a, b);
-          Ch::store_first(y + j, span - j,
-                          at::vec::fmadd(a - V::loadu(ce + j), V::loadu(sc + j), V::loadu(sh + j)),
-                          at::vec::fmadd(b - V::loadu(ce + h), V::loadu(sc + h), V::loadu(sh + h)));
-        }
-      }
+      sp.spread(blk, center, ce);
+      sp.spread(blk, scale, sc);
+      sp.spread(blk, shift, sh);
+      const int64_t off = sp.c0(blk) * s.HW;
+      rows_affine(xp + off, yp + off, 0, s.N, sp.span(blk), sp.ld(), ce, sc, sh, stream);
     }
   });
 }
@@ -82,8 +86,8 @@ template <typename T>
 static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
                            const acc_t<T>* scale, const acc_t<T>* shift) {
   const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)));
-  if (!s.channels_last && s.HW < 2 * Chunk<T>::size && s.N > 1) {
-    short_planes_affine(xp, yp, s, center, scale, shift);
+  if (ShortPlanes<T>::applies(s)) {
+    short_planes_affine(xp, yp, s, center, scale, shift, stream);
   } else if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
@@ -96,7 +100,7 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
   } else {
     at::parallel_for(0, s.N * s.HW, grain_for(s.C), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      rows_affine(xp, yp, begin, end, s.C, center, scale, shift, stream);
+      rows_affine(xp, yp, begin, end, s.C, s.C, center, scale, shift, stream);
     });
   }
 }
@@ -116,6 +120,43 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   A* var = var_t.data_ptr<A>();
   const A a_eps = static_cast<A>(eps);
   const int64_t count = s.N * s.HW;
+
+  if (ShortPlanes<T>::applies(s)) {
+    // Per block of channels: Welford statistics of every position over the N samples, merged
+    // per channel exactly, then the
+    // normalize pass while the block is in L2.
+    const ShortPlanes<T> sp(s);
+    const bool stream = stream_stores(2 * x.nbytes());
+    at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
+      const StreamFence fence(stream);
+      std::vector<A> buf(5 * sp.kSpan);
+      A* pos_mean = buf.data();
+      A* pos_m2 = pos_mean + sp.kSpan;
+      A* ce = pos_m2 + sp.kSpan;
+      A* sc = ce + sp.kSpan;
+      A* sh = sc + sp.kSpan;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
+        columns_welford(xp + off, 0, s.N, span, sp.ld(), pos_mean, pos_m2);
+        for (int64_t c = sp.c0(blk); c < sp.c1(blk); ++c) {
+          const int64_t at = (c - sp.c0(blk)) * s.HW;
+          // every position saw N samples: the exact combination is the mean of the positions'
+          // means, and their m2 plus N times the squared deviations of their means
+          mean[c] = segment_sum(pos_mean + at, s.HW) / static_cast<A>(s.HW);
+          const A m2 = segment_sum(pos_m2 + at, s.HW) +
+                       static_cast<A>(s.N) * segment_sq_dev(pos_mean + at, s.HW, mean[c]);
+          const A v = count > 0 ? m2 / static_cast<A>(count) : A(0);
+          var[c] = v;
+          invstd[c] = A(1) / std::sqrt(v + a_eps);
+          std::fill(ce + at, ce + at + s.HW, mean[c]);
+          std::fill(sc + at, sc + at + s.HW, invstd[c] * param_or(w, c, A(1)));
+          std::fill(sh + at, sh + at + s.HW, param_or(b, c, A(0)));
+        }
+        rows_affine(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc, sh, stream);
+      }
+    });
+    return;
+  }
 
   if (!s.channels_last) {
     // Statistics and normalization in one task per channel, so the second and third reads of
@@ -150,7 +191,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   std::vector<A> bmean(nb * s.C), bm2(nb * s.C);
   at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      columns_welford(xp, blocks.begin(blk), blocks.end(blk), s.C, bmean.data() + blk * s.C,
+      columns_welford(xp, blocks.begin(blk), blocks.end(blk), s.C, s.C, bmean.data() + blk * s.C,
                       bm2.data() + blk * s.C);
     }
   });
@@ -247,8 +288,39 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   // writes their dx while they are in L2 (16 planes of 56x56 are 200 KB of x and of dy), one
   // pass over memory instead of two.
   const bool fused = !s.channels_last && dxp != nullptr && s.C >= at::get_num_threads();
+  // NCHW planes too short to walk one by one (see ShortPlanes): fused per block of channels.
+  const bool short_planes = dxp != nullptr && ShortPlanes<T>::applies(s);
 
-  if (fused) {
+  if (short_planes) {
+    const ShortPlanes<T> sp(s);
+    at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
+      const StreamFence fence(stream);
+      std::vector<A> buf(6 * sp.kSpan);
+      A* ce = buf.data();
+      A* sg = ce + sp.kSpan;
+      A* sd = sg + sp.kSpan;
+      A* kd = sd + sp.kSpan;
+      A* kx = kd + sp.kSpan;
+      A* k0 = kx + sp.kSpan;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
+        sp.spread(blk, mean, ce);
+        if (need_sums) {
+          std::fill(sg, sg + span, A(0));
+          std::fill(sd, sd + span, A(0));
+          columns_grad_sums(gp + off, xp + off, 0, s.N, span, sp.ld(), ce, sg, sd);
+          sp.gather_sums(blk, sg, sum_dy.data());
+          sp.gather_sums(blk, sd, sum_dy_xc.data());
+        }
+        for (int64_t c = sp.c0(blk); c < sp.c1(blk); ++c) grad_coeffs(c);
+        sp.spread(blk, k_dy.data(), kd);
+        sp.spread(blk, k_x.data(), kx);
+        sp.spread(blk, k_0.data(), k0);
+        rows_grad_input(gp + off, xp + off, dxp + off, 0, s.N, span, sp.ld(), ce, kd, kx, k0,
+                        stream);
+      }
+    });
+  } else if (fused) {
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) {
@@ -266,7 +338,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     std::vector<A> part_dy(blocks.count * s.C, A(0)), part_dyx(blocks.count * s.C, A(0));
     at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        columns_grad_sums(gp, xp, blocks.begin(blk), blocks.end(blk), s.C, mean,
+        columns_grad_sums(gp, xp, blocks.begin(blk), blocks.end(blk), s.C, s.C, mean,
                           part_dy.data() + blk * s.C, part_dyx.data() + blk * s.C);
       }
     });
@@ -285,7 +357,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     A* db = dbias.data_ptr<A>();
     for (int64_t c = 0; c < s.C; ++c) db[c] = sum_dy[c];
   }
-  if (dxp == nullptr || fused) return;
+  if (dxp == nullptr || fused || short_planes) return;
 
   for (int64_t c = 0; c < s.C; ++c) grad_coeffs(c);
   if (!s.channels_last) {
@@ -296,7 +368,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   } else {
     at::parallel_for(0, count, grain_for(s.C), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      rows_grad_input(gp, xp, dxp, begin, end, s.C, mean, k_dy.data(), k_x.data(), k_0.data(),
+      rows_grad_input(gp, xp, dxp, begin, end, s.C, s.C, mean, k_dy.data(), k_x.data(), k_0.data(),
                       stream);
     });
   }

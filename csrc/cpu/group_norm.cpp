@@ -88,7 +88,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   at::parallel_for(0, v.N * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / nb, blk = t % nb;
-      columns_welford(xp + n * v.HW * v.C, blocks.begin(blk), blocks.end(blk), v.C,
+      columns_welford(xp + n * v.HW * v.C, blocks.begin(blk), blocks.end(blk), v.C, v.C,
                       bmean.data() + t * v.C, bm2.data() + t * v.C);
     }
   });
@@ -118,7 +118,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / v.HW;
       const int64_t stop = std::min(end, (n + 1) * v.HW);
-      rows_affine(xp, yp, r, stop, v.C, center.data() + n * v.C, scale.data() + n * v.C,
+      rows_affine(xp, yp, r, stop, v.C, v.C, center.data() + n * v.C, scale.data() + n * v.C,
                   shift.data() + n * v.C, stream);
       r = stop;
     }
@@ -232,7 +232,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / nb, blk = t % nb;
         const int64_t off = n * v.HW * v.C;
-        columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), v.C,
+        columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), v.C, v.C,
                           center.data() + n * v.C, part_dy.data() + t * v.C,
                           part_dyx.data() + t * v.C);
       }
@@ -267,7 +267,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / v.HW;
       const int64_t stop = std::min(end, (n + 1) * v.HW);
-      rows_grad_input(gp, xp, dxp, r, stop, v.C, center.data() + n * v.C, k_dy.data() + n * v.C,
+      rows_grad_input(gp, xp, dxp, r, stop, v.C, v.C, center.data() + n * v.C, k_dy.data() + n * v.C,
                       k_x.data() + n * v.C, k_0.data() + n * v.C, stream);
       r = stop;
     }

@@ -399,25 +399,77 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
 }
 
 // ---------------------------------------------------------------- columns of [rows, C]
+//
+// A matrix of `rows` rows of C columns whose rows start `ld` elements apart (ld == C for a
+// channels_last tensor; ld > C for a block of channels cut from every sample of an NCHW one).
+// Columns are walked in register tiles of whole chunks; the last C % chunk columns as one
+// masked tile, so no column is ever done in scalar code.
 
-// Welford update of the columns [c, c + K * V::size()) over rows [p0, p1), with the tile's
-// means and m2 held in registers for the whole sweep (loaded and stored once, not once a row).
-// inv_count[r - p0] is 1 / (rows seen so far, row r included).
-template <typename T, int K>
-inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t C, int64_t c,
-                         const acc_t<T>* inv_count, acc_t<T>* mean, acc_t<T>* m2) {
-  using Ch = Chunk<T>;
-  using V = typename Ch::V;
+// Lanes of vector k of a tile that fall inside its `width` columns.
+template <typename V>
+inline int64_t tile_lanes(int64_t width, int k) {
+  return std::clamp<int64_t>(width - k * V::size(), 0, V::size());
+}
+
+// Loads (stores) vector k of a tile of accumulation-type values: whole, or masked to the tile's
+// width (kMasked: the last, partial tile of a row).
+template <bool kMasked, typename V>
+inline V tile_load(const typename V::value_type* p, int64_t width, int k) {
+  if constexpr (kMasked) {
+    return V::loadu(p + k * V::size(), tile_lanes<V>(width, k));
+  } else {
+    return V::loadu(p + k * V::size());
+  }
+}
+template <bool kMasked, typename V>
+inline void tile_store(const V& v, typename V::value_type* p, int64_t width, int k) {
+  if constexpr (kMasked) {
+    v.store(p + k * V::size(), tile_lanes<V>(width, k));
+  } else {
+    v.store(p + k * V::size());
+  }
+}
+// One row's K vectors of input at p (K = 2 when masked: a partial tile is less than a chunk).
+template <bool kMasked, int K, typename T>
+inline void tile_load_row(const T* p, int64_t width, typename Chunk<T>::V* out) {
+  if constexpr (kMasked) {
+    static_assert(K == 2, "a masked tile is one partial chunk");
+    Chunk<T>::load_first(p, width, out[0], out[1]);
+  } else {
+    for (int k = 0; k < K; k += 2) Chunk<T>::load(p + k * Chunk<T>::V::size(), out[k], out[k + 1]);
+  }
+}
+
+// Calls tile(c, width) over the columns [0, C) in tiles of two chunks, then one chunk, then the
+// masked rest: tile is a generic lambda taking std::integral_constant<int, K> and a bool_constant
+// for masked.
+template <typename T, typename Tile>
+inline void for_column_tiles(int64_t C, Tile&& tile) {
+  constexpr int64_t S = Chunk<T>::size;
+  int64_t c = 0;
+  for (; c + 2 * S <= C; c += 2 * S)
+    tile(std::integral_constant<int, 4>(), std::false_type(), c, 2 * S);
+  for (; c + S <= C; c += S) tile(std::integral_constant<int, 2>(), std::false_type(), c, S);
+  if (c < C) tile(std::integral_constant<int, 2>(), std::true_type(), c, C - c);
+}
+
+// Welford update of the columns [c, c + width) over rows [p0, p1), with the tile's means and m2
+// held in registers for the whole sweep (loaded and stored once, not once a row).
+// inv_count[r - p0] is 1 / (rows seen so far, row r included). Masked lanes load as zero and
+// stay zero.
+template <typename T, int K, bool kMasked>
+inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t c,
+                         int64_t width, const acc_t<T>* inv_count, acc_t<T>* mean, acc_t<T>* m2) {
+  using V = typename Chunk<T>::V;
   static_assert(K % 2 == 0, "a tile is whole chunks");
   V m[K], s[K];
   for (int k = 0; k < K; ++k) {
-    m[k] = V::loadu(mean + c + k * V::size());
-    s[k] = V::loadu(m2 + c + k * V::size());
+    m[k] = tile_load<kMasked, V>(mean + c, width, k);
+    s[k] = tile_load<kMasked, V>(m2 + c, width, k);
   }
   for (int64_t r = p0; r < p1; ++r) {
-    const T* row = x + r * C + c;
     V a[K];
-    for (int k = 0; k < K; k += 2) Ch::load(row + k * V::size(), a[k], a[k + 1]);
+    tile_load_row<kMasked, K>(x + r * ld + c, width, a);
     const V vinv(inv_count[r - p0]);
     for (int k = 0; k < K; ++k) {
       const V d = a[k] - m[k];
@@ -426,21 +478,20 @@ inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t C, int64_t 
     }
   }
   for (int k = 0; k < K; ++k) {
-    m[k].store(mean + c + k * V::size());
-    s[k].store(m2 + c + k * V::size());
+    tile_store<kMasked>(m[k], mean + c, width, k);
+    tile_store<kMasked>(s[k], m2 + c, width, k);
   }
 }
 
-// Per-column Welford over rows [r0, r1) of a row-major [*, C] matrix. mean/m2 (length C) are
-// overwritten; every column sees the same count, so one reciprocal per row serves all columns.
-// Register tiles of columns sweep passes of rows sized to stay in L2 between tiles: keeping
-// the running statistics in memory instead (a load and a store of both per element) made this
-// pass store-bound at half the speed of the normalize pass after it.
+// Per-column Welford over rows [r0, r1). mean/m2 (length C) are overwritten; every column sees
+// the same count, so one reciprocal per row serves all columns. Register tiles of columns sweep
+// passes of rows sized to stay in L2 between tiles: keeping the running statistics in memory
+// instead (a load and a store of both per element) made this pass store-bound at half the
+// speed of the normalize pass after it.
 template <typename T>
-inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, acc_t<T>* mean,
-                            acc_t<T>* m2) {
+inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
+                            acc_t<T>* mean, acc_t<T>* m2) {
   using A = acc_t<T>;
-  using Ch = Chunk<T>;
   std::fill(mean, mean + C, A(0));
   std::fill(m2, m2 + C, A(0));
   if (r1 <= r0) return;
@@ -450,19 +501,10 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, acc_t
   for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
     const int64_t p1 = std::min(r1, p0 + pass_rows);
     for (int64_t r = p0; r < p1; ++r) inv_count[r - p0] = A(1) / static_cast<A>(r - r0 + 1);
-    int64_t c = 0;
-    for (; c + 2 * Ch::size <= C; c += 2 * Ch::size)
-      welford_tile<T, 4>(x, p0, p1, C, c, inv_count.data(), mean, m2);
-    for (; c + Ch::size <= C; c += Ch::size)
-      welford_tile<T, 2>(x, p0, p1, C, c, inv_count.data(), mean, m2);
-    for (; c < C; ++c) {
-      for (int64_t r = p0; r < p1; ++r) {
-        const A v = static_cast<A>(x[r * C + c]);
-        const A d = v - mean[c];
-        mean[c] += d * inv_count[r - p0];
-        m2[c] += d * (v - mean[c]);
-      }
-    }
+    for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
+      welford_tile<T, K.value, masked.value>(x, p0, p1, ld, c, width, inv_count.data(), mean,
+                                             m2);
+    });
   }
 }
 
@@ -497,34 +539,32 @@ inline void columns_merge(const A* count, int64_t nb, const A* part_mean, const 
   }
 }
 
-// columns_grad_sums over the columns [c, c + K * V::size()) and rows [p0, p1), the tile's sums
-// held in registers for the whole sweep.
-template <typename T, int K>
-inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int64_t C, int64_t c,
-                           const acc_t<T>* shift, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
-  using Ch = Chunk<T>;
-  using V = typename Ch::V;
+// columns_grad_sums over the columns [c, c + width) and rows [p0, p1), the tile's sums held in
+// registers for the whole sweep. Masked lanes load dy as zero, so they add nothing.
+template <typename T, int K, bool kMasked>
+inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int64_t ld,
+                           int64_t c, int64_t width, const acc_t<T>* shift, acc_t<T>* sum_dy,
+                           acc_t<T>* sum_dy_xc) {
+  using V = typename Chunk<T>::V;
   static_assert(K % 2 == 0, "a tile is whole chunks");
   V sh[K], sg[K], sd[K];
   for (int k = 0; k < K; ++k) {
-    sh[k] = V::loadu(shift + c + k * V::size());
-    sg[k] = V::loadu(sum_dy + c + k * V::size());
-    sd[k] = V::loadu(sum_dy_xc + c + k * V::size());
+    sh[k] = tile_load<kMasked, V>(shift + c, width, k);
+    sg[k] = tile_load<kMasked, V>(sum_dy + c, width, k);
+    sd[k] = tile_load<kMasked, V>(sum_dy_xc + c, width, k);
   }
   for (int64_t r = p0; r < p1; ++r) {
     V g[K], v[K];
-    for (int k = 0; k < K; k += 2) {
-      Ch::load(dy + r * C + c + k * V::size(), g[k], g[k + 1]);
-      Ch::load(x + r * C + c + k * V::size(), v[k], v[k + 1]);
-    }
+    tile_load_row<kMasked, K>(dy + r * ld + c, width, g);
+    tile_load_row<kMasked, K>(x + r * ld + c, width, v);
     for (int k = 0; k < K; ++k) {
       sg[k] += g[k];
       sd[k] = at::vec::fmadd(g[k], v[k] - sh[k], sd[k]);
     }
   }
   for (int k = 0; k < K; ++k) {
-    sg[k].store(sum_dy + c + k * V::size());
-    sd[k].store(sum_dy_xc + c + k * V::size());
+    tile_store<kMasked>(sg[k], sum_dy + c, width, k);
+    tile_store<kMasked>(sd[k], sum_dy_xc + c, width, k);
   }
 }
 
@@ -533,50 +573,48 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
 // of rows, as columns_welford.
 template <typename T>
 inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, int64_t C,
-                              const acc_t<T>* shift, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
-  using A = acc_t<T>;
-  using Ch = Chunk<T>;
+                              int64_t ld, const acc_t<T>* shift, acc_t<T>* sum_dy,
+                              acc_t<T>* sum_dy_xc) {
   const int64_t row_bytes = std::max<int64_t>(1, 2 * C * static_cast<int64_t>(sizeof(T)));
   const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
   for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
     const int64_t p1 = std::min(r1, p0 + pass_rows);
-    int64_t c = 0;
-    for (; c + 2 * Ch::size <= C; c += 2 * Ch::size)
-      grad_sums_tile<T, 4>(dy, x, p0, p1, C, c, shift, sum_dy, sum_dy_xc);
-    for (; c + Ch::size <= C; c += Ch::size)
-      grad_sums_tile<T, 2>(dy, x, p0, p1, C, c, shift, sum_dy, sum_dy_xc);
-    for (; c < C; ++c) {
-      for (int64_t r = p0; r < p1; ++r) {
-        const A g = static_cast<A>(dy[r * C + c]);
-        sum_dy[c] += g;
-        sum_dy_xc[c] += g * (static_cast<A>(x[r * C + c]) - shift[c]);
-      }
-    }
+    for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
+      grad_sums_tile<T, K.value, masked.value>(dy, x, p0, p1, ld, c, width, shift, sum_dy,
+                                               sum_dy_xc);
+    });
   }
 }
 
 // y[r, c] = (x[r, c] - center[c]) * scale[c] + shift[c] for rows [r0, r1).
 template <typename T>
-inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
+inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                         const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift,
                         bool stream) {
   using Ch = Chunk<T>;
+  using CA = Chunk<acc_t<T>>;
   using V = typename Ch::V;
+  static_assert(Ch::size == CA::size, "chunks must line up");
   for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * C;
-    T* yr = y + r * C;
+    const T* xr = x + r * ld;
+    T* yr = y + r * ld;
     int64_t c = 0;
     for (; c + Ch::size <= C; c += Ch::size) {
-      V a, b;
+      V a, b, ca, cb, sa, sb, ha, hb;
       Ch::load(xr + c, a, b);
-      const int64_t h = c + V::size();
-      Ch::put(yr + c,
-              at::vec::fmadd(a - V::loadu(center + c), V::loadu(scale + c), V::loadu(shift + c)),
-              at::vec::fmadd(b - V::loadu(center + h), V::loadu(scale + h), V::loadu(shift + h)),
-              stream);
+      CA::load(center + c, ca, cb);
+      CA::load(scale + c, sa, sb);
+      CA::load(shift + c, ha, hb);
+      Ch::put(yr + c, at::vec::fmadd(a - ca, sa, ha), at::vec::fmadd(b - cb, sb, hb), stream);
     }
-    for (; c < C; ++c) {
-      yr[c] = static_cast<T>((static_cast<acc_t<T>>(xr[c]) - center[c]) * scale[c] + shift[c]);
+    if (c < C) {
+      const int64_t n = C - c;
+      V a, b, ca, cb, sa, sb, ha, hb;
+      Ch::load_first(xr + c, n, a, b);
+      CA::load_first(center + c, n, ca, cb);
+      CA::load_first(scale + c, n, sa, sb);
+      CA::load_first(shift + c, n, ha, hb);
+      Ch::store_first(yr + c, n, at::vec::fmadd(a - ca, sa, ha), at::vec::fmadd(b - cb, sb, hb));
     }
   }
 }
@@ -584,31 +622,39 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
 // dx[r, c] = dy[r, c] * k_dy[c] + (x[r, c] - center[c]) * k_x[c] + k_0[c] for rows [r0, r1).
 template <typename T>
 inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t C,
-                            const acc_t<T>* center, const acc_t<T>* k_dy, const acc_t<T>* k_x,
-                            const acc_t<T>* k_0, bool stream) {
+                            int64_t ld, const acc_t<T>* center, const acc_t<T>* k_dy,
+                            const acc_t<T>* k_x, const acc_t<T>* k_0, bool stream) {
   using Ch = Chunk<T>;
+  using CA = Chunk<acc_t<T>>;
   using V = typename Ch::V;
+  static_assert(Ch::size == CA::size, "chunks must line up");
+  const auto grad = [](const V& g, const V& v, const V& ce, const V& kd, const V& kx,
+                       const V& k0) { return at::vec::fmadd(g, kd, at::vec::fmadd(v - ce, kx, k0)); };
   for (int64_t r = r0; r < r1; ++r) {
-    const T* gr = dy + r * C;
-    const T* xr = x + r * C;
-    T* dr = dx + r * C;
+    const T* gr = dy + r * ld;
+    const T* xr = x + r * ld;
+    T* dr = dx + r * ld;
     int64_t c = 0;
     for (; c + Ch::size <= C; c += Ch::size) {
-      V ga, gb, xa, xb;
+      V ga, gb, xa, xb, ca, cb, da, db, ka, kb, za, zb;
       Ch::load(gr + c, ga, gb);
       Ch::load(xr + c, xa, xb);
-      const int64_t h = c + V::size();
-      const V ca = xa - V::loadu(center + c), cb = xb - V::loadu(center + h);
-      Ch::put(dr + c,
-              at::vec::fmadd(ga, V::loadu(k_dy + c),
-                             at::vec::fmadd(ca, V::loadu(k_x + c), V::loadu(k_0 + c))),
-              at::vec::fmadd(gb, V::loadu(k_dy + h),
-                             at::vec::fmadd(cb, V::loadu(k_x + h), V::loadu(k_0 + h))),
-              stream);
+      CA::load(center + c, ca, cb);
+      CA::load(k_dy + c, da, db);
+      CA::load(k_x + c, ka, kb);
+      CA::load(k_0 + c, za, zb);
+      Ch::put(dr + c, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb), stream);
     }
-    for (; c < C; ++c) {
-      dr[c] = static_cast<T>(static_cast<acc_t<T>>(gr[c]) * k_dy[c] +
-                             (static_cast<acc_t<T>>(xr[c]) - center[c]) * k_x[c] + k_0[c]);
+    if (c < C) {
+      const int64_t n = C - c;
+      V ga, gb, xa, xb, ca, cb, da, db, ka, kb, za, zb;
+      Ch::load_first(gr + c, n, ga, gb);
+      Ch::load_first(xr + c, n, xa, xb);
+      CA::load_first(center + c, n, ca, cb);
+      CA::load_first(k_dy + c, n, da, db);
+      CA::load_first(k_x + c, n, ka, kb);
+      CA::load_first(k_0 + c, n, za, zb);
+      Ch::store_first(dr + c, n, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb));
     }
   }
 }
