@@ -60,8 +60,9 @@ CASES: List[Case] = [
     # passes take their masked head, aligned body and masked tail
     Case("BatchNorm2d-oddplane", lambda: nn.BatchNorm2d(3), (2, 3, 9, 9)),
     # planes shorter than two chunks are walked as blocks of channels, one contiguous span per
-    # sample (ShortPlanes): 25-value planes across 50 channels make spans of 500, 500 and 250
-    # (register tiles, then a masked one); 7x7 planes: spans of at most 10 channels (490)
+    # sample (ShortPlanes): with 2 threads, 25-value planes across 50 channels make spans of 20
+    # channels (500 values) in training and backward, 25 in inference, each register tiles and a
+    # masked tile; 7x7 planes make spans of 10 channels (490 values) in training
     Case("BatchNorm2d-shortplanes", lambda: nn.BatchNorm2d(50), (3, 50, 5, 5)),
     Case("BatchNorm2d-7x7", lambda: nn.BatchNorm2d(24), (4, 24, 7, 7), ["contiguous", "strided"]),
     # one value per plane: walked as [N, C] rows
