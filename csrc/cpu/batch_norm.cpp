@@ -1,7 +1,9 @@
 // Batch norm, CPU: training forward (batch statistics), inference forward (given statistics),
 // and backward for both, on NCHW ([N, C, HW]) and channels_last / 2-D ([N*HW, C]) memory.
 //   NCHW         : one task per channel; its N planes are read for the two-pass statistics and
-//                  again (from cache when they fit) by the fused normalize + affine pass.
+//                  again (from cache when they fit) by the fused normalize + affine pass. Planes
+//                  shorter than two SIMD chunks (7x7) go by blocks of channels instead, each an
+//                  [N, span] matrix walked in whole chunks (ShortPlanes).
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
 //                  merged exactly in block order; then one normalize pass over the rows.
 //   backward     : per-channel sum(dy) and sum(dy * (x - mean)) in one read of x and dy; then
@@ -13,6 +15,8 @@
 #include "reductions.h"
 
 #include <ATen/Dispatch.h>
+
+#include <array>
 
 namespace normkernels {
 namespace cpu {
@@ -49,15 +53,18 @@ struct ShortPlanes {
   int64_t c1(int64_t blk) const { return std::min(C, c0(blk) + per_block); }
   int64_t span(int64_t blk) const { return (c1(blk) - c0(blk)) * HW; }
   int64_t ld() const { return C * HW; }
-  // Room for `arrays` per-element arrays of max_span values, the first at a cache-line boundary
-  // (max_span is a multiple of a line, so all are): a vector's own 16-byte alignment made most
+  // K per-element arrays of max_span values each, the first at a cache-line boundary (max_span
+  // is a multiple of a line, so all are): a vector's own 16-byte alignment made most
   // coefficient loads straddle two lines, 20% of a 7x7 inference.
-  template <typename A>
-  A* scratch(std::vector<A>& storage, int arrays) const {
+  template <int K, typename A>
+  std::array<A*, K> scratch(std::vector<A>& storage) const {
     constexpr int64_t line = 64 / sizeof(A);
-    storage.resize(arrays * max_span + line);
+    storage.resize(K * max_span + line);
     const auto addr = reinterpret_cast<uintptr_t>(storage.data());
-    return storage.data() + ((64 - addr % 64) % 64) / sizeof(A);
+    A* first = storage.data() + ((64 - addr % 64) % 64) / sizeof(A);
+    std::array<A*, K> arrays;
+    for (int k = 0; k < K; ++k) arrays[k] = first + k * max_span;
+    return arrays;
   }
   // out[(c - c0) * HW + p] = per_channel[c] for the block's channels and every position p
   template <typename A>
@@ -82,9 +89,7 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
   at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
     const StreamFence fence(stream);
     std::vector<A> storage;
-    A* ce = sp.scratch(storage, 3);
-    A* sc = ce + sp.max_span;
-    A* sh = sc + sp.max_span;
+    const auto [ce, sc, sh] = sp.template scratch<3>(storage);
     for (int64_t blk = b0; blk < b1; ++blk) {
       sp.spread(blk, center, ce);
       sp.spread(blk, scale, sc);
@@ -137,18 +142,13 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
 
   if (ShortPlanes<T>::applies(s)) {
     // Per block of channels: Welford statistics of every position over the N samples, merged
-    // per channel exactly, then the
-    // normalize pass while the block is in L2.
+    // per channel exactly, then the normalize pass while the block is in L2.
     const ShortPlanes<T> sp(s, 512);
     const bool stream = stream_stores(2 * x.nbytes());
     at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
       const StreamFence fence(stream);
       std::vector<A> storage;
-      A* pos_mean = sp.scratch(storage, 5);
-      A* pos_m2 = pos_mean + sp.max_span;
-      A* ce = pos_m2 + sp.max_span;
-      A* sc = ce + sp.max_span;
-      A* sh = sc + sp.max_span;
+      const auto [pos_mean, pos_m2, ce, sc, sh] = sp.template scratch<5>(storage);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
         columns_welford(xp + off, 0, s.N, span, sp.ld(), pos_mean, pos_m2);
@@ -310,12 +310,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
       const StreamFence fence(stream);
       std::vector<A> storage;
-      A* ce = sp.scratch(storage, 6);
-      A* sg = ce + sp.max_span;
-      A* sd = sg + sp.max_span;
-      A* kd = sd + sp.max_span;
-      A* kx = kd + sp.max_span;
-      A* k0 = kx + sp.max_span;
+      const auto [ce, sg, sd, kd, kx, k0] = sp.template scratch<6>(storage);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
         sp.spread(blk, mean, ce);
