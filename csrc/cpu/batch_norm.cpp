@@ -154,11 +154,9 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
         columns_welford(xp + off, 0, s.N, span, sp.ld(), pos_mean, pos_m2);
         for (int64_t c = sp.c0(blk); c < sp.c1(blk); ++c) {
           const int64_t at = (c - sp.c0(blk)) * s.HW;
-          // every position saw N samples: the exact combination is the mean of the positions'
-          // means, and their m2 plus N times the squared deviations of their means
-          mean[c] = segment_sum(pos_mean + at, s.HW) / static_cast<A>(s.HW);
-          const A m2 = segment_sum(pos_m2 + at, s.HW) +
-                       static_cast<A>(s.N) * segment_sq_dev(pos_mean + at, s.HW, mean[c]);
+          // every position saw the N samples
+          const A m2 = merge_equal_parts(pos_mean + at, pos_m2 + at, s.HW, static_cast<A>(s.N),
+                                         mean + c);
           const A v = count > 0 ? m2 / static_cast<A>(count) : A(0);
           var[c] = v;
           invstd[c] = A(1) / std::sqrt(v + a_eps);

@@ -92,10 +92,9 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
                       bmean.data() + t * v.C, bm2.data() + t * v.C);
     }
   });
-  // blocks -> per-(n, c) statistics over HW pixels -> per-(n, g) over the group's D channels,
-  // both by columns_merge (for the second, a group is one column of D blocks of HW values).
-  std::vector<A> block_count(nb), chan_count(v.D, static_cast<A>(v.HW)), chan_mean(v.C),
-      chan_m2(v.C);
+  // blocks -> per-(n, c) statistics over HW pixels (columns_merge) -> per-(n, g) over the
+  // group's D channels of HW pixels each (merge_equal_parts).
+  std::vector<A> block_count(nb), chan_mean(v.C), chan_m2(v.C);
   for (int64_t blk = 0; blk < nb; ++blk)
     block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
   const A inv_group_size = group_size > 0 ? A(1) / static_cast<A>(group_size) : A(0);
@@ -104,9 +103,8 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
                   v.C, chan_mean.data(), chan_m2.data());
     for (int64_t g = 0; g < G; ++g) {
       const int64_t ng = n * G + g;
-      A m2 = 0;
-      columns_merge(chan_count.data(), v.D, chan_mean.data() + g * v.D,
-                    chan_m2.data() + g * v.D, 1, mean + ng, &m2);
+      const A m2 = merge_equal_parts(chan_mean.data() + g * v.D, chan_m2.data() + g * v.D, v.D,
+                                     static_cast<A>(v.HW), mean + ng);
       rstd[ng] = A(1) / std::sqrt(m2 * inv_group_size + a_eps);
     }
   }

@@ -539,6 +539,17 @@ inline void columns_merge(const A* count, int64_t nb, const A* part_mean, const 
   }
 }
 
+// Merge `parts` statistics of equal count (means part_mean[i], squared-deviation sums
+// part_m2[i], each over `part_count` values) into one: returns m2 and sets *mean. The exact
+// combination, as columns_merge, but vectorized along the parts: calling columns_merge with one
+// column runs it as scalar loops (a BN 16x512x7x7 forward spent a quarter of its time there).
+template <typename A>
+inline A merge_equal_parts(const A* part_mean, const A* part_m2, int64_t parts, A part_count,
+                           A* mean) {
+  *mean = parts > 0 ? segment_sum(part_mean, parts) / static_cast<A>(parts) : A(0);
+  return segment_sum(part_m2, parts) + part_count * segment_sq_dev(part_mean, parts, *mean);
+}
+
 // columns_grad_sums over the columns [c, c + width) and rows [p0, p1), the tile's sums held in
 // registers for the whole sweep. Masked lanes load dy as zero, so they add nothing.
 template <typename T, int K, bool kMasked>
