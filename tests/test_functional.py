@@ -149,6 +149,35 @@ def test_one_element_per_group_and_long_rows(backend_name):
     torch.testing.assert_close(NF.layer_norm(x, (70001,)), TF.layer_norm(x, (70001,)))
 
 
+@pytest.mark.parametrize(
+    "rows, n, param_dtype, rms",
+    [
+        (3, 100, torch.float32, False),  # fp32 parameters, copied into the kernel's lane order
+        (3, 100, torch.bfloat16, False),  # few rows: bf16 parameters widened in registers
+        (6, 100, torch.bfloat16, False),  # enough rows: bf16 parameters widened once
+        (6, 100, torch.bfloat16, True),
+        (2, 16384 + 35, torch.bfloat16, False),  # rows too long to widen into a scratch row
+        (2, 16384 + 35, torch.float32, True),
+    ],
+)
+def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, rms):
+    # bf16 rows are loaded even/odd where the CPU has AVX-512; every way the parameters reach
+    # the kernel must meet them in the same order (a mismatch shuffles the affine transform)
+    x = torch.randn(rows, n).to(torch.bfloat16)
+    w = (torch.rand(n) + 0.5).to(param_dtype)
+    b = None if rms else torch.randn(n).to(param_dtype)
+    dy = torch.randn(rows, n).to(torch.bfloat16)
+    outs = []
+    for F in (TF, NF):
+        leaves = [t.clone().requires_grad_() for t in (x, w) + (() if rms else (b,))]
+        with normkernels.backend("cpp"):
+            y = F.rms_norm(leaves[0], (n,), leaves[1]) if rms else F.layer_norm(leaves[0], (n,), *leaves[1:])
+        grads = torch.autograd.grad(y, leaves, dy)
+        outs.append([y.float()] + [g.float() for g in grads])
+    for name, t, o in zip(("y", "dx", "dw", "db"), *outs):
+        torch.testing.assert_close(o, t, atol=5e-2, rtol=2e-2, msg=name)
+
+
 def test_functional_signatures_match_torch():
     import inspect
 

@@ -1,9 +1,12 @@
 // Layer norm and RMS norm over the last dims, CPU: x is [M, N] contiguous rows.
 //   forward : two-pass mean/variance per row (the row stays in L1/L2 between passes), then one
 //             fused normalize + affine pass.
-//   backward: per row, one pass accumulating sum(g * xhat), sum(g) and this block's dweight/dbias
-//             partials, a second pass writing dx; the per-block partials are then summed in a
-//             fixed order (deterministic, no atomics).
+//   backward: one pass accumulating each row's sum(g * xhat), sum(g) and this block's
+//             dweight/dbias partials (long rows kRows at a time), a second pass per row writing
+//             dx; the per-block partials are then summed in a fixed order (deterministic, no
+//             atomics).
+// Rows, weight and bias are read in the lane order of the chunks (Chunk::load_lanes): even/odd
+// for bf16 under AVX-512, the natural order otherwise.
 // RMS norm is the same kernel with the centering (and bias) switched off.
 // Included by capability/*.cpp, never compiled on its own.
 #include "kernels.h"
@@ -16,9 +19,9 @@ namespace cpu {
 inline namespace CPU_CAPABILITY {
 
 // y = (x - mean) * rstd * w + b over one row; w and b may be null. x is the input's dtype, or
-// the row already widened to the accumulation type (TX = acc_t<T>); the parameters are either
-// the accumulation type or the input's own type (PT), widened in registers: converting bf16
-// weights to fp32 tensors on every call would cost more than a one-row layer norm itself.
+// the row already widened to the accumulation type (TX = acc_t<T>), in the lane order of T's
+// chunks (Chunk::load_lanes), as are w and b; those are either the accumulation type or the
+// input's own type (PT), widened in registers.
 template <typename TX, typename T, typename PT>
 static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> mean,
                                         acc_t<T> rstd, const PT* w, const PT* b, bool stream) {
@@ -38,22 +41,28 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
   int64_t j = 0;
   for (; j + C::size <= N; j += C::size) {
     V a, c;
-    CX::load(x + j, a, c);
+    CX::load_lanes(x + j, a, c);
+    // (x - mean) * rstd, not x * rstd - mean * rstd: no cancellation where |mean| >> std
     a = (a - vmean) * vrstd;
     c = (c - vmean) * vrstd;
-    if (w != nullptr) {
+    if (w != nullptr && b != nullptr) {
+      V wa, wc, ba, bc;
+      CP::load_lanes(w + j, wa, wc);
+      CP::load_lanes(b + j, ba, bc);
+      a = at::vec::fmadd(a, wa, ba);
+      c = at::vec::fmadd(c, wc, bc);
+    } else if (w != nullptr) {
       V wa, wc;
-      CP::load(w + j, wa, wc);
+      CP::load_lanes(w + j, wa, wc);
       a = a * wa;
       c = c * wc;
-    }
-    if (b != nullptr) {
+    } else if (b != nullptr) {
       V ba, bc;
-      CP::load(b + j, ba, bc);
+      CP::load_lanes(b + j, ba, bc);
       a = a + ba;
       c = c + bc;
     }
-    C::put(y + j, a, c, stream);
+    C::put_lanes(y + j, a, c, stream);
   }
   for (; j < N; ++j) {
     A v = (static_cast<A>(x[j]) - mean) * rstd;
@@ -63,7 +72,8 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
   }
 }
 
-// Widens a row of n elements into out (accumulation type) and returns its sum.
+// Widens a row of n elements into out (accumulation type, lane order of T's chunks) and
+// returns its sum.
 template <typename T>
 static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
   using A = acc_t<T>;
@@ -73,7 +83,7 @@ static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V a, b;
-    C::load(p + i, a, b);
+    C::load_lanes(p + i, a, b);
     a.store(out + i);
     b.store(out + i + V::size());
     lo += a;
@@ -87,13 +97,17 @@ static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
   return total;
 }
 
-// Rows of a half-precision input at least this long are widened to fp32 once (in L1) and the
-// statistics and normalize passes read that copy: each bf16 -> fp32 conversion costs more
-// than the fp32 load it replaces, and these passes are compute-bound, not memory-bound, in bf16.
+// Half-precision rows up to this long are widened to fp32 once (in L1) and the statistics and
+// normalize passes read that copy: each in-order fp16/bf16 -> fp32 conversion costs more than
+// the fp32 load it replaces. Not bf16 loaded even/odd (Chunk::even_odd): that conversion is two
+// instructions, cheaper than storing and re-reading a copy twice the size (512x8192 bf16
+// forward, side by side with the copy and in-order loads: 0.87-1.04 -> 0.51-0.56 ms).
 // With at least kWidenParamsRows rows, half-precision weight and bias are widened once per
 // call, not once per row.
 constexpr int64_t kWidenRowMax = 16384;
 constexpr int64_t kWidenParamsRows = 4;
+// Rows a backward pass-1 sweep takes at once (layer_norm_bwd_sums), where it takes several.
+constexpr int64_t kRows = 4;
 
 template <typename T, typename PT>
 static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const PT* w,
@@ -103,7 +117,7 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
   constexpr bool widened = Chunk<T>::widened;
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
-    std::vector<A> row(widened && N <= kWidenRowMax ? N : 0);
+    std::vector<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + r * N;
       // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
@@ -141,18 +155,18 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   A* mp = mean.defined() ? mean.data_ptr<A>() : nullptr;
   A* rp = rstd.data_ptr<A>();
   const bool stream = stream_stores(2 * x.nbytes());
-  if constexpr (!std::is_same_v<PT, A>) {
-    if (M >= kWidenParamsRows) {
-      std::vector<A> wide(2 * N);
-      for (int64_t j = 0; j < N; ++j) {
-        if (w != nullptr) wide[j] = static_cast<A>(w[j]);
-        if (b != nullptr) wide[N + j] = static_cast<A>(b[j]);
-      }
-      layer_norm_fwd_rows<T, A>(xp, yp, M, N, w != nullptr ? wide.data() : nullptr,
-                                b != nullptr ? wide.data() + N : nullptr, static_cast<A>(eps),
-                                rms, mp, rp, stream);
-      return;
-    }
+  // The kernel reads weight and bias in the lane order of T's chunks. Half-precision ones are
+  // widened in registers, already in that order, or, where there are enough rows to repay it,
+  // once per call; fp32 ones are copied into that order where it is not the natural one.
+  const bool copy_params = std::is_same_v<PT, A> ? Chunk<T>::even_odd : M >= kWidenParamsRows;
+  if (copy_params && (w != nullptr || b != nullptr)) {
+    std::vector<A> wide(2 * N);
+    if (w != nullptr) to_lanes<T>(w, wide.data(), N);
+    if (b != nullptr) to_lanes<T>(b, wide.data() + N, N);
+    layer_norm_fwd_rows<T, A>(xp, yp, M, N, w != nullptr ? wide.data() : nullptr,
+                              b != nullptr ? wide.data() + N : nullptr, static_cast<A>(eps), rms,
+                              mp, rp, stream);
+    return;
   }
   layer_norm_fwd_rows<T, PT>(xp, yp, M, N, w, b, static_cast<A>(eps), rms, mp, rp, stream);
 }
@@ -175,28 +189,139 @@ void layer_norm_fwd(const at::Tensor& x, int64_t N, const at::Tensor& weight,
                                   });
 }
 
+// Backward pass 1 over R consecutive rows (x, dy rows N apart; mean/rstd mu[k], rs[k]): per
+// row, sum(g * xhat) and sum(g) with g = dy * w, into s_gx[k], s_g[k]; and the rows' dy * xhat
+// and dy added to the dweight/dbias partials pdw/pdb (either may be null). w, pdw and pdb are
+// in the lane order of T's chunks (Chunk::load_lanes). Taking R rows per sweep loads and
+// stores the partials once per R rows: with one row, their stores bound the loop. A function
+// of its own, not the parallel loop's body: there every captured value would be reloaded from
+// memory on each chunk, as the vector stores may alias anything.
+template <typename T, int R>
+static inline void layer_norm_bwd_sums(const T* x, const T* dy, int64_t N, const acc_t<T>* mu,
+                                       const acc_t<T>* rs, const acc_t<T>* w, acc_t<T>* pdw,
+                                       acc_t<T>* pdb, acc_t<T>* s_gx, acc_t<T>* s_g) {
+  using A = acc_t<T>;
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  V vmu[R], vrs[R], acc_gx[R], acc_g[R];
+  for (int k = 0; k < R; ++k) {
+    vmu[k] = V(mu[k]);
+    vrs[k] = V(rs[k]);
+    acc_gx[k] = V(0);
+    acc_g[k] = V(0);
+  }
+  int64_t j = 0;
+  for (; j + Ch::size <= N; j += Ch::size) {
+    const int64_t h = j + V::size();
+    V dw_a(0), dw_b(0), db_a(0), db_b(0);
+    const V wa = w != nullptr ? V::loadu(w + j) : V(1), wb = w != nullptr ? V::loadu(w + h) : V(1);
+    for (int k = 0; k < R; ++k) {
+      V xa, xb, ga, gb;
+      Ch::load_lanes(x + k * N + j, xa, xb);
+      Ch::load_lanes(dy + k * N + j, ga, gb);
+      const V ha = (xa - vmu[k]) * vrs[k], hb = (xb - vmu[k]) * vrs[k];
+      dw_a = at::vec::fmadd(ga, ha, dw_a);
+      dw_b = at::vec::fmadd(gb, hb, dw_b);
+      db_a += ga;
+      db_b += gb;
+      ga = ga * wa;
+      gb = gb * wb;
+      acc_gx[k] = at::vec::fmadd(gb, hb, at::vec::fmadd(ga, ha, acc_gx[k]));
+      acc_g[k] += ga + gb;
+    }
+    if (pdw != nullptr) {
+      (V::loadu(pdw + j) + dw_a).store(pdw + j);
+      (V::loadu(pdw + h) + dw_b).store(pdw + h);
+    }
+    if (pdb != nullptr) {
+      (V::loadu(pdb + j) + db_a).store(pdb + j);
+      (V::loadu(pdb + h) + db_b).store(pdb + h);
+    }
+  }
+  for (int k = 0; k < R; ++k) {
+    s_gx[k] = hsum(acc_gx[k]);
+    s_g[k] = hsum(acc_g[k]);
+  }
+  for (; j < N; ++j) {
+    const A wj = w != nullptr ? w[j] : A(1);
+    for (int k = 0; k < R; ++k) {
+      const A hat = (static_cast<A>(x[k * N + j]) - mu[k]) * rs[k];
+      const A g = static_cast<A>(dy[k * N + j]);
+      if (pdw != nullptr) pdw[j] += g * hat;
+      if (pdb != nullptr) pdb[j] += g;
+      s_gx[k] += g * wj * hat;
+      s_g[k] += g * wj;
+    }
+  }
+}
+
+// Backward pass 2 over one row: dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), with the
+// sums of pass 1 (mean(g) is 0 for RMS); w as there.
+template <typename T>
+static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N, acc_t<T> mu,
+                                     acc_t<T> rs, const acc_t<T>* w, acc_t<T> s_gx,
+                                     acc_t<T> s_g, bool rms, bool stream) {
+  using A = acc_t<T>;
+  using Ch = Chunk<T>;
+  using V = typename Ch::V;
+  const A c_gx = s_gx / static_cast<A>(N);
+  const A c_g = rms ? A(0) : s_g / static_cast<A>(N);
+  // dx = g * rs + (x - mu) * k_x + k_0
+  const A k_x = -rs * rs * c_gx;
+  const A k_0 = -rs * c_g;
+  if (w == nullptr) {
+    segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0, stream);
+    return;
+  }
+  const V vmu(mu), vrs(rs), vkx(k_x), vk0(k_0);
+  int64_t j = 0;
+  for (; j + Ch::size <= N; j += Ch::size) {
+    V xa, xb, ga, gb;
+    Ch::load_lanes(xr + j, xa, xb);
+    Ch::load_lanes(gr + j, ga, gb);
+    const int64_t h = j + V::size();
+    ga = ga * V::loadu(w + j) * vrs;
+    gb = gb * V::loadu(w + h) * vrs;
+    Ch::put_lanes(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
+                  at::vec::fmadd(xb - vmu, vkx, gb + vk0), stream);
+  }
+  for (; j < N; ++j) {
+    dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +
+                           (static_cast<A>(xr[j]) - mu) * k_x + k_0);
+  }
+}
+
 template <typename T>
 static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int64_t N,
                                  const at::Tensor& mean, const at::Tensor& rstd,
                                  const at::Tensor& weight, bool rms, at::Tensor& dx,
                                  at::Tensor& dweight, at::Tensor& dbias) {
   using A = acc_t<T>;
-  using Ch = Chunk<T>;
-  using V = typename Ch::V;
   const int64_t M = N == 0 ? 0 : x.numel() / N;
   const T* xp = x.const_data_ptr<T>();
   const T* gp = dy.const_data_ptr<T>();
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
   const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
+  std::vector<A> w_lanes(Chunk<T>::even_odd && w != nullptr ? N : 0);
+  if (!w_lanes.empty()) {
+    to_lanes<T>(w, w_lanes.data(), N);
+    w = w_lanes.data();
+  }
   const A* mp = rms ? nullptr : mean.const_data_ptr<A>();
   const A* rp = rstd.const_data_ptr<A>();
   const bool want_dw = dweight.defined(), want_db = dbias.defined();
   const bool want_params = want_dw || want_db;
 
-  // Per-block partial sums of dy * xhat (dweight) and dy (dbias).
-  const Blocks blocks(M, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)));
+  // Per-block partial sums of dy * xhat (dweight) and dy (dbias), in lane order.
+  const Blocks blocks(M, std::max<int64_t>(kRows, 4096 / std::max<int64_t>(N, 1)));
   std::vector<A> part_dw(want_dw ? blocks.count * N : 0, A(0));
   std::vector<A> part_db(want_db ? blocks.count * N : 0, A(0));
+  // Pass 1 sweeps kRows rows at once where the partials and w outgrow L1: with one row, their
+  // loads and stores bound the sweep (1024x4096 bf16 backward, one thread: 1.1-1.3 -> 0.8
+  // cycles per element). Shorter rows go one at a time, which keeps consecutive rows one
+  // sequential stream for the prefetcher: four interleaved 1024-element rows read from L3
+  // measured 10-20% slower than one at a time.
+  const int64_t group = 3 * N * static_cast<int64_t>(sizeof(A)) > 16384 ? kRows : 1;
 
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
   at::parallel_for(0, blocks.count, 1, [&](int64_t bb, int64_t be) {
@@ -204,75 +329,25 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
     for (int64_t blk = bb; blk < be; ++blk) {
       A* pdw = want_dw ? part_dw.data() + blk * N : nullptr;
       A* pdb = want_db ? part_db.data() + blk * N : nullptr;
-      for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
-        const T* xr = xp + r * N;
-        const T* gr = gp + r * N;
-        const A mu = mp != nullptr ? mp[r] : A(0);
-        const A rs = rp[r];
-        const V vmu(mu), vrs(rs);
-        // Pass 1: sum(g * xhat), sum(g) with g = dy * w; dweight/dbias partials.
-        V s_gx0(0), s_gx1(0), s_g0(0), s_g1(0);
-        int64_t j = 0;
-        for (; j + Ch::size <= N; j += Ch::size) {
-          V xa, xb, ga, gb;
-          Ch::load(xr + j, xa, xb);
-          Ch::load(gr + j, ga, gb);
-          const int64_t h = j + V::size();
-          const V ha = (xa - vmu) * vrs, hb = (xb - vmu) * vrs;
-          if (pdw != nullptr) {
-            at::vec::fmadd(ga, ha, V::loadu(pdw + j)).store(pdw + j);
-            at::vec::fmadd(gb, hb, V::loadu(pdw + h)).store(pdw + h);
+      for (int64_t r0 = blocks.begin(blk); r0 < blocks.end(blk); r0 += group) {
+        // pass 1 over the group, then pass 2 row by row while the rows are in cache
+        const int64_t rows = std::min(group, blocks.end(blk) - r0);
+        A mu[kRows], s_gx[kRows], s_g[kRows];
+        for (int64_t k = 0; k < rows; ++k) mu[k] = mp != nullptr ? mp[r0 + k] : A(0);
+        if (rows == kRows) {
+          layer_norm_bwd_sums<T, kRows>(xp + r0 * N, gp + r0 * N, N, mu, rp + r0, w, pdw, pdb,
+                                        s_gx, s_g);
+        } else {
+          for (int64_t k = 0; k < rows; ++k) {
+            const int64_t r = r0 + k;
+            layer_norm_bwd_sums<T, 1>(xp + r * N, gp + r * N, N, mu + k, rp + r, w, pdw, pdb,
+                                      s_gx + k, s_g + k);
           }
-          if (pdb != nullptr) {
-            (V::loadu(pdb + j) + ga).store(pdb + j);
-            (V::loadu(pdb + h) + gb).store(pdb + h);
-          }
-          if (w != nullptr) {
-            ga = ga * V::loadu(w + j);
-            gb = gb * V::loadu(w + h);
-          }
-          s_gx0 = at::vec::fmadd(ga, ha, s_gx0);
-          s_gx1 = at::vec::fmadd(gb, hb, s_gx1);
-          s_g0 += ga;
-          s_g1 += gb;
         }
-        A s_gx = hsum(s_gx0 + s_gx1), s_g = hsum(s_g0 + s_g1);
-        for (; j < N; ++j) {
-          const A hat = (static_cast<A>(xr[j]) - mu) * rs;
-          A g = static_cast<A>(gr[j]);
-          if (pdw != nullptr) pdw[j] += g * hat;
-          if (pdb != nullptr) pdb[j] += g;
-          if (w != nullptr) g *= w[j];
-          s_gx += g * hat;
-          s_g += g;
-        }
-        if (dxp == nullptr) continue;
-        // Pass 2: dx = rstd * (g - xhat * mean(g * xhat) - mean(g)); mean(g) is 0 for RMS.
-        const A c_gx = s_gx / static_cast<A>(N);
-        const A c_g = rms ? A(0) : s_g / static_cast<A>(N);
-        // dx = g * rs + (x - mu) * k_x + k_0
-        const A k_x = -rs * rs * c_gx;
-        const A k_0 = -rs * c_g;
-        T* dr = dxp + r * N;
-        if (w == nullptr) {
-          segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0, stream);
-          continue;
-        }
-        const V vkx(k_x), vk0(k_0);
-        j = 0;
-        for (; j + Ch::size <= N; j += Ch::size) {
-          V xa, xb, ga, gb;
-          Ch::load(xr + j, xa, xb);
-          Ch::load(gr + j, ga, gb);
-          const int64_t h = j + V::size();
-          ga = ga * V::loadu(w + j) * vrs;
-          gb = gb * V::loadu(w + h) * vrs;
-          Ch::put(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
-                  at::vec::fmadd(xb - vmu, vkx, gb + vk0), stream);
-        }
-        for (; j < N; ++j) {
-          dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +
-                                 (static_cast<A>(xr[j]) - mu) * k_x + k_0);
+        for (int64_t k = 0; dxp != nullptr && k < rows; ++k) {
+          const int64_t r = r0 + k;
+          layer_norm_bwd_dx(xp + r * N, gp + r * N, dxp + r * N, N, mu[k], rp[r], w, s_gx[k],
+                            s_g[k], rms, stream);
         }
       }
     }
@@ -289,8 +364,9 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
           if (dwp != nullptr) sw += part_dw[blk * N + c];
           if (dbp != nullptr) sb += part_db[blk * N + c];
         }
-        if (dwp != nullptr) dwp[c] = sw;
-        if (dbp != nullptr) dbp[c] = sb;
+        const int64_t e = Chunk<T>::lane_element(c, N);  // partials are in lane order
+        if (dwp != nullptr) dwp[e] = sw;
+        if (dbp != nullptr) dbp[e] = sb;
       }
     });
   }

@@ -144,6 +144,57 @@ struct Chunk {
       stream_vec(p + V::size(), hi);
     }
   }
+
+  // Lane order. A kernel whose lanes meet only per-column arrays of the same row (a layer-norm
+  // row against its weight) may load its chunks in any fixed order, if those arrays are put in
+  // the same order (to_lanes). bf16 under AVX-512 loads cheapest as even/odd: of one 512-bit
+  // load of 32 bf16, shifting every 32-bit lane left by 16 gives the even elements as fp32 and
+  // masking off the low 16 bits the odd ones; two instructions where the in-order widening
+  // takes five, three of them shuffles. Everywhere else the lane order is the natural one.
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool even_odd = std::is_same_v<T, at::BFloat16>;
+#else
+  static constexpr bool even_odd = false;
+#endif
+  // lo, hi = the chunk at p in lane order: elements 0, 2, .., 30 and 1, 3, .., 31 where
+  // even_odd, else as load().
+  static inline void load_lanes(const T* p, V& lo, V& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (even_odd) {
+      const __m512i v = _mm512_loadu_si512(p);
+      lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      return;
+    }
+#endif
+    load(p, lo, hi);
+  }
+  // put() of a chunk held in lane order.
+  static inline void put_lanes(T* p, const V& lo, const V& hi, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (even_odd) {
+      // narrow() packs lo's 16 values, then hi's; one word permute interleaves them
+      const __m512i interleave = _mm512_set_epi16(
+          31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+          23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      const Vectorized<T> v(_mm512_permutexvar_epi16(interleave, narrow<T>(lo, hi)));
+      if (stream && reinterpret_cast<uintptr_t>(p) % stream_align == 0) {
+        stream_vec(p, v);
+      } else {
+        v.store(p);
+      }
+      return;
+    }
+#endif
+    put(p, lo, hi, stream);
+  }
+  // Index, within a row of n, of the element that lane-ordered position i holds: the identity
+  // past the last full chunk (tails are scalar, in natural order).
+  static inline int64_t lane_element(int64_t i, int64_t n) {
+    if (!even_odd || i >= n / size * size) return i;
+    const int64_t k = i % size, half = size / 2;
+    return i - k + (k < half ? 2 * k : 2 * (k - half) + 1);
+  }
   // The first n (0 < n < size) elements, the other lanes zero: masked loads, so short segments
   // (a 7x7 plane is one chunk and a 17-element tail) stay vectorized.
   static inline void load_first(const T* p, int64_t n, V& lo, V& hi) {
@@ -180,6 +231,37 @@ struct Chunk {
   }
 };
 
+// dst[i] = src[Chunk<T>::lane_element(i, n)] for a row of n: a per-column array (weight,
+// bias) of T or of the accumulation type, put in the lane order of T's chunks, widened.
+template <typename T, typename S>
+inline void to_lanes(const S* src, acc_t<T>* dst, int64_t n) {
+  using A = acc_t<T>;
+  using C = Chunk<T>;
+  using V = typename C::V;
+  static_assert(std::is_same_v<S, T> || std::is_same_v<S, A>, "T or its accumulation type");
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V lo, hi;
+    if constexpr (std::is_same_v<S, T>) {
+      C::load_lanes(src + i, lo, hi);
+    } else {
+      Chunk<S>::load(src + i, lo, hi);
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (C::even_odd) {
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        const V e(_mm512_permutex2var_ps(lo, even, hi)), o(_mm512_permutex2var_ps(lo, odd, hi));
+        lo = e;
+        hi = o;
+      }
+#endif
+    }
+    lo.store(dst + i);
+    hi.store(dst + i + V::size());
+  }
+  for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+}
+
 // Segment tails. A tail of a segment at least one chunk long is done as the full chunk ending
 // at the segment's end, overlapping the chunk before it: elementwise passes simply recompute
 // (and rewrite identically) the overlap, reductions zero the overlapping lanes in registers.
@@ -197,6 +279,10 @@ inline A hsum(const Vectorized<A>& v) {
 }
 
 // ---------------------------------------------------------------- contiguous segments
+//
+// A segment's lanes meet no per-element array, so full chunks load in lane order
+// (Chunk::load_lanes) and elementwise passes store them back in it; the tails, masked or
+// overlapping, stay in natural order, which keep_first/keep_last count in.
 
 // Vector accumulators that several segments can add into before one horizontal sum (the
 // planes of one batch-norm channel are N short segments: a horizontal sum per plane would cost
@@ -216,7 +302,7 @@ inline void accumulate_sum(const T* p, int64_t n, VecSum<T>& acc) {
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V a, b;
-    C::load(p + i, a, b);
+    C::load_lanes(p + i, a, b);
     acc.lo += a;
     acc.hi += b;
   }
@@ -242,7 +328,7 @@ inline void accumulate_sq_dev(const T* p, int64_t n, acc_t<T> shift, VecSum<T>& 
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V a, b;
-    C::load(p + i, a, b);
+    C::load_lanes(p + i, a, b);
     a = a - vshift;
     b = b - vshift;
     acc.lo = at::vec::fmadd(a, a, acc.lo);
@@ -313,8 +399,8 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
   }
   for (; i + C::size <= n; i += C::size) {
     V a, b;
-    C::load(x + i, a, b);
-    C::put(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb), stream);
+    C::load_lanes(x + i, a, b);
+    C::put_lanes(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb), stream);
   }
   if (i < n) {
     V a, b;
@@ -333,8 +419,8 @@ inline void accumulate_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> sh
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V ga, gb, xa, xb;
-    C::load(dy + i, ga, gb);
-    C::load(x + i, xa, xb);
+    C::load_lanes(dy + i, ga, gb);
+    C::load_lanes(x + i, xa, xb);
     sum_dy.lo += ga;
     sum_dy.hi += gb;
     sum_dy_xc.lo = at::vec::fmadd(ga, xa - vshift, sum_dy_xc.lo);
@@ -384,9 +470,9 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
   }
   for (; i + C::size <= n; i += C::size) {
     V ga, gb, xa, xb;
-    C::load(dy + i, ga, gb);
-    C::load(x + i, xa, xb);
-    C::put(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
+    C::load_lanes(dy + i, ga, gb);
+    C::load_lanes(x + i, xa, xb);
+    C::put_lanes(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
            at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)), stream);
   }
   if (i < n) {
