@@ -269,13 +269,23 @@ inline void to_lanes(const S* src, acc_t<T>* dst, int64_t n) {
 // a quarter of its time in its 4-element tails), full unaligned ones a few. Segments shorter
 // than a chunk still use masked memory access.
 
+// Sum of a vector's lanes, as a tree of halvings: a chain of 16 scalar adds was a sixth of a
+// 16x512x7x7 batch-norm forward (three per channel in its statistics merge).
 template <typename A>
 inline A hsum(const Vectorized<A>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm512_reduce_add_ps(v);
+  } else if constexpr (std::is_same_v<A, double>) {
+    return _mm512_reduce_add_pd(v);
+  }
+#endif
   alignas(64) A buf[Vectorized<A>::size()];
   v.store(buf);
-  A s = 0;
-  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += buf[i];
-  return s;
+  for (int64_t half = Vectorized<A>::size() / 2; half > 0; half /= 2) {
+    for (int64_t i = 0; i < half; ++i) buf[i] += buf[i + half];
+  }
+  return buf[0];
 }
 
 // ---------------------------------------------------------------- contiguous segments
