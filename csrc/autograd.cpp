@@ -41,6 +41,12 @@ std::pair<bool, bool> param_needs(AutogradContext* ctx, size_t first, bool has_w
 
 Tensor if_(bool wanted, const Tensor& t) { return wanted ? t : Tensor(); }
 
+// The statistics outputs are non-differentiable, so their incoming gradients are always
+// undefined; ctx->set_materialize_grads(false) keeps autograd from allocating a zero tensor for
+// each of them on every backward (BN 2x8x2x2 bf16 backward: 31.0 -> 29-30 us; torch's own takes
+// 26-27). The output's own gradient is then undefined only if nothing reached it.
+variable_list no_input_grads(size_t inputs) { return variable_list(inputs); }
+
 // Gradients of `y = forward(x, w, b)` for the inputs the mask asks for, as a differentiable
 // graph: used when the backward itself is being recorded (create_graph=True).
 template <typename Forward>
@@ -113,10 +119,12 @@ class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_b"] = b.has_value() && b->defined();
     ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);
     return {y, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return no_input_grads(6);
     const auto& bwd = ops::layer_norm_bwd();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
@@ -164,10 +172,12 @@ class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_b"] = b.has_value() && b->defined();
     ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);
     return {y, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return no_input_grads(5);
     const auto& bwd = ops::group_norm_bwd();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
@@ -212,10 +222,12 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     ctx->saved_data["has_b"] = b.has_value() && b->defined();
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, invstd, var});
+    ctx->set_materialize_grads(false);
     return {y, mean, invstd, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return no_input_grads(4);
     const auto& bwd = ops::batch_norm_bwd();
     const auto s = ctx->get_saved_variables();
     const auto [nw, nb] = param_needs(ctx, 1, s[1].defined(), ctx->saved_data["has_b"].toBool());
