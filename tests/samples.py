@@ -62,8 +62,9 @@ CASES: List[Case] = [
     # planes shorter than two chunks are walked as blocks of channels, one contiguous span per
     # sample (ShortPlanes): with 2 threads, 25-value planes across 50 channels make spans of 20
     # channels (500 values) in training and backward, 25 in inference, each register tiles and a
-    # masked tile; 7x7 planes make spans of 10 channels (490 values) in training
-    Case("BatchNorm2d-shortplanes", lambda: nn.BatchNorm2d(50), (3, 50, 5, 5)),
+    # masked tile; 7x7 planes make spans of 10 channels (490 values) in training. The output
+    # passes go by groups of 4 samples: 7 is a whole group and a partial one
+    Case("BatchNorm2d-shortplanes", lambda: nn.BatchNorm2d(50), (7, 50, 5, 5)),
     Case("BatchNorm2d-7x7", lambda: nn.BatchNorm2d(24), (4, 24, 7, 7), ["contiguous", "strided"]),
     # one value per plane: walked as [N, C] rows
     Case("BatchNorm2d-1x1", lambda: nn.BatchNorm2d(6), (8, 6, 1, 1), ["contiguous"]),

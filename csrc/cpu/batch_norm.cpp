@@ -95,7 +95,7 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
       sp.spread(blk, scale, sc);
       sp.spread(blk, shift, sh);
       const int64_t off = sp.c0(blk) * s.HW;
-      rows_affine(xp + off, yp + off, 0, s.N, sp.span(blk), sp.ld(), ce, sc, sh, stream);
+      columns_affine(xp + off, yp + off, 0, s.N, sp.span(blk), sp.ld(), ce, sc, sh, stream);
     }
   });
 }
@@ -164,7 +164,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
           std::fill(sc + at, sc + at + s.HW, invstd[c] * param_or(w, c, A(1)));
           std::fill(sh + at, sh + at + s.HW, param_or(b, c, A(0)));
         }
-        rows_affine(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc, sh, stream);
+        columns_affine(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc, sh, stream);
       }
     });
     return;
@@ -323,8 +323,8 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         sp.spread(blk, k_dy.data(), kd);
         sp.spread(blk, k_x.data(), kx);
         sp.spread(blk, k_0.data(), k0);
-        rows_grad_input(gp + off, xp + off, dxp + off, 0, s.N, span, sp.ld(), ce, kd, kx, k0,
-                        stream);
+        columns_grad_input(gp + off, xp + off, dxp + off, 0, s.N, span, sp.ld(), ce, kd, kx, k0,
+                           stream);
       }
     });
   } else if (fused) {
