@@ -38,13 +38,15 @@ struct ShortPlanes {
   // Elements of a block's span at most: a pass with per-element arrays (three for the
   // normalize pass alone, five or six where statistics come first) keeps them and the block's
   // spans in L1/L2 (measured at 7x7: 1024 best for inference, 512 for training and backward).
-  int64_t max_span, C, HW, per_block, count;
+  // grain: blocks a task, for at::parallel_for over [0, count)
+  int64_t max_span, C, HW, per_block, count, grain;
   ShortPlanes(const NormShape& s, int64_t max_span_)
       : max_span(max_span_), C(s.C), HW(s.HW) {
     const int64_t threads = at::get_num_threads();
     per_block = std::clamp<int64_t>((C + threads - 1) / threads, 1,
                                     std::max<int64_t>(1, max_span / HW));
     count = (C + per_block - 1) / per_block;
+    grain = grain_for(s.N * per_block * HW);
   }
   static bool applies(const NormShape& s) {
     return !s.channels_last && s.HW > 0 && s.HW < 2 * Chunk<T>::size;
@@ -86,7 +88,7 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
                                 const acc_t<T>* scale, const acc_t<T>* shift, bool stream) {
   using A = acc_t<T>;
   const ShortPlanes<T> sp(s, 1024);
-  at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
     const StreamFence fence(stream);
     std::vector<A> storage;
     const auto [ce, sc, sh] = sp.template scratch<3>(storage);
@@ -145,7 +147,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     // per channel exactly, then the normalize pass while the block is in L2.
     const ShortPlanes<T> sp(s, 512);
     const bool stream = stream_stores(2 * x.nbytes());
-    at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
       const StreamFence fence(stream);
       std::vector<A> storage;
       const auto [pos_mean, pos_m2, ce, sc, sh] = sp.template scratch<5>(storage);
@@ -201,7 +203,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   const Blocks blocks(count, std::max<int64_t>(1, 8192 / std::max<int64_t>(s.C, 1)));
   const int64_t nb = blocks.count;
   std::vector<A> bmean(nb * s.C), bm2(nb * s.C);
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nb, blocks.grain(s.C), [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       columns_welford(xp, blocks.begin(blk), blocks.end(blk), s.C, s.C, bmean.data() + blk * s.C,
                       bm2.data() + blk * s.C);
@@ -305,7 +307,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
 
   if (short_planes) {
     const ShortPlanes<T> sp(s, 512);
-    at::parallel_for(0, sp.count, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
       const StreamFence fence(stream);
       std::vector<A> storage;
       const auto [ce, sg, sd, kd, kx, k0] = sp.template scratch<6>(storage);
@@ -343,7 +345,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   } else if (need_sums) {
     const Blocks blocks(count, std::max<int64_t>(1, 8192 / std::max<int64_t>(s.C, 1)));
     std::vector<A> part_dy(blocks.count * s.C, A(0)), part_dyx(blocks.count * s.C, A(0));
-    at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks.count, blocks.grain(s.C), [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         columns_grad_sums(gp, xp, blocks.begin(blk), blocks.end(blk), s.C, s.C, mean,
                           part_dy.data() + blk * s.C, part_dyx.data() + blk * s.C);

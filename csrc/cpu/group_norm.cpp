@@ -85,7 +85,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
   const int64_t nb = blocks.count;
   std::vector<A> bmean(v.N * nb * v.C), bm2(v.N * nb * v.C);
-  at::parallel_for(0, v.N * nb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, v.N * nb, blocks.grain(v.C), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / nb, blk = t % nb;
       columns_welford(xp + n * v.HW * v.C, blocks.begin(blk), blocks.end(blk), v.C, v.C,
@@ -226,7 +226,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
     const int64_t nb = blocks.count;
     std::vector<A> part_dy(v.N * nb * v.C, A(0)), part_dyx(v.N * nb * v.C, A(0));
-    at::parallel_for(0, v.N * nb, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, v.N * nb, blocks.grain(v.C), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / nb, blk = t % nb;
         const int64_t off = n * v.HW * v.C;

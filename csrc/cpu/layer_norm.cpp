@@ -324,7 +324,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const int64_t group = 3 * N * static_cast<int64_t>(sizeof(A)) > 16384 ? kRows : 1;
 
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
-  at::parallel_for(0, blocks.count, 1, [&](int64_t bb, int64_t be) {
+  at::parallel_for(0, blocks.count, blocks.grain(N), [&](int64_t bb, int64_t be) {
     const StreamFence fence(stream);
     for (int64_t blk = bb; blk < be; ++blk) {
       A* pdw = want_dw ? part_dw.data() + blk * N : nullptr;

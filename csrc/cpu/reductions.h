@@ -867,6 +867,13 @@ inline void columns_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64
 
 // ---------------------------------------------------------------- work splitting
 
+// A grain for at::parallel_for over items of `work` elements each: about 32K elements a task.
+// Work below that runs on the calling thread: waking a second one costs about 5 us a parallel
+// region (a 2x8x2x2 batch-norm forward: 4.6 us on one thread, 9.8 us on two).
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, work));
+}
+
 // Split [0, n) into a fixed number of contiguous blocks that depends only on n and the thread
 // count, so per-block partial results merge in the same order on every run (deterministic).
 struct Blocks {
@@ -879,12 +886,9 @@ struct Blocks {
   }
   int64_t begin(int64_t b) const { return n * b / count; }
   int64_t end(int64_t b) const { return n * (b + 1) / count; }
+  // grain_for blocks whose items (rows) are `item_work` elements each
+  int64_t grain(int64_t item_work) const { return grain_for(n / count * item_work); }
 };
-
-// A grain for at::parallel_for over items of `work` elements each: about 32K elements a task.
-inline int64_t grain_for(int64_t work) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, work));
-}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
