@@ -154,14 +154,16 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
         columns_welford(xp + off, 0, s.N, span, sp.ld(), pos_mean, pos_m2);
-        for (int64_t c = sp.c0(blk); c < sp.c1(blk); ++c) {
-          const int64_t at = (c - sp.c0(blk)) * s.HW;
-          // every position saw the N samples
-          const A m2 = merge_equal_parts(pos_mean + at, pos_m2 + at, s.HW, static_cast<A>(s.N),
-                                         mean + c);
-          const A v = count > 0 ? m2 / static_cast<A>(count) : A(0);
-          var[c] = v;
-          invstd[c] = A(1) / std::sqrt(v + a_eps);
+        // every position saw the N samples; var holds m2 until divided
+        const int64_t c0 = sp.c0(blk);
+        merge_equal_runs(pos_mean, pos_m2, s.HW, static_cast<A>(s.N), sp.c1(blk) - c0, mean + c0,
+                         var + c0);
+        for (int64_t c = c0; c < sp.c1(blk); ++c) {
+          var[c] = count > 0 ? var[c] / static_cast<A>(count) : A(0);
+          invstd[c] = A(1) / std::sqrt(var[c] + a_eps);
+        }
+        for (int64_t c = c0; c < sp.c1(blk); ++c) {
+          const int64_t at = (c - c0) * s.HW;
           std::fill(ce + at, ce + at + s.HW, mean[c]);
           std::fill(sc + at, sc + at + s.HW, invstd[c] * param_or(w, c, A(1)));
           std::fill(sh + at, sh + at + s.HW, param_or(b, c, A(0)));
