@@ -16,7 +16,7 @@ import normkernels
 
 from . import providers as P
 from .cases import suite
-from .timing import copy_bandwidth, copy_step, round_robin, steady_malloc
+from .timing import CopyBandwidth, copy_step, round_robin, steady_malloc
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MALLOC_MMAP_BYTES = 32 << 20  # glibc mmaps (and page-faults) fresh allocations this large
@@ -109,9 +109,9 @@ def run(args) -> dict:
           f"{info['threads']} threads", file=sys.stderr)
     for n in notes:
         print(f"# {n}", file=sys.stderr)
-    copy_gbs = copy_bandwidth(device)
-    info["copy_GBps"] = copy_gbs
-    print(f"# device-to-device copy (256 MB): {copy_gbs:.1f} GB/s", file=sys.stderr)
+    dram_copy = CopyBandwidth(device)
+    print(f"# device-to-device copy (256 MB): {dram_copy.sample(15):.1f} GB/s now; sampled again "
+          "after every case", file=sys.stderr)
     rows = []
     t_start = time.time()
     for i, case in enumerate(cases):
@@ -141,7 +141,6 @@ def run(args) -> dict:
             "ours_GBps": ours_gbs,
             "copy_GBps_same_size": copy_gbs_case,
             "pct_copy_bw": 100 * ours_gbs / copy_gbs_case,
-            "pct_dram_copy_bw": 100 * ours_gbs / info["copy_GBps"],
             "fits_cache": case.working_set_bytes() <= info.get("private_cache_bytes", 0),
             "mmap_output": info["malloc"] == "default" and device == "cpu"
             and x_bytes >= MALLOC_MMAP_BYTES,
@@ -150,9 +149,15 @@ def run(args) -> dict:
             if peer in t:
                 row[f"speedup_vs_{peer}"] = t[peer] / t["ours"]
         rows.append(row)
+        dram_copy.sample()
         elapsed = time.time() - t_start
         print(f"[{i + 1}/{len(cases)}] {case.name}: torch {t['torch']:.3f} ms, ours {t['ours']:.3f} ms "
               f"({row['speedup_vs_torch']:.2f}x)  {elapsed:.0f}s", file=sys.stderr)
+    info["copy_GBps"] = dram_copy.median()
+    info["copy_GBps_range"] = [min(dram_copy.samples), max(dram_copy.samples)]
+    info["copy_samples"] = len(dram_copy.samples)
+    for row in rows:
+        row["pct_dram_copy_bw"] = 100 * row["ours_GBps"] / info["copy_GBps"]
     summary = {
         "geomean_speedup_vs_torch": geomean([r["speedup_vs_torch"] for r in rows]),
         "slower_than_torch": [r["case"] for r in rows if r["speedup_vs_torch"] < 1.0],
@@ -183,7 +188,10 @@ def markdown(result: dict) -> str:
     lines = [
         f"# normkernels benchmark — {head}",
         "",
-        f"Copy bandwidth (device-to-device, 256 MB, same run): {info['copy_GBps']:.1f} GB/s. "
+        f"Copy bandwidth (device-to-device, 256 MB, same run): {info['copy_GBps']:.1f} GB/s, the "
+        f"median of {info.get('copy_samples', 1)} samples taken between the cases"
+        + (f" (range {info['copy_GBps_range'][0]:.1f}–{info['copy_GBps_range'][1]:.1f})"
+           if "copy_GBps_range" in info else "") + ". "
         "Times are medians of round-robin samples; speedup = torch time / ours. "
         "% copy BW: ours' achieved GB/s (minimum traffic: fwd reads x and writes y, bwd reads x "
         "and dy and writes dx) over the GB/s of copying x's bytes into an existing tensor, timed "

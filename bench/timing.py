@@ -71,10 +71,28 @@ def copy_step(device: str, nbytes: int) -> Callable[[], object]:
     return lambda: dst.copy_(src)
 
 
-def copy_bandwidth(device: str, nbytes: int = 256 << 20, rounds: int = 15) -> float:
-    """GB/s of copy_step timed alone."""
-    res = round_robin({"copy": copy_step(device, nbytes)}, device, rounds)
-    return 2 * max(nbytes, 4) / (res["copy"]["median_ms"] / 1e3) / 1e9
+class CopyBandwidth:
+    """The memory-bandwidth reference: GB/s of a `nbytes` copy_step (256 MB: past any cache),
+    sampled through the whole run rather than once. The machine's memory bandwidth moves with
+    what else shares it (measured here: 30.5 and 35.6 GB/s at the start of two runs minutes
+    apart), so one snapshot taken before the cases can sit well off the conditions they ran
+    under; the median of samples taken between cases does not."""
+
+    def __init__(self, device: str, nbytes: int = 256 << 20):
+        self.device, self.nbytes = device, max(nbytes, 4)
+        self.step = copy_step(device, nbytes)
+        self.samples: List[float] = []
+
+    def sample(self, rounds: int = 3) -> float:
+        """Times `rounds` copies now; returns their median GB/s (and keeps it)."""
+        res = round_robin({"copy": self.step}, self.device, rounds)
+        gbs = 2 * self.nbytes / (res["copy"]["median_ms"] / 1e3) / 1e9
+        self.samples.append(gbs)
+        return gbs
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
 
 
 def steady_malloc() -> bool:
