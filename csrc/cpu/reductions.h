@@ -525,6 +525,15 @@ inline void tile_store(const V& v, typename V::value_type* p, int64_t width, int
     v.store(p + k * V::size());
   }
 }
+// A tile's K vectors of the per-column array p over the columns [c, c + width), and back.
+template <bool kMasked, int K, typename V>
+inline void tile_load_columns(const typename V::value_type* p, int64_t c, int64_t width, V* out) {
+  for (int k = 0; k < K; ++k) out[k] = tile_load<kMasked, V>(p + c, width, k);
+}
+template <bool kMasked, int K, typename V>
+inline void tile_store_columns(const V* v, typename V::value_type* p, int64_t c, int64_t width) {
+  for (int k = 0; k < K; ++k) tile_store<kMasked>(v[k], p + c, width, k);
+}
 // One row's K vectors of input at p (K = 2 when masked: a partial tile is less than a chunk).
 template <bool kMasked, int K, typename T>
 inline void tile_load_row(const T* p, int64_t width, typename Chunk<T>::V* out) {
@@ -559,10 +568,8 @@ inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t
   using V = typename Chunk<T>::V;
   static_assert(K % 2 == 0, "a tile is whole chunks");
   V m[K], s[K];
-  for (int k = 0; k < K; ++k) {
-    m[k] = tile_load<kMasked, V>(mean + c, width, k);
-    s[k] = tile_load<kMasked, V>(m2 + c, width, k);
-  }
+  tile_load_columns<kMasked, K>(mean, c, width, m);
+  tile_load_columns<kMasked, K>(m2, c, width, s);
   for (int64_t r = p0; r < p1; ++r) {
     V a[K];
     tile_load_row<kMasked, K>(x + r * ld + c, width, a);
@@ -573,10 +580,8 @@ inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t
       s[k] = at::vec::fmadd(d, a[k] - m[k], s[k]);
     }
   }
-  for (int k = 0; k < K; ++k) {
-    tile_store<kMasked>(m[k], mean + c, width, k);
-    tile_store<kMasked>(s[k], m2 + c, width, k);
-  }
+  tile_store_columns<kMasked, K>(m, mean, c, width);
+  tile_store_columns<kMasked, K>(s, m2, c, width);
 }
 
 // Per-column Welford over rows [r0, r1). mean/m2 (length C) are overwritten; every column sees
@@ -670,11 +675,9 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
   using V = typename Chunk<T>::V;
   static_assert(K % 2 == 0, "a tile is whole chunks");
   V sh[K], sg[K], sd[K];
-  for (int k = 0; k < K; ++k) {
-    sh[k] = tile_load<kMasked, V>(shift + c, width, k);
-    sg[k] = tile_load<kMasked, V>(sum_dy + c, width, k);
-    sd[k] = tile_load<kMasked, V>(sum_dy_xc + c, width, k);
-  }
+  tile_load_columns<kMasked, K>(shift, c, width, sh);
+  tile_load_columns<kMasked, K>(sum_dy, c, width, sg);
+  tile_load_columns<kMasked, K>(sum_dy_xc, c, width, sd);
   for (int64_t r = p0; r < p1; ++r) {
     V g[K], v[K];
     tile_load_row<kMasked, K>(dy + r * ld + c, width, g);
@@ -684,10 +687,8 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
       sd[k] = at::vec::fmadd(g[k], v[k] - sh[k], sd[k]);
     }
   }
-  for (int k = 0; k < K; ++k) {
-    tile_store<kMasked>(sg[k], sum_dy + c, width, k);
-    tile_store<kMasked>(sd[k], sum_dy_xc + c, width, k);
-  }
+  tile_store_columns<kMasked, K>(sg, sum_dy, c, width);
+  tile_store_columns<kMasked, K>(sd, sum_dy_xc, c, width);
 }
 
 // Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), accumulated into
@@ -800,11 +801,9 @@ inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t ld, in
                         const acc_t<T>* shift, bool stream) {
   using V = typename Chunk<T>::V;
   V ce[K], sc[K], sh[K];
-  for (int k = 0; k < K; ++k) {
-    ce[k] = tile_load<kMasked, V>(center + c, width, k);
-    sc[k] = tile_load<kMasked, V>(scale + c, width, k);
-    sh[k] = tile_load<kMasked, V>(shift + c, width, k);
-  }
+  tile_load_columns<kMasked, K>(center, c, width, ce);
+  tile_load_columns<kMasked, K>(scale, c, width, sc);
+  tile_load_columns<kMasked, K>(shift, c, width, sh);
   for (int64_t r = r0; r < r1; ++r) {
     V a[K];
     tile_load_row<kMasked, K>(x + r * ld + c, width, a);
@@ -846,12 +845,10 @@ inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
   using V = typename Chunk<T>::V;
   constexpr int K = 2;
   V ce[K], kd[K], kx[K], k0[K];
-  for (int k = 0; k < K; ++k) {
-    ce[k] = tile_load<kMasked, V>(center + c, width, k);
-    kd[k] = tile_load<kMasked, V>(k_dy + c, width, k);
-    kx[k] = tile_load<kMasked, V>(k_x + c, width, k);
-    k0[k] = tile_load<kMasked, V>(k_0 + c, width, k);
-  }
+  tile_load_columns<kMasked, K>(center, c, width, ce);
+  tile_load_columns<kMasked, K>(k_dy, c, width, kd);
+  tile_load_columns<kMasked, K>(k_x, c, width, kx);
+  tile_load_columns<kMasked, K>(k_0, c, width, k0);
   for (int64_t r = r0; r < r1; ++r) {
     V g[K], v[K];
     tile_load_row<kMasked, K>(dy + r * ld + c, width, g);
