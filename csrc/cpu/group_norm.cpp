@@ -29,19 +29,40 @@ struct GroupView {
   A bs(int64_t c) const { return b != nullptr ? b[c] : A(0); }
 };
 
-// Per-(n, c) coefficients of y = (x - center) * scale + shift, from per-(n, g) mean and rstd.
+// Coefficients of y = (x - center) * scale + shift for image n's channels [c0, c1) (stored from
+// index 0), from per-(n, g) mean and rstd.
 template <typename A>
-static void group_affine_coeffs(const GroupView<A>& v, const A* mean, const A* rstd, A* center,
-                                A* scale, A* shift) {
-  for (int64_t n = 0; n < v.N; ++n) {
-    for (int64_t c = 0; c < v.C; ++c) {
-      const int64_t ng = n * v.G + c / v.D;
-      center[n * v.C + c] = mean[ng];
-      scale[n * v.C + c] = rstd[ng] * v.wt(c);
-      shift[n * v.C + c] = v.bs(c);
-    }
+static void group_affine_coeffs(const GroupView<A>& v, int64_t n, int64_t c0, int64_t c1,
+                                const A* mean, const A* rstd, A* center, A* scale, A* shift) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t ng = n * v.G + c / v.D;
+    center[c - c0] = mean[ng];
+    scale[c - c0] = rstd[ng] * v.wt(c);
+    shift[c - c0] = v.bs(c);
   }
 }
+
+// channels_last forward by stripes: one task per (n, stripe of whole groups) computes the
+// stripe's statistics, then normalizes it reading it back from L2: x is read from memory once,
+// in one parallel region. Only for stripes that fit in L2 and whose rows are at least 1 KB:
+// narrower stripes walk memory with a stride the prefetchers serve badly (480-byte rows: a
+// 2x640x32x32 fp32 forward 0.137 -> 0.181 ms; 120-byte rows: 2x320x64x64 0.50 -> 1.10 ms).
+// Where it applies (2x1280x16x16, 32 groups) a bf16 forward went 0.072 -> 0.059 ms.
+struct GroupStripes {
+  int64_t count = 0;  // stripes per image; 0: the layout does not suit stripes
+  GroupStripes(int64_t N, int64_t HW, int64_t G, int64_t D, int64_t elem_bytes) {
+    const int64_t group_bytes = HW * D * elem_bytes;
+    const int64_t fit = (int64_t{512} << 10) / std::max<int64_t>(1, group_bytes);
+    if (group_bytes == 0 || fit < 1 || G < 1) return;
+    // at least two tasks a thread, for balance
+    int64_t n_stripes = std::max((G + fit - 1) / fit,
+                                 (2 * at::get_num_threads() + N - 1) / std::max<int64_t>(1, N));
+    n_stripes = std::min(n_stripes, G);
+    if ((G / n_stripes) * D * elem_bytes < 1024) return;
+    count = n_stripes;
+  }
+  int64_t group_begin(int64_t G, int64_t s) const { return G * s / count; }
+};
 
 template <typename T>
 static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_t G,
@@ -57,6 +78,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   A* rstd = rstd_t.data_ptr<A>();
   const A a_eps = static_cast<A>(eps);
   const int64_t group_size = v.D * v.HW;
+  const A inv_group_size = group_size > 0 ? A(1) / static_cast<A>(group_size) : A(0);
 
   const bool stream = stream_stores(2 * x.nbytes());
   if (!s.channels_last) {
@@ -81,6 +103,32 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     return;
   }
 
+  const GroupStripes stripes(v.N, v.HW, G, v.D, sizeof(T));
+  if (stripes.count > 0) {
+    const int64_t max_width = (G / stripes.count + 1) * v.D;
+    at::parallel_for(0, v.N * stripes.count, grain_for(v.HW * max_width),
+                     [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
+      std::vector<A> chan_mean(max_width), chan_m2(max_width), group_m2(G);
+      std::vector<A> center(max_width), scale(max_width), shift(max_width);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / stripes.count, st = t % stripes.count;
+        const int64_t g0 = stripes.group_begin(G, st), g1 = stripes.group_begin(G, st + 1);
+        const int64_t c0 = g0 * v.D, c1 = g1 * v.D;
+        const int64_t off = n * v.HW * v.C + c0;
+        columns_welford(xp + off, 0, v.HW, c1 - c0, v.C, chan_mean.data(), chan_m2.data());
+        merge_equal_runs(chan_mean.data(), chan_m2.data(), v.D, static_cast<A>(v.HW), g1 - g0,
+                         mean + n * G + g0, group_m2.data());
+        for (int64_t g = g0; g < g1; ++g)
+          rstd[n * G + g] = A(1) / std::sqrt(group_m2[g - g0] * inv_group_size + a_eps);
+        group_affine_coeffs(v, n, c0, c1, mean, rstd, center.data(), scale.data(), shift.data());
+        rows_affine(xp + off, yp + off, 0, v.HW, c1 - c0, v.C, center.data(), scale.data(),
+                    shift.data(), stream);
+      }
+    });
+    return;
+  }
+
   // channels_last: per-(n, block of pixels) Welford along C.
   const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
   const int64_t nb = blocks.count;
@@ -97,7 +145,6 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   std::vector<A> block_count(nb), chan_mean(v.C), chan_m2(v.C);
   for (int64_t blk = 0; blk < nb; ++blk)
     block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
-  const A inv_group_size = group_size > 0 ? A(1) / static_cast<A>(group_size) : A(0);
   for (int64_t n = 0; n < v.N; ++n) {
     columns_merge(block_count.data(), nb, bmean.data() + n * nb * v.C, bm2.data() + n * nb * v.C,
                   v.C, chan_mean.data(), chan_m2.data());
@@ -109,7 +156,9 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     }
   }
   std::vector<A> center(v.N * v.C), scale(v.N * v.C), shift(v.N * v.C);
-  group_affine_coeffs(v, mean, rstd, center.data(), scale.data(), shift.data());
+  for (int64_t n = 0; n < v.N; ++n)
+    group_affine_coeffs(v, n, 0, v.C, mean, rstd, center.data() + n * v.C,
+                        scale.data() + n * v.C, shift.data() + n * v.C);
   at::parallel_for(0, v.N * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
     // rows [begin, end) may span several images; each image has its own coefficients
