@@ -48,8 +48,9 @@ CASES: List[Case] = [
     Case("GroupNorm-2d", lambda: nn.GroupNorm(5, 10), (6, 10)),
     Case("GroupNorm-prime-per-group", lambda: nn.GroupNorm(13, 13), (2, 13, 3, 3), ["contiguous", "channels_last"]),
     Case("GroupNorm-noaffine", lambda: nn.GroupNorm(2, 8, affine=False), (2, 8, 4, 4), ["contiguous", "channels_last"]),
-    # channels_last rows of 1 KB and more per stripe of groups: the forward's stripes path, in
-    # stripes of unequal group counts (one image, 6 groups: four stripes with 2 threads)
+    # channels_last rows of 1 KB and more per stripe of groups: the forward's and backward's
+    # stripes paths, in stripes of unequal group counts (one image, 6 groups: four stripes with
+    # 2 threads)
     Case("GroupNorm-stripes", lambda: nn.GroupNorm(6, 3072), (1, 3072, 3, 3), ["channels_last"]),
     # one (n, group) task for two or more threads: the NCHW backward takes its two-pass path
     # (planes in parallel) instead of one fused task per group

@@ -785,10 +785,10 @@ inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t ld, in
 // with this one; 4 measured best of 2, 4, 8, 16.
 constexpr int64_t kTileRows = 4;
 
-// rows_affine for few rows that are already in cache (a block of short NCHW planes): walked by
-// groups of kTileRows rows, each by register tiles of columns, so the per-column coefficients
-// are loaded once a tile instead of once a row (three loads per chunk of x, which bound the
-// row-by-row walk when x comes from L1/L2: a 7x7 bf16 batch-norm forward 8-14% faster).
+// rows_affine by groups of kTileRows rows, each by register tiles of columns, so the per-column
+// coefficients are loaded once a tile instead of once a row (three loads per chunk of x, which
+// bound the row-by-row walk when x comes from L1/L2: a 7x7 bf16 batch-norm forward 8-14%
+// faster). For blocks of short NCHW planes, and for every 16-bit rows_affine (see there).
 template <typename T>
 inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                            const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift,
