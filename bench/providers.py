@@ -48,6 +48,17 @@ def available(device: str, with_compile: bool) -> Tuple[List[str], List[str]]:
 _liger: Optional[_LigerFunctional] = None
 
 
+def compile_fresh(fn: Callable, **options) -> Callable:
+    """torch.compile of one case's step, compiled for that case alone. Dynamo keeps compiled
+    code per code object, and every case's step is the same lambda of cases.build: without a
+    reset, each case added a recompilation to that code object's cache until its recompile_limit
+    (8), after which dynamo silently ran every later case eagerly (a "torch.compile" column that
+    timed eager torch). Resetting before each case also keeps the guard checks of earlier cases
+    out of the timed calls."""
+    torch._dynamo.reset()
+    return torch.compile(fn, **options)
+
+
 def make(provider: str, case: Case, device: str) -> Optional[Callable[[], object]]:
     """The timed callable of `provider` for `case`, or None where it has no such kernel."""
     global _liger
@@ -56,7 +67,7 @@ def make(provider: str, case: Case, device: str) -> Optional[Callable[[], object
     if provider == "ours":
         return build(case, NF, device)
     if provider == "torch.compile":
-        return build(case, TF, device, compile_fn=torch.compile)
+        return build(case, TF, device, compile_fn=compile_fresh)
     if provider == "liger":
         if case.family not in _LigerFunctional.families:
             return None
