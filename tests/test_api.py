@@ -167,6 +167,19 @@ for dt in (torch.float32, torch.bfloat16):
         torch.testing.assert_close(NF.group_norm(xi, 7, w, w).float(), F.group_norm(xi, 7, w, w).float(), **tol)
         torch.testing.assert_close(NF.batch_norm(xi, None, None, w, w, True).float(), F.batch_norm(xi, None, None, w, w, True).float(), **tol)
     torch.testing.assert_close(NF.layer_norm(x, (9, 11)).float(), F.layer_norm(x, (9, 11)).float(), **tol)
+    # 7x7 planes take the short-plane batch norm (per-channel merges of 49 positions), and
+    # 4 channels per group the group-statistics merge
+    x7 = torch.randn(6, 8, 7, 7).to(dt)
+    w8 = torch.rand(8).to(dt) + 0.5
+    for xi in (x7, x7.contiguous(memory_format=torch.channels_last)):
+        torch.testing.assert_close(NF.group_norm(xi, 2, w8, w8).float(), F.group_norm(xi, 2, w8, w8).float(), **tol)
+    grads = []
+    for fn in (NF.batch_norm, F.batch_norm):
+        xg7, wg8 = x7.clone().requires_grad_(), w8.clone().requires_grad_()
+        y7 = fn(xg7, None, None, wg8, wg8, True)
+        grads.append((y7, *torch.autograd.grad(y7, (xg7, wg8), torch.ones_like(y7) + x7)))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours.float(), ref.float(), **tol)
     xg = x.float().requires_grad_()
     torch.autograd.grad(NF.layer_norm(xg, (11,)).square().sum(), xg)
 print("ok")

@@ -79,8 +79,8 @@ struct ShortPlanes {
   // per_channel[c] = sum of in over channel c's positions
   template <typename A>
   void gather_sums(int64_t blk, const A* in, A* per_channel) const {
-    for (int64_t c = c0(blk); c < c1(blk); ++c)
-      per_channel[c] = segment_sum(in + (c - c0(blk)) * HW, HW);
+    const EqualRuns<A> runs(HW);
+    for (int64_t c = c0(blk); c < c1(blk); ++c) per_channel[c] = runs.sum(in + (c - c0(blk)) * HW);
   }
 };
 

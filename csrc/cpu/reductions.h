@@ -680,6 +680,43 @@ inline void columns_merge(const A* count, int64_t nb, const A* part_mean, const 
   }
 }
 
+// Sums over runs of `parts` consecutive values (run r: p[r * parts, (r + 1) * parts)), vector
+// by vector with one masked tail: runs shorter than two chunks (a 7x7 plane's 49 positions, a
+// group's 10-40 channels) as contiguous segments would pay an overlapping tail and a lane mask
+// built per run (a 16x512x7x7 fp32 batch-norm forward spent 15% in its per-channel merge).
+template <typename A>
+struct EqualRuns {
+  using V = Vectorized<A>;
+  static constexpr int64_t L = V::size();
+  int64_t parts, full, rest;
+  V tail_bits;  // all bits set in the tail's lanes [0, rest)
+  explicit EqualRuns(int64_t parts_)
+      : parts(parts_), full(parts_ / L * L), rest(parts_ - parts_ / L * L) {
+    const V all_bits = V(0) == V(0);
+    tail_bits = rest > 0 ? V::set(V(0), all_bits, rest) : V(0);
+  }
+  A sum(const A* p) const {
+    V acc(0);
+    for (int64_t i = 0; i < full; i += L) acc += V::loadu(p + i);
+    if (rest > 0) acc += V::loadu(p + full, rest);  // lanes past the run load as zero
+    return hsum(acc);
+  }
+  // sum((p - shift)^2)
+  A sq_dev(const A* p, A shift) const {
+    const V vshift(shift);
+    V acc(0);
+    for (int64_t i = 0; i < full; i += L) {
+      const V d = V::loadu(p + i) - vshift;
+      acc = at::vec::fmadd(d, d, acc);
+    }
+    if (rest > 0) {
+      const V d = (V::loadu(p + full, rest) - vshift) & tail_bits;
+      acc = at::vec::fmadd(d, d, acc);
+    }
+    return hsum(acc);
+  }
+};
+
 // Merge `parts` statistics of equal count (means part_mean[i], squared-deviation sums
 // part_m2[i], each over `part_count` values) into one, for each of `runs` consecutive runs of
 // parts (run r: part_mean[r * parts + i]): mean[r] and m2[r]. The exact combination, as
@@ -690,11 +727,11 @@ inline void columns_merge(const A* count, int64_t nb, const A* part_mean, const 
 template <typename A>
 inline void merge_equal_runs(const A* part_mean, const A* part_m2, int64_t parts, A part_count,
                              int64_t runs, A* mean, A* m2) {
+  const EqualRuns<A> er(parts);
   for (int64_t r = 0; r < runs; ++r)
-    mean[r] = parts > 0 ? segment_sum(part_mean + r * parts, parts) / static_cast<A>(parts) : A(0);
+    mean[r] = parts > 0 ? er.sum(part_mean + r * parts) / static_cast<A>(parts) : A(0);
   for (int64_t r = 0; r < runs; ++r)
-    m2[r] = segment_sum(part_m2 + r * parts, parts) +
-            part_count * segment_sq_dev(part_mean + r * parts, parts, mean[r]);
+    m2[r] = er.sum(part_m2 + r * parts) + part_count * er.sq_dev(part_mean + r * parts, mean[r]);
 }
 
 // merge_equal_runs of one run: returns m2 and sets *mean.
