@@ -312,32 +312,43 @@ struct VecSum {
   acc_t<T> total() const { return hsum(lo + hi); }
 };
 
+// Calls add(a, b, acc) for the lanes a, b of every full chunk of p[0:n], from kUnrollFrom
+// chunks on two chunks a step, the second into its own pair of accumulators (merged into acc at
+// the end); returns where the tail starts.
+template <typename T, typename Add>
+inline int64_t accumulate_chunks(const T* p, int64_t n, VecSum<T>& acc, const Add& add) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  int64_t i = 0;
+  if (n >= kUnrollFrom * C::size) {
+    VecSum<T> second;
+    for (; i + 2 * C::size <= n; i += 2 * C::size) {
+      V a, b, c, d;
+      C::load_lanes(p + i, a, b);
+      C::load_lanes(p + i + C::size, c, d);
+      add(a, b, acc);
+      add(c, d, second);
+    }
+    acc.lo += second.lo;
+    acc.hi += second.hi;
+  }
+  for (; i + C::size <= n; i += C::size) {
+    V a, b;
+    C::load_lanes(p + i, a, b);
+    add(a, b, acc);
+  }
+  return i;
+}
+
 // lanes += p[0:n]
 template <typename T>
 inline void accumulate_sum(const T* p, int64_t n, VecSum<T>& acc) {
   using C = Chunk<T>;
   using V = typename C::V;
-  int64_t i = 0;
-  if (n >= kUnrollFrom * C::size) {
-    V lo2(0), hi2(0);
-    for (; i + 2 * C::size <= n; i += 2 * C::size) {
-      V a, b, c, d;
-      C::load_lanes(p + i, a, b);
-      C::load_lanes(p + i + C::size, c, d);
-      acc.lo += a;
-      acc.hi += b;
-      lo2 += c;
-      hi2 += d;
-    }
-    acc.lo += lo2;
-    acc.hi += hi2;
-  }
-  for (; i + C::size <= n; i += C::size) {
-    V a, b;
-    C::load_lanes(p + i, a, b);
-    acc.lo += a;
-    acc.hi += b;
-  }
+  const int64_t i = accumulate_chunks(p, n, acc, [](const V& a, const V& b, VecSum<T>& s) {
+    s.lo += a;
+    s.hi += b;
+  });
   if (i < n) {
     V a, b;
     if (n >= C::size) {
@@ -357,33 +368,12 @@ inline void accumulate_sq_dev(const T* p, int64_t n, acc_t<T> shift, VecSum<T>& 
   using C = Chunk<T>;
   using V = typename C::V;
   const V vshift(shift);
-  int64_t i = 0;
-  if (n >= kUnrollFrom * C::size) {
-    V lo2(0), hi2(0);
-    for (; i + 2 * C::size <= n; i += 2 * C::size) {
-      V a, b, c, d;
-      C::load_lanes(p + i, a, b);
-      C::load_lanes(p + i + C::size, c, d);
-      a = a - vshift;
-      b = b - vshift;
-      c = c - vshift;
-      d = d - vshift;
-      acc.lo = at::vec::fmadd(a, a, acc.lo);
-      acc.hi = at::vec::fmadd(b, b, acc.hi);
-      lo2 = at::vec::fmadd(c, c, lo2);
-      hi2 = at::vec::fmadd(d, d, hi2);
-    }
-    acc.lo += lo2;
-    acc.hi += hi2;
-  }
-  for (; i + C::size <= n; i += C::size) {
-    V a, b;
-    C::load_lanes(p + i, a, b);
+  const int64_t i = accumulate_chunks(p, n, acc, [&](V a, V b, VecSum<T>& s) {
     a = a - vshift;
     b = b - vshift;
-    acc.lo = at::vec::fmadd(a, a, acc.lo);
-    acc.hi = at::vec::fmadd(b, b, acc.hi);
-  }
+    s.lo = at::vec::fmadd(a, a, s.lo);
+    s.hi = at::vec::fmadd(b, b, s.hi);
+  });
   if (i < n) {
     V a, b;
     if (n >= C::size) {
