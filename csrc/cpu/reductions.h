@@ -679,10 +679,9 @@ template <typename A>
 struct EqualRuns {
   using V = Vectorized<A>;
   static constexpr int64_t L = V::size();
-  int64_t parts, full, rest;
-  V tail_bits;  // all bits set in the tail's lanes [0, rest)
-  explicit EqualRuns(int64_t parts_)
-      : parts(parts_), full(parts_ / L * L), rest(parts_ - parts_ / L * L) {
+  int64_t full, rest;  // a run's values in whole vectors, and past them
+  V tail_bits;          // all bits set in the tail's lanes [0, rest)
+  explicit EqualRuns(int64_t parts) : full(parts / L * L), rest(parts - parts / L * L) {
     const V all_bits = V(0) == V(0);
     tail_bits = rest > 0 ? V::set(V(0), all_bits, rest) : V(0);
   }
