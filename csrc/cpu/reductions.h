@@ -213,10 +213,57 @@ struct Chunk {
       if (n > V::size()) hi.store(p + V::size(), n - V::size());
     }
   }
+  // v with its lanes from the n-th on zeroed (0 <= n <= V::size()). Masks are built
+  // arithmetically: ATen's V::set is a switch over n it compiles out of line.
+  static inline V zero_from(const V& v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<A, float>) {
+      return _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1u), v);
+    } else {
+      return _mm512_maskz_mov_pd(static_cast<__mmask8>((1u << n) - 1u), v);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<A, float>) {
+      const __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return _mm256_and_ps(v, _mm256_castsi256_ps(below));
+    } else {
+      const __m256i below = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+      return _mm256_and_pd(v, _mm256_castsi256_pd(below));
+    }
+#else
+    return V::set(V(0), v, n);
+#endif
+  }
+  // v with its first n lanes zeroed (0 <= n <= V::size()).
+  static inline V zero_before(const V& v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<A, float>) {
+      return _mm512_maskz_mov_ps(static_cast<__mmask16>(~((1u << n) - 1u)), v);
+    } else {
+      return _mm512_maskz_mov_pd(static_cast<__mmask8>(~((1u << n) - 1u)), v);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<A, float>) {
+      const __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return _mm256_andnot_ps(_mm256_castsi256_ps(below), v);
+    } else {
+      const __m256i below = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+      return _mm256_andnot_pd(_mm256_castsi256_pd(below), v);
+    }
+#else
+    return V::set(v, V(0), n);
+#endif
+  }
   // Zero every lane from the n-th on.
   static inline void keep_first(int64_t n, V& lo, V& hi) {
-    lo = V::set(V(0), lo, std::min<int64_t>(n, V::size()));
-    hi = n > V::size() ? V::set(V(0), hi, n - V::size()) : V(0);
+    if (n >= V::size()) {
+      hi = zero_from(hi, n - V::size());
+    } else {
+      lo = zero_from(lo, n);
+      hi = V(0);
+    }
   }
   // Zero every lane before the (size - n)-th: of a full chunk loaded to end at a segment's end,
   // keeps only the n lanes no earlier chunk covered.
@@ -224,9 +271,9 @@ struct Chunk {
     const int64_t skip = size - n;
     if (skip >= V::size()) {
       lo = V(0);
-      hi = V::set(hi, V(0), skip - V::size());
+      hi = zero_before(hi, skip - V::size());
     } else {
-      lo = V::set(lo, V(0), skip);
+      lo = zero_before(lo, skip);
     }
   }
 };
