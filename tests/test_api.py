@@ -246,21 +246,26 @@ def test_eager_fast_path_takes_plain_calls_and_declines_the_rest():
 
 
 def test_large_outputs_reuse_freed_blocks_and_release_on_request():
-    """Outputs of 1 MiB or more come from normkernels' CPU pool: a freed one is handed out again
-    (no fresh, page-faulting memory each step), resizes like any tensor, and empty_cpu_cache
-    gives the idle memory back."""
+    """Outputs of 128 KiB or more come from normkernels' CPU pool: a freed one is handed out
+    again (no fresh, page-faulting memory each step), resizes like any tensor, and
+    empty_cpu_cache gives the idle memory back."""
     import normkernels.functional as NF
 
-    x = torch.randn(512, 1024)  # 2 MiB outputs
-    normkernels.empty_cpu_cache()
+    # 2 MiB; 0.8 MB, pooled as 1 MiB (a 16x512x7x7 bf16 batch norm's); 128 KiB, the smallest
+    for x in (torch.randn(512, 1024), torch.randn(400, 1024, dtype=torch.bfloat16),
+              torch.randn(32, 1024)):
+        normkernels.empty_cpu_cache()
+        y = NF.layer_norm(x, (1024,))
+        ptr = y.data_ptr()
+        del y
+        assert normkernels.cached_cpu_bytes() >= x.nbytes
+        y = NF.layer_norm(x, (1024,))
+        assert y.data_ptr() == ptr  # the same block again
+        assert normkernels.cached_cpu_bytes() == 0
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (1024,)))
+        del y
+    x = torch.randn(512, 1024)
     y = NF.layer_norm(x, (1024,))
-    ptr = y.data_ptr()
-    del y
-    assert normkernels.cached_cpu_bytes() >= x.nbytes
-    y = NF.layer_norm(x, (1024,))
-    assert y.data_ptr() == ptr  # the same block again
-    assert normkernels.cached_cpu_bytes() == 0
-    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (1024,)))
     # channels_last outputs keep torch's strides
     xc = torch.randn(4, 64, 32, 32).contiguous(memory_format=torch.channels_last)
     yc = NF.group_norm(xc, 8)

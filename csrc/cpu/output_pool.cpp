@@ -24,8 +24,18 @@ namespace normkernels {
 namespace cpu {
 namespace {
 
-constexpr size_t kMinPooledBytes = size_t(1) << 20;
+// glibc's default mmap threshold: from here up a freed block may go back to the OS.
+constexpr size_t kMinPooledBytes = size_t(128) << 10;
 constexpr size_t kGranule = size_t(2) << 20;  // also the huge-page size on x86-64 and most Arm
+
+// The size class of a request: a multiple of 2 MiB, or below that a power of two (so outputs
+// under 2 MiB waste at most their own size, and a few classes serve every shape).
+size_t pooled_bytes(size_t n) {
+  if (n >= kGranule) return (n + kGranule - 1) / kGranule * kGranule;
+  size_t bytes = kMinPooledBytes;
+  while (bytes < n) bytes *= 2;
+  return bytes;
+}
 
 struct Block {
   void* data;
@@ -35,6 +45,9 @@ struct Block {
 void* fresh_memory(size_t bytes) {
 #if defined(__linux__)
   void* p = nullptr;
+  if (bytes < kGranule) {  // too small for a huge page: page-aligned is enough
+    return posix_memalign(&p, 4096, bytes) == 0 ? p : nullptr;
+  }
   if (posix_memalign(&p, kGranule, bytes) != 0) return nullptr;
   // A hint: honoured where transparent huge pages are "madvise" or "always", else ignored.
   madvise(p, bytes, MADV_HUGEPAGE);
@@ -75,7 +88,7 @@ class OutputPool final : public c10::Allocator {
     if (n < kMinPooledBytes || limit_ == 0) {
       return c10::GetDefaultCPUAllocator()->allocate(n);
     }
-    const size_t bytes = (n + kGranule - 1) / kGranule * kGranule;
+    const size_t bytes = pooled_bytes(n);
     Block* block = take(bytes);
     if (block == nullptr) {
       void* data = fresh_memory(bytes);
