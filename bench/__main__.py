@@ -16,7 +16,7 @@ import normkernels
 
 from . import providers as P
 from .cases import suite
-from .timing import CopyBandwidth, copy_step, round_robin, steady_malloc
+from .timing import CopyBandwidth, copy_step, paired_ratios, round_robin, steady_malloc
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MALLOC_MMAP_BYTES = 32 << 20  # glibc mmaps (and page-faults) fresh allocations this large
@@ -138,6 +138,8 @@ def run(args) -> dict:
             "ms": t,
             "speedup_vs_torch": t["torch"] / t["ours"],
             "control_ratio": t["torch"] / t["torch (control)"],
+            # torch / ours round by round: how consistent the speedup was within this run
+            "speedup_vs_torch_paired": paired_ratios(res["torch"]["rounds_ms"], res["ours"]["rounds_ms"]),
             "ours_GBps": ours_gbs,
             "copy_GBps_same_size": copy_gbs_case,
             "pct_copy_bw": 100 * ours_gbs / copy_gbs_case,
@@ -161,6 +163,10 @@ def run(args) -> dict:
     summary = {
         "geomean_speedup_vs_torch": geomean([r["speedup_vs_torch"] for r in rows]),
         "slower_than_torch": [r["case"] for r in rows if r["speedup_vs_torch"] < 1.0],
+        # slower than torch in 3 rounds of 4 or more: the upper quartile of the paired ratios below 1
+        "slower_than_torch_paired_q3": [r["case"] for r in rows
+                                        if r["speedup_vs_torch_paired"]["q3"] < 1.0],
+        "paired_q1_below_1": [r["case"] for r in rows if r["speedup_vs_torch_paired"]["q1"] < 1.0],
         "control_ratio_median": sorted(r["control_ratio"] for r in rows)[len(rows) // 2] if rows else None,
         "control_ratio_range": [min(r["control_ratio"] for r in rows), max(r["control_ratio"] for r in rows)] if rows else None,
         "notes": notes,
@@ -193,6 +199,8 @@ def markdown(result: dict) -> str:
         + (f" (range {info['copy_GBps_range'][0]:.1f}–{info['copy_GBps_range'][1]:.1f})"
            if "copy_GBps_range" in info else "") + ". "
         "Times are medians of round-robin samples; speedup = torch time / ours. "
+        "Paired (IQR): the median and quartiles of torch / ours computed round by round (each "
+        "pair timed in the same round, so a slow phase of the machine cancels out of its ratio). "
         "% copy BW: ours' achieved GB/s (minimum traffic: fwd reads x and writes y, bwd reads x "
         "and dy and writes dx) over the GB/s of copying x's bytes into an existing tensor, timed "
         "in the same round robin as the providers (for tensors that fit the last-level cache, "
@@ -206,9 +214,9 @@ def markdown(result: dict) -> str:
            "normkernels' output pool." if info.get("malloc") == "default" and info["device"] == "cpu" else ""),
         "",
         "| case | torch ms | " + ("compile ms | " if has_compile else "") + ("liger ms | " if has_liger else "")
-        + "ours ms | vs torch | " + ("vs compile | " if has_compile else "") + ("vs liger | " if has_liger else "")
+        + "ours ms | vs torch | paired (IQR) | " + ("vs compile | " if has_compile else "") + ("vs liger | " if has_liger else "")
         + "ours GB/s | % copy BW | % 256 MB copy | in cache | control |",
-        "|---|---:|" + ("---:|" if has_compile else "") + ("---:|" if has_liger else "") + "---:|---:|"
+        "|---|---:|" + ("---:|" if has_compile else "") + ("---:|" if has_liger else "") + "---:|---:|---:|"
         + ("---:|" if has_compile else "") + ("---:|" if has_liger else "") + "---:|---:|---:|:-:|---:|",
     ]
     for r in rows:
@@ -218,7 +226,9 @@ def markdown(result: dict) -> str:
             cells.append(f"{t.get('torch.compile', float('nan')):.3f}")
         if has_liger:
             cells.append(f"{t['liger']:.3f}" if "liger" in t else "—")
-        cells += [f"{t['ours']:.3f}", f"{r['speedup_vs_torch']:.2f}x"]
+        pr = r.get("speedup_vs_torch_paired")
+        cells += [f"{t['ours']:.3f}", f"{r['speedup_vs_torch']:.2f}x",
+                  f"{pr['median']:.2f}x ({pr['q1']:.2f}–{pr['q3']:.2f})" if pr else "—"]
         if has_compile:
             cells.append(f"{r.get('speedup_vs_torch.compile', float('nan')):.2f}x")
         if has_liger:
@@ -234,6 +244,14 @@ def markdown(result: dict) -> str:
         + ".",
         f"Cases slower than torch: {len(s['slower_than_torch'])}"
         + (" (" + ", ".join(s["slower_than_torch"]) + ")" if s["slower_than_torch"] else "") + ".",
+    ] + ([
+        f"Paired per round: slower than torch in 3 rounds of 4 or more (upper quartile below 1): "
+        f"{len(s['slower_than_torch_paired_q3'])}"
+        + (" (" + ", ".join(s["slower_than_torch_paired_q3"]) + ")" if s["slower_than_torch_paired_q3"] else "")
+        + f"; in 1 round of 4 or more (lower quartile below 1): "
+        f"{len(s['paired_q1_below_1'])}"
+        + (" (" + ", ".join(s["paired_q1_below_1"]) + ")" if s["paired_q1_below_1"] else "") + ".",
+    ] if "slower_than_torch_paired_q3" in s else []) + [
         f"Control (torch vs itself) ratio: median {s['control_ratio_median']:.2f}, range "
         f"{s['control_ratio_range'][0]:.2f}–{s['control_ratio_range'][1]:.2f}: the noise floor of this run.",
         f"Out-of-cache cases below 70% of the same-size copy: {len(s['out_of_cache_below_70pct_copy_bw'])} of "

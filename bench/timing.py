@@ -2,7 +2,8 @@
 
 Providers are timed round-robin, in a new random order each round, so that drifts in machine
 load hit every provider alike; each sample times enough calls to last ~2 ms (CPU) and the
-median sample is reported. A control provider (torch against itself) shows the noise floor.
+median sample is reported. A control provider (torch against itself) shows the noise floor, and
+per-round paired ratios (paired_ratios) how consistently one provider beat another.
 """
 from __future__ import annotations
 
@@ -58,9 +59,24 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
             "median_ms": statistics.median(s) * 1e3,
             "min_ms": min(s) * 1e3,
             "samples": len(s),
+            "rounds_ms": [x * 1e3 for x in s],  # one sample a round, in round order
         }
         for name, s in samples.items()
     }
+
+
+def paired_ratios(rounds_a: List[float], rounds_b: List[float]) -> Dict[str, float]:
+    """Per-round ratios a / b of two providers timed in the same rounds: each pair saw the same
+    moment of the machine, so a slow phase that spans a round cancels out of its ratio. Returns
+    the median and quartiles of those ratios and the rounds in which a was faster (ratio < 1)."""
+    ratios = [a / b for a, b in zip(rounds_a, rounds_b)]
+    if len(ratios) < 2:
+        r = ratios[0] if ratios else float("nan")
+        return {"median": r, "q1": r, "q3": r, "rounds_below_1": sum(x < 1 for x in ratios),
+                "rounds": len(ratios)}
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": q2, "q1": q1, "q3": q3, "rounds_below_1": sum(x < 1 for x in ratios),
+            "rounds": len(ratios)}
 
 
 def copy_step(device: str, nbytes: int) -> Callable[[], object]:
