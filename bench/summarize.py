@@ -39,7 +39,9 @@ def summarize(path: str) -> str:
         "",
         f"Overall: **{s['geomean_speedup_vs_torch']:.2f}x** geometric mean over {len(rows)} cases vs torch eager"
         + (f", {s['geomean_speedup_vs_compile']:.2f}x vs torch.compile" if "geomean_speedup_vs_compile" in s else "")
-        + f"; {len(s['slower_than_torch'])} cases slower than torch; control ratio median "
+        + f"; {len(s['slower_than_torch'])} case{'' if len(s['slower_than_torch']) == 1 else 's'} "
+        + "slower than torch" + (f" ({', '.join(s['slower_than_torch'])})" if s["slower_than_torch"] else "")
+        + "; control ratio median "
         f"{s['control_ratio_median']:.2f} (range {s['control_ratio_range'][0]:.2f}–{s['control_ratio_range'][1]:.2f}).",
     ]
     return "\n".join(lines)
