@@ -178,6 +178,25 @@ def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, r
         torch.testing.assert_close(o, t, atol=5e-2, rtol=2e-2, msg=name)
 
 
+@pytest.mark.parametrize("n", [100, 4096, 4096 + 35])
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_norm_fp16_rows_widened_or_read_in_place_like_torch(n, rms):
+    # fp16 rows up to 4096 are widened into a scratch row, longer ones read in place
+    x = torch.randn(3, n).to(torch.float16)
+    w = (torch.rand(n) + 0.5).to(torch.float16)
+    b = None if rms else torch.randn(n).to(torch.float16)
+    dy = torch.randn(3, n).to(torch.float16)
+    outs = []
+    for F in (TF, NF):
+        leaves = [t.clone().requires_grad_() for t in (x, w) + (() if rms else (b,))]
+        with normkernels.backend("cpp"):
+            y = F.rms_norm(leaves[0], (n,), leaves[1]) if rms else F.layer_norm(leaves[0], (n,), *leaves[1:])
+        grads = torch.autograd.grad(y, leaves, dy)
+        outs.append([y.float()] + [g.float() for g in grads])
+    for name, t, o in zip(("y", "dx", "dw", "db"), *outs):
+        torch.testing.assert_close(o, t, atol=1e-2, rtol=1e-2, msg=name)
+
+
 def test_functional_signatures_match_torch():
     import inspect
 

@@ -97,14 +97,19 @@ static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
   return total;
 }
 
-// Half-precision rows up to this long are widened to fp32 once (in L1) and the statistics and
+// Half-precision rows up to this long are widened to fp32 once and the statistics and
 // normalize passes read that copy: each in-order fp16/bf16 -> fp32 conversion costs more than
-// the fp32 load it replaces. Not bf16 loaded even/odd (Chunk::even_odd): that conversion is two
-// instructions, cheaper than storing and re-reading a copy twice the size (512x8192 bf16
-// forward, side by side with the copy and in-order loads: 0.87-1.04 -> 0.51-0.56 ms).
+// the fp32 load it replaces, while the row, its copy and y fit L1 (8 bytes an element: 32 KB
+// at 4096). Longer rows are read in place: their copy spills to L2 (side by side, fp16
+// forward, one thread: 512x8192 1.31-1.38x faster in place, 1024x4096/2048x4096 1.15-1.18x,
+// 2048x2048 0.85x, 768/1024 wide 0.77-0.82x; two threads in place 1.15-1.63x throughout; the
+// AVX2 build's bf16 at 8192 1.0-1.17x, at 4096 0.88-1.15x). Not bf16 loaded even/odd
+// (Chunk::even_odd): that conversion is two instructions, cheaper than storing and re-reading a
+// copy twice the size (512x8192 bf16 forward, side by side with the copy and in-order loads:
+// 0.87-1.04 -> 0.51-0.56 ms).
 // With at least kWidenParamsRows rows, half-precision weight and bias are widened once per
 // call, not once per row.
-constexpr int64_t kWidenRowMax = 16384;
+constexpr int64_t kWidenRowMax = 4096;
 constexpr int64_t kWidenParamsRows = 4;
 // Rows a backward pass-1 sweep takes at once (layer_norm_bwd_sums), where it takes several.
 constexpr int64_t kRows = 4;
