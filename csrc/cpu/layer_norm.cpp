@@ -100,10 +100,11 @@ static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
 // Half-precision rows up to this long are widened to fp32 once and the statistics and
 // normalize passes read that copy: each in-order fp16/bf16 -> fp32 conversion costs more than
 // the fp32 load it replaces, while the row, its copy and y fit L1 (8 bytes an element: 32 KB
-// at 4096). Longer rows are read in place: their copy spills to L2 (side by side, fp16
-// forward, one thread: 512x8192 1.31-1.38x faster in place, 1024x4096/2048x4096 1.15-1.18x,
-// 2048x2048 0.85x, 768/1024 wide 0.77-0.82x; two threads in place 1.15-1.63x throughout; the
-// AVX2 build's bf16 at 8192 1.0-1.17x, at 4096 0.88-1.15x). Not bf16 loaded even/odd
+// at 4096). Longer rows are read in place: their copy spills to L2. Side by side, fp16
+// forward, in place against the copy, one thread: 8192 wide 1.31-1.38x faster, 4096 wide
+// 1.05-1.18x, 2048 wide 0.85x, 768/1024 wide 0.77-0.82x; two threads 1.15-1.63x throughout;
+// the AVX2 build's bf16 1.0-1.17x at 8192 but 0.88-1.15x at 4096, so 4096 itself, where the
+// three fill L1 exactly, keeps the copy. Not bf16 loaded even/odd
 // (Chunk::even_odd): that conversion is two instructions, cheaper than storing and re-reading a
 // copy twice the size (512x8192 bf16 forward, side by side with the copy and in-order loads:
 // 0.87-1.04 -> 0.51-0.56 ms).
