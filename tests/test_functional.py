@@ -149,6 +149,23 @@ def test_one_element_per_group_and_long_rows(backend_name):
     torch.testing.assert_close(NF.layer_norm(x, (70001,)), TF.layer_norm(x, (70001,)))
 
 
+def _assert_layer_norm_rows_like_torch(dtype, rows, n, param_dtype, rms, atol, rtol):
+    """y and every gradient of our C++ layer/RMS norm against torch's, rows of `n` in `dtype`."""
+    x = torch.randn(rows, n).to(dtype)
+    w = (torch.rand(n) + 0.5).to(param_dtype)
+    b = None if rms else torch.randn(n).to(param_dtype)
+    dy = torch.randn(rows, n).to(dtype)
+    outs = []
+    for F in (TF, NF):
+        leaves = [t.clone().requires_grad_() for t in (x, w) + (() if rms else (b,))]
+        with normkernels.backend("cpp"):
+            y = F.rms_norm(leaves[0], (n,), leaves[1]) if rms else F.layer_norm(leaves[0], (n,), *leaves[1:])
+        grads = torch.autograd.grad(y, leaves, dy)
+        outs.append([y.float()] + [g.float() for g in grads])
+    for name, t, o in zip(("y", "dx", "dw", "db"), *outs):
+        torch.testing.assert_close(o, t, atol=atol, rtol=rtol, msg=name)
+
+
 @pytest.mark.parametrize(
     "rows, n, param_dtype, rms",
     [
@@ -163,38 +180,14 @@ def test_one_element_per_group_and_long_rows(backend_name):
 def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, rms):
     # bf16 rows are loaded even/odd where the CPU has AVX-512; every way the parameters reach
     # the kernel must meet them in the same order (a mismatch shuffles the affine transform)
-    x = torch.randn(rows, n).to(torch.bfloat16)
-    w = (torch.rand(n) + 0.5).to(param_dtype)
-    b = None if rms else torch.randn(n).to(param_dtype)
-    dy = torch.randn(rows, n).to(torch.bfloat16)
-    outs = []
-    for F in (TF, NF):
-        leaves = [t.clone().requires_grad_() for t in (x, w) + (() if rms else (b,))]
-        with normkernels.backend("cpp"):
-            y = F.rms_norm(leaves[0], (n,), leaves[1]) if rms else F.layer_norm(leaves[0], (n,), *leaves[1:])
-        grads = torch.autograd.grad(y, leaves, dy)
-        outs.append([y.float()] + [g.float() for g in grads])
-    for name, t, o in zip(("y", "dx", "dw", "db"), *outs):
-        torch.testing.assert_close(o, t, atol=5e-2, rtol=2e-2, msg=name)
+    _assert_layer_norm_rows_like_torch(torch.bfloat16, rows, n, param_dtype, rms, 5e-2, 2e-2)
 
 
 @pytest.mark.parametrize("n", [100, 4096, 4096 + 35])
 @pytest.mark.parametrize("rms", [False, True])
 def test_layer_norm_fp16_rows_widened_or_read_in_place_like_torch(n, rms):
     # fp16 rows up to 4096 are widened into a scratch row, longer ones read in place
-    x = torch.randn(3, n).to(torch.float16)
-    w = (torch.rand(n) + 0.5).to(torch.float16)
-    b = None if rms else torch.randn(n).to(torch.float16)
-    dy = torch.randn(3, n).to(torch.float16)
-    outs = []
-    for F in (TF, NF):
-        leaves = [t.clone().requires_grad_() for t in (x, w) + (() if rms else (b,))]
-        with normkernels.backend("cpp"):
-            y = F.rms_norm(leaves[0], (n,), leaves[1]) if rms else F.layer_norm(leaves[0], (n,), *leaves[1:])
-        grads = torch.autograd.grad(y, leaves, dy)
-        outs.append([y.float()] + [g.float() for g in grads])
-    for name, t, o in zip(("y", "dx", "dw", "db"), *outs):
-        torch.testing.assert_close(o, t, atol=1e-2, rtol=1e-2, msg=name)
+    _assert_layer_norm_rows_like_torch(torch.float16, 3, n, torch.float16, rms, 1e-2, 1e-2)
 
 
 def test_functional_signatures_match_torch():
