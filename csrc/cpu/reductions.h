@@ -106,6 +106,34 @@ inline Vectorized<T> narrow(const Vectorized<float>& lo, const Vectorized<float>
   return at::vec::convert_from_float<T>(lo, hi);
 }
 
+// v with its lanes from the n-th on zeroed, or with `before`, its first n lanes (0 <= n <=
+// V::size()). Masks are built arithmetically: ATen's V::set is a switch over n it compiles out
+// of line (a call, which spills every live vector).
+template <typename A>
+inline Vectorized<A> zero_lanes(const Vectorized<A>& v, int64_t n, bool before) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const unsigned below = (1u << n) - 1u;  // lanes [0, n)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(before ? ~below : below), v);
+  } else {
+    return _mm512_maskz_mov_pd(static_cast<__mmask8>(before ? ~below : below), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 below = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+        _mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    return before ? _mm256_andnot_ps(below, v) : _mm256_and_ps(v, below);
+  } else {
+    const __m256d below = _mm256_castsi256_pd(
+        _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)));
+    return before ? _mm256_andnot_pd(below, v) : _mm256_and_pd(v, below);
+  }
+#else
+  using V = Vectorized<A>;
+  return before ? V::set(v, V(0), n) : V::set(V(0), v, n);
+#endif
+}
+
 // A chunk is two accumulator vectors: exactly one Vectorized<Half/BFloat16> widened to fp32,
 // or two plain fp32/fp64 vectors. Loops step one chunk at a time and finish with a scalar tail.
 template <typename T>
@@ -213,55 +241,12 @@ struct Chunk {
       if (n > V::size()) hi.store(p + V::size(), n - V::size());
     }
   }
-  // v with its lanes from the n-th on zeroed (0 <= n <= V::size()). Masks are built
-  // arithmetically: ATen's V::set is a switch over n it compiles out of line.
-  static inline V zero_from(const V& v, int64_t n) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<A, float>) {
-      return _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1u), v);
-    } else {
-      return _mm512_maskz_mov_pd(static_cast<__mmask8>((1u << n) - 1u), v);
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<A, float>) {
-      const __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      return _mm256_and_ps(v, _mm256_castsi256_ps(below));
-    } else {
-      const __m256i below = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
-      return _mm256_and_pd(v, _mm256_castsi256_pd(below));
-    }
-#else
-    return V::set(V(0), v, n);
-#endif
-  }
-  // v with its first n lanes zeroed (0 <= n <= V::size()).
-  static inline V zero_before(const V& v, int64_t n) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<A, float>) {
-      return _mm512_maskz_mov_ps(static_cast<__mmask16>(~((1u << n) - 1u)), v);
-    } else {
-      return _mm512_maskz_mov_pd(static_cast<__mmask8>(~((1u << n) - 1u)), v);
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<A, float>) {
-      const __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      return _mm256_andnot_ps(_mm256_castsi256_ps(below), v);
-    } else {
-      const __m256i below = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
-      return _mm256_andnot_pd(_mm256_castsi256_pd(below), v);
-    }
-#else
-    return V::set(v, V(0), n);
-#endif
-  }
   // Zero every lane from the n-th on.
   static inline void keep_first(int64_t n, V& lo, V& hi) {
     if (n >= V::size()) {
-      hi = zero_from(hi, n - V::size());
+      hi = zero_lanes(hi, n - V::size(), false);
     } else {
-      lo = zero_from(lo, n);
+      lo = zero_lanes(lo, n, false);
       hi = V(0);
     }
   }
@@ -271,9 +256,9 @@ struct Chunk {
     const int64_t skip = size - n;
     if (skip >= V::size()) {
       lo = V(0);
-      hi = zero_before(hi, skip - V::size());
+      hi = zero_lanes(hi, skip - V::size(), true);
     } else {
-      lo = zero_before(lo, skip);
+      lo = zero_lanes(lo, skip, true);
     }
   }
 };
@@ -727,11 +712,7 @@ struct EqualRuns {
   using V = Vectorized<A>;
   static constexpr int64_t L = V::size();
   int64_t full, rest;  // a run's values in whole vectors, and past them
-  V tail_bits;          // all bits set in the tail's lanes [0, rest)
-  explicit EqualRuns(int64_t parts) : full(parts / L * L), rest(parts - parts / L * L) {
-    const V all_bits = V(0) == V(0);
-    tail_bits = rest > 0 ? V::set(V(0), all_bits, rest) : V(0);
-  }
+  explicit EqualRuns(int64_t parts) : full(parts / L * L), rest(parts - parts / L * L) {}
   A sum(const A* p) const {
     V acc(0);
     for (int64_t i = 0; i < full; i += L) acc += V::loadu(p + i);
@@ -747,7 +728,7 @@ struct EqualRuns {
       acc = at::vec::fmadd(d, d, acc);
     }
     if (rest > 0) {
-      const V d = (V::loadu(p + full, rest) - vshift) & tail_bits;
+      const V d = zero_lanes(V::loadu(p + full, rest) - vshift, rest, false);
       acc = at::vec::fmadd(d, d, acc);
     }
     return hsum(acc);
