@@ -70,11 +70,10 @@ def paired_ratios(rounds_a: List[float], rounds_b: List[float]) -> Dict[str, flo
     moment of the machine, so a slow phase that spans a round cancels out of its ratio. Returns
     the median and quartiles of those ratios and the rounds in which a was faster (ratio < 1)."""
     ratios = [a / b for a, b in zip(rounds_a, rounds_b)]
-    if len(ratios) < 2:
-        r = ratios[0] if ratios else float("nan")
-        return {"median": r, "q1": r, "q3": r, "rounds_below_1": sum(x < 1 for x in ratios),
-                "rounds": len(ratios)}
-    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    if len(ratios) >= 2:
+        q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:  # quantiles needs two points
+        q1 = q2 = q3 = ratios[0] if ratios else float("nan")
     return {"median": q2, "q1": q1, "q3": q3, "rounds_below_1": sum(x < 1 for x in ratios),
             "rounds": len(ratios)}
 
