@@ -160,6 +160,32 @@ at::Tensor inference_coefficients(const at::Tensor& x, const at::Tensor& mean,
 
 at::Tensor not_requested(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
+// The outputs of a backward op, each only where the mask asks: dx in the layout x is walked in,
+// dweight/dbias (`params` long) in the accumulation type the kernels write; result() hands the
+// parameter gradients back in the parameter's dtype and shape, and an empty tensor for each
+// output not asked for.
+struct GradOutputs {
+  at::Tensor dx, dw, db;
+  GradOutputs(const at::Tensor& x, at::MemoryFormat format, int64_t params, bool has_weight,
+              std::array<bool, 3> mask) {
+    const auto sopt = x.options().dtype(acc_type(x));
+    if (mask[0]) dx = cpu::empty_output(x.sizes(), x.options(), format);
+    if (mask[1] && has_weight) dw = at::empty({params}, sopt);
+    if (mask[2]) db = at::empty({params}, sopt);
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(const at::Tensor& x,
+                                                       const std::optional<at::Tensor>& weight,
+                                                       at::IntArrayRef param_shape) const {
+    const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type()
+                                                                : x.scalar_type();
+    const auto param_grad = [&](const at::Tensor& g) {
+      if (!g.defined()) return not_requested(x);
+      return converted(g.sizes() == param_shape ? g : g.view(param_shape), pdtype);
+    };
+    return {dx.defined() ? dx : not_requested(x), param_grad(dw), param_grad(db)};
+  }
+};
+
 // ---------------------------------------------------------------- layer norm
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
@@ -203,17 +229,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   int64_t N = 1;
   for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
   const at::Tensor w = param(weight, x);
-  at::Tensor dx = output_mask[0] ? cpu::empty_output(x.sizes(), x.options()) : at::Tensor();
-  const auto sopt = x.options().dtype(acc_type(x));
-  at::Tensor dw = output_mask[1] && w.defined() ? at::empty({N}, sopt) : at::Tensor();
-  at::Tensor db = output_mask[2] ? at::empty({N}, sopt) : at::Tensor();
-  K().layer_norm_bwd(dy.contiguous(), x.contiguous(), N, mean, rstd, w, rms, dx, dw, db);
-  auto param_shape = x.sizes().slice(x.dim() - normalized_ndim);
-  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type()
-                                                              : x.scalar_type();
-  return {dx.defined() ? dx : not_requested(x),
-          dw.defined() ? converted(dw.view(param_shape), pdtype) : not_requested(x),
-          db.defined() ? converted(db.view(param_shape), pdtype) : not_requested(x)};
+  GradOutputs out(x, at::MemoryFormat::Contiguous, N, w.defined(), output_mask);
+  K().layer_norm_bwd(dy.contiguous(), x.contiguous(), N, mean, rstd, w, rms, out.dx, out.dw,
+                     out.db);
+  return out.result(x, weight, x.sizes().slice(x.dim() - normalized_ndim));
 }
 
 // ---------------------------------------------------------------- group / batch norm layouts
@@ -272,19 +291,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
   TORCH_CHECK(dy.sizes() == x.sizes(), "group_norm_bwd: dy and x differ in shape");
   const Walk w = plan(x);
   const at::Tensor wt = param(weight, x);
-  at::Tensor dx = output_mask[0]
-                      ? cpu::empty_output(x.sizes(), x.options(), w.format)
-                      : at::Tensor();
-  const auto sopt = x.options().dtype(acc_type(x));
-  at::Tensor dw = output_mask[1] && wt.defined() ? at::empty({x.size(1)}, sopt) : at::Tensor();
-  at::Tensor db = output_mask[2] ? at::empty({x.size(1)}, sopt) : at::Tensor();
+  GradOutputs out(x, w.format, x.size(1), wt.defined(), output_mask);
   K().group_norm_bwd(dy.contiguous(w.format), x.contiguous(w.format), w.shape, num_groups,
-                     mean.contiguous(), rstd.contiguous(), wt, dx, dw, db);
-  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type()
-                                                              : x.scalar_type();
-  return {dx.defined() ? dx : not_requested(x),
-          dw.defined() ? converted(dw, pdtype) : not_requested(x),
-          db.defined() ? converted(db, pdtype) : not_requested(x)};
+                     mean.contiguous(), rstd.contiguous(), wt, out.dx, out.dw, out.db);
+  return out.result(x, weight, {x.size(1)});
 }
 
 // ---------------------------------------------------------------- batch norm
@@ -324,19 +334,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   TORCH_CHECK(dy.sizes() == x.sizes(), "batch_norm_bwd: dy and x differ in shape");
   const Walk w = plan(x);
   const at::Tensor wt = param(weight, x);
-  at::Tensor dx = output_mask[0]
-                      ? cpu::empty_output(x.sizes(), x.options(), w.format)
-                      : at::Tensor();
-  const auto sopt = x.options().dtype(acc_type(x));
-  at::Tensor dw = output_mask[1] && wt.defined() ? at::empty({x.size(1)}, sopt) : at::Tensor();
-  at::Tensor db = output_mask[2] ? at::empty({x.size(1)}, sopt) : at::Tensor();
+  GradOutputs out(x, w.format, x.size(1), wt.defined(), output_mask);
   K().batch_norm_bwd(dy.contiguous(w.format), x.contiguous(w.format), w.shape, param(mean, x),
-                     param(invstd, x), wt, train, dx, dw, db);
-  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type()
-                                                              : x.scalar_type();
-  return {dx.defined() ? dx : not_requested(x),
-          dw.defined() ? converted(dw, pdtype) : not_requested(x),
-          db.defined() ? converted(db, pdtype) : not_requested(x)};
+                     param(invstd, x), wt, train, out.dx, out.dw, out.db);
+  return out.result(x, weight, {x.size(1)});
 }
 
 }  // namespace
