@@ -99,10 +99,7 @@ def layer_norm(
         y = _C.layer_norm(input, normalized_shape, weight, bias, eps, False)
         if y is not None:
             return y
-    shape = _normalized(normalized_shape)
-    if not _rowwise_ok(input, shape, weight, bias):
-        _rowwise_errors(input, shape, weight, bias, "layer_norm")
-    return _layer_norm_fwd(input, len(shape), weight, bias, eps, False)[0]
+    return _row_norm(input, normalized_shape, weight, bias, eps, False, "layer_norm")
 
 
 def rms_norm(
@@ -119,10 +116,16 @@ def rms_norm(
         y = _C.layer_norm(input, normalized_shape, weight, None, eps, True)
         if y is not None:
             return y
+    return _row_norm(input, normalized_shape, weight, None, eps, True, "rms_norm")
+
+
+def _row_norm(input, normalized_shape, weight, bias, eps: float, rms: bool, op: str) -> Tensor:
+    """layer_norm/rms_norm where the C++ fast path declined (or under torch.compile): checks the
+    arguments (raising torch's errors), then calls the op."""
     shape = _normalized(normalized_shape)
-    if not _rowwise_ok(input, shape, weight, None):
-        _rowwise_errors(input, shape, weight, None, "rms_norm")
-    return _layer_norm_fwd(input, len(shape), weight, None, eps, True)[0]
+    if not _rowwise_ok(input, shape, weight, bias):
+        _rowwise_errors(input, shape, weight, bias, op)
+    return _layer_norm_fwd(input, len(shape), weight, bias, eps, rms)[0]
 
 
 _EPS32 = torch.finfo(torch.float32).eps
