@@ -57,17 +57,14 @@ struct ShortPlanes {
   int64_t c1(int64_t blk) const { return std::min(C, c0(blk) + per_block); }
   int64_t span(int64_t blk) const { return (c1(blk) - c0(blk)) * HW; }
   int64_t ld() const { return C * HW; }
-  // K per-element arrays of max_span values each, the first at a cache-line boundary (max_span
-  // is a multiple of a line, so all are): a vector's own 16-byte alignment made most
-  // coefficient loads straddle two lines, 20% of a 7x7 inference.
+  // K per-element arrays of max_span values each, every one on a cache-line boundary (Scratch
+  // is, and max_span is a multiple of a line): misaligned, most coefficient loads straddled two
+  // lines, 20% of a 7x7 inference.
   template <int K, typename A>
-  std::array<A*, K> scratch(std::vector<A>& storage) const {
-    constexpr int64_t line = 64 / sizeof(A);
-    storage.resize(K * max_span + line);
-    const auto addr = reinterpret_cast<uintptr_t>(storage.data());
-    A* first = storage.data() + ((64 - addr % 64) % 64) / sizeof(A);
+  std::array<A*, K> scratch(Scratch<A>& storage) const {
+    storage.resize(K * max_span);
     std::array<A*, K> arrays;
-    for (int k = 0; k < K; ++k) arrays[k] = first + k * max_span;
+    for (int k = 0; k < K; ++k) arrays[k] = storage.data() + k * max_span;
     return arrays;
   }
   // out[(c - c0) * HW + p] = per_channel[c] for the block's channels and every position p
@@ -92,7 +89,7 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
   const ShortPlanes<T> sp(s, 1024);
   at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
     const StreamFence fence(stream);
-    std::vector<A> storage;
+    Scratch<A> storage;
     const auto [ce, sc, sh] = sp.template scratch<3>(storage);
     for (int64_t blk = b0; blk < b1; ++blk) {
       sp.spread(blk, center, ce);
@@ -151,7 +148,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     const bool stream = stream_stores(2 * x.nbytes());
     at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
       const StreamFence fence(stream);
-      std::vector<A> storage;
+      Scratch<A> storage;
       const auto [pos_mean, pos_m2, ce, sc, sh] = sp.template scratch<5>(storage);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
@@ -206,19 +203,19 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
 
   const Blocks blocks(count, std::max<int64_t>(1, 8192 / std::max<int64_t>(s.C, 1)));
   const int64_t nb = blocks.count;
-  std::vector<A> bmean(nb * s.C), bm2(nb * s.C);
+  Scratch<A> bmean(nb * s.C), bm2(nb * s.C);
   at::parallel_for(0, nb, blocks.grain(s.C), [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       columns_welford(xp, blocks.begin(blk), blocks.end(blk), s.C, s.C, bmean.data() + blk * s.C,
                       bm2.data() + blk * s.C);
     }
   });
-  std::vector<A> block_count(nb), m2(s.C);
+  Scratch<A> block_count(nb), m2(s.C);
   for (int64_t blk = 0; blk < nb; ++blk)
     block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
   columns_merge(block_count.data(), nb, bmean.data(), bm2.data(), s.C, mean, m2.data());
   const A inv_count = count > 0 ? A(1) / static_cast<A>(count) : A(0);
-  std::vector<A> scale(s.C), shift(s.C);
+  Scratch<A> scale(s.C), shift(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
     const A v = m2[c] * inv_count;
     const A rs = A(1) / std::sqrt(v + a_eps);
@@ -271,10 +268,10 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const bool need_sums = train || dweight.defined() || dbias.defined();
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
 
-  std::vector<A> sum_dy(s.C, A(0)), sum_dy_xc(s.C, A(0));
+  Scratch<A> sum_dy(s.C, A(0)), sum_dy_xc(s.C, A(0));
   // train: dx = w * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
   // eval:  dx = w * invstd * dy
-  std::vector<A> k_dy(s.C), k_x(s.C, A(0)), k_0(s.C, A(0));
+  Scratch<A> k_dy(s.C), k_x(s.C, A(0)), k_0(s.C, A(0));
   const A inv_count = count > 0 ? A(1) / static_cast<A>(count) : A(0);
   const auto grad_coeffs = [&](int64_t c) {
     const A rs = invstd[c];
@@ -313,7 +310,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     const ShortPlanes<T> sp(s, 512);
     at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
       const StreamFence fence(stream);
-      std::vector<A> storage;
+      Scratch<A> storage;
       const auto [ce, sg, sd, kd, kx, k0] = sp.template scratch<6>(storage);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
@@ -348,7 +345,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     });
   } else if (need_sums) {
     const Blocks blocks(count, std::max<int64_t>(1, 8192 / std::max<int64_t>(s.C, 1)));
-    std::vector<A> part_dy(blocks.count * s.C, A(0)), part_dyx(blocks.count * s.C, A(0));
+    Scratch<A> part_dy(blocks.count * s.C, A(0)), part_dyx(blocks.count * s.C, A(0));
     at::parallel_for(0, blocks.count, blocks.grain(s.C), [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         columns_grad_sums(gp, xp, blocks.begin(blk), blocks.end(blk), s.C, s.C, mean,

@@ -127,8 +127,8 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     const int64_t max_width = stripes.max_width();
     at::parallel_for(0, v.N * stripes.count, stripes.grain(), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      std::vector<A> chan_mean(max_width), chan_m2(max_width), group_m2(G);
-      std::vector<A> center(max_width), scale(max_width), shift(max_width);
+      Scratch<A> chan_mean(max_width), chan_m2(max_width), group_m2(G);
+      Scratch<A> center(max_width), scale(max_width), shift(max_width);
       for (int64_t t = begin; t < end; ++t) {
         const auto [n, g0, g1, c0, c1] = stripes.task(t);
         const int64_t off = n * v.HW * v.C + c0;
@@ -148,7 +148,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   // channels_last: per-(n, block of pixels) Welford along C.
   const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
   const int64_t nb = blocks.count;
-  std::vector<A> bmean(v.N * nb * v.C), bm2(v.N * nb * v.C);
+  Scratch<A> bmean(v.N * nb * v.C), bm2(v.N * nb * v.C);
   at::parallel_for(0, v.N * nb, blocks.grain(v.C), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / nb, blk = t % nb;
@@ -158,7 +158,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   });
   // blocks -> per-(n, c) statistics over HW pixels (columns_merge) -> per-(n, g) over the
   // group's D channels of HW pixels each (merge_equal_parts).
-  std::vector<A> block_count(nb), chan_mean(v.C), chan_m2(v.C);
+  Scratch<A> block_count(nb), chan_mean(v.C), chan_m2(v.C);
   for (int64_t blk = 0; blk < nb; ++blk)
     block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
   for (int64_t n = 0; n < v.N; ++n) {
@@ -171,7 +171,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
       rstd[ng] = A(1) / std::sqrt(m2 * inv_group_size + a_eps);
     }
   }
-  std::vector<A> center(v.N * v.C), scale(v.N * v.C), shift(v.N * v.C);
+  Scratch<A> center(v.N * v.C), scale(v.N * v.C), shift(v.N * v.C);
   for (int64_t n = 0; n < v.N; ++n)
     group_affine_coeffs(v, n, 0, v.C, mean, rstd, center.data() + n * v.C,
                         scale.data() + n * v.C, shift.data() + n * v.C);
@@ -251,8 +251,8 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const T* gp = dy.const_data_ptr<T>();
   const A* mean = mean_t.const_data_ptr<A>();
   const A* rstd = rstd_t.const_data_ptr<A>();
-  std::vector<A> sum_dy(v.N * v.C, A(0)), sum_dy_xc(v.N * v.C, A(0));
-  std::vector<A> k_dy(v.N * v.C), k_x(v.N * v.C), k_0(v.N * v.C);
+  Scratch<A> sum_dy(v.N * v.C, A(0)), sum_dy_xc(v.N * v.C, A(0));
+  Scratch<A> k_dy(v.N * v.C), k_x(v.N * v.C), k_0(v.N * v.C);
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
   // NCHW planes: plane nc = n * C + c belongs to group nc / D (= n * G + c / D).
@@ -269,7 +269,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   // 320 channels and 64x64), one pass over memory instead of two.
   const bool fused = !s.channels_last && dxp != nullptr && v.N * G >= at::get_num_threads();
 
-  std::vector<A> center;  // channels_last: each channel's group mean, per image
+  Scratch<A> center;  // channels_last: each channel's group mean, per image
   bool dx_done = fused;
   if (fused) {
     at::parallel_for(0, v.N * G, grain_for(v.D * v.HW), [&](int64_t begin, int64_t end) {
@@ -314,7 +314,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       // A group's channels are strided through every row: blocks of rows, columns of C.
       const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
       const int64_t nb = blocks.count;
-      std::vector<A> part_dy(v.N * nb * v.C, A(0)), part_dyx(v.N * nb * v.C, A(0));
+      Scratch<A> part_dy(v.N * nb * v.C, A(0)), part_dyx(v.N * nb * v.C, A(0));
       at::parallel_for(0, v.N * nb, blocks.grain(v.C), [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t n = t / nb, blk = t % nb;

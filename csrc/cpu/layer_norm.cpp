@@ -123,7 +123,7 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
   constexpr bool widened = Chunk<T>::widened;
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
-    std::vector<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
+    Scratch<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + r * N;
       // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
@@ -166,7 +166,7 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   // once per call; fp32 ones are copied into that order where it is not the natural one.
   const bool copy_params = std::is_same_v<PT, A> ? Chunk<T>::even_odd : M >= kWidenParamsRows;
   if (copy_params && (w != nullptr || b != nullptr)) {
-    std::vector<A> wide(2 * N);
+    Scratch<A> wide(2 * N);
     if (w != nullptr) to_lanes<T>(w, wide.data(), N);
     if (b != nullptr) to_lanes<T>(b, wide.data() + N, N);
     layer_norm_fwd_rows<T, A>(xp, yp, M, N, w != nullptr ? wide.data() : nullptr,
@@ -308,7 +308,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const T* gp = dy.const_data_ptr<T>();
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
   const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
-  std::vector<A> w_lanes(Chunk<T>::even_odd && w != nullptr ? N : 0);
+  Scratch<A> w_lanes(Chunk<T>::even_odd && w != nullptr ? N : 0);
   if (!w_lanes.empty()) {
     to_lanes<T>(w, w_lanes.data(), N);
     w = w_lanes.data();
@@ -318,10 +318,13 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const bool want_dw = dweight.defined(), want_db = dbias.defined();
   const bool want_params = want_dw || want_db;
 
-  // Per-block partial sums of dy * xhat (dweight) and dy (dbias), in lane order.
+  // Per-block partial sums of dy * xhat (dweight) and dy (dbias), in lane order, each block's
+  // starting on a cache line (see LineAligned).
   const Blocks blocks(M, std::max<int64_t>(kRows, 4096 / std::max<int64_t>(N, 1)));
-  std::vector<A> part_dw(want_dw ? blocks.count * N : 0, A(0));
-  std::vector<A> part_db(want_db ? blocks.count * N : 0, A(0));
+  constexpr int64_t line = 64 / sizeof(A);
+  const int64_t part_ld = (N + line - 1) / line * line;
+  Scratch<A> part_dw(want_dw ? blocks.count * part_ld : 0, A(0));
+  Scratch<A> part_db(want_db ? blocks.count * part_ld : 0, A(0));
   // Pass 1 sweeps kRows rows at once where the partials and w outgrow L1: with one row, their
   // loads and stores bound the sweep (1024x4096 bf16 backward, one thread: 1.1-1.3 -> 0.8
   // cycles per element). Shorter rows go one at a time, which keeps consecutive rows one
@@ -333,8 +336,8 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   at::parallel_for(0, blocks.count, blocks.grain(N), [&](int64_t bb, int64_t be) {
     const StreamFence fence(stream);
     for (int64_t blk = bb; blk < be; ++blk) {
-      A* pdw = want_dw ? part_dw.data() + blk * N : nullptr;
-      A* pdb = want_db ? part_db.data() + blk * N : nullptr;
+      A* pdw = want_dw ? part_dw.data() + blk * part_ld : nullptr;
+      A* pdb = want_db ? part_db.data() + blk * part_ld : nullptr;
       for (int64_t r0 = blocks.begin(blk); r0 < blocks.end(blk); r0 += group) {
         // pass 1 over the group, then pass 2 row by row while the rows are in cache
         const int64_t rows = std::min(group, blocks.end(blk) - r0);
@@ -367,8 +370,8 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
       for (int64_t c = cb; c < ce; ++c) {
         A sw = 0, sb = 0;
         for (int64_t blk = 0; blk < blocks.count; ++blk) {
-          if (dwp != nullptr) sw += part_dw[blk * N + c];
-          if (dbp != nullptr) sb += part_db[blk * N + c];
+          if (dwp != nullptr) sw += part_dw[blk * part_ld + c];
+          if (dbp != nullptr) sb += part_db[blk * part_ld + c];
         }
         const int64_t e = Chunk<T>::lane_element(c, N);  // partials are in lane order
         if (dwp != nullptr) dwp[e] = sw;

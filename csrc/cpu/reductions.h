@@ -27,7 +27,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -40,6 +42,30 @@ using at::vec::Vectorized;
 
 template <typename T>
 using acc_t = at::opmath_type<T>;
+
+// Allocates on cache-line (64-byte) boundaries. The kernels' scratch arrays (dweight/dbias
+// partials, per-channel coefficients, widened rows) are read and written a vector at a time,
+// and std::vector's own 16-byte alignment left those vectors straddling two lines whenever
+// malloc's block happened to start off a line (always, for blocks it maps: 128 KiB and more).
+// Side by side, scratch 16 bytes off a line against on one: layer norm 8192x768 fwd+bwd bf16
+// 1.25x the time, fp32 1.08x, its fp16 forward (widened rows) 1.24x, channels_last group norm
+// 2x640x32x32 fp32 forward 1.15x; a run's speed depended on where malloc put its scratch.
+template <typename A>
+struct LineAligned {
+  using value_type = A;
+  static constexpr std::align_val_t kLine{64};
+  LineAligned() = default;
+  template <typename B>
+  LineAligned(const LineAligned<B>&) noexcept {}
+  A* allocate(size_t n) { return static_cast<A*>(::operator new(n * sizeof(A), kLine)); }
+  void deallocate(A* p, size_t) noexcept { ::operator delete(p, kLine); }
+  template <typename B>
+  bool operator==(const LineAligned<B>&) const noexcept { return true; }
+  template <typename B>
+  bool operator!=(const LineAligned<B>&) const noexcept { return false; }
+};
+template <typename A>
+using Scratch = std::vector<A, LineAligned<A>>;
 
 // Non-temporal ("streaming") store of one vector to an address aligned to its size: the line
 // is written around the caches, without first being read from memory. Where the capability has
@@ -660,7 +686,7 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64
   if (r1 <= r0) return;
   const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T)));
   const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
-  std::vector<A> inv_count(std::min(pass_rows, r1 - r0));
+  Scratch<A> inv_count(std::min(pass_rows, r1 - r0));
   for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
     const int64_t p1 = std::min(r1, p0 + pass_rows);
     for (int64_t r = p0; r < p1; ++r) inv_count[r - p0] = A(1) / static_cast<A>(r - r0 + 1);
