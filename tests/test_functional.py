@@ -199,3 +199,27 @@ def test_functional_signatures_match_torch():
         assert list(ours.parameters) == list(theirs.parameters), name
         for p in theirs.parameters.values():
             assert ours.parameters[p.name].default == p.default, (name, p.name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_channels_last_in_chunks_of_images_like_torch(dtype):
+    # 4 MiB fp32 images of 2-channel groups (no stripes): the forward walks them two images a
+    # chunk and the backward one a chunk (8 MiB of inputs each, ImageChunks), bf16 four and two:
+    # every image's statistics and gradients must match those torch computes in one piece.
+    from samples import assert_close_like_torch
+
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 64, 128, 128)
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.rand(64, generator=g) + 0.5).to(dtype)
+    b = torch.randn(64, generator=g).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    outs = {}
+    for name, F, cast in (("torch", TF, None), ("ours", NF, None), ("ref", TF, torch.float64)):
+        leaves = [(t.to(cast) if cast else t).clone().requires_grad_() for t in (x, w, b)]
+        with normkernels.backend("cpp"):
+            y = F.group_norm(leaves[0], 32, leaves[1], leaves[2])
+        grads = torch.autograd.grad(y, leaves, dy.to(cast) if cast else dy)
+        outs[name] = [y] + list(grads)
+    for what, ours, theirs, ref in zip(("y", "dx", "dw", "db"), outs["ours"], outs["torch"], outs["ref"]):
+        assert_close_like_torch(ours, theirs, ref, what)
