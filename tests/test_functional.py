@@ -203,13 +203,13 @@ def test_functional_signatures_match_torch():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_norm_channels_last_in_chunks_of_images_like_torch(dtype):
-    # 4 MiB fp32 images of 2-channel groups (no stripes): the forward walks them two images a
-    # chunk and the backward one a chunk (8 MiB of inputs each, ImageChunks), bf16 four and two:
-    # every image's statistics and gradients must match those torch computes in one piece.
+    # 8 MiB fp32 images of 2-channel groups (no stripes): the forward walks them two images a
+    # chunk and the backward one a chunk (16 MiB of inputs each, ImageChunks), bf16 three (one
+    # chunk) and two: every image's statistics and gradients must match torch's, in one piece.
     from samples import assert_close_like_torch
 
     g = torch.Generator().manual_seed(0)
-    shape = (3, 64, 128, 128)
+    shape = (3, 64, 256, 128)
     x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.rand(64, generator=g) + 0.5).to(dtype)
     b = torch.randn(64, generator=g).to(dtype)

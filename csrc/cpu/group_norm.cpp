@@ -87,14 +87,15 @@ struct GroupStripes {
 
 // channels_last where stripes do not apply: both passes (statistics, then normalize or dx) read
 // every image, so each chunk of images runs both before the next, for the second pass to find
-// its images still in the L3. per_chunk: the images whose inputs fit in 8 MiB (a quarter of a
-// 32 MiB L3, which the outputs and the other cores share), at least one. Side by side against
-// all images in one chunk: 2x320x64x64 fp32 forward 0.87x the time, forward+backward 0.91x;
-// 8x320x64x64 bf16 and fp32 forward+backward 0.91x; the rest within noise (0.95-1.01x).
+// its images still in the L3. per_chunk: the images whose inputs fit in 16 MiB (half a 32 MiB
+// L3, as for stream_stores), at least one. Side by side against all images in one chunk, three
+// times: 8x320x64x64 forward+backward 0.85-0.90x the time in fp32 and 0.85-0.99x in bf16. With
+// 8 MiB, 2x320x64x64 fp32 went either way (forward 0.87x, 0.99x, 1.25x): its 5.2 MB images are
+// then one to a chunk, where at 16 MiB its forward keeps one chunk.
 struct ImageChunks {
   int64_t per_chunk;
   ImageChunks(int64_t N, int64_t image_bytes) {
-    constexpr int64_t kBudget = int64_t{8} << 20;
+    constexpr int64_t kBudget = int64_t{16} << 20;
     const int64_t images = std::max<int64_t>(N, 1);
     per_chunk = std::clamp<int64_t>(kBudget / std::max<int64_t>(image_bytes, 1), 1, images);
   }
