@@ -99,7 +99,28 @@ struct ImageChunks {
     const int64_t images = std::max<int64_t>(N, 1);
     per_chunk = std::clamp<int64_t>(kBudget / std::max<int64_t>(image_bytes, 1), 1, images);
   }
+  // fn(n0, n1) for each chunk of images [n0, n1) of N, in order.
+  template <typename F>
+  void for_each(int64_t N, F&& fn) const {
+    for (int64_t n0 = 0; n0 < N; n0 += per_chunk) fn(n0, std::min(N, n0 + per_chunk));
+  }
 };
+
+// channels_last rows [n0 * HW, n1 * HW) (HW rows of C an image) in parallel: fn(n, r0, r1) on
+// each run of one image's rows, since a task's rows may span several images and each image has
+// its own coefficients.
+template <typename F>
+static void for_image_rows(int64_t n0, int64_t n1, int64_t HW, int64_t C, bool stream, F&& fn) {
+  at::parallel_for(n0 * HW, n1 * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+    const StreamFence fence(stream);
+    for (int64_t r = begin; r < end;) {
+      const int64_t n = r / HW;
+      const int64_t stop = std::min(end, (n + 1) * HW);
+      fn(n, r, stop);
+      r = stop;
+    }
+  });
+}
 
 template <typename T>
 static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_t G,
@@ -173,8 +194,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   for (int64_t blk = 0; blk < nb; ++blk)
     block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
   Scratch<A> center(v.N * v.C), scale(v.N * v.C), shift(v.N * v.C);
-  for (int64_t n0 = 0; n0 < v.N; n0 += chunks.per_chunk) {
-    const int64_t n1 = std::min(v.N, n0 + chunks.per_chunk);
+  chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
     at::parallel_for(0, (n1 - n0) * nb, blocks.grain(v.C), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = n0 + t / nb, blk = t % nb;
@@ -197,18 +217,11 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
       group_affine_coeffs(v, n, 0, v.C, mean, rstd, center.data() + n * v.C,
                           scale.data() + n * v.C, shift.data() + n * v.C);
     }
-    at::parallel_for(n0 * v.HW, n1 * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
-      const StreamFence fence(stream);
-      // rows [begin, end) may span several images; each image has its own coefficients
-      for (int64_t r = begin; r < end;) {
-        const int64_t n = r / v.HW;
-        const int64_t stop = std::min(end, (n + 1) * v.HW);
-        rows_affine(xp, yp, r, stop, v.C, v.C, center.data() + n * v.C,
-                    scale.data() + n * v.C, shift.data() + n * v.C, stream);
-        r = stop;
-      }
+    for_image_rows(n0, n1, v.HW, v.C, stream, [&](int64_t n, int64_t r0, int64_t r1) {
+      rows_affine(xp, yp, r0, r1, v.C, v.C, center.data() + n * v.C, scale.data() + n * v.C,
+                  shift.data() + n * v.C, stream);
     });
-  }
+  });
 }
 
 void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
@@ -340,8 +353,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       const int64_t nb = blocks.count;
       const ImageChunks chunks(v.N, 2 * v.HW * v.C * static_cast<int64_t>(sizeof(T)));
       Scratch<A> part_dy(chunks.per_chunk * nb * v.C), part_dyx(chunks.per_chunk * nb * v.C);
-      for (int64_t n0 = 0; n0 < v.N; n0 += chunks.per_chunk) {
-        const int64_t n1 = std::min(v.N, n0 + chunks.per_chunk);
+      chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
         at::parallel_for(0, (n1 - n0) * nb, blocks.grain(v.C), [&](int64_t begin, int64_t end) {
           for (int64_t t = begin; t < end; ++t) {
             const int64_t n = n0 + t / nb, blk = t % nb;
@@ -362,23 +374,17 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
               sum_dy_xc[n * v.C + c] += part_dyx[t * v.C + c];
             }
           }
-        if (dxp == nullptr) continue;
+        if (dxp == nullptr) return;
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t g = 0; g < G; ++g)
             group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
                               k_x.data(), k_0.data());
-        at::parallel_for(n0 * v.HW, n1 * v.HW, grain_for(v.C), [&](int64_t begin, int64_t end) {
-          const StreamFence fence(stream);
-          for (int64_t r = begin; r < end;) {
-            const int64_t n = r / v.HW;
-            const int64_t stop = std::min(end, (n + 1) * v.HW);
-            rows_grad_input(gp, xp, dxp, r, stop, v.C, v.C, center.data() + n * v.C,
-                            k_dy.data() + n * v.C, k_x.data() + n * v.C, k_0.data() + n * v.C,
-                            stream);
-            r = stop;
-          }
+        for_image_rows(n0, n1, v.HW, v.C, stream, [&](int64_t n, int64_t r0, int64_t r1) {
+          rows_grad_input(gp, xp, dxp, r0, r1, v.C, v.C, center.data() + n * v.C,
+                          k_dy.data() + n * v.C, k_x.data() + n * v.C, k_0.data() + n * v.C,
+                          stream);
         });
-      }
+      });
       dx_done = true;
     }
   }
