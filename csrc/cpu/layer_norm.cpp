@@ -321,7 +321,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   // Per-block partial sums of dy * xhat (dweight) and dy (dbias), in lane order, each block's
   // starting on a cache line (see LineAligned).
   const Blocks blocks(M, std::max<int64_t>(kRows, 4096 / std::max<int64_t>(N, 1)));
-  constexpr int64_t line = 64 / sizeof(A);
+  constexpr int64_t line = kCacheLineBytes / sizeof(A);
   const int64_t part_ld = (N + line - 1) / line * line;
   Scratch<A> part_dw(want_dw ? blocks.count * part_ld : 0, A(0));
   Scratch<A> part_db(want_db ? blocks.count * part_ld : 0, A(0));

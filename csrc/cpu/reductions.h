@@ -50,10 +50,11 @@ using acc_t = at::opmath_type<T>;
 // Side by side, scratch 16 bytes off a line against on one: layer norm 8192x768 fwd+bwd bf16
 // 1.25x the time, fp32 1.08x, its fp16 forward (widened rows) 1.24x, channels_last group norm
 // 2x640x32x32 fp32 forward 1.15x; a run's speed depended on where malloc put its scratch.
+constexpr size_t kCacheLineBytes = 64;
 template <typename A>
 struct LineAligned {
   using value_type = A;
-  static constexpr std::align_val_t kLine{64};
+  static constexpr std::align_val_t kLine{kCacheLineBytes};
   LineAligned() = default;
   template <typename B>
   LineAligned(const LineAligned<B>&) noexcept {}
