@@ -52,6 +52,12 @@ CASES: List[Case] = [
     # stripes paths, in stripes of unequal group counts (one image, 6 groups: four stripes with
     # 2 threads)
     Case("GroupNorm-stripes", lambda: nn.GroupNorm(6, 3072), (1, 3072, 3, 3), ["channels_last"]),
+    # stripes of 520 and 1040 channels starting off a SIMD chunk's boundary: each is walked in
+    # two-chunk register tiles, a one-chunk tile and a masked one, whose per-channel arrays the
+    # bf16 kernels put in the chunks' lane order and back
+    Case("GroupNorm-stripes-uneven", lambda: nn.GroupNorm(6, 3120), (1, 3120, 3, 3), ["channels_last"]),
+    # rows of 100 channels (no stripes): a two-chunk tile, a one-chunk tile and a masked tile
+    Case("GroupNorm-wide", lambda: nn.GroupNorm(4, 100), (2, 100, 4, 4), ["channels_last"]),
     # one (n, group) task for two or more threads: the NCHW backward takes its two-pass path
     # (planes in parallel) instead of one fused task per group
     Case("GroupNorm-onegroup", lambda: nn.GroupNorm(1, 6), (1, 6, 5, 5), ["contiguous"]),
@@ -60,6 +66,8 @@ CASES: List[Case] = [
     Case("BatchNorm1d-3d", lambda: nn.BatchNorm1d(5), (4, 5, 9)),
     Case("BatchNorm2d", lambda: nn.BatchNorm2d(6), (3, 6, 5, 4), ["contiguous", "channels_last", "strided"]),
     Case("BatchNorm2d-prime", lambda: nn.BatchNorm2d(37), (2, 37, 3, 3), ["contiguous", "channels_last"]),
+    # channels_last rows of 100: a two-chunk tile, a one-chunk tile and a masked tile
+    Case("BatchNorm2d-wide", lambda: nn.BatchNorm2d(100), (2, 100, 3, 3), ["channels_last"]),
     # planes of 81 (over two SIMD chunks, odd): most planes start misaligned, so the elementwise
     # passes take their masked head, aligned body and masked tail
     Case("BatchNorm2d-oddplane", lambda: nn.BatchNorm2d(3), (2, 3, 9, 9)),

@@ -32,7 +32,10 @@ static inline A param_or(const A* p, int64_t c, A dflt) {
 // of channels [c0, c1) is one contiguous span in every sample: an [N, span] matrix whose rows
 // are C * HW apart, which the column helpers walk in whole chunks against per-element
 // statistics and coefficients (a few KB, in L1) laid out once per block and reused for all N
-// samples. A block's N spans (16 x 1024 elements) stay in L2 between its passes.
+// samples. A block's N spans (16 x 1024 elements) stay in L2 between its passes. They are walked
+// in natural order (the column helpers' kLanes = false): putting the per-element arrays in
+// bf16's lane order and back for each block made 16x512x7x7 bf16 steps 1.10-1.20x the time,
+// side by side in one process, where the channels_last walks gain from it.
 template <typename T>
 struct ShortPlanes {
   // Elements of a block's span at most: a pass with per-element arrays (three for the
@@ -96,7 +99,8 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
       sp.spread(blk, scale, sc);
       sp.spread(blk, shift, sh);
       const int64_t off = sp.c0(blk) * s.HW;
-      columns_affine(xp + off, yp + off, 0, s.N, sp.span(blk), sp.ld(), ce, sc, sh, stream);
+      columns_affine<false>(xp + off, yp + off, 0, s.N, sp.span(blk), sp.ld(), ce, sc, sh,
+                            stream);
     }
   });
 }
@@ -152,7 +156,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
       const auto [pos_mean, pos_m2, ce, sc, sh] = sp.template scratch<5>(storage);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
-        columns_welford(xp + off, 0, s.N, span, sp.ld(), pos_mean, pos_m2);
+        columns_welford<false>(xp + off, 0, s.N, span, sp.ld(), pos_mean, pos_m2);
         // every position saw the N samples; var holds m2 until divided
         const int64_t c0 = sp.c0(blk);
         merge_equal_runs(pos_mean, pos_m2, s.HW, static_cast<A>(s.N), sp.c1(blk) - c0, mean + c0,
@@ -167,7 +171,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
           std::fill(sc + at, sc + at + s.HW, invstd[c] * param_or(w, c, A(1)));
           std::fill(sh + at, sh + at + s.HW, param_or(b, c, A(0)));
         }
-        columns_affine(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc, sh, stream);
+        columns_affine<false>(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc, sh, stream);
       }
     });
     return;
@@ -318,7 +322,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         if (need_sums) {
           std::fill(sg, sg + span, A(0));
           std::fill(sd, sd + span, A(0));
-          columns_grad_sums(gp + off, xp + off, 0, s.N, span, sp.ld(), ce, sg, sd);
+          columns_grad_sums<false>(gp + off, xp + off, 0, s.N, span, sp.ld(), ce, sg, sd);
           sp.gather_sums(blk, sg, sum_dy.data());
           sp.gather_sums(blk, sd, sum_dy_xc.data());
         }
@@ -326,8 +330,8 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         sp.spread(blk, k_dy.data(), kd);
         sp.spread(blk, k_x.data(), kx);
         sp.spread(blk, k_0.data(), k0);
-        columns_grad_input(gp + off, xp + off, dxp + off, 0, s.N, span, sp.ld(), ce, kd, kx, k0,
-                           stream);
+        columns_grad_input<false>(gp + off, xp + off, dxp + off, 0, s.N, span, sp.ld(), ce, kd,
+                                  kx, k0, stream);
       }
     });
   } else if (fused) {

@@ -243,6 +243,32 @@ struct Chunk {
 #endif
     put(p, lo, hi, stream);
   }
+  // A chunk's two accumulator vectors in natural order -> in lane order, and back: two
+  // two-source permutes each way (none where the lane order is natural).
+  static inline void to_lane_order(V& lo, V& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (even_odd) {
+      const __m512i even =
+          _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+      const V e(_mm512_permutex2var_ps(lo, even, hi)), o(_mm512_permutex2var_ps(lo, odd, hi));
+      lo = e;
+      hi = o;
+    }
+#endif
+  }
+  static inline void from_lane_order(V& lo, V& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (even_odd) {
+      const __m512i first =
+          _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+      const V a(_mm512_permutex2var_ps(lo, first, hi)), b(_mm512_permutex2var_ps(lo, second, hi));
+      lo = a;
+      hi = b;
+    }
+#endif
+  }
   // Index, within a row of n, of the element that lane-ordered position i holds: the identity
   // past the last full chunk (tails are scalar, in natural order).
   static inline int64_t lane_element(int64_t i, int64_t n) {
@@ -305,20 +331,28 @@ inline void to_lanes(const S* src, acc_t<T>* dst, int64_t n) {
       C::load_lanes(src + i, lo, hi);
     } else {
       Chunk<S>::load(src + i, lo, hi);
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (C::even_odd) {
-        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-        const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-        const V e(_mm512_permutex2var_ps(lo, even, hi)), o(_mm512_permutex2var_ps(lo, odd, hi));
-        lo = e;
-        hi = o;
-      }
-#endif
+      C::to_lane_order(lo, hi);
     }
     lo.store(dst + i);
     hi.store(dst + i + V::size());
   }
   for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+}
+
+// The inverse of to_lanes for an array of the accumulation type: dst[lane_element(i, n)] =
+// src[i].
+template <typename T>
+inline void from_lanes(const acc_t<T>* src, acc_t<T>* dst, int64_t n) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    V lo = V::loadu(src + i), hi = V::loadu(src + i + V::size());
+    C::from_lane_order(lo, hi);
+    lo.store(dst + i);
+    hi.store(dst + i + V::size());
+  }
+  std::copy(src + i, src + n, dst + i);
 }
 
 // Segment tails. A tail of a segment at least one chunk long is done as the full chunk ending
@@ -590,6 +624,47 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
 // Columns are walked in register tiles of whole chunks; the last C % chunk columns as one
 // masked tile, so no column is ever done in scalar code.
 
+// The column kernels read their data in the lane order of T's chunks (Chunk::load_lanes: for
+// bf16 under AVX-512 two instructions a chunk where the in-order widening takes five, three of
+// them shuffles, which is what bound the channels_last bf16 passes), so the per-column arrays
+// they meet (coefficients, running sums) go into that order for the call, and results back out
+// of it: O(C) work against the O(rows * C) of the call. Where the lane order is natural, no copy.
+// Side by side, bf16, 2 threads: channels_last group norm forwards 0.75-0.92x the time, batch
+// norm 16x64x56x56 0.73-0.89x. kLanes = false keeps the natural order throughout, for calls too
+// short for the copies to pay (ShortPlanes: 16 rows; its 16x512x7x7 bf16 steps took 1.10-1.20x).
+template <typename T, bool kLanes = true>
+class LaneColumns {
+  using A = acc_t<T>;
+  static constexpr bool kCopy = kLanes && Chunk<T>::even_odd;
+  int64_t C_;
+  Scratch<A> buf_;
+  A* slot(int i) { return buf_.data() + i * C_; }
+
+ public:
+  LaneColumns(int64_t C, int slots) : C_(C), buf_(kCopy ? C * slots : 0) {}
+  // p[0:C] in lane order, read-only.
+  const A* in(int i, const A* p) {
+    if constexpr (!kCopy) return p;
+    to_lanes<T>(p, slot(i), C_);
+    return slot(i);
+  }
+  // p[0:C] in lane order, to be updated and put back by out().
+  A* in_out(int i, A* p) {
+    if constexpr (!kCopy) return p;
+    to_lanes<T>(p, slot(i), C_);
+    return slot(i);
+  }
+  // Where to write results for p[0:C] (unset), put back by out().
+  A* result(int i, A* p) {
+    if constexpr (!kCopy) return p;
+    return slot(i);
+  }
+  // Writes slot i back to p[0:C] in natural order.
+  void out(int i, A* p) {
+    if constexpr (kCopy) from_lanes<T>(slot(i), p, C_);
+  }
+};
+
 // Lanes of vector k of a tile that fall inside its `width` columns.
 template <typename V>
 inline int64_t tile_lanes(int64_t width, int k) {
@@ -624,13 +699,19 @@ inline void tile_store_columns(const V* v, typename V::value_type* p, int64_t c,
   for (int k = 0; k < K; ++k) tile_store<kMasked>(v[k], p + c, width, k);
 }
 // One row's K vectors of input at p (K = 2 when masked: a partial tile is less than a chunk).
-template <bool kMasked, int K, typename T>
+template <bool kMasked, int K, bool kLanes, typename T>
 inline void tile_load_row(const T* p, int64_t width, typename Chunk<T>::V* out) {
   if constexpr (kMasked) {
     static_assert(K == 2, "a masked tile is one partial chunk");
     Chunk<T>::load_first(p, width, out[0], out[1]);
   } else {
-    for (int k = 0; k < K; k += 2) Chunk<T>::load(p + k * Chunk<T>::V::size(), out[k], out[k + 1]);
+    for (int k = 0; k < K; k += 2) {
+      if constexpr (kLanes) {
+        Chunk<T>::load_lanes(p + k * Chunk<T>::V::size(), out[k], out[k + 1]);
+      } else {
+        Chunk<T>::load(p + k * Chunk<T>::V::size(), out[k], out[k + 1]);
+      }
+    }
   }
 }
 
@@ -651,7 +732,7 @@ inline void for_column_tiles(int64_t C, Tile&& tile) {
 // held in registers for the whole sweep (loaded and stored once, not once a row).
 // inv_count[r - p0] is 1 / (rows seen so far, row r included). Masked lanes load as zero and
 // stay zero.
-template <typename T, int K, bool kMasked>
+template <typename T, int K, bool kMasked, bool kLanes>
 inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t c,
                          int64_t width, const acc_t<T>* inv_count, acc_t<T>* mean, acc_t<T>* m2) {
   using V = typename Chunk<T>::V;
@@ -661,7 +742,7 @@ inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t
   tile_load_columns<kMasked, K>(m2, c, width, s);
   for (int64_t r = p0; r < p1; ++r) {
     V a[K];
-    tile_load_row<kMasked, K>(x + r * ld + c, width, a);
+    tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, a);
     const V vinv(inv_count[r - p0]);
     for (int k = 0; k < K; ++k) {
       const V d = a[k] - m[k];
@@ -678,13 +759,16 @@ inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t
 // passes of rows sized to stay in L2 between tiles: keeping the running statistics in memory
 // instead (a load and a store of both per element) made this pass store-bound at half the
 // speed of the normalize pass after it.
-template <typename T>
+template <bool kLanes = true, typename T>
 inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                             acc_t<T>* mean, acc_t<T>* m2) {
   using A = acc_t<T>;
   std::fill(mean, mean + C, A(0));
   std::fill(m2, m2 + C, A(0));
   if (r1 <= r0) return;
+  LaneColumns<T, kLanes> lanes(C, 2);
+  A* lane_mean = lanes.in_out(0, mean);
+  A* lane_m2 = lanes.in_out(1, m2);
   const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T)));
   const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
   Scratch<A> inv_count(std::min(pass_rows, r1 - r0));
@@ -692,10 +776,12 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64
     const int64_t p1 = std::min(r1, p0 + pass_rows);
     for (int64_t r = p0; r < p1; ++r) inv_count[r - p0] = A(1) / static_cast<A>(r - r0 + 1);
     for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
-      welford_tile<T, K.value, masked.value>(x, p0, p1, ld, c, width, inv_count.data(), mean,
-                                             m2);
+      welford_tile<T, K.value, masked.value, kLanes>(x, p0, p1, ld, c, width, inv_count.data(),
+                                             lane_mean, lane_m2);
     });
   }
+  lanes.out(0, mean);
+  lanes.out(1, m2);
 }
 
 // Merge per-block column statistics (block b: count[b] rows, means part_mean[b * C + c] and
@@ -790,7 +876,7 @@ inline A merge_equal_parts(const A* part_mean, const A* part_m2, int64_t parts, 
 
 // columns_grad_sums over the columns [c, c + width) and rows [p0, p1), the tile's sums held in
 // registers for the whole sweep. Masked lanes load dy as zero, so they add nothing.
-template <typename T, int K, bool kMasked>
+template <typename T, int K, bool kMasked, bool kLanes>
 inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int64_t ld,
                            int64_t c, int64_t width, const acc_t<T>* shift, acc_t<T>* sum_dy,
                            acc_t<T>* sum_dy_xc) {
@@ -802,8 +888,8 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
   tile_load_columns<kMasked, K>(sum_dy_xc, c, width, sd);
   for (int64_t r = p0; r < p1; ++r) {
     V g[K], v[K];
-    tile_load_row<kMasked, K>(dy + r * ld + c, width, g);
-    tile_load_row<kMasked, K>(x + r * ld + c, width, v);
+    tile_load_row<kMasked, K, kLanes>(dy + r * ld + c, width, g);
+    tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, v);
     for (int k = 0; k < K; ++k) {
       sg[k] += g[k];
       sd[k] = at::vec::fmadd(g[k], v[k] - sh[k], sd[k]);
@@ -816,19 +902,26 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
 // Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), accumulated into
 // sum_dy/sum_dy_xc (length C, not cleared here). Register tiles of columns over L2-sized passes
 // of rows, as columns_welford.
-template <typename T>
+template <bool kLanes = true, typename T>
 inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, int64_t C,
                               int64_t ld, const acc_t<T>* shift, acc_t<T>* sum_dy,
                               acc_t<T>* sum_dy_xc) {
+  if (r1 <= r0) return;
+  LaneColumns<T, kLanes> lanes(C, 3);
+  const acc_t<T>* lane_shift = lanes.in(0, shift);
+  acc_t<T>* lane_sum_dy = lanes.in_out(1, sum_dy);
+  acc_t<T>* lane_sum_dy_xc = lanes.in_out(2, sum_dy_xc);
   const int64_t row_bytes = std::max<int64_t>(1, 2 * C * static_cast<int64_t>(sizeof(T)));
   const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
   for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
     const int64_t p1 = std::min(r1, p0 + pass_rows);
     for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
-      grad_sums_tile<T, K.value, masked.value>(dy, x, p0, p1, ld, c, width, shift, sum_dy,
-                                               sum_dy_xc);
+      grad_sums_tile<T, K.value, masked.value, kLanes>(dy, x, p0, p1, ld, c, width, lane_shift,
+                                               lane_sum_dy, lane_sum_dy_xc);
     });
   }
+  lanes.out(1, sum_dy);
+  lanes.out(2, sum_dy_xc);
 }
 
 // dx[r, c] = dy[r, c] * k_dy[c] + (x[r, c] - center[c]) * k_x[c] + k_0[c] for rows [r0, r1).
@@ -842,6 +935,11 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
   static_assert(Ch::size == CA::size, "chunks must line up");
   const auto grad = [](const V& g, const V& v, const V& ce, const V& kd, const V& kx,
                        const V& k0) { return at::vec::fmadd(g, kd, at::vec::fmadd(v - ce, kx, k0)); };
+  LaneColumns<T> lanes(C, 4);
+  center = lanes.in(0, center);
+  k_dy = lanes.in(1, k_dy);
+  k_x = lanes.in(2, k_x);
+  k_0 = lanes.in(3, k_0);
   for (int64_t r = r0; r < r1; ++r) {
     const T* gr = dy + r * ld;
     const T* xr = x + r * ld;
@@ -849,13 +947,13 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
     int64_t c = 0;
     for (; c + Ch::size <= C; c += Ch::size) {
       V ga, gb, xa, xb, ca, cb, da, db, ka, kb, za, zb;
-      Ch::load(gr + c, ga, gb);
-      Ch::load(xr + c, xa, xb);
+      Ch::load_lanes(gr + c, ga, gb);
+      Ch::load_lanes(xr + c, xa, xb);
       CA::load(center + c, ca, cb);
       CA::load(k_dy + c, da, db);
       CA::load(k_x + c, ka, kb);
       CA::load(k_0 + c, za, zb);
-      Ch::put(dr + c, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb), stream);
+      Ch::put_lanes(dr + c, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb), stream);
     }
     if (c < C) {
       const int64_t n = C - c;
@@ -872,19 +970,25 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
 }
 
 // Stores a tile's K output vectors of one row at p: whole chunks, or the masked partial one.
-template <bool kMasked, int K, typename T>
+template <bool kMasked, int K, bool kLanes, typename T>
 inline void tile_put_row(T* p, int64_t width, const typename Chunk<T>::V* v, bool stream) {
   if constexpr (kMasked) {
     static_assert(K == 2, "a masked tile is one partial chunk");
     Chunk<T>::store_first(p, width, v[0], v[1]);
   } else {
-    for (int k = 0; k < K; k += 2) Chunk<T>::put(p + k * Chunk<T>::V::size(), v[k], v[k + 1], stream);
+    for (int k = 0; k < K; k += 2) {
+      if constexpr (kLanes) {
+        Chunk<T>::put_lanes(p + k * Chunk<T>::V::size(), v[k], v[k + 1], stream);
+      } else {
+        Chunk<T>::put(p + k * Chunk<T>::V::size(), v[k], v[k + 1], stream);
+      }
+    }
   }
 }
 
 // rows_affine over the columns [c, c + width), the tile's coefficients held in registers for
 // the whole sweep of rows.
-template <typename T, int K, bool kMasked>
+template <typename T, int K, bool kMasked, bool kLanes>
 inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t ld, int64_t c,
                         int64_t width, const acc_t<T>* center, const acc_t<T>* scale,
                         const acc_t<T>* shift, bool stream) {
@@ -895,9 +999,9 @@ inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t ld, in
   tile_load_columns<kMasked, K>(shift, c, width, sh);
   for (int64_t r = r0; r < r1; ++r) {
     V a[K];
-    tile_load_row<kMasked, K>(x + r * ld + c, width, a);
+    tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, a);
     for (int k = 0; k < K; ++k) a[k] = at::vec::fmadd(a[k] - ce[k], sc[k], sh[k]);
-    tile_put_row<kMasked, K>(y + r * ld + c, width, a, stream);
+    tile_put_row<kMasked, K, kLanes>(y + r * ld + c, width, a, stream);
   }
 }
 
@@ -911,15 +1015,19 @@ constexpr int64_t kTileRows = 4;
 // coefficients are loaded once a tile instead of once a row (three loads per chunk of x, which
 // bound the row-by-row walk when x comes from L1/L2: a 7x7 bf16 batch-norm forward 8-14%
 // faster). For blocks of short NCHW planes, and for every 16-bit rows_affine (see there).
-template <typename T>
+template <bool kLanes = true, typename T>
 inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                            const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift,
                            bool stream) {
+  LaneColumns<T, kLanes> lanes(C, 3);
+  center = lanes.in(0, center);
+  scale = lanes.in(1, scale);
+  shift = lanes.in(2, shift);
   for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
     const int64_t g1 = std::min(r1, g0 + kTileRows);
     for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
-      affine_tile<T, K.value, masked.value>(x, y, g0, g1, ld, c, width, center, scale, shift,
-                                            stream);
+      affine_tile<T, K.value, masked.value, kLanes>(x, y, g0, g1, ld, c, width, center, scale,
+                                                    shift, stream);
     });
   }
 }
@@ -969,7 +1077,7 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int
 
 // rows_grad_input over the columns [c, c + width), one chunk wide (the four coefficient vectors
 // of two chunks and their operands would not fit the registers).
-template <typename T, bool kMasked>
+template <typename T, bool kMasked, bool kLanes>
 inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t ld,
                             int64_t c, int64_t width, const acc_t<T>* center,
                             const acc_t<T>* k_dy, const acc_t<T>* k_x, const acc_t<T>* k_0,
@@ -983,29 +1091,36 @@ inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
   tile_load_columns<kMasked, K>(k_0, c, width, k0);
   for (int64_t r = r0; r < r1; ++r) {
     V g[K], v[K];
-    tile_load_row<kMasked, K>(dy + r * ld + c, width, g);
-    tile_load_row<kMasked, K>(x + r * ld + c, width, v);
+    tile_load_row<kMasked, K, kLanes>(dy + r * ld + c, width, g);
+    tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, v);
     for (int k = 0; k < K; ++k)
       g[k] = at::vec::fmadd(g[k], kd[k], at::vec::fmadd(v[k] - ce[k], kx[k], k0[k]));
-    tile_put_row<kMasked, K>(dx + r * ld + c, width, g, stream);
+    tile_put_row<kMasked, K, kLanes>(dx + r * ld + c, width, g, stream);
   }
 }
 
 // rows_grad_input for few rows already in cache, by register tiles of columns (see
 // columns_affine).
-template <typename T>
+template <bool kLanes = true, typename T>
 inline void columns_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1,
                                int64_t C, int64_t ld, const acc_t<T>* center,
                                const acc_t<T>* k_dy, const acc_t<T>* k_x, const acc_t<T>* k_0,
                                bool stream) {
   constexpr int64_t S = Chunk<T>::size;
+  LaneColumns<T, kLanes> lanes(C, 4);
+  center = lanes.in(0, center);
+  k_dy = lanes.in(1, k_dy);
+  k_x = lanes.in(2, k_x);
+  k_0 = lanes.in(3, k_0);
   for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
     const int64_t g1 = std::min(r1, g0 + kTileRows);
     int64_t c = 0;
     for (; c + S <= C; c += S)
-      grad_input_tile<T, false>(dy, x, dx, g0, g1, ld, c, S, center, k_dy, k_x, k_0, stream);
+      grad_input_tile<T, false, kLanes>(dy, x, dx, g0, g1, ld, c, S, center, k_dy, k_x, k_0,
+                                        stream);
     if (c < C)
-      grad_input_tile<T, true>(dy, x, dx, g0, g1, ld, c, C - c, center, k_dy, k_x, k_0, stream);
+      grad_input_tile<T, true, kLanes>(dy, x, dx, g0, g1, ld, c, C - c, center, k_dy, k_x, k_0,
+                                       stream);
   }
 }
 
