@@ -109,7 +109,8 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
 template <typename T>
 static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
                            const acc_t<T>* scale, const acc_t<T>* shift) {
-  const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)));
+  const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)),
+                                    Pass::kForward);
   if (ShortPlanes<T>::applies(s)) {
     short_planes_affine(xp, yp, s, center, scale, shift, stream);
   } else if (!s.channels_last) {
@@ -149,7 +150,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     // Per block of channels: Welford statistics of every position over the N samples, merged
     // per channel exactly, then the normalize pass while the block is in L2.
     const ShortPlanes<T> sp(s, 1024);
-    const bool stream = stream_stores(2 * x.nbytes());
+    const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
     at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
       const StreamFence fence(stream);
       Scratch<A> storage;
@@ -180,7 +181,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   if (!s.channels_last) {
     // Statistics and normalization in one task per channel, so the second and third reads of
     // a channel's planes come from cache when they fit.
-    const bool stream = stream_stores(2 * x.nbytes());
+    const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) {
@@ -302,7 +303,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                          stream);
     }
   };
-  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
+  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
   // NCHW with a channel per thread at least: one task per channel sums its planes and then
   // writes their dx while they are in L2 (16 planes of 56x56 are 200 KB of x and of dy), one
   // pass over memory instead of two.

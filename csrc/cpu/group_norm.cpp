@@ -138,7 +138,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   const int64_t group_size = v.D * v.HW;
   const A inv_group_size = group_size > 0 ? A(1) / static_cast<A>(group_size) : A(0);
 
-  const bool stream = stream_stores(2 * x.nbytes());
+  const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
   if (!s.channels_last) {
     at::parallel_for(0, v.N * G, grain_for(group_size), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
@@ -290,7 +290,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   Scratch<A> sum_dy(v.N * v.C, A(0)), sum_dy_xc(v.N * v.C, A(0));
   Scratch<A> k_dy(v.N * v.C), k_x(v.N * v.C), k_0(v.N * v.C);
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
-  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
+  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
   // NCHW planes: plane nc = n * C + c belongs to group nc / D (= n * G + c / D).
   const auto plane_sums = [&](int64_t nc) {
     std::tie(sum_dy[nc], sum_dy_xc[nc]) =

@@ -53,14 +53,15 @@ struct Kernels {
 };
 
 // Whether an elementwise pass touching `bytes` of memory (what it reads plus what it writes)
-// writes its output with streaming (non-temporal) stores. Yes when the pass cannot stay in the
-// last-level cache anyway, which in practice starts at half its size (see stream_stores.cpp):
-// each output line then costs one write to memory instead of a read for ownership and a write,
-// a third of a forward pass's traffic, and the output does not push the pass's inputs out of
-// the cache. Smaller outputs stay plain, so the next layer finds them in cache.
+// writes its output with streaming (non-temporal) stores: each output line then costs one write
+// to memory instead of a read for ownership and a write (a third of a forward pass's traffic),
+// and the output does not push the pass's inputs out of the cache. Yes from the last-level
+// cache's size for a forward pass, from half of it for a backward pass (see stream_stores.cpp);
+// smaller passes store plainly, so the next layer finds their output in cache.
 // NORMKERNELS_STREAM_STORES=0/1 forces it off/on (read once); the cache size comes from the OS,
 // at most 32 MiB (none known: never).
-bool stream_stores(int64_t bytes);
+enum class Pass { kForward, kBackward };
+bool stream_stores(int64_t bytes, Pass pass);
 
 // One table per capability; the ones not compiled for this platform return nullptr.
 const Kernels* kernels_DEFAULT();

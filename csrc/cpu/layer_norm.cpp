@@ -160,7 +160,7 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   const PT* b = bias.defined() ? bias.const_data_ptr<PT>() : nullptr;
   A* mp = mean.defined() ? mean.data_ptr<A>() : nullptr;
   A* rp = rstd.data_ptr<A>();
-  const bool stream = stream_stores(2 * x.nbytes());
+  const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
   // The kernel reads weight and bias in the lane order of T's chunks. Half-precision ones are
   // widened in registers, already in that order, or, where there are enough rows to repay it,
   // once per call; fp32 ones are copied into that order where it is not the natural one.
@@ -332,7 +332,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   // measured 10-20% slower than one at a time.
   const int64_t group = 3 * N * static_cast<int64_t>(sizeof(A)) > 16384 ? kRows : 1;
 
-  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes());
+  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
   at::parallel_for(0, blocks.count, blocks.grain(N), [&](int64_t bb, int64_t be) {
     const StreamFence fence(stream);
     for (int64_t blk = bb; blk < be; ++blk) {

@@ -54,21 +54,28 @@ int forced_mode() {
 
 }  // namespace
 
-// From half the cache: the L3 is shared (with the other cores of its complex, and on a cloud
-// host with other tenants), and a pass does not keep its data there up to the cache's nominal
-// size. On this 32 MiB EPYC guest, a second read of data just read comes back at 85 GB/s for
-// 8 MB, 74 for 16 MB and only 56 for 24 MB (about 20 from memory). Side by side, over the 28
-// suite cases whose passes touch 16-32 MB (2 threads, four runs), streaming from half the cache
-// made the forward+backward steps 0.69-1.03x the time (about 0.85x typical; GroupNorm and
-// InstanceNorm fp32 0.69-0.87x), training forwards mostly faster (BatchNorm 56x56 fp32
-// 0.71-0.75x); a single forward looped alone on the same tensors, which then stay warm in the
-// L3, went either way (0.70-1.34x; RMSNorm 4096x1024 bf16 and BatchNorm 56x56 fp32 inference
-// mostly slower).
-bool stream_stores(int64_t bytes) {
+// Forward passes from the whole cache, backward passes from half of it. A pass that fits the
+// cache can leave its output there for whatever reads it next (the next layer; in a loop, the
+// pool's block of the same output, rewritten in place). A backward pass in training reads an
+// input saved long before (x), from memory, while it writes dx: there streaming dx saves the
+// read for ownership and keeps the cache for dy and x. Until this rule every pass streamed from
+// half the cache (the L3 is shared: on this 32 MiB EPYC guest a second read of 24 MB just read
+// ran at 56 GB/s against 85 for 8 MB), and forwards looped alone lost to torch's plain stores
+// whenever the L3 held their x and y (GroupNorm 2x320x64x64 fp32 0.72-0.99x torch's speed,
+// BatchNorm 16x64x56x56 fp32 inference 0.66x). Side by side in one process, over the suite
+// cases with passes of 16-32 MB, against half the cache for both:
+//   L3 quiet (torch's GroupNorm 2x320x64x64 fp32 forward at 0.44-0.52 ms): forwards looped
+//   alone took 0.49-0.77x the time with the whole cache, and ran at 1.28x torch's speed or more;
+//   L3 busy (that forward at 0.82-1.10 ms): the whole cache for both passes made forward+
+//   backward steps 1.02-1.49x the time (bf16 LayerNorm 4096x1024 4.05x -> 2.95x torch's
+//   speed); whole for forwards and half for backwards, 0.90-1.38x (median 1.07), and it kept
+//   BatchNorm 16x64x56x56 fp32 inference at 1.64x torch's speed, where half for both had it at
+//   1.01x.
+bool stream_stores(int64_t bytes, Pass pass) {
   static const int mode = forced_mode();
   static const int64_t llc = last_level_cache_bytes();
   if (mode >= 0) return mode == 1;
-  return llc > 0 && bytes >= llc / 2;
+  return llc > 0 && bytes >= (pass == Pass::kForward ? llc : llc / 2);
 }
 
 }  // namespace cpu
