@@ -247,28 +247,29 @@ struct Chunk {
   // two-source permutes each way (none where the lane order is natural).
   static inline void to_lane_order(V& lo, V& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (even_odd) {
-      const __m512i even =
-          _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-      const V e(_mm512_permutex2var_ps(lo, even, hi)), o(_mm512_permutex2var_ps(lo, odd, hi));
-      lo = e;
-      hi = o;
+    if constexpr (even_odd) {  // the even elements, then the odd ones
+      permute_pair(lo, hi,
+                   _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), 1);
     }
 #endif
   }
   static inline void from_lane_order(V& lo, V& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (even_odd) {
-      const __m512i first =
-          _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-      const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-      const V a(_mm512_permutex2var_ps(lo, first, hi)), b(_mm512_permutex2var_ps(lo, second, hi));
-      lo = a;
-      hi = b;
+    if constexpr (even_odd) {  // even and odd interleaved again
+      permute_pair(lo, hi,
+                   _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), 8);
     }
 #endif
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  // lo, hi <- the lanes of the pair (lo, hi) that indices idx and idx + step pick.
+  static inline void permute_pair(V& lo, V& hi, __m512i idx, int step) {
+    const V a(_mm512_permutex2var_ps(lo, idx, hi));
+    const V b(_mm512_permutex2var_ps(lo, _mm512_add_epi32(idx, _mm512_set1_epi32(step)), hi));
+    lo = a;
+    hi = b;
+  }
+#endif
   // Index, within a row of n, of the element that lane-ordered position i holds: the identity
   // past the last full chunk (tails are scalar, in natural order).
   static inline int64_t lane_element(int64_t i, int64_t n) {
