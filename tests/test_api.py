@@ -326,9 +326,10 @@ def _norm_in_child():
 
 def test_streaming_stores_match_torch():
     """Outputs of passes that do not fit the last-level cache (forward) or half of it (backward)
-    are written with streaming stores. Forced on (NORMKERNELS_STREAM_STORES=1), that path must pass the CPU parity suite
-    (every family, dtype and layout, misaligned rows falling back to plain stores) and match
-    torch on shapes whose rows are whole aligned chunks, forward and backward."""
+    are written with streaming stores. Forced on (NORMKERNELS_STREAM_STORES=1), that path must
+    pass the CPU parity suite (every family, dtype and layout, misaligned rows falling back to
+    plain stores) and match torch on shapes whose rows are whole aligned chunks, forward and
+    backward."""
     import os
     import subprocess
     import sys

@@ -88,10 +88,10 @@ struct GroupStripes {
 // channels_last where stripes do not apply: both passes (statistics, then normalize or dx) read
 // every image, so each chunk of images runs both before the next, for the second pass to find
 // its images still in the L3. per_chunk: the images whose inputs fit in 16 MiB (half a 32 MiB
-// L3, as backward passes stream from), at least one. Side by side against all images in one chunk, three
-// times: 8x320x64x64 forward+backward 0.85-0.90x the time in fp32 and 0.85-0.99x in bf16. With
-// 8 MiB, 2x320x64x64 fp32 went either way (forward 0.87x, 0.99x, 1.25x): its 5.2 MB images are
-// then one to a chunk, where at 16 MiB its forward keeps one chunk.
+// L3, where backward passes start streaming), at least one. Side by side against all images in
+// one chunk, three times: 8x320x64x64 forward+backward 0.85-0.90x the time in fp32 and
+// 0.85-0.99x in bf16. With 8 MiB, 2x320x64x64 fp32 went either way (forward 0.87x, 0.99x,
+// 1.25x): its 5.2 MB images are then one to a chunk, where at 16 MiB its forward keeps one chunk.
 struct ImageChunks {
   int64_t per_chunk;
   ImageChunks(int64_t N, int64_t image_bytes) {

@@ -638,28 +638,22 @@ class LaneColumns {
   using A = acc_t<T>;
   static constexpr bool kCopy = kLanes && Chunk<T>::even_odd;
   int64_t C_;
-  Scratch<A> buf_;
+  Scratch<A> buf_;  // zeroed on construction
   A* slot(int i) { return buf_.data() + i * C_; }
+  A* copy_in(int i, const A* p) {
+    to_lanes<T>(p, slot(i), C_);
+    return slot(i);
+  }
 
  public:
   LaneColumns(int64_t C, int slots) : C_(C), buf_(kCopy ? C * slots : 0) {}
   // p[0:C] in lane order, read-only.
-  const A* in(int i, const A* p) {
-    if constexpr (!kCopy) return p;
-    to_lanes<T>(p, slot(i), C_);
-    return slot(i);
-  }
+  const A* in(int i, const A* p) { return kCopy ? copy_in(i, p) : p; }
   // p[0:C] in lane order, to be updated and put back by out().
-  A* in_out(int i, A* p) {
-    if constexpr (!kCopy) return p;
-    to_lanes<T>(p, slot(i), C_);
-    return slot(i);
-  }
-  // Where to write results for p[0:C] (unset), put back by out().
-  A* result(int i, A* p) {
-    if constexpr (!kCopy) return p;
-    return slot(i);
-  }
+  A* in_out(int i, A* p) { return kCopy ? copy_in(i, p) : p; }
+  // Zeros in place of p[0:C] (which the caller has zeroed), to accumulate into and put back by
+  // out().
+  A* zeros(int i, A* p) { return kCopy ? slot(i) : p; }
   // Writes slot i back to p[0:C] in natural order.
   void out(int i, A* p) {
     if constexpr (kCopy) from_lanes<T>(slot(i), p, C_);
@@ -768,8 +762,8 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64
   std::fill(m2, m2 + C, A(0));
   if (r1 <= r0) return;
   LaneColumns<T, kLanes> lanes(C, 2);
-  A* lane_mean = lanes.in_out(0, mean);
-  A* lane_m2 = lanes.in_out(1, m2);
+  A* lane_mean = lanes.zeros(0, mean);
+  A* lane_m2 = lanes.zeros(1, m2);
   const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T)));
   const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
   Scratch<A> inv_count(std::min(pass_rows, r1 - r0));
@@ -778,7 +772,7 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64
     for (int64_t r = p0; r < p1; ++r) inv_count[r - p0] = A(1) / static_cast<A>(r - r0 + 1);
     for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
       welford_tile<T, K.value, masked.value, kLanes>(x, p0, p1, ld, c, width, inv_count.data(),
-                                             lane_mean, lane_m2);
+                                                     lane_mean, lane_m2);
     });
   }
   lanes.out(0, mean);
@@ -918,7 +912,7 @@ inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, i
     const int64_t p1 = std::min(r1, p0 + pass_rows);
     for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
       grad_sums_tile<T, K.value, masked.value, kLanes>(dy, x, p0, p1, ld, c, width, lane_shift,
-                                               lane_sum_dy, lane_sum_dy_xc);
+                                                       lane_sum_dy, lane_sum_dy_xc);
     });
   }
   lanes.out(1, sum_dy);
