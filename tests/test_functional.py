@@ -178,9 +178,33 @@ def _assert_layer_norm_rows_like_torch(dtype, rows, n, param_dtype, rms, atol, r
     ],
 )
 def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, rms):
-    # bf16 rows are loaded even/odd where the CPU has AVX-512; every way the parameters reach
+    # bf16 rows are loaded even/odd under AVX-512 and AVX2; every way the parameters reach
     # the kernel must meet them in the same order (a mismatch shuffles the affine transform)
     _assert_layer_norm_rows_like_torch(torch.bfloat16, rows, n, param_dtype, rms, 5e-2, 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_every_partial_chunk_length_like_torch(dtype):
+    # rows of 1..40 end in every partial chunk (loaded and stored masked, or in pieces under
+    # AVX2) after zero, one or two whole ones; channels_last rows of 1..40 channels the same
+    # through the column kernels' masked tiles
+    tol = {torch.float64: 1e-7, torch.float32: 1e-4}.get(dtype, 5e-2)
+    for n in range(1, 41):
+        _assert_layer_norm_rows_like_torch(dtype, 3, n, dtype, False, tol, tol)
+        x = torch.randn(2, n, 3, 5).to(dtype).contiguous(memory_format=torch.channels_last)
+        w, b = (torch.rand(n) + 0.5).to(dtype), torch.randn(n).to(dtype)
+        with normkernels.backend("cpp"):
+            ours = NF.group_norm(x, 1, w, b)
+        torch.testing.assert_close(ours, TF.group_norm(x, 1, w, b), atol=tol, rtol=tol, msg=f"{n}")
+
+
+def test_bf16_nan_stays_nan():
+    # bf16 results are rounded by the kernels' own conversion under AVX2/AVX-512: NaN must stay NaN
+    x = torch.randn(4, 100).to(torch.bfloat16)
+    x[1, 37] = float("nan")
+    with normkernels.backend("cpp"):
+        y = NF.layer_norm(x, (100,))
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
 
 
 @pytest.mark.parametrize("n", [100, 4096, 4096 + 35])
