@@ -202,6 +202,8 @@ NK_ALWAYS_INLINE __m256i load_words(const void* p, int64_t n) {
 }
 NK_ALWAYS_INLINE __m256i bits(const Vectorized<float>& v) { return _mm256_castps_si256(v); }
 NK_ALWAYS_INLINE __m256i bits(const Vectorized<double>& v) { return _mm256_castpd_si256(v); }
+template <typename E>  // 16-bit elements: the vector is already an __m256i
+NK_ALWAYS_INLINE __m256i bits(const Vectorized<E>& v) { return v; }
 // fp32 lanes rounded to bf16 (to nearest even) in their upper 16 bits, the lower bits left
 // over; NaN becomes all ones (0xFFFF, a NaN, as ATen's conversion gives).
 NK_ALWAYS_INLINE __m256i round_to_bf16(const __m256& f) {
@@ -238,6 +240,35 @@ NK_ALWAYS_INLINE void store_bytes(void* p, int64_t bytes, __m256i v) {
 }  // namespace avx2
 #endif
 
+// The first n (0 < n <= its size) lanes of one vector at p: loaded, the other lanes zero, or
+// stored. Under AVX2 by the helpers above, elsewhere by ATen's masked loadu/store.
+template <typename E>
+NK_ALWAYS_INLINE Vectorized<E> load_part(const E* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<E, float>) {
+    return _mm256_maskload_ps(p, avx2::first_dwords(n));
+  } else if constexpr (std::is_same_v<E, double>) {
+    return _mm256_maskload_pd(p, avx2::first_qwords(n));
+  } else {
+    return Vectorized<E>(avx2::load_words(p, n));
+  }
+#else
+  return Vectorized<E>::loadu(p, n);
+#endif
+}
+template <typename E>
+NK_ALWAYS_INLINE void store_part(E* p, int64_t n, const Vectorized<E>& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (n == Vectorized<E>::size()) {
+    v.store(p);
+  } else {
+    avx2::store_bytes(p, n * static_cast<int64_t>(sizeof(E)), avx2::bits(v));
+  }
+#else
+  v.store(p, n);
+#endif
+}
+
 // A chunk is two accumulator vectors: exactly one Vectorized<Half/BFloat16> widened to fp32,
 // or two plain fp32/fp64 vectors. Loops step one chunk at a time and finish with a scalar tail.
 template <typename T>
@@ -267,13 +298,21 @@ struct Chunk {
   // passes align their stores; a misaligned one, such as a row of odd length, stays plain).
   static constexpr uintptr_t stream_align = widened ? sizeof(Vectorized<T>) : sizeof(V);
   static inline void put(T* p, const V& lo, const V& hi, bool stream) {
-    if (!stream || reinterpret_cast<uintptr_t>(p) % stream_align != 0) {
+    if constexpr (widened) {
+      put_vector(p, narrow<T>(lo, hi), stream);
+    } else if (!stream || reinterpret_cast<uintptr_t>(p) % stream_align != 0) {
       store(p, lo, hi);
-    } else if constexpr (widened) {
-      stream_vec(p, narrow<T>(lo, hi));
     } else {
       stream_vec(p, lo);
       stream_vec(p + V::size(), hi);
+    }
+  }
+  // One vector of T at p, streamed where asked and p is aligned for it (put()'s rule).
+  static inline void put_vector(T* p, const Vectorized<T>& v, bool stream) {
+    if (stream && reinterpret_cast<uintptr_t>(p) % stream_align == 0) {
+      stream_vec(p, v);
+    } else {
+      v.store(p);
     }
   }
 
@@ -304,8 +343,9 @@ struct Chunk {
 #elif defined(CPU_CAPABILITY_AVX2)
     if constexpr (even_odd) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
       lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      hi = _mm256_castsi256_ps(_mm256_and_si256(v, high));
       return;
     }
 #endif
@@ -319,12 +359,7 @@ struct Chunk {
       const __m512i interleave = _mm512_set_epi16(
           31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-      const Vectorized<T> v(_mm512_permutexvar_epi16(interleave, narrow<T>(lo, hi)));
-      if (stream && reinterpret_cast<uintptr_t>(p) % stream_align == 0) {
-        stream_vec(p, v);
-      } else {
-        v.store(p);
-      }
+      put_vector(p, Vectorized<T>(_mm512_permutexvar_epi16(interleave, narrow<T>(lo, hi))), stream);
       return;
     }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -332,13 +367,10 @@ struct Chunk {
       // Each lane rounded to bf16 in its upper 16 bits; the even elements' shifted down, the
       // odd ones' kept in place: interleaved by one OR, where narrow() packs and permutes.
       const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-      const Vectorized<T> v(_mm256_or_si256(_mm256_srli_epi32(avx2::round_to_bf16(lo), 16),
-                                            _mm256_and_si256(avx2::round_to_bf16(hi), high)));
-      if (stream && reinterpret_cast<uintptr_t>(p) % stream_align == 0) {
-        stream_vec(p, v);
-      } else {
-        v.store(p);
-      }
+      put_vector(p,
+                 Vectorized<T>(_mm256_or_si256(_mm256_srli_epi32(avx2::round_to_bf16(lo), 16),
+                                               _mm256_and_si256(avx2::round_to_bf16(hi), high))),
+                 stream);
       return;
     }
 #endif
@@ -395,44 +427,19 @@ struct Chunk {
   // The first n (0 < n < size) elements, the other lanes zero: masked loads, so short segments
   // (a 7x7 plane is one chunk and a 17-element tail) stay vectorized.
   static NK_ALWAYS_INLINE void load_first(const T* p, int64_t n, V& lo, V& hi) {
-#if defined(CPU_CAPABILITY_AVX2)
     if constexpr (widened) {
-      std::tie(lo, hi) = at::vec::convert_to_float<T>(Vectorized<T>(avx2::load_words(p, n)));
-    } else if constexpr (std::is_same_v<A, float>) {
-      lo = _mm256_maskload_ps(p, avx2::first_dwords(std::min<int64_t>(n, V::size())));
-      hi = n > V::size() ? V(_mm256_maskload_ps(p + V::size(), avx2::first_dwords(n - V::size())))
-                         : V(0);
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(load_part(p, n));
     } else {
-      lo = _mm256_maskload_pd(p, avx2::first_qwords(std::min<int64_t>(n, V::size())));
-      hi = n > V::size() ? V(_mm256_maskload_pd(p + V::size(), avx2::first_qwords(n - V::size())))
-                         : V(0);
-    }
-    return;
-#endif
-    if constexpr (widened) {
-      std::tie(lo, hi) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n));
-    } else {
-      lo = V::loadu(p, std::min<int64_t>(n, V::size()));
-      hi = n > V::size() ? V::loadu(p + V::size(), n - V::size()) : V(0);
+      lo = load_part(p, std::min<int64_t>(n, V::size()));
+      hi = n > V::size() ? load_part(p + V::size(), n - V::size()) : V(0);
     }
   }
   static NK_ALWAYS_INLINE void store_first(T* p, int64_t n, const V& lo, const V& hi) {
-#if defined(CPU_CAPABILITY_AVX2)
     if constexpr (widened) {
-      avx2::store_bytes(p, n * 2, narrow<T>(lo, hi));
-    } else if (n >= V::size()) {
-      lo.store(p);
-      avx2::store_bytes(p + V::size(), (n - V::size()) * sizeof(A), avx2::bits(hi));
+      store_part(p, n, narrow<T>(lo, hi));
     } else {
-      avx2::store_bytes(p, n * sizeof(A), avx2::bits(lo));
-    }
-    return;
-#endif
-    if constexpr (widened) {
-      narrow<T>(lo, hi).store(p, n);
-    } else {
-      lo.store(p, std::min<int64_t>(n, V::size()));
-      if (n > V::size()) hi.store(p + V::size(), n - V::size());
+      store_part(p, std::min<int64_t>(n, V::size()), lo);
+      if (n > V::size()) store_part(p + V::size(), n - V::size(), hi);
     }
   }
   // Zero every lane from the n-th on.
@@ -1144,8 +1151,8 @@ inline void tile_put_row(T* p, int64_t width, const typename Chunk<T>::V* v, boo
 // rows_affine over the columns [c, c + width), the tile's coefficients held in registers for
 // the whole sweep of rows.
 template <typename T, int K, bool kMasked, bool kLanes>
-inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t r_end, int64_t ld, int64_t c,
-                        int64_t width, const acc_t<T>* center, const acc_t<T>* scale,
+inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t r_end, int64_t ld,
+                        int64_t c, int64_t width, const acc_t<T>* center, const acc_t<T>* scale,
                         const acc_t<T>* shift, bool stream) {
   using V = typename Chunk<T>::V;
   V ce[K], sc[K], sh[K];
@@ -1182,8 +1189,8 @@ inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, 
   for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
     const int64_t g1 = std::min(r1, g0 + kTileRows);
     for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
-      affine_tile<T, K.value, masked.value, kLanes>(x, y, g0, g1, r1, ld, c, width, center, scale,
-                                                    shift, stream);
+      affine_tile<T, K.value, masked.value, kLanes>(x, y, g0, g1, r1, ld, c, width, center,
+                                                    scale, shift, stream);
     });
   }
 }
@@ -1234,8 +1241,9 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int
 // rows_grad_input over the columns [c, c + width), one chunk wide (the four coefficient vectors
 // of two chunks and their operands would not fit the registers).
 template <typename T, bool kMasked, bool kLanes>
-inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t r_end, int64_t ld,
-                            int64_t c, int64_t width, const acc_t<T>* center,
+inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1,
+                            int64_t r_end, int64_t ld, int64_t c, int64_t width,
+                            const acc_t<T>* center,
                             const acc_t<T>* k_dy, const acc_t<T>* k_x, const acc_t<T>* k_0,
                             bool stream) {
   using V = typename Chunk<T>::V;
@@ -1274,11 +1282,11 @@ inline void columns_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64
     const int64_t g1 = std::min(r1, g0 + kTileRows);
     int64_t c = 0;
     for (; c + S <= C; c += S)
-      grad_input_tile<T, false, kLanes>(dy, x, dx, g0, g1, r1, ld, c, S, center, k_dy, k_x, k_0,
-                                        stream);
+      grad_input_tile<T, false, kLanes>(dy, x, dx, g0, g1, r1, ld, c, S, center, k_dy, k_x,
+                                        k_0, stream);
     if (c < C)
-      grad_input_tile<T, true, kLanes>(dy, x, dx, g0, g1, r1, ld, c, C - c, center, k_dy, k_x, k_0,
-                                       stream);
+      grad_input_tile<T, true, kLanes>(dy, x, dx, g0, g1, r1, ld, c, C - c, center, k_dy,
+                                       k_x, k_0, stream);
   }
 }
 
