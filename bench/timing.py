@@ -2,8 +2,9 @@
 
 Providers are timed round-robin, in a new random order each round, so that drifts in machine
 load hit every provider alike; each sample times the same number of calls for every provider,
-enough for the slowest one's sample to last sample_s, and the median sample is reported. A control provider (torch against itself) shows the noise floor, and
-per-round paired ratios (paired_ratios) how consistently one provider beat another.
+enough for the slowest one's sample to last sample_s, and the median sample is reported. A
+control provider (torch against itself) shows the noise floor, and per-round paired ratios
+(paired_ratios) how consistently one provider beat another.
 """
 from __future__ import annotations
 
@@ -58,20 +59,19 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
         fn(), fn()
         _sync(device)
         single[name] = statistics.median(time_once(fn, 1, device) for _ in range(3))
-    calls_per_sample = max(1, min(1000, int(sample_s / max(max(single.values()), 1e-7))))
-    calls = {name: calls_per_sample for name in fns}
+    calls = max(1, min(1000, int(sample_s / max(max(single.values()), 1e-7))))
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     order = list(fns)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            samples[name].append(time_once(fns[name], calls[name], device))
+            samples[name].append(time_once(fns[name], calls, device))
     return {
         name: {
             "median_ms": statistics.median(s) * 1e3,
             "min_ms": min(s) * 1e3,
             "samples": len(s),
-            "calls": calls[name],
+            "calls": calls,
             "rounds_ms": [x * 1e3 for x in s],  # one sample a round, in round order
         }
         for name, s in samples.items()
