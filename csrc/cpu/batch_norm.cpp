@@ -122,7 +122,7 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
       const StreamFence fence(stream);
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t c = nc % s.C;
-        segment_affine(xp + nc * s.HW, yp + nc * s.HW, s.HW, center[c], scale[c], shift[c],
+        segment_affine<true>(xp + nc * s.HW, yp + nc * s.HW, s.HW, center[c], scale[c], shift[c],
                        stream);
       }
     });
@@ -190,7 +190,8 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
       const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) {
         VecSum<T> sum, sq;
-        for (int64_t n = 0; n < s.N; ++n) accumulate_sum(xp + (n * s.C + c) * s.HW, s.HW, sum);
+        for (int64_t n = 0; n < s.N; ++n)
+          accumulate_sum<true>(xp + (n * s.C + c) * s.HW, s.HW, sum);
         const A mu = count > 0 ? sum.total() / static_cast<A>(count) : A(0);
         for (int64_t n = 0; n < s.N; ++n)
           accumulate_sq_dev(xp + (n * s.C + c) * s.HW, s.HW, mu, sq);
@@ -295,7 +296,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     VecSum<T> sg, sd;
     for (int64_t n = 0; n < s.N; ++n) {
       const int64_t off = (n * s.C + c) * s.HW;
-      accumulate_grad_sums(gp + off, xp + off, s.HW, mean[c], sg, sd);
+      accumulate_grad_sums<true>(gp + off, xp + off, s.HW, mean[c], sg, sd);
     }
     sum_dy[c] = sg.total();
     sum_dy_xc[c] = sd.total();

@@ -147,7 +147,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         const int64_t n = ng / G, g = ng % G;
         const T* xg = xp + (n * v.C + g * v.D) * v.HW;
         T* yg = yp + (n * v.C + g * v.D) * v.HW;
-        const A mu = segment_sum(xg, group_size) / static_cast<A>(group_size);
+        const A mu = segment_sum<true>(xg, group_size) / static_cast<A>(group_size);
         const A rs = A(1) / std::sqrt(segment_sq_dev(xg, group_size, mu) /
                                           static_cast<A>(group_size) +
                                       a_eps);
@@ -303,7 +303,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   // NCHW planes: plane nc = n * C + c belongs to group nc / D (= n * G + c / D).
   const auto plane_sums = [&](int64_t nc) {
     std::tie(sum_dy[nc], sum_dy_xc[nc]) =
-        segment_grad_sums(gp + nc * v.HW, xp + nc * v.HW, v.HW, mean[nc / v.D]);
+        segment_grad_sums<true>(gp + nc * v.HW, xp + nc * v.HW, v.HW, mean[nc / v.D]);
   };
   const auto plane_grad_input = [&](int64_t nc) {
     segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, mean[nc / v.D],

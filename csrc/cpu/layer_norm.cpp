@@ -83,6 +83,7 @@ static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V a, b;
+    stream_ahead(p + i);
     C::load_lanes(p + i, a, b);
     a.store(out + i);
     b.store(out + i + V::size());
@@ -133,8 +134,10 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
         mu = rms ? A(0) : sum / static_cast<A>(N);
         var = segment_sq_dev(row.data(), N, mu) / static_cast<A>(N);
       } else {
-        mu = rms ? A(0) : segment_sum(xr, N) / static_cast<A>(N);
-        var = segment_sq_dev(xr, N, mu) / static_cast<A>(N);
+        // the first pass reads the row from memory (rms: the squares' pass)
+        mu = rms ? A(0) : segment_sum<true>(xr, N) / static_cast<A>(N);
+        var = (rms ? segment_sq_dev<true>(xr, N, mu) : segment_sq_dev(xr, N, mu)) /
+              static_cast<A>(N);
       }
       const A rs = A(1) / std::sqrt(var + eps);
       if (!row.empty()) {
@@ -223,6 +226,8 @@ static inline void layer_norm_bwd_sums(const T* x, const T* dy, int64_t N, const
     const V wa = w != nullptr ? V::loadu(w + j) : V(1), wb = w != nullptr ? V::loadu(w + h) : V(1);
     for (int k = 0; k < R; ++k) {
       V xa, xb, ga, gb;
+      stream_ahead(x + k * N + j);
+      stream_ahead(dy + k * N + j);
       Ch::load_lanes(x + k * N + j, xa, xb);
       Ch::load_lanes(dy + k * N + j, ga, gb);
       const V ha = (xa - vmu[k]) * vrs[k], hb = (xb - vmu[k]) * vrs[k];
