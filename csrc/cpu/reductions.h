@@ -892,20 +892,30 @@ inline void tile_load_row(const T* p, int64_t width, typename Chunk<T>::V* out) 
   }
 }
 
-// A tile's sweep down its columns reads one or two lines a row, rows apart: a pattern the
+// A tile's sweep down its columns reads one to four lines a row, rows apart: a pattern the
 // hardware prefetchers follow too closely to hide memory latency (the statistics pass of a
 // channels_last group norm, 2x320x64x64 bf16, from memory: 82% of its samples on the first load
 // of a row, and twice the time of torch's sum of the same tensor). So the sweep asks for the
 // row kPrefetchRows ahead in its columns itself (that pass 0.96-1.05 -> 0.67-0.76 ms with 8-32
 // rows ahead, 2 threads, Zen 3; the normalize and dx tiles too: from a flushed cache, side by
-// side, channels_last bf16 forwards 0.72-0.95x the time). Only within the sweep: short sweeps
-// (ShortPlanes' 16 rows) prefetch nothing.
+// side, channels_last bf16 forwards 0.72-0.95x the time), every line of the tile's row there:
+// asking for its first line only left the others to the demand loads (Zen 4, paired in one
+// process from a flushed cache: channels_last GroupNorm bf16 forwards 0.78-0.92x the time,
+// 2x320x64x64 0.57 -> 0.44 ms, BatchNorm 16x64x56x56 bf16 forward and inference 0.92-0.94x;
+// hot 0.90-1.03x, inside the noise). Only within the sweep: short sweeps (ShortPlanes' 16
+// rows) prefetch nothing. K: the tile's vectors (of the accumulation type) a row.
 constexpr int64_t kPrefetchRows = 32;
-template <typename T>
+template <int K, typename T>
 inline void prefetch_ahead(const T* p, int64_t r, int64_t r_end, int64_t ld, int64_t c) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if (r + kPrefetchRows < r_end)
-    _mm_prefetch(reinterpret_cast<const char*>(p + (r + kPrefetchRows) * ld + c), _MM_HINT_T0);
+  constexpr int64_t bytes = K * Chunk<T>::V::size() * static_cast<int64_t>(sizeof(T));
+  constexpr int64_t line = static_cast<int64_t>(kCacheLineBytes);
+  if (r + kPrefetchRows < r_end) {
+    const char* q = reinterpret_cast<const char*>(p + (r + kPrefetchRows) * ld + c);
+    for (int64_t o = 0; o < bytes; o += line) _mm_prefetch(q + o, _MM_HINT_T0);
+    // a row that starts off a line ends in one line more
+    if (bytes > line) _mm_prefetch(q + bytes - 1, _MM_HINT_T0);
+  }
 #endif
 }
 
@@ -936,7 +946,7 @@ inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t
   tile_load_columns<kMasked, K>(m2, c, width, s);
   for (int64_t r = p0; r < p1; ++r) {
     V a[K];
-    prefetch_ahead(x, r, p1, ld, c);
+    prefetch_ahead<K>(x, r, p1, ld, c);
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, a);
     const V vinv(inv_count[r - p0]);
     for (int k = 0; k < K; ++k) {
@@ -1131,8 +1141,8 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
   tile_load_columns<kMasked, K>(sum_dy_xc, c, width, sd);
   for (int64_t r = p0; r < p1; ++r) {
     V g[K], v[K];
-    prefetch_ahead(dy, r, p1, ld, c);
-    prefetch_ahead(x, r, p1, ld, c);
+    prefetch_ahead<K>(dy, r, p1, ld, c);
+    prefetch_ahead<K>(x, r, p1, ld, c);
     tile_load_row<kMasked, K, kLanes>(dy + r * ld + c, width, g);
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, v);
     for (int k = 0; k < K; ++k) {
@@ -1244,7 +1254,7 @@ inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t r_end,
   tile_load_columns<kMasked, K>(shift, c, width, sh);
   for (int64_t r = r0; r < r1; ++r) {
     V a[K];
-    prefetch_ahead(x, r, r_end, ld, c);
+    prefetch_ahead<K>(x, r, r_end, ld, c);
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, a);
     for (int k = 0; k < K; ++k) a[k] = at::vec::fmadd(a[k] - ce[k], sc[k], sh[k]);
     tile_put_row<kMasked, K, kLanes>(y + r * ld + c, width, a, stream);
@@ -1350,8 +1360,8 @@ inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
   tile_load_columns<kMasked, K>(k_0, c, width, k0);
   for (int64_t r = r0; r < r1; ++r) {
     V g[K], v[K];
-    prefetch_ahead(dy, r, r_end, ld, c);
-    prefetch_ahead(x, r, r_end, ld, c);
+    prefetch_ahead<K>(dy, r, r_end, ld, c);
+    prefetch_ahead<K>(x, r, r_end, ld, c);
     tile_load_row<kMasked, K, kLanes>(dy + r * ld + c, width, g);
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, v);
     for (int k = 0; k < K; ++k)
