@@ -5,7 +5,7 @@
 //   channels_last: where a stripe of whole groups (all HW pixels of some channels) fits in L2
 //                  with rows of 1 KB or more, one task per (n, stripe): statistics, then the
 //                  normalize pass reading the stripe back from L2 (GroupStripes). Otherwise
-//                  per-(n, channel) statistics over L1-sized blocks of pixels (two passes over
+//                  per-(n, channel) statistics over L2-sized blocks of pixels (two passes over
 //                  whole rows for fp32/fp64, Welford tiles for 16-bit; vectorized along C, split
 //                  over HW so that batch 1 still uses every thread), merged exactly per block and
 //                  then per group; the normalize pass walks rows of C; both passes a chunk of images

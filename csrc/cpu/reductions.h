@@ -564,17 +564,22 @@ struct VecSum {
 // 0.87-1.04x, within the noise where they fit the L3. Past the end of a thread's range (or of
 // the tensor) the requests are wasted, never faults: a prefetch does not fault.
 constexpr int64_t kStreamAheadBytes = 8192;
-template <typename T>
-inline void stream_ahead(const T* p) {
-  constexpr int64_t bytes = Chunk<T>::size * static_cast<int64_t>(sizeof(T));
-  const char* q = reinterpret_cast<const char*>(p) + kStreamAheadBytes;
+
+// Asks for the lines at q, q + 64, ... below q + kBytes, into L1 (prefetcht0 on x86).
+template <int64_t kBytes>
+inline void prefetch_lines(const char* q) {
 #if defined(__GNUC__) || defined(__clang__)
-  for (int64_t o = 0; o < bytes; o += static_cast<int64_t>(kCacheLineBytes))
+  for (int64_t o = 0; o < kBytes; o += static_cast<int64_t>(kCacheLineBytes))
     __builtin_prefetch(q + o, 0, 3);
 #else
   (void)q;
-  (void)bytes;
 #endif
+}
+
+template <typename T>
+inline void stream_ahead(const T* p) {
+  prefetch_lines<Chunk<T>::size * static_cast<int64_t>(sizeof(T))>(
+      reinterpret_cast<const char*>(p) + kStreamAheadBytes);
 }
 
 // Calls add(a, b, acc) for the lanes a, b of every full chunk of p[0:n], from kUnrollFrom
@@ -909,12 +914,11 @@ template <int K, typename T>
 inline void prefetch_ahead(const T* p, int64_t r, int64_t r_end, int64_t ld, int64_t c) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   constexpr int64_t bytes = K * Chunk<T>::V::size() * static_cast<int64_t>(sizeof(T));
-  constexpr int64_t line = static_cast<int64_t>(kCacheLineBytes);
   if (r + kPrefetchRows < r_end) {
     const char* q = reinterpret_cast<const char*>(p + (r + kPrefetchRows) * ld + c);
-    for (int64_t o = 0; o < bytes; o += line) _mm_prefetch(q + o, _MM_HINT_T0);
+    prefetch_lines<bytes>(q);
     // a row that starts off a line ends in one line more
-    if (bytes > line) _mm_prefetch(q + bytes - 1, _MM_HINT_T0);
+    if constexpr (bytes > static_cast<int64_t>(kCacheLineBytes)) prefetch_lines<1>(q + bytes - 1);
   }
 #endif
 }
@@ -991,13 +995,15 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64
 
 // Per-column mean and m2 over rows [r0, r1) by two passes, each reading the rows whole and in
 // order: the column sums, then the squared deviations from the column means (exact two-pass
-// variance, as stable as columns_welford). For blocks of rows that fit L1, which the second pass
-// reads back from there. From memory, columns_welford's register tiles sweep a block once per
-// tile of columns and pay a Welford chain per element; this pass is one sequential stream with
-// an add per element: channels_last fp32 GroupNorm 2x320x64x64 forward 1.92 -> 1.53 ms from a
-// flushed cache and 1.84 -> 1.25 ms in a round robin (0.76x -> 0.98-1.02x torch's speed), side
-// by side in separate processes. 16-bit x stays with columns_welford, whose even/odd lane order
-// this natural-order walk lacks (2x640x32x32 bf16 0.19 -> 0.29 ms hot).
+// variance, as stable as columns_welford). For blocks of rows small enough for the second pass
+// to read them back from L1/L2 (Blocks: at least 8192 elements, at most four blocks a thread:
+// 330-660 KB of fp32 in the suite's GroupNorm shapes). From memory, columns_welford's register
+// tiles sweep a block once per tile of columns and pay a Welford chain per element; this pass
+// is one sequential stream with an add per element: channels_last fp32 GroupNorm 2x320x64x64
+// forward 1.92 -> 1.53 ms from a flushed cache and 1.84 -> 1.25 ms in a round robin (0.76x ->
+// 0.98-1.02x torch's speed), side by side in separate processes. 16-bit x stays with
+// columns_welford, whose even/odd lane order this natural-order walk lacks (2x640x32x32 bf16
+// 0.19 -> 0.29 ms hot).
 template <typename T>
 inline void columns_two_pass(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                              acc_t<T>* mean, acc_t<T>* m2) {
