@@ -69,6 +69,29 @@ def test_module_errors_match_torch():
         normkernels.nn.LayerNorm(8)(torch.randn(2, 7))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(backend_name, layout):
+    # x = 1e4 + N(0, 1) in fp32: a variance from E[x^2] - E[x]^2 cancels to noise here (torch's
+    # channels_last CPU GroupNorm is off by ~1e3 on this input), while centered statistics
+    # (two-pass, Welford, Chan merges) leave only the error of x's own rounding, ~1e-3 of a
+    # standard deviation. Shapes reach the partial chunks of columns and rows (40 channels,
+    # 5x7 pixels) and the channels_last GroupNorm path without stripes (2x64x32x32, 8 groups).
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 64, 32, 32), (3, 40, 5, 7)):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) + 1e4).float()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for name, call in (
+            ("group_norm", lambda F, t: F.group_norm(t, 8)),
+            ("instance_norm", lambda F, t: F.instance_norm(t)),
+            ("batch_norm", lambda F, t: F.batch_norm(t, None, None, training=True)),
+            ("layer_norm", lambda F, t: F.layer_norm(t, t.shape[1:])),
+        ):
+            ref = call(TF, x.double())
+            err = (call(NF, x).double() - ref).abs().max().item()
+            assert err < 2e-2, (name, shape, err)
+
+
 def test_nan_stays_in_its_row_group_and_channel(backend_name):
     x = torch.randn(4, 6, 5)
     x[1, 2, 3] = float("nan")

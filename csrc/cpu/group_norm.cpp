@@ -5,11 +5,11 @@
 //   channels_last: where a stripe of whole groups (all HW pixels of some channels) fits in L2
 //                  with rows of 1 KB or more, one task per (n, stripe): statistics, then the
 //                  normalize pass reading the stripe back from L2 (GroupStripes). Otherwise
-//                  per-(n, channel) statistics over L2-sized blocks of pixels (two passes over
-//                  whole rows for fp32/fp64, Welford tiles for 16-bit; vectorized along C, split
-//                  over HW so that batch 1 still uses every thread), merged exactly per block and
-//                  then per group; the normalize pass walks rows of C; both passes a chunk of images
-//                  at a time (ImageChunks).
+//                  per-(n, channel) statistics over L2-sized blocks of pixels (groups of eight
+//                  rows merged in order for fp32/fp64, Welford tiles for 16-bit; vectorized
+//                  along C, split over HW so that batch 1 still uses every thread), merged
+//                  exactly per block and then per group; the normalize pass walks rows of C;
+//                  both passes a chunk of images at a time (ImageChunks).
 //   backward     : per-(n, channel) sums of dy and dy * (x - mean), then
 //                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0; for NCHW both in one task per
 //                  (n, group), the second pass reading the group from L2, for channels_last by
@@ -202,9 +202,9 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         const T* xn = xp + n * v.HW * v.C;
         A* block_mean = bmean.data() + t * v.C;
         A* block_m2 = bm2.data() + t * v.C;
-        if constexpr (sizeof(T) == sizeof(A)) {  // whole rows in order (see columns_two_pass)
-          columns_two_pass(xn, blocks.begin(blk), blocks.end(blk), v.C, v.C, block_mean,
-                           block_m2);
+        if constexpr (sizeof(T) == sizeof(A)) {  // rows in order (see columns_row_groups)
+          columns_row_groups(xn, blocks.begin(blk), blocks.end(blk), v.C, v.C, block_mean,
+                             block_m2);
         } else {
           columns_welford(xn, blocks.begin(blk), blocks.end(blk), v.C, v.C, block_mean,
                           block_m2);

@@ -993,54 +993,82 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64
   lanes.out(1, m2);
 }
 
-// Per-column mean and m2 over rows [r0, r1) by two passes, each reading the rows whole and in
-// order: the column sums, then the squared deviations from the column means (exact two-pass
-// variance, as stable as columns_welford). For blocks of rows small enough for the second pass
-// to read them back from L1/L2 (Blocks: at least 8192 elements, at most four blocks a thread:
-// 330-660 KB of fp32 in the suite's GroupNorm shapes). From memory, columns_welford's register
-// tiles sweep a block once per tile of columns and pay a Welford chain per element; this pass
-// is one sequential stream with an add per element: channels_last fp32 GroupNorm 2x320x64x64
-// forward 1.92 -> 1.53 ms from a flushed cache and 1.84 -> 1.25 ms in a round robin (0.76x ->
-// 0.98-1.02x torch's speed), side by side in separate processes. 16-bit x stays with
-// columns_welford, whose even/odd lane order this natural-order walk lacks (2x640x32x32 bf16
-// 0.19 -> 0.29 ms hot).
-template <typename T>
-inline void columns_two_pass(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
-                             acc_t<T>* mean, acc_t<T>* m2) {
+// Adds rows [r, r + R) of the columns [c, c + width) (one chunk, masked where partial) to the
+// running per-column mean and m2 of the rows before them: the R rows' own mean and squared
+// deviations by two passes over registers, then Chan's merge, with w_new = R / (seen + R) and
+// w_cross = seen * R / (seen + R):
+//   delta = mean_R - mean,  mean += delta * w_new,  m2 += m2_R + delta^2 * w_cross.
+template <int R, bool kMasked, bool kLanes, typename T>
+inline void row_group_tile(const T* x, int64_t r, int64_t ld, int64_t c, int64_t width,
+                           acc_t<T> w_new, acc_t<T> w_cross, acc_t<T>* mean, acc_t<T>* m2) {
   using A = acc_t<T>;
-  using Ch = Chunk<T>;
-  using V = typename Ch::V;
-  constexpr int64_t L = V::size();
+  using V = typename Chunk<T>::V;
+  V v[R][2];
+  for (int i = 0; i < R; ++i) tile_load_row<kMasked, 2, kLanes>(x + (r + i) * ld + c, width, v[i]);
+  V m[2], s[2];
+  tile_load_columns<kMasked, 2>(mean, c, width, m);
+  tile_load_columns<kMasked, 2>(m2, c, width, s);
+  const V inv_rows(A(1) / static_cast<A>(R)), vw_new(w_new), vw_cross(w_cross);
+  for (int k = 0; k < 2; ++k) {
+    V sum = v[0][k];
+    for (int i = 1; i < R; ++i) sum = sum + v[i][k];
+    const V mean_r = sum * inv_rows;
+    V m2_r(0);
+    for (int i = 0; i < R; ++i) {
+      const V d = v[i][k] - mean_r;
+      m2_r = at::vec::fmadd(d, d, m2_r);
+    }
+    const V delta = mean_r - m[k];
+    m[k] = at::vec::fmadd(delta, vw_new, m[k]);
+    s[k] = s[k] + at::vec::fmadd(delta * delta, vw_cross, m2_r);
+  }
+  tile_store_columns<kMasked, 2>(m, mean, c, width);
+  tile_store_columns<kMasked, 2>(s, m2, c, width);
+}
+
+// Per-column mean and m2 over rows [r0, r1), walking the rows in order eight at a time: each
+// group of eight rows is loaded once into registers, a chunk of columns at a time, its own
+// exact two-pass statistics computed there and merged into the running ones (row_group_tile);
+// leftover rows merge one at a time. x is read once, nearly sequentially; the running
+// statistics (2 * C values) stay in L1. As stable as columns_welford (exact centering within a
+// group, Chan's merge across groups). For fp32/fp64 channels_last GroupNorm, where it replaced
+// a two-pass walk over whole rows (column sums, then squared deviations reading the block back
+// from L2): that statistics pass took as long as a copy of x; now about as long as torch's sum
+// of x. Zen 5, 2 threads, paired in one process: channels_last forwards GroupNorm 2x320x64x64
+// and 2x640x32x32 fp32 0.81-0.90x the time, InstanceNorm 4x128x64x64 0.78-0.85x; from a
+// flushed cache 0.92-1.02x (memory-bound either way). Four rows a group ran the same, 12 and 16
+// up to 1.08x slower (register spills). 16-bit x stays with columns_welford's tiles (this walk:
+// 0.97-1.06x there), as does channels_last BatchNorm (0.94-1.10x, no gain).
+template <bool kLanes = true, typename T>
+inline void columns_row_groups(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
+                               acc_t<T>* mean, acc_t<T>* m2) {
+  using A = acc_t<T>;
+  constexpr int64_t S = Chunk<T>::size;
+  constexpr int kGroupRows = 8;
   std::fill(mean, mean + C, A(0));
   std::fill(m2, m2 + C, A(0));
   if (r1 <= r0) return;
-  const int64_t whole = C / Ch::size * Ch::size;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * ld;
-    for (int64_t c = 0; c < whole; c += Ch::size) {
-      V a, b;
-      Ch::load(xr + c, a, b);
-      (V::loadu(mean + c) + a).store(mean + c);
-      (V::loadu(mean + c + L) + b).store(mean + c + L);
-    }
-    for (int64_t c = whole; c < C; ++c) mean[c] += static_cast<A>(xr[c]);
-  }
-  const A inv_rows = A(1) / static_cast<A>(r1 - r0);
-  for (int64_t c = 0; c < C; ++c) mean[c] *= inv_rows;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * ld;
-    for (int64_t c = 0; c < whole; c += Ch::size) {
-      V a, b;
-      Ch::load(xr + c, a, b);
-      const V da = a - V::loadu(mean + c), db = b - V::loadu(mean + c + L);
-      at::vec::fmadd(da, da, V::loadu(m2 + c)).store(m2 + c);
-      at::vec::fmadd(db, db, V::loadu(m2 + c + L)).store(m2 + c + L);
-    }
-    for (int64_t c = whole; c < C; ++c) {
-      const A d = static_cast<A>(xr[c]) - mean[c];
-      m2[c] += d * d;
-    }
-  }
+  LaneColumns<T, kLanes> lanes(C, 2);
+  A* lane_mean = lanes.zeros(0, mean);
+  A* lane_m2 = lanes.zeros(1, m2);
+  int64_t seen = 0;
+  auto add_rows = [&](auto rows, int64_t r) {
+    constexpr int R = decltype(rows)::value;
+    const A n_seen = static_cast<A>(seen), n_new = static_cast<A>(R);
+    const A w_new = n_new / (n_seen + n_new), w_cross = n_seen * w_new;
+    int64_t c = 0;
+    for (; c + S <= C; c += S)
+      row_group_tile<R, false, kLanes>(x, r, ld, c, S, w_new, w_cross, lane_mean, lane_m2);
+    if (c < C)
+      row_group_tile<R, true, kLanes>(x, r, ld, c, C - c, w_new, w_cross, lane_mean, lane_m2);
+    seen += R;
+  };
+  int64_t r = r0;
+  for (; r + kGroupRows <= r1; r += kGroupRows)
+    add_rows(std::integral_constant<int, kGroupRows>(), r);
+  for (; r < r1; ++r) add_rows(std::integral_constant<int, 1>(), r);
+  lanes.out(0, mean);
+  lanes.out(1, m2);
 }
 
 // Merge per-block column statistics (block b: count[b] rows, means part_mean[b * C + c] and
