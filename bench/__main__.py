@@ -39,17 +39,30 @@ def machine(device: str) -> dict:
         except ImportError:
             pass
     else:
-        model = platform.processor()
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        info["cpu"] = model
+        info["cpu"] = cpu_name()
         info["cpu_capability"] = normkernels.cpu_capability()
         info["llc_bytes"] = last_level_cache_bytes()
         info["private_cache_bytes"] = private_cache_bytes()
     return info
+
+
+def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo gives them:
+    cloud guests often report a bare "AMD EPYC" for parts as different as Zen 3, 4 and 5."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def cpu_caches() -> list:
