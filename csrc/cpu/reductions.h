@@ -1037,8 +1037,9 @@ inline void row_group_tile(const T* x, int64_t r, int64_t ld, int64_t c, int64_t
 // of x. Zen 5, 2 threads, paired in one process: channels_last forwards GroupNorm 2x320x64x64
 // and 2x640x32x32 fp32 0.81-0.90x the time, InstanceNorm 4x128x64x64 0.78-0.85x; from a
 // flushed cache 0.92-1.02x (memory-bound either way). Four rows a group ran the same, 12 and 16
-// up to 1.08x slower (register spills). 16-bit x stays with columns_welford's tiles (this walk:
-// 0.97-1.06x there), as does channels_last BatchNorm (0.94-1.10x, no gain).
+// (24 and 32 vectors of rows alone) up to 1.08x slower. One chunk a step, not for_column_tiles'
+// two: eight rows of two chunks would be 32 vectors. 16-bit x stays with columns_welford's tiles
+// (this walk: 0.97-1.06x there), as does channels_last BatchNorm (0.94-1.10x, no gain).
 template <bool kLanes = true, typename T>
 inline void columns_row_groups(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                                acc_t<T>* mean, acc_t<T>* m2) {
