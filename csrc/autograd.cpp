@@ -2,20 +2,34 @@
 //
 // Why C++ and not torch.library.register_autograd: the Python autograd wrapper costs ~6 us a
 // call (measured: 10.0 us vs 4.3 us for a 1x768 layer norm, torch's whole call being 2.9 us),
-// which dominates small and batch-1 inputs. torch.compile traces these kernels like torch's own
-// (AOTAutograd runs them on fake tensors), and opcheck sees them registered.
+// which dominates small and batch-1 inputs. Why our own autograd::Node and not a C++
+// torch::autograd::Function: that class's apply (input and output bookkeeping, a string-keyed
+// saved_data map, output wrapping) cost ~2 us more a recorded call than torch's generated nodes
+// (1x768 layer norm forward with parameters that require grad: 6.3 us against torch's 5.4). A
+// node here is built as torch's generated ones are: next edges from x, weight and bias, the
+// tensors its backward reads saved as SavedVariables (version-checked, freed after backward
+// unless retain_graph), the output's history set on y alone. torch.compile traces these kernels
+// like torch's own (AOTAutograd runs them on fake tensors), and opcheck sees them registered.
 //
 // Each forward's backward is our own backward op, called below the autograd keys (it has no
 // autograd formula, and passing through autograd's not-implemented fallback cost 1.5-2 us a
 // backward: 2x8x2x2 bf16 batch norm 27.6-28.2 -> 25.9-26.8 us, torch 25.9-26.7); mean/rstd
-// (and var) outputs are non-differentiable. Double backward (a backward run with create_graph=True, as in gradient
-// penalties) recomputes the forward from elementary differentiable ATen ops (mean, var,
-// rsqrt; never an ATen norm op) and differentiates that, so higher-order gradients are exact;
-// first-order backward always runs our kernels.
+// (and var) outputs are non-differentiable: they get no history. Double backward (a backward
+// run with create_graph=True, as in gradient penalties) recomputes the forward from elementary
+// differentiable ATen ops (mean, var, rsqrt; never an ATen norm op) and differentiates that, so
+// higher-order gradients are exact; first-order backward always runs our kernels.
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
+
+#include <memory>
+#include <type_traits>
+#include <utility>
 
 #include "op_handles.h"
 
@@ -23,54 +37,69 @@ namespace normkernels {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using ops::Mask;
 using ops::Opt;
 using ops::Three;
 
 Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
-Tensor value(const Opt& t) { return t.has_value() ? *t : Tensor(); }
-
-// Autograd numbers only the defined tensor arguments ("edges"), in argument order. `first` is
-// the edge of the first optional parameter; returns {needs weight grad, needs bias grad}.
-std::pair<bool, bool> param_needs(AutogradContext* ctx, size_t first, bool has_w, bool has_b) {
-  size_t e = first;
-  const bool w = has_w && ctx->needs_input_grad(e++);
-  const bool b = has_b && ctx->needs_input_grad(e);
-  return {w, b};
-}
 
 Tensor if_(bool wanted, const Tensor& t) { return wanted ? t : Tensor(); }
 
-// What every forward here saves, in this order (undefined where absent): x, weight, the two
-// statistics its backward reads, bias; and has_b and eps. `stats_out` are the forward's
-// statistics outputs, non-differentiable (see no_input_grads).
-void save_inputs(AutogradContext* ctx, const Tensor& x, const Opt& w, const Tensor& stat0,
-                 const Tensor& stat1, const Opt& b, double eps,
-                 const variable_list& stats_out) {
-  ctx->save_for_backward({x, value(w), stat0, stat1, value(b)});
-  ctx->saved_data["has_b"] = b.has_value() && b->defined();
-  ctx->saved_data["eps"] = eps;
-  if (!stats_out.empty()) {
-    ctx->mark_non_differentiable(stats_out);
-    ctx->set_materialize_grads(false);
+// What owns a Node: c10::intrusive_ptr from torch 2.13, std::shared_ptr before. (Before 2.13
+// torch gave its own nodes a deleter that defers the teardown of deep graphs; a plain delete
+// here adds one level of recursion, ours, before the next node's own deleter takes over.)
+using NodePtr = decltype(std::declval<torch::autograd::Edge>().function);
+
+template <typename N>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
+    return std::shared_ptr<N>(new N());
+  } else {
+    return c10::make_intrusive<N>();
   }
 }
 
-// What a backward starts from: the tensors save_inputs saved, and which of x, weight and bias
-// need gradients (`w_edge`: weight's edge, see param_needs).
-std::pair<variable_list, Mask> saved_inputs(AutogradContext* ctx, size_t w_edge) {
-  variable_list s = ctx->get_saved_variables();
-  const auto [nw, nb] = param_needs(ctx, w_edge, s[1].defined(), ctx->saved_data["has_b"].toBool());
-  return {std::move(s), Mask{ctx->needs_input_grad(0), nw, nb}};
-}
+// The node of every forward here: the tensors its backward reads (x, weight, the two
+// statistics, bias) and eps; which of x, weight and bias need gradients is which of its three
+// next edges are valid. apply() returns dx, dweight, dbias in that order.
+struct NormNode : Node {
+  SavedVariable x_, w_, stat0_, stat1_, b_;
+  double eps_ = 0;
 
-// The statistics outputs are non-differentiable, so their incoming gradients are always
-// undefined; ctx->set_materialize_grads(false) keeps autograd from allocating a zero tensor for
-// each of them on every backward (BN 2x8x2x2 bf16 backward: 31.0 -> 29-30 us; torch's own takes
-// 26-27). The output's own gradient is then undefined only if nothing reached it.
-variable_list no_input_grads(size_t inputs) { return variable_list(inputs); }
+  void save(const Tensor& x, const Opt& w, const Tensor& stat0, const Tensor& stat1,
+            const Opt& b, double eps) {
+    x_ = SavedVariable(x, false);
+    w_ = SavedVariable(w, false);
+    stat0_ = SavedVariable(stat0, false);
+    stat1_ = SavedVariable(stat1, false);
+    b_ = SavedVariable(b, false);
+    eps_ = eps;
+  }
+  void release_variables() override {
+    x_.reset_data();
+    w_.reset_data();
+    stat0_.reset_data();
+    stat1_.reset_data();
+    b_.reset_data();
+  }
+  Mask mask() const {
+    return {should_compute_output(0), should_compute_output(1), should_compute_output(2)};
+  }
+};
+
+// Records `node` for the call: its next edges (x, weight, bias), after the checks torch's C++
+// autograd::Function made (no functorch transform, no forward-mode AD: neither is implemented).
+void connect(Node& node, const Tensor& x, const Opt& w, const Opt& b, const char* op) {
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor())
+    functorch_tls->checkSupportsCppAutogradFunction();
+  const auto has_tangent = [](const Tensor& t) { return t.defined() && t._fw_grad(0).defined(); };
+  TORCH_CHECK(!has_tangent(x) && !(w && has_tangent(*w)) && !(b && has_tangent(*b)), op,
+              ": forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not implemented");
+  node.set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+}
 
 // Gradients of `y = forward(x, w, b)` for the inputs the mask asks for, as a differentiable
 // graph: used when the backward itself is being recorded (create_graph=True).
@@ -131,183 +160,200 @@ bool no_graph(std::initializer_list<const Tensor*> ts, std::initializer_list<con
 
 // ---------------------------------------------------------------- layer norm / RMS norm
 
-class LayerNormFn : public torch::autograd::Function<LayerNormFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t ndim, const Opt& w,
-                               const Opt& b, double eps, bool rms) {
-    const auto& fwd = ops::layer_norm_fwd();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = fwd.call(x, ndim, w, b, eps, rms);
-    save_inputs(ctx, x, w, mean, rstd, b, eps, {mean, rstd});
-    ctx->saved_data["ndim"] = ndim;
-    ctx->saved_data["rms"] = rms;
-    return {y, mean, rstd};
-  }
+struct LayerNormBackward : NormNode {
+  int64_t ndim_ = 0;
+  bool rms_ = false;
+  std::string name() const override { return "normkernels::LayerNormBackward"; }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return no_input_grads(6);
-    const auto& bwd = ops::layer_norm_bwd();
-    const auto [s, mask] = saved_inputs(ctx, 1);
-    const int64_t ndim = ctx->saved_data["ndim"].toInt();
-    const bool rms = ctx->saved_data["rms"].toBool();
+  variable_list apply(variable_list&& grads) override {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return variable_list(3);
+    const Mask mask = this->mask();
+    const Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack();
     if (at::GradMode::is_enabled()) {
-      const double eps = ctx->saved_data["eps"].toDouble();
       std::vector<int64_t> dims;
-      for (int64_t d = s[0].dim() - ndim; d < s[0].dim(); ++d) dims.push_back(d);
-      auto g = differentiable_grads(grads[0], s[0], s[1], s[4], mask,
+      for (int64_t d = x.dim() - ndim_; d < x.dim(); ++d) dims.push_back(d);
+      auto g = differentiable_grads(dy, x, w, b, mask,
                                     [&](const Tensor& x, const Tensor& w, const Tensor& b) {
-                                      auto [xc, rstd] = centered_rstd(x, dims, eps, !rms);
+                                      auto [xc, rstd] = centered_rstd(x, dims, eps_, !rms_);
                                       return affine(xc * rstd, w, b);
                                     });
-      return {g[0], Tensor(), g[1], g[2], Tensor(), Tensor()};
+      return {g[0], g[1], g[2]};
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], s[3], opt(s[1]), ndim, rms, mask);
-    return {if_(mask[0], dx), Tensor(), if_(mask[1], dw), if_(mask[2], db), Tensor(), Tensor()};
+    auto [dx, dw, db] = ops::layer_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(),
+                                                   opt(w), ndim_, rms_, mask);
+    return {if_(mask[0], dx), if_(mask[1], dw), if_(mask[2], db)};
   }
 };
 
 Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, double eps,
                      bool rms) {
+  const auto& fwd = ops::layer_norm_fwd();
   if (no_graph({&x}, {&w, &b})) {
-    const auto& fwd = ops::layer_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, ndim, w, b, eps, rms);
   }
-  auto out = LayerNormFn::apply(x, ndim, w, b, eps, rms);
-  return {out[0], out[1], out[2]};
+  const NodePtr node = make_node<LayerNormBackward>();
+  auto& n = static_cast<LayerNormBackward&>(*node);
+  connect(n, x, w, b, "layer_norm");
+  Three out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = fwd.call(x, ndim, w, b, eps, rms);
+  }
+  n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
+  n.ndim_ = ndim;
+  n.rms_ = rms;
+  torch::autograd::set_history(std::get<0>(out), node);
+  return out;
 }
 
 // ---------------------------------------------------------------- group norm / instance norm
 
-class GroupNormFn : public torch::autograd::Function<GroupNormFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t groups,
-                               const Opt& w, const Opt& b, double eps) {
-    const auto& fwd = ops::group_norm_fwd();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = fwd.call(x, groups, w, b, eps);
-    save_inputs(ctx, x, w, mean, rstd, b, eps, {mean, rstd});
-    ctx->saved_data["groups"] = groups;
-    return {y, mean, rstd};
-  }
+struct GroupNormBackward : NormNode {
+  int64_t groups_ = 0;
+  std::string name() const override { return "normkernels::GroupNormBackward"; }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return no_input_grads(5);
-    const auto& bwd = ops::group_norm_bwd();
-    const auto [s, mask] = saved_inputs(ctx, 1);
-    const int64_t groups = ctx->saved_data["groups"].toInt();
+  variable_list apply(variable_list&& grads) override {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return variable_list(3);
+    const Mask mask = this->mask();
+    const Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack();
     if (at::GradMode::is_enabled()) {
-      const double eps = ctx->saved_data["eps"].toDouble();
-      auto g = differentiable_grads(grads[0], s[0], s[1], s[4], mask,
+      const int64_t groups = groups_;
+      const double eps = eps_;
+      auto g = differentiable_grads(dy, x, w, b, mask,
                                     [&](const Tensor& x, const Tensor& w, const Tensor& b) {
                                       const Tensor xg = x.reshape({x.size(0), groups, -1});
                                       auto [xc, rstd] = centered_rstd(xg, {2}, eps, true);
                                       return affine((xc * rstd).view(x.sizes()),
                                                     channel_view(w, x), channel_view(b, x));
                                     });
-      return {g[0], Tensor(), g[1], g[2], Tensor()};
+      return {g[0], g[1], g[2]};
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], s[3], opt(s[1]), groups, mask);
-    return {if_(mask[0], dx), Tensor(), if_(mask[1], dw), if_(mask[2], db), Tensor()};
+    auto [dx, dw, db] = ops::group_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(),
+                                                   opt(w), groups_, mask);
+    return {if_(mask[0], dx), if_(mask[1], dw), if_(mask[2], db)};
   }
 };
 
 Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b, double eps) {
+  const auto& fwd = ops::group_norm_fwd();
   if (no_graph({&x}, {&w, &b})) {
-    const auto& fwd = ops::group_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, groups, w, b, eps);
   }
-  auto out = GroupNormFn::apply(x, groups, w, b, eps);
-  return {out[0], out[1], out[2]};
+  const NodePtr node = make_node<GroupNormBackward>();
+  auto& n = static_cast<GroupNormBackward&>(*node);
+  connect(n, x, w, b, "group_norm");
+  Three out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = fwd.call(x, groups, w, b, eps);
+  }
+  n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
+  n.groups_ = groups;
+  torch::autograd::set_history(std::get<0>(out), node);
+  return out;
 }
 
 // ---------------------------------------------------------------- batch norm
 
-class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Opt& w, const Opt& b,
-                               double eps) {
-    const auto& fwd = ops::batch_norm_fwd();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, invstd, var] = fwd.call(x, w, b, eps);
-    save_inputs(ctx, x, w, mean, invstd, b, eps, {mean, invstd, var});
-    return {y, mean, invstd, var};
-  }
+// Training: the statistics saved are the batch's mean and invstd.
+struct BatchNormBackward : NormNode {
+  std::string name() const override { return "normkernels::BatchNormBackward"; }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return no_input_grads(4);
-    const auto& bwd = ops::batch_norm_bwd();
-    const auto [s, mask] = saved_inputs(ctx, 1);
+  variable_list apply(variable_list&& grads) override {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return variable_list(3);
+    const Mask mask = this->mask();
+    const Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack();
     if (at::GradMode::is_enabled()) {
-      const double eps = ctx->saved_data["eps"].toDouble();
-      auto g = differentiable_grads(grads[0], s[0], s[1], s[4], mask,
+      const double eps = eps_;
+      auto g = differentiable_grads(dy, x, w, b, mask,
                                     [&](const Tensor& x, const Tensor& w, const Tensor& b) {
                                       auto [xc, rstd] = centered_rstd(x, channel_dims(x), eps, true);
                                       return affine(xc * rstd, channel_view(w, x),
                                                     channel_view(b, x));
                                     });
-      return {g[0], g[1], g[2], Tensor()};
+      return {g[0], g[1], g[2]};
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], s[3], opt(s[1]), /*train=*/true, mask);
-    return {if_(mask[0], dx), if_(mask[1], dw), if_(mask[2], db), Tensor()};
+    auto [dx, dw, db] = ops::batch_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(),
+                                                   opt(w), /*train=*/true, mask);
+    return {if_(mask[0], dx), if_(mask[1], dw), if_(mask[2], db)};
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const Opt& w,
                                                           const Opt& b, double eps) {
+  const auto& fwd = ops::batch_norm_fwd();
   if (no_graph({&x}, {&w, &b})) {
-    const auto& fwd = ops::batch_norm_fwd();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, w, b, eps);
   }
-  auto out = BatchNormFn::apply(x, w, b, eps);
-  return {out[0], out[1], out[2], out[3]};
+  const NodePtr node = make_node<BatchNormBackward>();
+  auto& n = static_cast<BatchNormBackward&>(*node);
+  connect(n, x, w, b, "batch_norm");
+  std::tuple<Tensor, Tensor, Tensor, Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = fwd.call(x, w, b, eps);
+  }
+  n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
+  torch::autograd::set_history(std::get<0>(out), node);
+  return out;
 }
 
-// Inference statistics are constants: no gradient flows to mean/var.
-class BatchNormInferFn : public torch::autograd::Function<BatchNormInferFn> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean,
-                               const Tensor& var, const Opt& w, const Opt& b, double eps) {
-    const auto& fwd = ops::batch_norm_infer();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    Tensor y = fwd.call(x, mean, var, w, b, eps);
-    save_inputs(ctx, x, w, mean, var, b, eps, {});
-    return {y};
-  }
+// Inference: the statistics saved are the given (running) mean and var, constants: no
+// gradient flows to them, as with torch's batch norm.
+struct BatchNormInferBackward : NormNode {
+  std::string name() const override { return "normkernels::BatchNormInferBackward"; }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto& bwd = ops::batch_norm_bwd();
-    const auto [s, mask] = saved_inputs(ctx, 3);
-    const auto stats = s[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const Tensor invstd = s[3].to(stats).add(ctx->saved_data["eps"].toDouble()).rsqrt_();
+  variable_list apply(variable_list&& grads) override {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return variable_list(3);
+    const Mask mask = this->mask();
+    const Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack();
+    const Tensor mean = stat0_.unpack(), var = stat1_.unpack();
+    const auto stats = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const Tensor invstd = var.to(stats).add(eps_).rsqrt_();
     if (at::GradMode::is_enabled()) {
-      const Tensor m = channel_view(s[2].to(stats), s[0]), r = channel_view(invstd, s[0]);
-      auto g = differentiable_grads(grads[0], s[0], s[1], s[4], mask,
+      const Tensor m = channel_view(mean.to(stats), x), r = channel_view(invstd, x);
+      auto g = differentiable_grads(dy, x, w, b, mask,
                                     [&](const Tensor& x, const Tensor& w, const Tensor& b) {
                                       return affine((x - m) * r, channel_view(w, x),
                                                     channel_view(b, x));
                                     });
-      return {g[0], Tensor(), Tensor(), g[1], g[2], Tensor()};
+      return {g[0], g[1], g[2]};
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dx, dw, db] = bwd.call(grads[0], s[0], s[2], invstd, opt(s[1]), /*train=*/false, mask);
-    return {if_(mask[0], dx), Tensor(), Tensor(), if_(mask[1], dw), if_(mask[2], db), Tensor()};
+    auto [dx, dw, db] =
+        ops::batch_norm_bwd().call(dy, x, mean, invstd, opt(w), /*train=*/false, mask);
+    return {if_(mask[0], dx), if_(mask[1], dw), if_(mask[2], db)};
   }
 };
 
 Tensor batch_norm_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const Opt& w,
                         const Opt& b, double eps) {
+  const auto& fwd = ops::batch_norm_infer();
   if (no_graph({&x}, {&w, &b})) {
-    const auto& fwd = ops::batch_norm_infer();
     at::AutoDispatchBelowADInplaceOrView guard;
     return fwd.call(x, mean, var, w, b, eps);
   }
-  return BatchNormInferFn::apply(x, mean, var, w, b, eps)[0];
+  const NodePtr node = make_node<BatchNormInferBackward>();
+  auto& n = static_cast<BatchNormInferBackward&>(*node);
+  connect(n, x, w, b, "batch_norm");
+  Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    y = fwd.call(x, mean, var, w, b, eps);
+  }
+  n.save(x, w, mean, var, b, eps);
+  torch::autograd::set_history(y, node);
+  return y;
 }
 
 }  // namespace

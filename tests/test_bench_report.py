@@ -17,7 +17,7 @@ def test_paired_ratios_are_per_round():
 
 
 def test_run_reports_paired_speedups():
-    args = argparse.Namespace(device="cpu", dtype="float32", filter="^layer_norm 1x768 fwd",
+    args = argparse.Namespace(device="cpu", dtype="float32", filter="^layer_norm 1x768 fwd fp32",
                               quick=True, rounds=3, no_compile=True, malloc="default", out=None)
     result = run(args)
     (row,) = result["rows"]

@@ -135,3 +135,51 @@ def test_gradient_penalty_matches_torch():
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert grads[1][0] is not None and grads[1][2] is not None  # LayerNorm's weight got one
+
+
+def _recorded_calls():
+    """One recorded forward of each autograd node (LayerNorm, RMSNorm, GroupNorm, BatchNorm in
+    training and in inference) and the input/parameters it depends on."""
+    x4 = lambda: _x((2, 4, 3, 3))  # noqa: E731
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    return [
+        ("layer_norm", lambda x, w, b: NF.layer_norm(x, (5,), w, b), _x((3, 5)), _p(5), _p(5)),
+        ("rms_norm", lambda x, w, b: NF.rms_norm(x, [5], w), _x((3, 5)), _p(5), None),
+        ("group_norm", lambda x, w, b: NF.group_norm(x, 2, w, b), x4(), _p(4), _p(4)),
+        ("batch_norm", lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True), x4(), _p(4), _p(4)),
+        ("batch_norm_infer", lambda x, w, b: NF.batch_norm(x, rm, rv, w, b, training=False), x4(), _p(4), _p(4)),
+    ]
+
+
+@pytest.mark.parametrize("name,fn,x,w,b", [pytest.param(*c, id=c[0]) for c in _recorded_calls()])
+def test_autograd_graph_behaves_like_torchs(name, fn, x, w, b):
+    """The recorded node keeps torch's rules: edges to exactly the inputs that require grad,
+    saved tensors freed after backward, in-place changes to a saved input caught, and a clear
+    error for forward-mode AD (not implemented)."""
+    y = fn(x, w, b)
+    assert y.requires_grad and y.grad_fn is not None
+    edges = [f for f, _ in y.grad_fn.next_functions]
+    assert len(edges) == 3 and all(f is not None for f, p in zip(edges, (x, w, b)) if p is not None)
+    y.sum().backward()
+    assert x.grad is not None and (w.grad is not None) and (b is None or b.grad is not None)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    # only the parameters require grad: no gradient reaches x, and none is asked of it
+    xs = x.detach()
+    y = fn(xs, w, b)
+    (gw,) = torch.autograd.grad(y.sum(), [w])
+    assert gw.shape == w.shape
+    # a saved input modified in place before backward
+    xv = x.detach().clone().requires_grad_()
+    xc = xv * 1
+    y = fn(xc, w, b)
+    xc.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    # forward-mode AD
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            fn(dual, w, b)
