@@ -208,6 +208,9 @@ void layer_norm_fwd(const at::Tensor& x, int64_t N, const at::Tensor& weight,
 // time, 4096x2048 0.63-0.69x, 2048x4096 0.77-0.81x, 512x8192 0.80-0.89x, 256x16384 0.87-0.91x;
 // fp32 4096x2048 0.62-0.84x, 1024x4096 0.74-0.94x, 512x8192 0.83-0.96x, 2048x4096 0.87-0.95x.
 // (2 KB a stream measured the same; 4-8 KB, or the next sweep's row at the same column, less.)
+// Sweeps take R > 1 rows only where rows are longer than 1365 elements (see `group` below),
+// longer than the lookahead, so the wrapped position lies in row k + R; past the tensor's last
+// row the request is wasted, never a fault (see stream_ahead).
 template <int R, typename T>
 static inline void sweep_ahead(const T* p, int64_t k, int64_t j, int64_t N) {
   constexpr int64_t ahead = kStreamAheadBytes / (2 * R) / static_cast<int64_t>(sizeof(T));
