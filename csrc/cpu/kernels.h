@@ -50,6 +50,8 @@ struct Kernels {
                          const at::Tensor& mean, const at::Tensor& invstd,
                          const at::Tensor& weight, bool train, at::Tensor& dx,
                          at::Tensor& dweight, at::Tensor& dbias);
+  // out = in converted to out's dtype, element by element (both contiguous, same numel).
+  void (*convert)(const at::Tensor& in, at::Tensor& out);
 };
 
 // Whether an elementwise pass touching `bytes` of memory (what it reads plus what it writes)

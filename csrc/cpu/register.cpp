@@ -86,25 +86,15 @@ void check_float(const at::Tensor& x, const char* op) {
 }
 
 // A contiguous copy of a small tensor (a parameter, a parameter's gradient) in `dtype`, or the
-// tensor itself when it already is one. Converted element by element here: ATen's to() costs
-// ~3-4 us a call (dispatch, TensorIterator), and a bf16 batch norm step does five of them, a
-// twentieth of a whole 16x512x7x7 forward and backward. Rounds like to() (nearest even).
+// tensor itself when it already is one. Converted by the kernel table's `convert` (see
+// csrc/cpu/convert.cpp): ATen's to() costs ~3-4 us a call (dispatch, TensorIterator), and a
+// bf16 batch norm step does five of them, a twentieth of a whole 16x512x7x7 forward and
+// backward. Rounds like to() (nearest even).
 at::Tensor converted(const at::Tensor& p, at::ScalarType dtype) {
   if (p.scalar_type() == dtype && p.is_contiguous()) return p;
   if (!p.is_contiguous()) return p.to(dtype).contiguous();
   at::Tensor out = at::empty(p.sizes(), p.options().dtype(dtype));
-  const int64_t n = p.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "converted", [&] {
-    using out_t = scalar_t;
-    out_t* o = out.data_ptr<out_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "converted", [&] {
-      const scalar_t* in = p.const_data_ptr<scalar_t>();
-      using wide_t = std::conditional_t<std::is_same_v<scalar_t, double> ||
-                                            std::is_same_v<out_t, double>,
-                                        double, float>;
-      for (int64_t i = 0; i < n; ++i) o[i] = static_cast<out_t>(static_cast<wide_t>(in[i]));
-    });
-  });
+  K().convert(p, out);
   return out;
 }
 

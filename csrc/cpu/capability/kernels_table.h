@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../batch_norm.cpp"
+#include "../convert.cpp"
 #include "../group_norm.cpp"
 #include "../layer_norm.cpp"
 
@@ -17,7 +18,7 @@ const Kernels* NK_CONCAT(kernels_, CPU_CAPABILITY)() {
       &CPU_CAPABILITY::layer_norm_fwd,  &CPU_CAPABILITY::layer_norm_bwd,
       &CPU_CAPABILITY::group_norm_fwd,  &CPU_CAPABILITY::group_norm_bwd,
       &CPU_CAPABILITY::batch_norm_fwd,  &CPU_CAPABILITY::batch_norm_elemt,
-      &CPU_CAPABILITY::batch_norm_bwd,
+      &CPU_CAPABILITY::batch_norm_bwd,  &CPU_CAPABILITY::convert,
   };
   return &table;
 }
