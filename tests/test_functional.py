@@ -204,12 +204,40 @@ def _assert_layer_norm_rows_like_torch(dtype, rows, n, param_dtype, rms):
         (6, 100, torch.bfloat16, True),
         (2, 16384 + 35, torch.bfloat16, False),  # rows too long to widen into a scratch row
         (2, 16384 + 35, torch.float32, True),
+        (300, 100, torch.bfloat16, False),  # several blocks' partials summed into bf16 dw/db
     ],
 )
 def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, rms):
     # bf16 rows are loaded even/odd under AVX-512 and AVX2; every way the parameters reach
     # the kernel must meet them in the same order (a mismatch shuffles the affine transform)
     _assert_layer_norm_rows_like_torch(torch.bfloat16, rows, n, param_dtype, rms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layer_norm_param_grads_in_every_weight_dtype_like_torch(dtype):
+    # the backward reads a weight of x's dtype as it is and writes dweight/dbias in x's dtype
+    # itself; other weight dtypes, and strided weights, go through fp32 copies. Each way returns
+    # what torch returns, in the parameter's dtype.
+    x = torch.randn(5, 40).to(dtype)
+    dy = torch.randn(5, 40).to(dtype)
+    for param_dtype in (dtype, torch.float32):  # the pairs torch accepts
+        for strided in (False, True):
+            w_full = (torch.rand(80) + 0.5).to(param_dtype)
+            w = w_full[::2] if strided else w_full[:40]
+            b = torch.randn(40).to(param_dtype)
+            grads = []
+            for F in (TF, NF):
+                leaves = [x.clone().requires_grad_(), w.clone().requires_grad_() if not strided
+                          else w_full.clone().requires_grad_(), b.clone().requires_grad_()]
+                wl = leaves[1][::2] if strided else leaves[1]
+                with normkernels.backend("cpp"):
+                    y = F.layer_norm(leaves[0], (40,), wl, leaves[2])
+                grads.append(torch.autograd.grad(y, leaves, dy))
+            for name, t, o in zip(("dx", "dw", "db"), *grads):
+                assert o.dtype == t.dtype and o.shape == t.shape, (name, param_dtype, strided)
+                tol = 1e-4 if o.dtype in (torch.float32, torch.float64) and dtype == torch.float32 else 6e-2
+                torch.testing.assert_close(o.double(), t.double(), atol=tol, rtol=tol,
+                                           msg=f"{name} {dtype} weight {param_dtype} strided={strided}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

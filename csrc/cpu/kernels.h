@@ -7,7 +7,9 @@
 //   x, dy, y, dx : the input's dtype; contiguous rows of N elements for layer norm; [N, C, HW] (NCHW) or
 //                  [N, HW, C] (channels_last) for group and batch norm.
 //   weight, bias : accumulation dtype (fp32, or fp64 for fp64 inputs), contiguous, or undefined;
-//                  layer_norm_fwd also takes them in x's own dtype (both the same).
+//                  layer_norm_fwd also takes them in x's own dtype (both the same), and
+//                  layer_norm_bwd a weight of x's dtype.
+//   dweight/dbias: accumulation dtype; layer_norm_bwd also writes them in x's (both the same).
 //   statistics   : accumulation dtype.
 // An undefined output tensor means "not requested".
 #pragma once

@@ -14,6 +14,8 @@
 
 #include <ATen/Dispatch.h>
 
+#include <type_traits>
+
 namespace normkernels {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
@@ -338,10 +340,19 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const T* xp = x.const_data_ptr<T>();
   const T* gp = dy.const_data_ptr<T>();
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
-  const A* w = weight.defined() ? weight.const_data_ptr<A>() : nullptr;
-  Scratch<A> w_lanes(Chunk<T>::even_odd && w != nullptr ? N : 0);
+  // w as the passes read it: the accumulation type in the lane order of T's chunks, widened
+  // and reordered here from a weight of either dtype (a weight of x's own dtype spares the
+  // caller a converted copy: a fifth of a one-row bf16 backward).
+  const bool w_of_x_dtype =
+      !std::is_same_v<T, A> && weight.defined() && weight.scalar_type() == x.scalar_type();
+  const A* w = weight.defined() && !w_of_x_dtype ? weight.const_data_ptr<A>() : nullptr;
+  Scratch<A> w_lanes(weight.defined() && (Chunk<T>::even_odd || w_of_x_dtype) ? N : 0);
   if (!w_lanes.empty()) {
-    to_lanes<T>(w, w_lanes.data(), N);
+    if (w_of_x_dtype) {
+      to_lanes<T>(weight.const_data_ptr<T>(), w_lanes.data(), N);
+    } else {
+      to_lanes<T>(w, w_lanes.data(), N);
+    }
     w = w_lanes.data();
   }
   const A* mp = rms ? nullptr : mean.const_data_ptr<A>();
@@ -394,21 +405,42 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   });
 
   if (want_params) {
-    // Sum the block partials column by column, always in block order.
-    A* dwp = want_dw ? dweight.data_ptr<A>() : nullptr;
-    A* dbp = want_db ? dbias.data_ptr<A>() : nullptr;
-    at::parallel_for(0, N, 1024, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        A sw = 0, sb = 0;
-        for (int64_t blk = 0; blk < blocks.count; ++blk) {
-          if (dwp != nullptr) sw += part_dw[blk * part_ld + c];
-          if (dbp != nullptr) sb += part_db[blk * part_ld + c];
+    // Sum each block's partials into block 0's, always in block order, a vector of columns at a
+    // time (their rows are padded to whole lines, zero past N); then out of lane order into
+    // dweight/dbias, of the accumulation type or of x's own (rounded once, to nearest even, as
+    // to() rounds). Column by column in scalar code this was ~2 us of a 1x768 bf16 backward.
+    using VA = Vectorized<A>;
+    const auto sum_blocks = [&](Scratch<A>& part) {
+      at::parallel_for(0, part_ld / VA::size(), std::max<int64_t>(1, 1024 / VA::size()),
+                       [&](int64_t vb, int64_t ve) {
+                         for (int64_t v = vb; v < ve; ++v) {
+                           const int64_t c = v * VA::size();
+                           VA total = VA::loadu(part.data() + c);
+                           for (int64_t blk = 1; blk < blocks.count; ++blk)
+                             total = total + VA::loadu(part.data() + blk * part_ld + c);
+                           total.store(part.data() + c);
+                         }
+                       });
+    };
+    const auto write_out = [&](const Scratch<A>& sums, at::Tensor& out) {
+      if constexpr (!std::is_same_v<T, A>) {
+        if (out.scalar_type() == x.scalar_type()) {
+          Scratch<A> natural(N);
+          from_lanes<T>(sums.data(), natural.data(), N);
+          at::vec::convert(natural.data(), out.data_ptr<T>(), N);
+          return;
         }
-        const int64_t e = Chunk<T>::lane_element(c, N);  // partials are in lane order
-        if (dwp != nullptr) dwp[e] = sw;
-        if (dbp != nullptr) dbp[e] = sb;
       }
-    });
+      from_lanes<T>(sums.data(), out.data_ptr<A>(), N);
+    };
+    if (want_dw) {
+      sum_blocks(part_dw);
+      write_out(part_dw, dweight);
+    }
+    if (want_db) {
+      sum_blocks(part_db);
+      write_out(part_db, dbias);
+    }
   }
 }
 
