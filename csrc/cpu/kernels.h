@@ -63,7 +63,8 @@ struct Kernels {
 // cache's size for a forward pass, from half of it for a backward pass (see stream_stores.cpp);
 // smaller passes store plainly, so the next layer finds their output in cache.
 // NORMKERNELS_STREAM_STORES=0/1 forces it off/on (read once); the cache size comes from the OS,
-// at most 32 MiB (none known: never).
+// counted at most 32 MiB, and a backward pass's half no less than that cap where the OS reports
+// far more (none known: never).
 enum class Pass { kForward, kBackward };
 bool stream_stores(int64_t bytes, Pass pass);
 
