@@ -92,6 +92,37 @@ def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(backend_name, lay
             assert err < 2e-2, (name, shape, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_statistics_of_long_groups_and_planes_like_torch(dtype):
+    # NCHW GroupNorm groups and BatchNorm channels longer than L1 have their statistics taken in
+    # 16 KB blocks merged by Chan's formula (plane_moments): groups of several blocks and a
+    # partial one (6 x 45x47 fp32: 50 KB), planes cut in blocks (70x70 fp32: 19.6 KB) and short
+    # planes taken several to a block with a partial last block (7 planes of 30x30). fp32 values
+    # ride on an offset 1e3 times their spread, which any cancellation would show; a ramp over
+    # the pixels and a shift per sample give the blocks different means, so the merge's
+    # between-block term counts.
+    g = torch.Generator().manual_seed(0)
+    offset = 1e3 if dtype == torch.float32 else 0.0
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    for shape, groups in (((2, 12, 45, 47), 2), ((3, 2, 70, 70), 1), ((7, 3, 30, 30), 3)):
+        n, _, h, w = shape
+        x64 = torch.randn(shape, generator=g, dtype=torch.float64) + offset
+        x64 = x64 + torch.linspace(-2, 2, h * w, dtype=torch.float64).view(h, w)
+        x64 = x64 + 0.5 * torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1)
+        x = x64.to(dtype)
+        rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+        with normkernels.backend("cpp"):
+            y_gn = NF.group_norm(x, groups)
+            y_bn = NF.batch_norm(x, rm, rv, training=True, momentum=1.0)
+        xr = x.double()
+        torch.testing.assert_close(y_gn.double(), TF.group_norm(xr, groups), atol=tol, rtol=tol)
+        torch.testing.assert_close(y_bn.double(), TF.batch_norm(xr, None, None, training=True),
+                                   atol=tol, rtol=tol)
+        # momentum 1: the running statistics are the batch's mean and unbiased variance
+        torch.testing.assert_close(rm.double(), xr.mean((0, 2, 3)), atol=1e-5 * (1 + offset), rtol=1e-6)
+        torch.testing.assert_close(rv.double(), xr.var((0, 2, 3)), atol=1e-4, rtol=1e-3)
+
+
 def test_nan_stays_in_its_row_group_and_channel(backend_name):
     x = torch.randn(4, 6, 5)
     x[1, 2, 3] = float("nan")

@@ -1,7 +1,8 @@
 // Batch norm, CPU: training forward (batch statistics), inference forward (given statistics),
 // and backward for both, on NCHW ([N, C, HW]) and channels_last / 2-D ([N*HW, C]) memory.
-//   NCHW         : one task per channel; its N planes are read for the two-pass statistics and
-//                  again (from cache when they fit) by the fused normalize + affine pass. Planes
+//   NCHW         : one task per channel; its N planes are read once for the statistics (two
+//                  passes per L1-sized block, plane_moments) and again (from cache when they
+//                  fit) by the fused normalize + affine pass. Planes
 //                  shorter than two SIMD chunks (7x7) go by blocks of channels instead, each an
 //                  [N, span] matrix walked in whole chunks (ShortPlanes).
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
@@ -183,19 +184,14 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   }
 
   if (!s.channels_last) {
-    // Statistics and normalization in one task per channel, so the second and third reads of
-    // a channel's planes come from cache when they fit.
+    // Statistics and normalization in one task per channel, so the second read of a
+    // channel's planes comes from cache when they fit.
     const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) {
-        VecSum<T> sum, sq;
-        for (int64_t n = 0; n < s.N; ++n)
-          accumulate_sum<true>(xp + (n * s.C + c) * s.HW, s.HW, sum);
-        const A mu = count > 0 ? sum.total() / static_cast<A>(count) : A(0);
-        for (int64_t n = 0; n < s.N; ++n)
-          accumulate_sq_dev(xp + (n * s.C + c) * s.HW, s.HW, mu, sq);
-        const A v = count > 0 ? sq.total() / static_cast<A>(count) : A(0);
+        const auto [mu, m2] = plane_moments<true>(xp + c * s.HW, s.N, s.HW, s.C * s.HW);
+        const A v = count > 0 ? m2 / static_cast<A>(count) : A(0);
         const A rs = A(1) / std::sqrt(v + a_eps);
         mean[c] = mu;
         var[c] = v;

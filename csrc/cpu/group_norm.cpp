@@ -1,7 +1,8 @@
 // Group norm (and instance norm: one channel per group), CPU, forward and backward, for
 // NCHW ([N, C, HW]) and channels_last ([N, HW, C]) memory, walked in its own order.
-//   NCHW         : one task per (n, group), whose D * HW elements are contiguous: two-pass
-//                  statistics, then one fused normalize + affine pass per channel plane.
+//   NCHW         : one task per (n, group), whose D * HW elements are contiguous: statistics
+//                  in one read (two passes per L1-sized block, plane_moments), then one fused
+//                  normalize + affine pass per channel plane.
 //   channels_last: where a stripe of whole groups (all HW pixels of some channels) fits in L2
 //                  with rows of 1 KB or more, one task per (n, stripe): statistics, then the
 //                  normalize pass reading the stripe back from L2 (GroupStripes). Otherwise
@@ -147,10 +148,8 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         const int64_t n = ng / G, g = ng % G;
         const T* xg = xp + (n * v.C + g * v.D) * v.HW;
         T* yg = yp + (n * v.C + g * v.D) * v.HW;
-        const A mu = segment_sum<true>(xg, group_size) / static_cast<A>(group_size);
-        const A rs = A(1) / std::sqrt(segment_sq_dev(xg, group_size, mu) /
-                                          static_cast<A>(group_size) +
-                                      a_eps);
+        const auto [mu, m2] = plane_moments<true>(xg, 1, group_size, group_size);
+        const A rs = A(1) / std::sqrt(m2 / static_cast<A>(group_size) + a_eps);
         mean[ng] = mu;
         rstd[ng] = rs;
         for (int64_t k = 0; k < v.D; ++k) {
