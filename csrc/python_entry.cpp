@@ -85,6 +85,23 @@ bool shape_arg(PyObject* obj, std::vector<int64_t>& out) {
 
 bool shape_is(const Opt& p, at::IntArrayRef shape) { return !p || p->sizes() == shape; }
 
+// The parameter dtypes torch's CPU layer/group/batch norms accept (functional.
+// _check_param_dtypes): all alike, and the input's, or fp32 for a half-precision input. Other
+// combinations go to the Python path, which raises torch's error.
+bool param_dtypes_ok(const Tensor& x, std::initializer_list<const Opt*> params) {
+  if (!x.is_cpu()) return true;
+  std::optional<at::ScalarType> common;
+  for (const Opt* p : params) {
+    if (!*p || !(*p)->defined()) continue;
+    const at::ScalarType t = (*p)->scalar_type();
+    if (common && *common != t) return false;
+    common = t;
+  }
+  if (!common) return true;
+  const at::ScalarType xt = x.scalar_type();
+  return *common == xt || (*common == at::kFloat && (xt == at::kBFloat16 || xt == at::kHalf));
+}
+
 PyObject* fall_back() { Py_RETURN_NONE; }
 
 PyObject* wrap(Tensor t) { return THPVariable_Wrap(std::move(t)); }
@@ -117,7 +134,7 @@ PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int64_t k = static_cast<int64_t>(shape.size());
   if (k == 0 || x.dim() < k || !x.is_floating_point() ||
       x.sizes().slice(x.dim() - k) != at::IntArrayRef(shape) || !shape_is(w, shape) ||
-      !shape_is(b, shape))
+      !shape_is(b, shape) || (!rms && !param_dtypes_ok(x, {&w, &b})))
     return fall_back();
   return wrap(without_gil(
       [&] { return std::get<0>(ops::layer_norm_fwd().call(x, k, w, b, eps, rms)); }));
@@ -136,7 +153,7 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !optional_tensor(args[3], b) || !float_arg(args[4], eps))
     return fall_back();
   if (x.dim() < 2 || !x.is_floating_point() || groups <= 0 || x.size(1) % groups != 0 ||
-      !shape_is(w, {x.size(1)}) || !shape_is(b, {x.size(1)}))
+      !shape_is(w, {x.size(1)}) || !shape_is(b, {x.size(1)}) || !param_dtypes_ok(x, {&w, &b}))
     return fall_back();
   // torch refuses a single value per group (x.numel() / (N * groups) == 1)
   if (x.size(0) > 0 && x.numel() / x.size(0) == groups) return fall_back();
@@ -199,7 +216,8 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (x.dim() < 2 || !x.is_floating_point()) return fall_back();
   const int64_t channels = x.size(1);
   if (!shape_is(w, {channels}) || !shape_is(b, {channels}) ||
-      (rm && rm->numel() != channels) || (rv && rv->numel() != channels))
+      (rm && rm->numel() != channels) || (rv && rv->numel() != channels) ||
+      !param_dtypes_ok(x, {&w, &b, &rm, &rv}))
     return fall_back();
   if (!training) {
     if (!rm || !rv) return fall_back();

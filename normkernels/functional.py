@@ -44,6 +44,34 @@ def _check_param(p: Optional[Tensor], name: str, shape, op: str, what: str) -> N
         )
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check_param_dtypes(input: Tensor, params, op: str) -> None:
+    """torch's CPU layer/group/batch/instance norms take their parameters (and batch norm's
+    running statistics) all of one dtype: the input's, or fp32 for a half-precision input;
+    anything else raises their RuntimeError (checked against torch over every combination of
+    fp32/fp64/fp16/bf16 and absent, tests/test_functional.py). RMS norm, composite in torch,
+    takes any."""
+    if not input.is_cpu:
+        return
+    dtypes = {p.dtype for p in params if p is not None}
+    if not dtypes:
+        return
+    allowed = {input.dtype, torch.float32} if input.dtype in _HALF_DTYPES else {input.dtype}
+    if len(dtypes) == 1 and dtypes <= allowed:
+        return
+    if input.dtype == torch.float64 and dtypes == {torch.float32}:
+        why = "all inputs must share same datatype"
+    else:
+        why = "expect parameter to have scalar type of Float"
+    raise RuntimeError(
+        f"{op}: mixed dtype (CPU): {why} (input {input.dtype}, parameters "
+        f"{', '.join(sorted(str(d) for d in dtypes))}; give them the input's dtype"
+        f"{', or float32' if input.dtype in _HALF_DTYPES else ''})"
+    )
+
+
 def _check_normalized(x: Tensor, normalized_shape: Sequence[int], op: str) -> int:
     k = len(normalized_shape)
     if k == 0:
@@ -125,6 +153,8 @@ def _row_norm(input, normalized_shape, weight, bias, eps: float, rms: bool, op: 
     shape = _normalized(normalized_shape)
     if not _rowwise_ok(input, shape, weight, bias):
         _rowwise_errors(input, shape, weight, bias, op)
+    if not rms:
+        _check_param_dtypes(input, (weight, bias), op)
     return _layer_norm_fwd(input, len(shape), weight, bias, eps, rms)[0]
 
 
@@ -162,6 +192,7 @@ def group_norm(
     _verify_batch_size([input.shape[0] * channels // num_groups, num_groups] + list(input.shape[2:]))
     _check_param(weight, "weight", (channels,), "group_norm", "one per channel")
     _check_param(bias, "bias", (channels,), "group_norm", "one per channel")
+    _check_param_dtypes(input, (weight, bias), "group_norm")
     check_runnable(input, "group_norm")
     return _group_norm_fwd(input, num_groups, weight, bias, eps)[0]
 
@@ -229,6 +260,7 @@ def batch_norm(
         if y is not None:
             return y
     channels = _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
+    _check_param_dtypes(input, (weight, bias, running_mean, running_var), "batch_norm")
     if training:
         _verify_batch_size(list(input.shape))
     elif running_mean is None or running_var is None:
@@ -257,6 +289,8 @@ def instance_norm(
     """Instance normalization (``F.instance_norm``): group norm with one channel per group, or,
     with ``use_input_stats=False``, batch norm with the running statistics."""
     channels = _check_channel_args(input, running_mean, running_var, weight, bias, "instance_norm")
+    # torch ignores the running statistics' dtype here (it updates them out of place)
+    _check_param_dtypes(input, (weight, bias), "instance_norm")
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError(

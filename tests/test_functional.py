@@ -157,6 +157,48 @@ def test_constant_input_gives_zeros(dtype, backend_name):
         assert y.float().abs().max() < 1e-2
 
 
+def test_parameter_dtypes_accepted_and_refused_like_torch():
+    # torch's CPU norms take parameters (and batch norm's running statistics) all of one dtype,
+    # the input's or fp32 for a half-precision input, and raise RuntimeError otherwise; every
+    # combination of input, weight, bias and running-statistics dtype (absent included)
+    import itertools
+
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, None]
+
+    def full(d, value):
+        return None if d is None else torch.full((8,), value, dtype=d)
+
+    def outcome(call):
+        try:
+            return call().dtype
+        except RuntimeError:
+            return "raises"
+
+    for xd in dtypes[:4]:
+        x = torch.randn(4, 8, 3).to(xd)
+        rows = torch.randn(4, 8).to(xd)
+        for wd, bd in itertools.product(dtypes, dtypes):
+            w, b = full(wd, 1.0), full(bd, 0.0)
+            calls = {
+                "layer_norm": lambda F: F.layer_norm(rows, (8,), w, b),
+                "rms_norm": lambda F: F.rms_norm(rows, (8,), w),
+                "group_norm": lambda F: F.group_norm(x, 2, w, b),
+                "instance_norm": lambda F: F.instance_norm(x, None, None, w, b),
+            }
+            for rd in dtypes:
+                for training in (True, False):
+                    if rd is None and not training:
+                        continue
+                    calls[f"batch_norm {rd} {training}"] = (
+                        lambda F, rd=rd, training=training: F.batch_norm(
+                            x, full(rd, 0.0), full(rd, 1.0), w, b, training))
+            for name, call in calls.items():
+                expected = outcome(lambda: call(TF))
+                with normkernels.backend("cpp"):
+                    got = outcome(lambda: call(NF))
+                assert got == expected, (name, xd, wd, bd, got, expected)
+
+
 def test_mixed_dtype_params_like_torch(backend_name):
     # bf16 activations with fp32 parameters and running statistics (autocast-style models)
     x = torch.randn(4, 6, 5, 5).to(torch.bfloat16)
