@@ -98,6 +98,13 @@ at::Tensor converted(const at::Tensor& p, at::ScalarType dtype) {
   return out;
 }
 
+// Whether a parameter is given, contiguous and of x's own dtype: the layer-norm kernels read
+// such a one as it is.
+bool of_x_dtype(const std::optional<at::Tensor>& p, const at::Tensor& x) {
+  return p.has_value() && p->defined() && p->scalar_type() == x.scalar_type() &&
+         p->is_contiguous();
+}
+
 // weight/bias as contiguous tensors of the accumulation dtype (a no-op when they already are).
 at::Tensor param(const std::optional<at::Tensor>& p, const at::Tensor& x) {
   if (!p.has_value() || !p->defined()) return at::Tensor();
@@ -206,8 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   // one conversion is cheaper than widening them again on every row.
   constexpr int64_t kFewRows = 64;
   auto like_x = [&](const std::optional<at::Tensor>& p) {
-    return !p.has_value() || !p->defined() ||
-           (p->scalar_type() == x.scalar_type() && p->is_contiguous());
+    return !p.has_value() || !p->defined() || of_x_dtype(p, x);
   };
   if (M <= kFewRows && like_x(weight) && like_x(bias)) {
     K().layer_norm_fwd(xc, N, weight.has_value() ? *weight : at::Tensor(),
@@ -229,9 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   // The kernel reads a contiguous weight of x's dtype as it is, and writes dweight/dbias in
   // x's dtype when that is what is returned: three conversions fewer (each an allocation and
   // a pass) in a one-row half-precision backward, a fifth of its cost.
-  const bool w_as_is = weight.has_value() && weight->defined() &&
-                       weight->scalar_type() == x.scalar_type() && weight->is_contiguous();
-  const at::Tensor w = w_as_is ? *weight : param(weight, x);
+  const at::Tensor w = of_x_dtype(weight, x) ? *weight : param(weight, x);
   const auto pdtype = param_grad_dtype(x, weight);
   GradOutputs out(x, at::MemoryFormat::Contiguous, N, w.defined(), output_mask,
                   pdtype == x.scalar_type() ? pdtype : acc_type(x));
