@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -135,6 +136,26 @@ struct NormNode : Node {
     b_.reset_data();
   }
 
+  // Compiled autograd (torch._dynamo.compiled_autograd) builds one graph of a whole backward:
+  // compiled_args hands it what the traced graph depends on (the saved tensors; eps and each
+  // node's own parameters, by collect_params), and apply_with_saved runs apply() on the proxy
+  // tensors it swaps in for the saved ones, which records our backward op (whose fake kernel
+  // gives the shapes) into that graph, as torch's own nodes record their ATen ops.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&x_, &w_, &stat0_, &stat1_, &b_}) args.collect(*v, false);
+    args.collect(eps_);
+    collect_params(args);
+  }
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    for (SavedVariable* v : {&x_, &w_, &stat0_, &stat1_, &b_}) saved.before(*v);
+    variable_list out = apply(variable_list(inputs));
+    for (SavedVariable* v : {&x_, &w_, &stat0_, &stat1_, &b_}) saved.after(*v);
+    return out;
+  }
+  // the node's own non-tensor state beyond eps (compiled_args)
+  virtual void collect_params(torch::dynamo::autograd::CompiledNodeArgs& args) const {}
+
   // dx, dweight, dbias by our backward op (called below the autograd keys), as `mask` asks
   virtual Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                              const Mask& mask) = 0;
@@ -205,6 +226,10 @@ struct LayerNormBackward : NormNode {
   int64_t ndim_ = 0;
   bool rms_ = false;
   std::string name() const override { return "normkernels::LayerNormBackward"; }
+  void collect_params(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(ndim_);
+    args.collect(rms_);
+  }
   Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                      const Mask& mask) override {
     return ops::layer_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w), ndim_,
@@ -234,6 +259,9 @@ Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, 
 struct GroupNormBackward : NormNode {
   int64_t groups_ = 0;
   std::string name() const override { return "normkernels::GroupNormBackward"; }
+  void collect_params(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(groups_);
+  }
   Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                      const Mask& mask) override {
     return ops::group_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w), groups_,

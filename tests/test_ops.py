@@ -183,3 +183,36 @@ def test_autograd_graph_behaves_like_torchs(name, fn, x, w, b):
         dual = fwAD.make_dual(x.detach(), torch.randn_like(x))
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             fn(dual, w, b)
+
+
+_BACKWARD_OP = {"layer_norm": "layer_norm_bwd", "rms_norm": "layer_norm_bwd", "group_norm": "group_norm_bwd",
+                "batch_norm": "batch_norm_bwd", "batch_norm_infer": "batch_norm_bwd"}
+
+
+@pytest.mark.parametrize("name,fn,x,w,b", [pytest.param(*c, id=c[0]) for c in _recorded_calls()])
+def test_compiled_autograd_runs_our_backward(name, fn, x, w, b):
+    """An eager forward whose backward runs under compiled autograd: our node traces into its
+    graph as our backward op (no ATen norm op), and its gradients are the eager backward's, on
+    the first call (trace) and on a second call with new values (the cached graph)."""
+    from torch._dynamo import compiled_autograd
+
+    traced = []
+
+    def compiler_fn(gm):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch.compile(gm, backend="eager", fullgraph=True)
+
+    inputs = [t for t in (x, w, b) if t is not None]
+    for step in range(2):
+        leaves = [(t.detach() + step).requires_grad_() for t in inputs]
+        args = leaves + [None] * (3 - len(leaves))
+        dy = torch.randn_like(x)
+        expected = torch.autograd.grad(fn(*args), leaves, dy)
+        y = fn(*args)
+        with compiled_autograd._enable(compiler_fn):
+            (y * dy).sum().backward()
+        for leaf, e in zip(leaves, expected):
+            torch.testing.assert_close(leaf.grad, e)
+    assert f"normkernels.{_BACKWARD_OP[name]}.default" in traced
+    assert not any("aten" in t and "norm" in t for t in traced)
+    assert sum(t == f"normkernels.{_BACKWARD_OP[name]}.default" for t in traced) == 1  # traced once
