@@ -47,7 +47,12 @@ int64_t reported_llc_bytes() {
 // servers, whatever a guest is told (with NORMKERNELS_STREAM_STORES to override). On the Xeon
 // guest, forward passes of 32-96 MB looped alone ran 0.86-0.90x the time with plain stores, but
 // in the bench suite, among the other providers' tensors, a 128 MiB cap lost (LayerNorm
-// 8192x768 fp32 forward 1.28 -> 1.93 ms, 2048x4096 2.12 -> 2.93 ms): 32 MiB stays.
+// 8192x768 fp32 forward 1.28 -> 1.93 ms, 2048x4096 2.12 -> 2.93 ms): 32 MiB stays. So did a
+// 40 MiB cap for forwards alone (plain stores for the 32 MB passes of 16 MB tensors): three full
+// runs on the Xeon guest against one with 32 MiB the same day, the fp32 LayerNorm forwards it was
+// for moved within noise (0.70-0.87 ms both ways), while steps whose forward output nothing
+// reads back lost: fp32 LayerNorm 4096x1024 forward+backward 2.03 -> 2.49-2.54 ms, bf16 RMS
+// norm 2048x4096 forward 1.08 -> 1.41-1.58 ms, geomean 2.12 -> 2.07-2.10x.
 constexpr int64_t kLlcCap = int64_t{32} << 20;
 
 // -1: decide by size; 0: never; 1: always.
