@@ -29,6 +29,7 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -128,12 +129,14 @@ struct NormNode : Node {
     b_ = SavedVariable(b, false);
     eps_ = eps;
   }
+  // Every saved tensor, for the uses that treat them alike (release, compiled autograd); const
+  // or not as the node is.
+  template <typename Self>
+  static auto saved_variables(Self& self) {
+    return std::array{&self.x_, &self.w_, &self.stat0_, &self.stat1_, &self.b_};
+  }
   void release_variables() override {
-    x_.reset_data();
-    w_.reset_data();
-    stat0_.reset_data();
-    stat1_.reset_data();
-    b_.reset_data();
+    for (SavedVariable* v : saved_variables(*this)) v->reset_data();
   }
 
   // Compiled autograd (torch._dynamo.compiled_autograd) builds one graph of a whole backward:
@@ -142,15 +145,15 @@ struct NormNode : Node {
   // tensors it swaps in for the saved ones, which records our backward op (whose fake kernel
   // gives the shapes) into that graph, as torch's own nodes record their ATen ops.
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    for (const SavedVariable* v : {&x_, &w_, &stat0_, &stat1_, &b_}) args.collect(*v, false);
+    for (const SavedVariable* v : saved_variables(*this)) args.collect(*v, false);
     args.collect(eps_);
     collect_params(args);
   }
   variable_list apply_with_saved(const variable_list& inputs,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    for (SavedVariable* v : {&x_, &w_, &stat0_, &stat1_, &b_}) saved.before(*v);
+    for (SavedVariable* v : saved_variables(*this)) saved.before(*v);
     variable_list out = apply(variable_list(inputs));
-    for (SavedVariable* v : {&x_, &w_, &stat0_, &stat1_, &b_}) saved.after(*v);
+    for (SavedVariable* v : saved_variables(*this)) saved.after(*v);
     return out;
   }
   // the node's own non-tensor state beyond eps (compiled_args)
