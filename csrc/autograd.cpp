@@ -15,12 +15,12 @@
 // Each forward's backward is our own backward op, called below the autograd keys (it has no
 // autograd formula, and passing through autograd's not-implemented fallback cost 1.5-2 us a
 // backward: 2x8x2x2 bf16 batch norm 27.6-28.2 -> 25.9-26.8 us, torch 25.9-26.7); mean/rstd
-// (and var) outputs are non-differentiable: they get no history. Double backward (a backward
-// run with create_graph=True, as in gradient penalties) recomputes the forward from elementary
-// differentiable ATen ops (mean, var, rsqrt; never an ATen norm op) and differentiates that, so
-// higher-order gradients are exact; first-order backward always runs our kernels.
+// (and var) outputs are non-differentiable: they get no history. A backward that must itself
+// be differentiable (create_graph=True, as in gradient penalties and every torch.func.grad, or
+// with forward-mode tangents) is computed in closed form from elementary ATen ops (mean, rsqrt,
+// sums; never an ATen norm op), so higher-order gradients are exact; an ordinary backward runs
+// our kernels. Forward-mode AD: y's tangent is that of the same math in elementary ops.
 #include <ATen/ATen.h>
-#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
@@ -51,37 +51,22 @@ Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 
 Tensor if_(bool wanted, const Tensor& t) { return wanted ? t : Tensor(); }
 
-// Gradients of `y = forward(x, w, b)` for the inputs the mask asks for, as a differentiable
-// graph: used when the backward itself is being recorded (create_graph=True).
-template <typename Forward>
-std::array<Tensor, 3> differentiable_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
-                                           const Tensor& b, const Mask& mask, Forward forward) {
-  const std::array<Tensor, 3> inputs{x, w, b};
-  std::vector<Tensor> wrt;
-  for (int i = 0; i < 3; ++i)
-    if (mask[i] && inputs[i].defined()) wrt.push_back(inputs[i]);
-  std::array<Tensor, 3> out;
-  if (wrt.empty()) return out;
-  const Tensor y = forward(x, w, b);
-  const auto grads = torch::autograd::grad({y}, wrt, {dy}, /*retain_graph=*/true,
-                                           /*create_graph=*/true, /*allow_unused=*/true);
-  size_t k = 0;
-  for (int i = 0; i < 3; ++i)
-    if (mask[i] && inputs[i].defined()) out[i] = grads[k++];
-  return out;
-}
-
 Tensor affine(Tensor y, const Tensor& w, const Tensor& b) {
   if (w.defined()) y = y * w;
   if (b.defined()) y = y + b;
   return y;
 }
 
-// Biased variance and its reciprocal square root over `dims`, from elementary ops.
-std::pair<Tensor, Tensor> centered_rstd(const Tensor& x, at::IntArrayRef dims, double eps,
-                                        bool center) {
-  const Tensor xc = center ? x - x.mean(dims, /*keepdim=*/true) : x;
-  return {xc, (xc.pow(2).mean(dims, /*keepdim=*/true) + eps).rsqrt()};
+// fp32 for half tensors: the elementary-op graphs below compute in the precision of our
+// kernels' statistics, and cast their results back.
+Tensor upcast(const Tensor& t) {
+  const bool half = t.defined() && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16);
+  return half ? t.to(at::kFloat) : t;
+}
+
+// t summed over `dims` (none: t itself; at::sum would sum every dim).
+Tensor sum_over(const Tensor& t, const std::vector<int64_t>& dims) {
+  return dims.empty() ? t : t.sum(dims);
 }
 
 std::vector<int64_t> channel_dims(const Tensor& x) {  // every dim but the channel dim 1
@@ -111,11 +96,14 @@ NodePtr make_node() {
   }
 }
 
+bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const Opt& t) { return t && has_tangent(*t); }
+
 // The node of every forward here: the tensors its backward reads (x, weight, the two
 // statistics, bias) and eps; which of x, weight and bias need gradients is which of its three
 // next edges are valid. apply() returns dx, dweight, dbias in that order: from our backward op
-// (kernel_grads), or, where the backward is itself recorded (create_graph=True), by
-// differentiating the forward rebuilt from elementary ops (graph_forward).
+// (kernel_grads), or, where the backward must itself be differentiable (graph_backward), from
+// elementary ATen ops.
 struct NormNode : Node {
   SavedVariable x_, w_, stat0_, stat1_, b_;
   double eps_ = 0;
@@ -162,20 +150,78 @@ struct NormNode : Node {
   // dx, dweight, dbias by our backward op (called below the autograd keys), as `mask` asks
   virtual Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                              const Mask& mask) = 0;
-  // y from x, weight and bias by differentiable ATen ops (never an ATen norm op)
-  virtual Tensor graph_forward(const Tensor& x, const Tensor& w, const Tensor& b) = 0;
+
+  // What the node normalizes, for the elementary-op graphs: a tensor of x's shape as the
+  // statistics see it (layer and batch norm: as it is; group norm: [N, groups, -1]) and the dims
+  // they reduce there; a weight or bias as it broadcasts against x, and the dims of x its
+  // gradient sums over; whether the mean is subtracted (not for RMS norm).
+  virtual Tensor stats_view(const Tensor& t) const { return t; }
+  virtual std::vector<int64_t> stats_dims(const Tensor& xs) const = 0;
+  virtual Tensor param_view(const Tensor& p, const Tensor& x) const { return channel_view(p, x); }
+  virtual std::vector<int64_t> param_dims(const Tensor& x) const { return channel_dims(x); }
+  virtual bool centered() const { return true; }
+  // x-hat and rstd in the statistics view, both functions of x: the statistics recomputed from
+  // it. Batch norm in inference overrides this (and batch_statistics) with the running
+  // statistics, constants.
+  virtual std::pair<Tensor, Tensor> normalized(const Tensor& xs) const {
+    const auto dims = stats_dims(xs);
+    const Tensor xc = centered() ? xs - xs.mean(dims, /*keepdim=*/true) : xs;
+    const Tensor rstd = (xc.pow(2).mean(dims, /*keepdim=*/true) + eps_).rsqrt();
+    return {xc * rstd, rstd};
+  }
+  virtual bool batch_statistics() const { return true; }
+
+  // y from x, weight and bias by elementary ATen ops (never an ATen norm op): what forward-mode
+  // AD differentiates (set_tangent).
+  Tensor graph_forward(const Tensor& x, const Tensor& w, const Tensor& b) const {
+    const Tensor xhat = normalized(stats_view(x)).first.reshape(x.sizes());
+    return affine(xhat, param_view(w, x), param_view(b, x));
+  }
+
+  // dx, dweight, dbias by elementary ATen ops, the statistics recomputed from x: a graph that
+  // autograd, forward-mode AD and the torch.func transforms differentiate again like any other
+  // (gradient penalties, Hessians, forward-over-reverse). With g = dy * weight,
+  //   dx = rstd * (g - mean(g) - x-hat * mean(g * x-hat))    (means over the statistics' dims)
+  //   dweight = sum(dy * x-hat), dbias = sum(dy)              (over the parameter's dims)
+  // Closed form rather than autograd of graph_forward: a backward run inside this one would
+  // need x's history, which a torch.func.vjp pullback, called after its transform has exited,
+  // no longer tracks.
+  Three graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& b,
+                       const Mask& mask) const {
+    const Tensor dy_acc = upcast(dy);
+    const auto [xhat_s, rstd] = normalized(stats_view(upcast(x)));
+    Tensor dx, dw, db;
+    if (mask[0]) {
+      const Tensor g = stats_view(w.defined() ? dy_acc * param_view(upcast(w), x) : dy_acc);
+      Tensor dx_s = g;
+      if (batch_statistics()) {
+        const auto dims = stats_dims(g);
+        dx_s = g - xhat_s * (g * xhat_s).mean(dims, /*keepdim=*/true);
+        if (centered()) dx_s = dx_s - g.mean(dims, /*keepdim=*/true);
+      }
+      dx = (dx_s * rstd).reshape(x.sizes()).to(x.scalar_type());
+    }
+    const auto dims = param_dims(x);
+    if (mask[1] && w.defined())
+      dw = sum_over(dy_acc * xhat_s.reshape(x.sizes()), dims).reshape(w.sizes()).to(w.scalar_type());
+    if (mask[2] && b.defined())
+      db = sum_over(dy_acc, dims).reshape(b.sizes()).to(b.scalar_type());
+    return {dx, dw, db};
+  }
 
   variable_list apply(variable_list&& grads) final {
     const Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(3);
     const Mask mask{should_compute_output(0), should_compute_output(1), should_compute_output(2)};
     const Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack();
-    if (at::GradMode::is_enabled()) {
-      auto g = differentiable_grads(dy, x, w, b, mask, [this](const Tensor& x, const Tensor& w,
-                                                              const Tensor& b) {
-        return graph_forward(x, w, b);
-      });
-      return {g[0], g[1], g[2]};
+    // Differentiable where what it returns can itself be differentiated: recorded
+    // (create_graph=True, every torch.func.grad/vjp) from something that requires grad, or
+    // carrying forward-mode tangents. Otherwise our kernel.
+    const auto requires = [](const Tensor& t) { return t.defined() && t.requires_grad(); };
+    if ((at::GradMode::is_enabled() && (requires(dy) || requires(x) || requires(w))) ||
+        has_tangent(dy) || has_tangent(x) || has_tangent(w)) {
+      auto [dx, dw, db] = graph_backward(dy, x, w, b, mask);
+      return {dx, dw, db};
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [dx, dw, db] = kernel_grads(dy, x, w, mask);
@@ -194,32 +240,43 @@ const Tensor& first(const Tensor& y) { return y; }
 template <typename... Ts>
 const Tensor& first(const std::tuple<Ts...>& outputs) { return std::get<0>(outputs); }
 
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): y's tangent, the derivative of
+// the node's differentiable forward (graph_forward, elementary ATen ops) along the tangents of x,
+// weight and bias, as torch's own norms compute theirs from elementary ops. Half inputs are
+// differentiated in fp32, the precision of our statistics, and the tangent rounded to y's dtype.
+template <typename N>
+void set_tangent(const N& n, const Tensor& x, const Opt& w, const Opt& b, const Tensor& y) {
+  const Tensor dual = n.graph_forward(upcast(x), upcast(w ? *w : Tensor()), upcast(b ? *b : Tensor()));
+  y._set_fw_grad(dual._fw_grad(/*level=*/0).to(y.scalar_type()), /*level=*/0,
+                 /*is_inplace_op=*/false);
+}
+
 // Runs the forward `call()` below the autograd keys and, where this call records a graph, the
 // node N that differentiates it: next edges to x, weight and bias; save(node, outputs) keeps
 // what its backward reads; the history is set on y (the first output) alone, the statistics
-// outputs being non-differentiable. Refused first, as by torch's C++ autograd::Function: a
-// functorch transform, and forward-mode AD (not implemented).
+// outputs being non-differentiable. Where x, weight or bias carries a forward-mode tangent, y
+// gets its own (set_tangent), graph or not. Under the torch.func transforms these run on
+// their wrapped tensors as torch's own autograd kernels do (unlike a C++
+// torch::autograd::Function, which refuses them).
 template <typename N, typename Call, typename Save>
-auto record(const Tensor& x, const Opt& w, const Opt& b, const char* op, Call call, Save save) {
-  if (no_graph(x, w, b)) {
+auto record(const Tensor& x, const Opt& w, const Opt& b, Call call, Save save) {
+  const bool tangents = has_tangent(x) || has_tangent(w) || has_tangent(b);
+  const bool graph = !no_graph(x, w, b);
+  if (!graph && !tangents) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call();
   }
-  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor())
-    functorch_tls->checkSupportsCppAutogradFunction();
-  const auto has_tangent = [](const Opt& t) { return t && t->defined() && t->_fw_grad(0).defined(); };
-  TORCH_CHECK(!has_tangent(x) && !has_tangent(w) && !has_tangent(b), op,
-              ": forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not implemented");
   const NodePtr node = make_node<N>();
   auto& n = static_cast<N&>(*node);
-  n.set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+  if (graph) n.set_next_edges(torch::autograd::collect_next_edges(x, w, b));
   decltype(call()) out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     out = call();
   }
   save(n, out);
-  torch::autograd::set_history(first(out), node);
+  if (graph) torch::autograd::set_history(first(out), node);
+  if (tangents) set_tangent(n, x, w, b, first(out));
   return out;
 }
 
@@ -238,18 +295,24 @@ struct LayerNormBackward : NormNode {
     return ops::layer_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w), ndim_,
                                       rms_, mask);
   }
-  Tensor graph_forward(const Tensor& x, const Tensor& w, const Tensor& b) override {
+  std::vector<int64_t> stats_dims(const Tensor& xs) const override {  // the last ndim
     std::vector<int64_t> dims;
-    for (int64_t d = x.dim() - ndim_; d < x.dim(); ++d) dims.push_back(d);
-    auto [xc, rstd] = centered_rstd(x, dims, eps_, !rms_);
-    return affine(xc * rstd, w, b);
+    for (int64_t d = xs.dim() - ndim_; d < xs.dim(); ++d) dims.push_back(d);
+    return dims;
   }
+  Tensor param_view(const Tensor& p, const Tensor&) const override { return p; }
+  std::vector<int64_t> param_dims(const Tensor& x) const override {  // the leading ones
+    std::vector<int64_t> dims;
+    for (int64_t d = 0; d < x.dim() - ndim_; ++d) dims.push_back(d);
+    return dims;
+  }
+  bool centered() const override { return !rms_; }
 };
 
 Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, double eps,
                      bool rms) {
   return record<LayerNormBackward>(
-      x, w, b, "layer_norm", [&] { return ops::layer_norm_fwd().call(x, ndim, w, b, eps, rms); },
+      x, w, b, [&] { return ops::layer_norm_fwd().call(x, ndim, w, b, eps, rms); },
       [&](LayerNormBackward& n, const Three& out) {
         n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
         n.ndim_ = ndim;
@@ -270,15 +333,13 @@ struct GroupNormBackward : NormNode {
     return ops::group_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w), groups_,
                                       mask);
   }
-  Tensor graph_forward(const Tensor& x, const Tensor& w, const Tensor& b) override {
-    auto [xc, rstd] = centered_rstd(x.reshape({x.size(0), groups_, -1}), {2}, eps_, true);
-    return affine((xc * rstd).view(x.sizes()), channel_view(w, x), channel_view(b, x));
-  }
+  Tensor stats_view(const Tensor& t) const override { return t.reshape({t.size(0), groups_, -1}); }
+  std::vector<int64_t> stats_dims(const Tensor&) const override { return {2}; }
 };
 
 Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b, double eps) {
   return record<GroupNormBackward>(
-      x, w, b, "group_norm", [&] { return ops::group_norm_fwd().call(x, groups, w, b, eps); },
+      x, w, b, [&] { return ops::group_norm_fwd().call(x, groups, w, b, eps); },
       [&](GroupNormBackward& n, const Three& out) {
         n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
         n.groups_ = groups;
@@ -295,17 +356,14 @@ struct BatchNormBackward : NormNode {
     return ops::batch_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w),
                                       /*train=*/true, mask);
   }
-  Tensor graph_forward(const Tensor& x, const Tensor& w, const Tensor& b) override {
-    auto [xc, rstd] = centered_rstd(x, channel_dims(x), eps_, true);
-    return affine(xc * rstd, channel_view(w, x), channel_view(b, x));
-  }
+  std::vector<int64_t> stats_dims(const Tensor& xs) const override { return channel_dims(xs); }
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const Opt& w,
                                                           const Opt& b, double eps) {
   using Four = std::tuple<Tensor, Tensor, Tensor, Tensor>;
   return record<BatchNormBackward>(
-      x, w, b, "batch_norm", [&] { return ops::batch_norm_fwd().call(x, w, b, eps); },
+      x, w, b, [&] { return ops::batch_norm_fwd().call(x, w, b, eps); },
       [&](BatchNormBackward& n, const Four& out) {
         n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
       });
@@ -324,19 +382,18 @@ struct BatchNormInferBackward : NormNode {
     return ops::batch_norm_bwd().call(dy, x, stat0_.unpack(), invstd(x), opt(w),
                                       /*train=*/false, mask);
   }
-  Tensor graph_forward(const Tensor& x, const Tensor& w, const Tensor& b) override {
-    const Tensor r = invstd(x);
-    const Tensor m = stat0_.unpack().to(r.scalar_type());
-    return affine((x - channel_view(m, x)) * channel_view(r, x), channel_view(w, x),
-                  channel_view(b, x));
+  std::vector<int64_t> stats_dims(const Tensor& xs) const override { return channel_dims(xs); }
+  std::pair<Tensor, Tensor> normalized(const Tensor& xs) const override {
+    const Tensor r = channel_view(invstd(xs), xs);
+    return {(xs - channel_view(stat0_.unpack().to(r.scalar_type()), xs)) * r, r};
   }
+  bool batch_statistics() const override { return false; }
 };
 
 Tensor batch_norm_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const Opt& w,
                         const Opt& b, double eps) {
   return record<BatchNormInferBackward>(
-      x, w, b, "batch_norm",
-      [&] { return ops::batch_norm_infer().call(x, mean, var, w, b, eps); },
+      x, w, b, [&] { return ops::batch_norm_infer().call(x, mean, var, w, b, eps); },
       [&](BatchNormInferBackward& n, const Tensor&) { n.save(x, w, mean, var, b, eps); });
 }
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import normkernels.functional as NF
+from normkernels.backend import current as current_backend
 from samples import make_input
 
 ops = torch.ops.normkernels
@@ -49,7 +50,13 @@ def test_opcheck(name, args):
 
 
 def _gc(fn, *inputs):
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    """Numerical gradients against ours; on the C++ backend also forward mode
+    (torch.autograd.forward_ad) and both under vmap (batched gradients and tangents). Under the
+    Triton interpreter those add a minute to these tests; test_transforms.py runs forward mode
+    on both backends."""
+    full = current_backend() != "triton"
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, check_forward_ad=full,
+                                    check_batched_grad=full, check_batched_forward_grad=full)
 
 
 def _d(shape, layout="contiguous"):
@@ -96,12 +103,14 @@ def test_statistics_are_fp32_for_half_inputs(backend_name):
 
 
 def _ggc(fn, *inputs):
-    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4,
+                                        check_fwd_over_rev=True, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_double_backward(layout):
-    """create_graph=True backward (gradient penalties, Hessian-vector products) is exact."""
+    """create_graph=True backward (gradient penalties, Hessian-vector products) is exact,
+    differentiated again by reverse and by forward mode, and under vmap."""
     d = lambda shape: _x(shape, layout if len(shape) == 4 else "contiguous", torch.float64)  # noqa: E731
     w, b = _p(4, torch.float64), _p(4, torch.float64)
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
@@ -154,8 +163,7 @@ def _recorded_calls():
 @pytest.mark.parametrize("name,fn,x,w,b", [pytest.param(*c, id=c[0]) for c in _recorded_calls()])
 def test_autograd_graph_behaves_like_torchs(name, fn, x, w, b):
     """The recorded node keeps torch's rules: edges to exactly the inputs that require grad,
-    saved tensors freed after backward, in-place changes to a saved input caught, and a clear
-    error for forward-mode AD (not implemented)."""
+    saved tensors freed after backward, in-place changes to a saved input caught."""
     y = fn(x, w, b)
     assert y.requires_grad and y.grad_fn is not None
     edges = [f for f, _ in y.grad_fn.next_functions]
@@ -176,13 +184,6 @@ def test_autograd_graph_behaves_like_torchs(name, fn, x, w, b):
     xc.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
-    # forward-mode AD
-    import torch.autograd.forward_ad as fwAD
-
-    with fwAD.dual_level():
-        dual = fwAD.make_dual(x.detach(), torch.randn_like(x))
-        with pytest.raises(RuntimeError, match="forward-mode AD"):
-            fn(dual, w, b)
 
 
 _BACKWARD_OP = {"layer_norm": "layer_norm_bwd", "rms_norm": "layer_norm_bwd",

@@ -1,0 +1,186 @@
+"""torch.func transforms and forward-mode AD through our norms, against torch's on the same
+inputs: grad, vjp (its pullback called after the transform exits), jacrev, jacfwd, hessian,
+vmap of grad (per-sample gradients), jvp and torch.autograd.forward_ad (tangents on the input,
+the weight, the bias), forward-over-reverse, and create_graph double backward."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import normkernels
+import normkernels.functional as NF
+from samples import make_input
+
+C = 6
+
+
+def _calls(mod, rm, rv):
+    """(name, f(x, weight, bias), x shape, parameter size, per-sample vmap in_dims shape)."""
+    return [
+        ("layer_norm", lambda x, w, b: mod.layer_norm(x, (5,), w, b), (3, 4, 5), 5),
+        ("rms_norm", lambda x, w, b: mod.rms_norm(x, (5,), w, 1e-5) + b, (3, 4, 5), 5),
+        ("group_norm", lambda x, w, b: mod.group_norm(x, 3, w, b), (2, C, 3, 2), C),
+        ("batch_norm", lambda x, w, b: mod.batch_norm(x, None, None, w, b, True), (3, C, 2, 2), C),
+        ("batch_norm_infer", lambda x, w, b: mod.batch_norm(x, rm, rv, w, b, False), (3, C, 2, 2), C),
+        ("instance_norm", lambda x, w, b: mod.instance_norm(x, None, None, w, b), (2, C, 3, 2), C),
+    ]
+
+
+def _pairs():
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    return [pytest.param(t[0], t[1], o[1], t[2], t[3], id=t[0]) for t, o in zip(_calls(F, rm, rv), _calls(NF, rm, rv))]
+
+
+def _transforms(f, x, w, b, tx, tw, tb, per_sample):
+    """Every transform of f at (x, w, b), as {name: tensors}."""
+    weights = torch.arange(x.numel(), dtype=x.dtype).view(x.shape).sin()
+
+    def loss(x, w, b):  # a scalar whose gradients differ from element to element
+        return (f(x, w, b) ** 2 * weights[: x.shape[0]]).sum()
+
+    out = {}
+    out["grad"] = grad(loss, argnums=(0, 1, 2))(x, w, b)
+    out["jvp"] = jvp(f, (x, w, b), (tx, tw, tb))
+    y, pullback = vjp(f, x, w, b)
+    out["vjp"] = pullback(torch.ones_like(y).cumsum(0))  # after vjp's transform has exited
+    out["jacrev"] = jacrev(f, argnums=(0, 1))(x, w, b)
+    out["jacfwd"] = jacfwd(f, argnums=(0, 1))(x, w, b)
+    out["hessian"] = hessian(loss)(x, w, b)
+    out["jacrev_jacrev"] = jacrev(jacrev(loss))(x, w, b)
+    out["jvp_of_grad"] = jvp(lambda x: grad(loss)(x, w, b), (x,), (tx,))[1]
+    if per_sample:  # per-sample gradients, as Opacus computes them: each sample a batch of one
+        out["vmap_grad"] = vmap(grad(loss, argnums=(0, 1)), in_dims=(0, None, None))(x[:, None], w, b)
+    for name, tangents in (("fwad_x_w", (tx, tw, None)), ("fwad_b", (None, None, tb))):
+        with fwAD.dual_level():
+            duals = [p if t is None else fwAD.make_dual(p, t) for p, t in zip((x, w, b), tangents)]
+            out[name] = fwAD.unpack_dual(f(*duals)).tangent
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx, gw = torch.autograd.grad(loss(xr, wr, b), (xr, wr), create_graph=True)
+    out["double_backward"] = torch.autograd.grad((gx * tx).sum() + (gw * tw).sum(), (xr, wr))
+    return out
+
+
+@pytest.mark.parametrize("name,torch_f,our_f,shape,n", _pairs())
+def test_transforms_match_torch(name, torch_f, our_f, shape, n):
+    x = torch.randn(shape, dtype=torch.float64)
+    w, b = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    tx, tw, tb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    # batch norm's statistics are over the batch: a batch of one is not a per-sample gradient
+    per_sample = not name.startswith("batch_norm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's "no batching rule" performance warning
+        theirs = _transforms(torch_f, x, w, b, tx, tw, tb, per_sample)
+        ours = _transforms(our_f, x, w, b, tx, tw, tb, per_sample)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        t, o = theirs[key], ours[key]
+        t, o = (t, o) if isinstance(t, tuple) else ((t,), (o,))
+        assert len(t) == len(o), key
+        for a, c in zip(t, o):
+            assert c is not None, key
+            torch.testing.assert_close(c, a, atol=1e-9, rtol=1e-7, msg=f"{name} {key}")
+
+
+_FORWARD_AD_CASES = [
+    ("layer_norm", lambda m, x, w, b: m.layer_norm(x, (8,), w, b), (4, 3, 8), 8, "strided"),
+    ("rms_norm", lambda m, x, w, b: m.rms_norm(x, (8,), w, 1e-5), (6, 8), 8, "contiguous"),
+    ("group_norm", lambda m, x, w, b: m.group_norm(x, 2, w, b), (2, 4, 3, 3), 4, "channels_last"),
+    ("batch_norm", lambda m, x, w, b: m.batch_norm(x, None, None, w, b, True), (3, 4, 2, 3), 4, "channels_last"),
+    ("batch_norm_infer", lambda m, x, w, b: m.batch_norm(x, *_running(x), w, b, False), (3, 4, 2, 3), 4, "strided"),
+]
+
+
+def _running(x):  # running statistics of x's dtype, as torch requires with weights of x's dtype
+    return torch.linspace(-1, 1, 4, dtype=x.dtype), torch.linspace(0.5, 2, 4, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,f,shape,n,layout", [pytest.param(*c, id=c[0]) for c in _FORWARD_AD_CASES])
+def test_forward_ad_tangent_like_torch(name, f, shape, n, layout, dtype, backend_name):
+    """y's tangent, for every dtype and layout, with and without a graph being recorded: as close
+    to the fp64 tangent as torch's, in y's dtype and layout. Before, an input that did not
+    require grad lost its tangent silently."""
+    x = make_input(shape, layout, dtype)
+    w, b = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+    tx = make_input(shape, layout, dtype)
+    tw = torch.randn(n, dtype=dtype)
+
+    def tangent(mod, cast, requires_grad):
+        with fwAD.dual_level():
+            xd = fwAD.make_dual(cast(x).requires_grad_(requires_grad), cast(tx))
+            y = f(mod, xd, fwAD.make_dual(cast(w), cast(tw)), cast(b))
+            return fwAD.unpack_dual(y).primal, fwAD.unpack_dual(y).tangent
+
+    # torch's from contiguous copies: its GroupNorm forward AD raises on channels_last inputs
+    # (torch 2.13: "view size is not compatible with input tensor's size and stride")
+    _, ref = tangent(F, lambda t: t.detach().double().contiguous(), False)
+    _, theirs = tangent(F, lambda t: t.detach().contiguous(), False)
+    for requires_grad in (False, True):
+        y, ours = tangent(NF, lambda t: t.detach().clone(), requires_grad)
+        assert ours is not None and ours.dtype == dtype and ours.shape == y.shape
+        assert ours.stride() == y.stride()
+        err = (ours.double() - ref).abs().max().item()
+        torch_err = (theirs.double() - ref).abs().max().item()
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype] * ref.abs().max().item()
+        assert err <= max(2 * torch_err, tol), (err, torch_err)
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func))
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_transforms_run_our_forward_and_no_aten_norm_op():
+    x, w, b = torch.randn(4, 3, 8), torch.randn(8), torch.randn(8)
+    f = lambda x, w, b: NF.layer_norm(x, (8,), w, b)  # noqa: E731
+    with _OpRecorder() as rec:
+        jvp(f, (x, w, b), (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)))
+        grad(lambda x: f(x, w, b).pow(2).sum())(x)
+        vjp(f, x, w, b)[1](torch.randn_like(x))
+    assert "normkernels.layer_norm_fwd.default" in rec.names
+    assert not {n for n in rec.names if n.startswith("aten.") and "norm" in n}, rec.names
+
+
+def _unet_block():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.Flatten(),
+        torch.nn.LayerNorm(8 * 4 * 4), torch.nn.Linear(8 * 4 * 4, 2),
+    )
+
+
+def test_model_transforms_after_convert():
+    """A converted model under the transforms users run on whole models: per-sample gradients
+    (vmap of grad over functional_call) and a jvp through the network (as in continuous-time
+    consistency training of diffusion models)."""
+    model = _unet_block().double()
+    ours = normkernels.convert(copy.deepcopy(model))
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    results = []
+    for m in (model, ours):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(p, xi):
+            return functional_call(m, p, (xi[None],)).pow(2).sum()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+        _, tangent = jvp(lambda xi: m(xi), (x,), (torch.ones_like(x),))
+        results.append((per_sample, tangent))
+    (ps_t, tan_t), (ps_o, tan_o) = results
+    torch.testing.assert_close(tan_o, tan_t, atol=1e-9, rtol=1e-7)
+    assert ps_t.keys() == ps_o.keys()
+    for k in ps_t:
+        torch.testing.assert_close(ps_o[k], ps_t[k], atol=1e-9, rtol=1e-7, msg=k)
