@@ -19,6 +19,7 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
     ) from e
 
 from . import _ops  # noqa: F401,E402  (fake kernels and autograd of the ops)
+from . import _vmap  # noqa: F401,E402  (torch.vmap batching rules of the forward ops)
 from . import functional, nn  # noqa: E402
 from .backend import backend  # noqa: E402
 from .convert import convert  # noqa: E402

@@ -184,3 +184,81 @@ def test_model_transforms_after_convert():
     assert ps_t.keys() == ps_o.keys()
     for k in ps_t:
         torch.testing.assert_close(ps_o[k], ps_t[k], atol=1e-9, rtol=1e-7, msg=k)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the normkernels ops that reach the kernels (below vmap: unbatched calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += str(func).startswith("normkernels.")
+        return func(*args, **(kwargs or {}))
+
+
+def _vmap_cases():
+    B, dt = 3, torch.float64
+    x = torch.randn(B, 2, C, 3, 2, dtype=dt)
+    x_at2 = x.movedim(0, 2).contiguous()  # the vmapped dim in the middle
+    x_cl = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # channels_last samples
+    w, wb = torch.randn(C, dtype=dt), torch.randn(B, C, dtype=dt)
+    w2, w2b = torch.randn(2, dtype=dt), torch.randn(B, 2, dtype=dt)
+    rm, rv = torch.randn(C, dtype=dt), torch.rand(C, dtype=dt) + 0.5
+    rmb, rvb = torch.randn(B, C, dtype=dt), torch.rand(B, C, dtype=dt) + 0.5
+    ln = lambda m, x, w, b: m.layer_norm(x, (2,), w, b)  # noqa: E731
+    rms = lambda m, x, w: m.rms_norm(x, (3, 2), w, 1e-5)  # noqa: E731
+    gn = lambda m, x, w, b: m.group_norm(x, 3, w, b)  # noqa: E731
+    bn = lambda m, x, w, b: m.batch_norm(x, None, None, w, b, True)  # noqa: E731
+    bi = lambda m, x, rm, rv, w, b: m.batch_norm(x, rm, rv, w, b, False)  # noqa: E731
+    inn = lambda m, x, w: m.instance_norm(x, weight=w)  # noqa: E731
+    return [  # (id, f, args, in_dims): x vmapped at 0 or 2, parameters vmapped (ensembles), x not
+        ("layer_norm", ln, (x, w2, w2), (0, None, None)),
+        ("layer_norm-dim2", ln, (x_at2, w2, w2), (2, None, None)),
+        ("layer_norm-weights", ln, (x, w2b, w2), (0, 0, None)),
+        ("layer_norm-only-weights", ln, (x[0], w2b, w2b), (None, 0, 0)),
+        ("rms_norm", rms, (x, torch.randn(3, 2, dtype=dt)), (0, None)),
+        ("rms_norm-weights", rms, (x, torch.randn(B, 3, 2, dtype=dt)), (0, 0)),
+        ("group_norm", gn, (x, w, w), (0, None, None)),
+        ("group_norm-dim2", gn, (x_at2, w, w), (2, None, None)),
+        ("group_norm-channels_last", gn, (x_cl, w, w), (0, None, None)),
+        ("group_norm-weights", gn, (x, wb, w), (0, 0, None)),
+        ("instance_norm-weights", inn, (x, wb), (0, 0)),
+        ("batch_norm", bn, (x, w, w), (0, None, None)),
+        ("batch_norm-dim2", bn, (x_at2, w, w), (2, None, None)),
+        ("batch_norm-channels_last", bn, (x_cl, w, None), (0, None, None)),
+        ("batch_norm-weights", bn, (x, wb, wb), (0, 0, 0)),
+        ("batch_norm-only-weights", bn, (x[0], wb, None), (None, 0, None)),
+        ("batch_norm_infer", bi, (x, rm, rv, w, w), (0, None, None, None, None)),
+        ("batch_norm_infer-dim2", bi, (x_at2, rm, rv, w, w), (2, None, None, None, None)),
+        ("batch_norm_infer-stats", bi, (x, rmb, rvb, wb, w), (0, 0, 0, 0, None)),
+        ("batch_norm_infer-only-stats", bi, (x[0], rmb, rv, w, None), (None, 0, None, None, None)),
+    ]
+
+
+@pytest.mark.parametrize("f,args,in_dims", [pytest.param(*c[1:], id=c[0]) for c in _vmap_cases()])
+def test_vmap_one_kernel_call_like_torch(f, args, in_dims):
+    """vmap of every forward op: torch's values, from one call of our kernel for the whole batch
+    (a batching rule; torch's fallback would call it once a sample, with a warning)."""
+    # torch's from contiguous copies: its group norm raises under vmap on channels_last samples
+    # (torch 2.13: "NYI: querying is_contiguous inside of vmap for memory_format other than ...")
+    expected = vmap(lambda *a: f(F, *a), in_dims=in_dims)(*[a if a is None else a.contiguous() for a in args])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "performance drop ... batching rule" warning
+        with _OpCounter() as counter:
+            got = vmap(lambda *a: f(NF, *a), in_dims=in_dims)(*args)
+    assert counter.calls == 1
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8)
+
+
+def test_vmap_nested_and_half():
+    x = torch.randn(3, 4, 5, 8)
+    nested = lambda m: vmap(vmap(lambda x: m.layer_norm(x, (8,))))(x)  # noqa: E731
+    torch.testing.assert_close(nested(NF), nested(F))
+    # vmapped weights of a half input: the affine applied in fp32 after the kernel
+    xb, wb = x.to(torch.bfloat16), torch.randn(3, 8)
+    ens = lambda m, x: vmap(lambda x, w: m.layer_norm(x, (8,), w))(x, wb)  # noqa: E731
+    ref = ens(F, xb.double()).to(torch.bfloat16)
+    ours, theirs = ens(NF, xb), vmap(lambda x, w: F.layer_norm(x, (8,), w.to(torch.bfloat16)))(xb, wb)
+    assert (ours.double() - ref.double()).abs().max() <= 2 * (theirs.double() - ref.double()).abs().max() + 1e-2
