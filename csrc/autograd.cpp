@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "norm_graphs.h"
 #include "op_handles.h"
 
 namespace normkernels {
@@ -50,37 +51,6 @@ using ops::Three;
 Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 
 Tensor if_(bool wanted, const Tensor& t) { return wanted ? t : Tensor(); }
-
-Tensor affine(Tensor y, const Tensor& w, const Tensor& b) {
-  if (w.defined()) y = y * w;
-  if (b.defined()) y = y + b;
-  return y;
-}
-
-// fp32 for half tensors: the elementary-op graphs below compute in the precision of our
-// kernels' statistics, and cast their results back.
-Tensor upcast(const Tensor& t) {
-  const bool half = t.defined() && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16);
-  return half ? t.to(at::kFloat) : t;
-}
-
-// t summed over `dims` (none: t itself; at::sum would sum every dim).
-Tensor sum_over(const Tensor& t, const std::vector<int64_t>& dims) {
-  return dims.empty() ? t : t.sum(dims);
-}
-
-std::vector<int64_t> channel_dims(const Tensor& x) {  // every dim but the channel dim 1
-  std::vector<int64_t> dims{0};
-  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
-  return dims;
-}
-
-Tensor channel_view(const Tensor& p, const Tensor& x) {  // [C] -> [1, C, 1, ...]
-  if (!p.defined()) return p;
-  std::vector<int64_t> shape(x.dim(), 1);
-  shape[1] = x.size(1);
-  return p.view(shape);
-}
 
 // What owns a Node: c10::intrusive_ptr from torch 2.13, std::shared_ptr before. (Before 2.13
 // torch gave its own nodes a deleter that defers the teardown of deep graphs; a plain delete
@@ -99,14 +69,52 @@ NodePtr make_node() {
 bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 bool has_tangent(const Opt& t) { return t && has_tangent(*t); }
 
+bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
+
+// Whether t is a torch.func transform's wrapped tensor (grad/jvp levels, vmap). There a recorded
+// backward is built from elementary ops alone (Norm::backward), which every transform level
+// knows how to handle: our backward kernel, called below autograd, would be unwrapped to the
+// level beneath, whose tangents or graph it does not carry. (Which levels are active is in
+// functorch's DynamicLayer.h, which extensions cannot include: it needs nlohmann/json.)
+bool functorch_wrapped(const Tensor& t) {
+  return t.defined() && (t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper) ||
+                         t.key_set().has(c10::DispatchKey::FuncTorchBatched));
+}
+
+// The backward of our backward, recorded where the first backward is itself differentiated
+// (create_graph=True: gradient penalties, Hessian-vector products): next edges to dy, x and weight; apply() is
+// Norm::double_backward, elementary ops, so it is differentiable again in turn.
+struct NormDoubleBackward : Node {
+  Norm norm_;
+  // stat0/stat1: the forward's mean and rstd (batch statistics), or the running mean and var
+  SavedVariable dy_, x_, w_, stat0_, stat1_;
+  std::string name() const override { return "normkernels::NormDoubleBackward"; }
+  void release_variables() override {
+    for (SavedVariable* v : {&dy_, &x_, &w_, &stat0_, &stat1_}) v->reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return variable_list(3);
+    const Norm::Mask mask{should_compute_output(0), should_compute_output(1),
+                          should_compute_output(2)};
+    const Tensor stat0 = stat0_.unpack(), stat1 = stat1_.unpack();
+    const bool batch = norm_.batch_statistics();
+    auto [g_dy, g_x, g_w] = norm_.double_backward(
+        grads[0], grads[1], grads[2], dy_.unpack(), x_.unpack(), w_.unpack(),
+        batch ? stat0 : Tensor(), batch ? stat1 : Tensor(), batch ? Tensor() : stat0,
+        batch ? Tensor() : stat1, mask);
+    return {g_dy, g_x, g_w};
+  }
+};
+
 // The node of every forward here: the tensors its backward reads (x, weight, the two
-// statistics, bias) and eps; which of x, weight and bias need gradients is which of its three
-// next edges are valid. apply() returns dx, dweight, dbias in that order: from our backward op
-// (kernel_grads), or, where the backward must itself be differentiable (graph_backward), from
-// elementary ATen ops.
+// statistics, bias) and the normalization (norm_: family, eps, ...); which of x, weight and bias
+// need gradients is which of its three next edges are valid. apply() returns dx, dweight, dbias
+// in that order, from our backward op (kernel_grads); where they will be differentiated again it
+// records a NormDoubleBackward on them, or, under the torch.func transforms and with
+// forward-mode tangents, computes them by elementary ops (Norm::backward).
 struct NormNode : Node {
   SavedVariable x_, w_, stat0_, stat1_, b_;
-  double eps_ = 0;
+  Norm norm_;
 
   void save(const Tensor& x, const Opt& w, const Tensor& stat0, const Tensor& stat1,
             const Opt& b, double eps) {
@@ -115,7 +123,7 @@ struct NormNode : Node {
     stat0_ = SavedVariable(stat0, false);
     stat1_ = SavedVariable(stat1, false);
     b_ = SavedVariable(b, false);
-    eps_ = eps;
+    norm_.eps = eps;
   }
   // Every saved tensor, for the uses that treat them alike (release, compiled autograd); const
   // or not as the node is.
@@ -128,14 +136,17 @@ struct NormNode : Node {
   }
 
   // Compiled autograd (torch._dynamo.compiled_autograd) builds one graph of a whole backward:
-  // compiled_args hands it what the traced graph depends on (the saved tensors; eps and each
-  // node's own parameters, by collect_params), and apply_with_saved runs apply() on the proxy
-  // tensors it swaps in for the saved ones, which records our backward op (whose fake kernel
-  // gives the shapes) into that graph, as torch's own nodes record their ATen ops.
+  // compiled_args hands it what the traced graph depends on (the saved tensors and the
+  // normalization's parameters), and apply_with_saved runs apply() on the proxy tensors it
+  // swaps in for the saved ones, which records our backward op (whose fake kernel gives the
+  // shapes) into that graph, as torch's own nodes record their ATen ops.
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
     for (const SavedVariable* v : saved_variables(*this)) args.collect(*v, false);
-    args.collect(eps_);
-    collect_params(args);
+    args.collect(static_cast<int64_t>(norm_.kind));
+    args.collect(norm_.ndim);
+    args.collect(norm_.rms);
+    args.collect(norm_.groups);
+    args.collect(norm_.eps);
   }
   variable_list apply_with_saved(const variable_list& inputs,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
@@ -144,69 +155,15 @@ struct NormNode : Node {
     for (SavedVariable* v : saved_variables(*this)) saved.after(*v);
     return out;
   }
-  // the node's own non-tensor state beyond eps (compiled_args)
-  virtual void collect_params(torch::dynamo::autograd::CompiledNodeArgs& args) const {}
 
   // dx, dweight, dbias by our backward op (called below the autograd keys), as `mask` asks
   virtual Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                              const Mask& mask) = 0;
 
-  // What the node normalizes, for the elementary-op graphs: a tensor of x's shape as the
-  // statistics see it (layer and batch norm: as it is; group norm: [N, groups, -1]) and the dims
-  // they reduce there; a weight or bias as it broadcasts against x, and the dims of x its
-  // gradient sums over; whether the mean is subtracted (not for RMS norm).
-  virtual Tensor stats_view(const Tensor& t) const { return t; }
-  virtual std::vector<int64_t> stats_dims(const Tensor& xs) const = 0;
-  virtual Tensor param_view(const Tensor& p, const Tensor& x) const { return channel_view(p, x); }
-  virtual std::vector<int64_t> param_dims(const Tensor& x) const { return channel_dims(x); }
-  virtual bool centered() const { return true; }
-  // x-hat and rstd in the statistics view, both functions of x: the statistics recomputed from
-  // it. Batch norm in inference overrides this (and batch_statistics) with the running
-  // statistics, constants.
-  virtual std::pair<Tensor, Tensor> normalized(const Tensor& xs) const {
-    const auto dims = stats_dims(xs);
-    const Tensor xc = centered() ? xs - xs.mean(dims, /*keepdim=*/true) : xs;
-    const Tensor rstd = (xc.pow(2).mean(dims, /*keepdim=*/true) + eps_).rsqrt();
-    return {xc * rstd, rstd};
-  }
-  virtual bool batch_statistics() const { return true; }
-
-  // y from x, weight and bias by elementary ATen ops (never an ATen norm op): what forward-mode
-  // AD differentiates (set_tangent).
-  Tensor graph_forward(const Tensor& x, const Tensor& w, const Tensor& b) const {
-    const Tensor xhat = normalized(stats_view(x)).first.reshape(x.sizes());
-    return affine(xhat, param_view(w, x), param_view(b, x));
-  }
-
-  // dx, dweight, dbias by elementary ATen ops, the statistics recomputed from x: a graph that
-  // autograd, forward-mode AD and the torch.func transforms differentiate again like any other
-  // (gradient penalties, Hessians, forward-over-reverse). With g = dy * weight,
-  //   dx = rstd * (g - mean(g) - x-hat * mean(g * x-hat))    (means over the statistics' dims)
-  //   dweight = sum(dy * x-hat), dbias = sum(dy)              (over the parameter's dims)
-  // Closed form rather than autograd of graph_forward: a backward run inside this one would
-  // need x's history, which a torch.func.vjp pullback, called after its transform has exited,
-  // no longer tracks.
-  Three graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& b,
-                       const Mask& mask) const {
-    const Tensor dy_acc = upcast(dy);
-    const auto [xhat_s, rstd] = normalized(stats_view(upcast(x)));
-    Tensor dx, dw, db;
-    if (mask[0]) {
-      const Tensor g = stats_view(w.defined() ? dy_acc * param_view(upcast(w), x) : dy_acc);
-      Tensor dx_s = g;
-      if (batch_statistics()) {
-        const auto dims = stats_dims(g);
-        dx_s = g - xhat_s * (g * xhat_s).mean(dims, /*keepdim=*/true);
-        if (centered()) dx_s = dx_s - g.mean(dims, /*keepdim=*/true);
-      }
-      dx = (dx_s * rstd).reshape(x.sizes()).to(x.scalar_type());
-    }
-    const auto dims = param_dims(x);
-    if (mask[1] && w.defined())
-      dw = sum_over(dy_acc * xhat_s.reshape(x.sizes()), dims).reshape(w.sizes()).to(w.scalar_type());
-    if (mask[2] && b.defined())
-      db = sum_over(dy_acc, dims).reshape(b.sizes()).to(b.scalar_type());
-    return {dx, dw, db};
+  // The running mean and var the normalization uses (batch norm in inference), else undefined.
+  std::pair<Tensor, Tensor> running() const {
+    if (norm_.batch_statistics()) return {};
+    return {stat0_.unpack(), stat1_.unpack()};
   }
 
   variable_list apply(variable_list&& grads) final {
@@ -214,18 +171,38 @@ struct NormNode : Node {
     if (!dy.defined()) return variable_list(3);
     const Mask mask{should_compute_output(0), should_compute_output(1), should_compute_output(2)};
     const Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack();
-    // Differentiable where what it returns can itself be differentiated: recorded
-    // (create_graph=True, every torch.func.grad/vjp) from something that requires grad, or
-    // carrying forward-mode tangents. Otherwise our kernel.
-    const auto requires = [](const Tensor& t) { return t.defined() && t.requires_grad(); };
-    if ((at::GradMode::is_enabled() && (requires(dy) || requires(x) || requires(w))) ||
-        has_tangent(dy) || has_tangent(x) || has_tangent(w)) {
-      auto [dx, dw, db] = graph_backward(dy, x, w, b, mask);
+    const bool recorded = at::GradMode::is_enabled() &&
+                          (requires_grad(dy) || requires_grad(x) || requires_grad(w));
+    const bool transformed = recorded && (functorch_wrapped(dy) || functorch_wrapped(x) ||
+                                          functorch_wrapped(w));
+    if (has_tangent(dy) || has_tangent(x) || has_tangent(w) || transformed) {
+      const auto [running_mean, running_var] = running();
+      auto [dx, dw, db] = norm_.backward(dy, x, w, b, running_mean, running_var, mask);
       return {dx, dw, db};
     }
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dx, dw, db] = kernel_grads(dy, x, w, mask);
-    return {if_(mask[0], dx), if_(mask[1], dw), if_(mask[2], db)};
+    Three out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = kernel_grads(dy, x, w, mask);
+    }
+    variable_list result{if_(mask[0], std::get<0>(out)), if_(mask[1], std::get<1>(out)),
+                         if_(mask[2], std::get<2>(out))};
+    if (recorded) record_double_backward(result, dy, x, w);
+    return result;
+  }
+
+  void record_double_backward(const variable_list& result, const Tensor& dy, const Tensor& x,
+                              const Tensor& w) const {
+    const NodePtr node = make_node<NormDoubleBackward>();
+    auto& n = static_cast<NormDoubleBackward&>(*node);
+    n.norm_ = norm_;
+    n.dy_ = SavedVariable(dy, false);
+    n.x_ = SavedVariable(x, false);
+    n.w_ = SavedVariable(w, false);
+    n.stat0_ = SavedVariable(stat0_.unpack(), false);
+    n.stat1_ = SavedVariable(stat1_.unpack(), false);
+    n.set_next_edges(torch::autograd::collect_next_edges(dy, x, w));
+    for (const Tensor& t : result) torch::autograd::set_history(t, node);
   }
 };
 
@@ -241,12 +218,14 @@ template <typename... Ts>
 const Tensor& first(const std::tuple<Ts...>& outputs) { return std::get<0>(outputs); }
 
 // Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): y's tangent, the derivative of
-// the node's differentiable forward (graph_forward, elementary ATen ops) along the tangents of x,
-// weight and bias, as torch's own norms compute theirs from elementary ops. Half inputs are
-// differentiated in fp32, the precision of our statistics, and the tangent rounded to y's dtype.
-template <typename N>
-void set_tangent(const N& n, const Tensor& x, const Opt& w, const Opt& b, const Tensor& y) {
-  const Tensor dual = n.graph_forward(upcast(x), upcast(w ? *w : Tensor()), upcast(b ? *b : Tensor()));
+// the same normalization in elementary ops (Norm::forward) along the tangents of x, weight and
+// bias, as torch's own norms compute theirs from elementary ops. Half inputs are differentiated
+// in fp32, the precision of our statistics, and the tangent rounded to y's dtype.
+void set_tangent(const NormNode& n, const Tensor& x, const Opt& w, const Opt& b,
+                 const Tensor& y) {
+  const auto [running_mean, running_var] = n.running();
+  const Tensor dual = n.norm_.forward(upcast(x), upcast(w ? *w : Tensor()),
+                                      upcast(b ? *b : Tensor()), running_mean, running_var);
   y._set_fw_grad(dual._fw_grad(/*level=*/0).to(y.scalar_type()), /*level=*/0,
                  /*is_inplace_op=*/false);
 }
@@ -283,30 +262,12 @@ auto record(const Tensor& x, const Opt& w, const Opt& b, Call call, Save save) {
 // ---------------------------------------------------------------- layer norm / RMS norm
 
 struct LayerNormBackward : NormNode {
-  int64_t ndim_ = 0;
-  bool rms_ = false;
   std::string name() const override { return "normkernels::LayerNormBackward"; }
-  void collect_params(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(ndim_);
-    args.collect(rms_);
-  }
   Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                      const Mask& mask) override {
-    return ops::layer_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w), ndim_,
-                                      rms_, mask);
+    return ops::layer_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w),
+                                      norm_.ndim, norm_.rms, mask);
   }
-  std::vector<int64_t> stats_dims(const Tensor& xs) const override {  // the last ndim
-    std::vector<int64_t> dims;
-    for (int64_t d = xs.dim() - ndim_; d < xs.dim(); ++d) dims.push_back(d);
-    return dims;
-  }
-  Tensor param_view(const Tensor& p, const Tensor&) const override { return p; }
-  std::vector<int64_t> param_dims(const Tensor& x) const override {  // the leading ones
-    std::vector<int64_t> dims;
-    for (int64_t d = 0; d < x.dim() - ndim_; ++d) dims.push_back(d);
-    return dims;
-  }
-  bool centered() const override { return !rms_; }
 };
 
 Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, double eps,
@@ -315,26 +276,21 @@ Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, 
       x, w, b, [&] { return ops::layer_norm_fwd().call(x, ndim, w, b, eps, rms); },
       [&](LayerNormBackward& n, const Three& out) {
         n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
-        n.ndim_ = ndim;
-        n.rms_ = rms;
+        n.norm_.kind = Norm::Kind::kLayer;
+        n.norm_.ndim = ndim;
+        n.norm_.rms = rms;
       });
 }
 
 // ---------------------------------------------------------------- group norm / instance norm
 
 struct GroupNormBackward : NormNode {
-  int64_t groups_ = 0;
   std::string name() const override { return "normkernels::GroupNormBackward"; }
-  void collect_params(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(groups_);
-  }
   Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                      const Mask& mask) override {
-    return ops::group_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w), groups_,
-                                      mask);
+    return ops::group_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w),
+                                      norm_.groups, mask);
   }
-  Tensor stats_view(const Tensor& t) const override { return t.reshape({t.size(0), groups_, -1}); }
-  std::vector<int64_t> stats_dims(const Tensor&) const override { return {2}; }
 };
 
 Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b, double eps) {
@@ -342,7 +298,8 @@ Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b
       x, w, b, [&] { return ops::group_norm_fwd().call(x, groups, w, b, eps); },
       [&](GroupNormBackward& n, const Three& out) {
         n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
-        n.groups_ = groups;
+        n.norm_.kind = Norm::Kind::kGroup;
+        n.norm_.groups = groups;
       });
 }
 
@@ -356,7 +313,6 @@ struct BatchNormBackward : NormNode {
     return ops::batch_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w),
                                       /*train=*/true, mask);
   }
-  std::vector<int64_t> stats_dims(const Tensor& xs) const override { return channel_dims(xs); }
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const Opt& w,
@@ -366,6 +322,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const
       x, w, b, [&] { return ops::batch_norm_fwd().call(x, w, b, eps); },
       [&](BatchNormBackward& n, const Four& out) {
         n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
+        n.norm_.kind = Norm::Kind::kBatch;
       });
 }
 
@@ -373,28 +330,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const
 // gradient flows to them, as with torch's batch norm.
 struct BatchNormInferBackward : NormNode {
   std::string name() const override { return "normkernels::BatchNormInferBackward"; }
-  Tensor invstd(const Tensor& x) const {
-    const auto stats = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    return stat1_.unpack().to(stats).add(eps_).rsqrt_();
-  }
   Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                      const Mask& mask) override {
-    return ops::batch_norm_bwd().call(dy, x, stat0_.unpack(), invstd(x), opt(w),
-                                      /*train=*/false, mask);
+    const auto stats = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const Tensor invstd = stat1_.unpack().to(stats).add(norm_.eps).rsqrt_();
+    return ops::batch_norm_bwd().call(dy, x, stat0_.unpack(), invstd, opt(w), /*train=*/false,
+                                      mask);
   }
-  std::vector<int64_t> stats_dims(const Tensor& xs) const override { return channel_dims(xs); }
-  std::pair<Tensor, Tensor> normalized(const Tensor& xs) const override {
-    const Tensor r = channel_view(invstd(xs), xs);
-    return {(xs - channel_view(stat0_.unpack().to(r.scalar_type()), xs)) * r, r};
-  }
-  bool batch_statistics() const override { return false; }
 };
 
 Tensor batch_norm_infer(const Tensor& x, const Tensor& mean, const Tensor& var, const Opt& w,
                         const Opt& b, double eps) {
   return record<BatchNormInferBackward>(
       x, w, b, [&] { return ops::batch_norm_infer().call(x, mean, var, w, b, eps); },
-      [&](BatchNormInferBackward& n, const Tensor&) { n.save(x, w, mean, var, b, eps); });
+      [&](BatchNormInferBackward& n, const Tensor&) {
+        n.save(x, w, mean, var, b, eps);
+        n.norm_.kind = Norm::Kind::kBatchInfer;
+      });
 }
 
 }  // namespace

@@ -122,6 +122,30 @@ def test_double_backward(layout):
     _ggc(lambda x, w: NF.rms_norm(x, [4], w, 1e-5), d((3, 5, 4)), w)
 
 
+def test_recorded_backward_runs_our_kernel_and_third_order_is_exact():
+    """A backward run with create_graph=True computes its values with our backward op and records
+    NormDoubleBackward (closed-form, elementary ops), which autograd differentiates again: third
+    derivatives check numerically too."""
+    d = torch.float64
+    x, w = _p((3, 2, 5), d), _p(5, d)
+    rm, rv = torch.randn(4, dtype=d), torch.rand(4, dtype=d) + 0.5
+    calls = {
+        "layer_norm": (lambda x, w: NF.layer_norm(x, (5,), w), x, w),
+        "rms_norm": (lambda x, w: NF.rms_norm(x, (5,), w, 1e-5), x, w),
+        "group_norm": (lambda x, w: NF.group_norm(x, 2, w), _p((2, 4, 3), d), _p(4, d)),
+        "batch_norm": (lambda x, w: NF.batch_norm(x, None, None, w, None, True), _p((3, 4, 2), d), _p(4, d)),
+        "batch_norm_infer": (lambda x, w: NF.batch_norm(x, rm, rv, w, None, False), _p((3, 4, 2), d), _p(4, d)),
+    }
+    for name, (f, xi, wi) in calls.items():
+        (gx,) = torch.autograd.grad(f(xi, wi).pow(2).sum(), xi, create_graph=True)
+        assert gx.grad_fn.name() == "normkernels::NormDoubleBackward", name
+
+        def first_grads(x, w, f=f):
+            return torch.autograd.grad(f(x, w).pow(3).sum(), (x, w), create_graph=True)
+
+        assert torch.autograd.gradgradcheck(first_grads, (xi, wi), atol=1e-5, rtol=1e-4), name
+
+
 def test_gradient_penalty_matches_torch():
     torch.manual_seed(0)
     import copy

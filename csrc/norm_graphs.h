@@ -1,0 +1,210 @@
+// The normalizations as elementary differentiable ATen ops (mean, rsqrt, sums; never an ATen
+// norm op), for what our kernels do not compute: forward-mode tangents, and gradients that
+// must themselves be differentiable (create_graph=True, torch.func transforms). Used by the
+// autograd nodes in csrc/autograd.cpp. Everything is a function of x (the statistics are
+// recomputed from it), so autograd differentiates these graphs again to any order.
+//
+// Notation, per normalized group of M values (a row, a (sample, group), a channel):
+//   x-hat = (x - mean(x)) * rstd, rstd = 1 / sqrt(var(x) + eps)  (RMS norm: no mean)
+//   y = x-hat * weight + bias, g = dy * weight
+//   dx = rstd * (g - mean(g) - x-hat * mean(g * x-hat))   (J^T g; J is symmetric)
+//   dweight = sum(dy * x-hat), dbias = sum(dy)            (over the parameter's dims)
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <array>
+#include <utility>
+#include <vector>
+
+namespace normkernels {
+
+// fp32 for half tensors: the graphs compute in the precision of our kernels' statistics, and
+// cast their results back.
+inline at::Tensor upcast(const at::Tensor& t) {
+  const bool half =
+      t.defined() && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16);
+  return half ? t.to(at::kFloat) : t;
+}
+
+// t summed over `dims` (none: t itself; at::sum would sum every dim).
+inline at::Tensor sum_over(const at::Tensor& t, const std::vector<int64_t>& dims) {
+  return dims.empty() ? t : t.sum(dims);
+}
+
+inline std::vector<int64_t> channel_dims(const at::Tensor& x) {  // every dim but dim 1
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+inline at::Tensor channel_view(const at::Tensor& p, const at::Tensor& x) {  // [C] -> [1, C, 1..]
+  if (!p.defined()) return p;
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = x.size(1);
+  return p.view(shape);
+}
+
+// One normalization: which family, its parameters, and the graphs. Batch norm in inference
+// normalizes with the running statistics, constants, passed to each graph (undefined tensors
+// for the others).
+struct Norm {
+  enum class Kind : int64_t { kLayer, kGroup, kBatch, kBatchInfer };
+  Kind kind = Kind::kLayer;
+  int64_t ndim = 0;     // layer norm: how many trailing dims are normalized
+  bool rms = false;     // layer norm without the mean
+  int64_t groups = 0;   // group norm
+  double eps = 0;
+
+  using Tensor = at::Tensor;
+  using Three = std::array<Tensor, 3>;
+  using Mask = std::array<bool, 3>;
+
+  // t (of x's shape) as the statistics see it: group norm's [N, groups, -1], else as it is
+  Tensor stats_view(const Tensor& t) const {
+    return kind == Kind::kGroup ? t.reshape({t.size(0), groups, -1}) : t;
+  }
+  std::vector<int64_t> stats_dims(const Tensor& xs) const {  // the dims the statistics reduce
+    if (kind == Kind::kGroup) return {2};
+    if (kind != Kind::kLayer) return channel_dims(xs);
+    std::vector<int64_t> dims;
+    for (int64_t d = xs.dim() - ndim; d < xs.dim(); ++d) dims.push_back(d);
+    return dims;
+  }
+  // a weight or bias as it broadcasts against x, and the dims of x its gradient sums over
+  Tensor param_view(const Tensor& p, const Tensor& x) const {
+    return kind == Kind::kLayer ? p : channel_view(p, x);
+  }
+  std::vector<int64_t> param_dims(const Tensor& x) const {
+    if (kind != Kind::kLayer) return channel_dims(x);
+    std::vector<int64_t> dims;
+    for (int64_t d = 0; d < x.dim() - ndim; ++d) dims.push_back(d);
+    return dims;
+  }
+  bool centered() const { return !(kind == Kind::kLayer && rms); }
+  bool batch_statistics() const { return kind != Kind::kBatchInfer; }
+
+  // x-hat and rstd in the statistics view
+  std::pair<Tensor, Tensor> normalized(const Tensor& xs, const Tensor& running_mean,
+                                       const Tensor& running_var) const {
+    if (!batch_statistics()) {
+      const Tensor r = channel_view((running_var.to(xs.scalar_type()) + eps).rsqrt(), xs);
+      return {(xs - channel_view(running_mean.to(xs.scalar_type()), xs)) * r, r};
+    }
+    const auto dims = stats_dims(xs);
+    const Tensor xc = centered() ? xs - xs.mean(dims, /*keepdim=*/true) : xs;
+    const Tensor rstd = (xc.pow(2).mean(dims, /*keepdim=*/true) + eps).rsqrt();
+    return {xc * rstd, rstd};
+  }
+
+  // J^T g for the normalization alone (statistics view): rstd * (g - mean(g) - x-hat *
+  // mean(g * x-hat)); with running statistics, rstd * g.
+  Tensor normalized_vjp(const Tensor& g, const Tensor& xhat, const Tensor& rstd) const {
+    if (!batch_statistics()) return g * rstd;
+    const auto dims = stats_dims(g);
+    Tensor out = g - xhat * (g * xhat).mean(dims, /*keepdim=*/true);
+    if (centered()) out = out - g.mean(dims, /*keepdim=*/true);
+    return out * rstd;
+  }
+
+  // y (what forward-mode AD differentiates)
+  Tensor forward(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& running_mean,
+                 const Tensor& running_var) const {
+    Tensor y = normalized(stats_view(x), running_mean, running_var).first.reshape(x.sizes());
+    if (w.defined()) y = y * param_view(w, x);
+    if (b.defined()) y = y + param_view(b, x);
+    return y;
+  }
+
+  // dx, dweight, dbias, as `mask` asks
+  Three backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& b,
+                 const Tensor& running_mean, const Tensor& running_var, const Mask& mask) const {
+    const Tensor dy_acc = upcast(dy);
+    const auto [xhat, rstd] = normalized(stats_view(upcast(x)), running_mean, running_var);
+    Three out;
+    if (mask[0]) {
+      const Tensor g = stats_view(w.defined() ? dy_acc * param_view(upcast(w), x) : dy_acc);
+      out[0] = normalized_vjp(g, xhat, rstd).reshape(x.sizes()).to(x.scalar_type());
+    }
+    const auto dims = param_dims(x);
+    if (mask[1] && w.defined())
+      out[1] = sum_over(dy_acc * xhat.reshape(x.sizes()), dims).reshape(w.sizes()).to(w.scalar_type());
+    if (mask[2] && b.defined())
+      out[2] = sum_over(dy_acc, dims).reshape(b.sizes()).to(b.scalar_type());
+    return out;
+  }
+
+  // x-hat and rstd in the statistics view from the statistics our forward kernel saved (mean
+  // undefined for RMS norm): the same values as normalized(), without its passes over x, but
+  // constants to autograd.
+  std::pair<Tensor, Tensor> from_statistics(const Tensor& xs, const Tensor& mean,
+                                            const Tensor& rstd) const {
+    std::vector<int64_t> shape = xs.sizes().vec();
+    for (int64_t d : stats_dims(xs)) shape[d] = 1;
+    const Tensor r = rstd.to(xs.scalar_type()).view(shape);
+    return {centered() ? (xs - mean.to(xs.scalar_type()).view(shape)) * r : xs * r, r};
+  }
+
+  // The gradients of backward() (for its outputs' gradients ggx, ggw, ggb, any undefined) with
+  // respect to dy, x and weight, as `mask` asks, in closed form. With per-group means
+  // c = mean(g * x-hat), c' = mean(ggx * x-hat), m = mean(g), m' = mean(ggx) (m, m' = 0 without
+  // the mean, as in RMS norm) and q = mean(ggx * (g - m - x-hat * c)):
+  //   ggx: dy gets weight * h and weight gets sum(dy * h), h = J^T ggx = rstd * (ggx - m' -
+  //        x-hat * c'); x gets dx = rstd * (g - m - x-hat * c) differentiated through rstd,
+  //        x-hat and c: -rstd^2 * (c * ggx + c' * g + x-hat * (q - 2 c c') - c m' - c' m);
+  //   ggw: dy gets ggw * x-hat, x gets J^T (dy * ggw);
+  //   ggb: dy gets ggb.
+  // With running statistics dx = rstd * g does not depend on x. x-hat and rstd come from the
+  // saved statistics (mean, rstd), or, where this graph is itself recorded (third order), are
+  // recomputed from x so that it is differentiable through them too.
+  Three double_backward(const Tensor& ggx, const Tensor& ggw, const Tensor& ggb,
+                        const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
+                        const Tensor& rstd_saved, const Tensor& running_mean,
+                        const Tensor& running_var, const Mask& mask) const {
+    const Tensor dy_acc = upcast(dy);
+    const Tensor xs = stats_view(upcast(x));
+    const auto [xhat, rstd] = !batch_statistics() || at::GradMode::is_enabled()
+                                  ? normalized(xs, running_mean, running_var)
+                                  : from_statistics(xs, mean, rstd_saved);
+    const Tensor wv = w.defined() ? param_view(upcast(w), x) : Tensor();
+    const auto add = [](Tensor& sum, const Tensor& t) { sum = sum.defined() ? sum + t : t; };
+    Tensor g_dy, g_x, g_w;  // g_x in the statistics view
+    if (ggx.defined()) {
+      const Tensor ggs = stats_view(upcast(ggx));
+      Tensor h = ggs * rstd;  // J^T ggx
+      if (batch_statistics()) {
+        const auto dims = stats_dims(ggs);
+        const auto mean_of = [&](const Tensor& t) { return t.mean(dims, /*keepdim=*/true); };
+        const Tensor g = stats_view(wv.defined() ? dy_acc * wv : dy_acc);
+        const Tensor c = mean_of(g * xhat), c2 = mean_of(ggs * xhat);
+        Tensor q = mean_of(ggs * g) - c * c2;
+        const Tensor r2 = rstd * rstd;
+        Tensor gx = ggs * (-r2 * c) + g * (-r2 * c2) + xhat * (-r2 * (q - 2 * c * c2));
+        h = (ggs - xhat * c2) * rstd;
+        if (centered()) {
+          const Tensor m = mean_of(g), m2 = mean_of(ggs);
+          gx = gx + r2 * (c * m2 + c2 * m) + xhat * (r2 * m * m2);  // q's - m m' term
+          h = h - m2 * rstd;
+        }
+        add(g_x, gx);
+      }
+      h = h.reshape(x.sizes());
+      add(g_dy, wv.defined() ? h * wv : h);
+      if (w.defined()) g_w = sum_over(dy_acc * h, param_dims(x)).reshape(w.sizes());
+    }
+    if (ggw.defined() && w.defined()) {
+      const Tensor ggw_v = param_view(upcast(ggw), x);
+      add(g_dy, ggw_v * xhat.reshape(x.sizes()));
+      add(g_x, normalized_vjp(stats_view(dy_acc * ggw_v), xhat, rstd));
+    }
+    if (ggb.defined()) add(g_dy, param_view(upcast(ggb), x).expand(x.sizes()));
+    Three out;
+    if (mask[0] && g_dy.defined()) out[0] = g_dy.to(dy.scalar_type());
+    if (mask[1] && g_x.defined()) out[1] = g_x.reshape(x.sizes()).to(x.scalar_type());
+    if (mask[2] && g_w.defined()) out[2] = g_w.to(w.scalar_type());
+    return out;
+  }
+};
+
+}  // namespace normkernels
