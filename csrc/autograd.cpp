@@ -12,14 +12,17 @@
 // unless retain_graph), the output's history set on y alone. torch.compile traces these kernels
 // like torch's own (AOTAutograd runs them on fake tensors), and opcheck sees them registered.
 //
-// Each forward's backward is our own backward op, called below the autograd keys (it has no
-// autograd formula, and passing through autograd's not-implemented fallback cost 1.5-2 us a
-// backward: 2x8x2x2 bf16 batch norm 27.6-28.2 -> 25.9-26.8 us, torch 25.9-26.7); mean/rstd
-// (and var) outputs are non-differentiable: they get no history. A backward that must itself
-// be differentiable (create_graph=True, as in gradient penalties and every torch.func.grad, or
-// with forward-mode tangents) is computed in closed form from elementary ATen ops (mean, rsqrt,
-// sums; never an ATen norm op), so higher-order gradients are exact; an ordinary backward runs
-// our kernels. Forward-mode AD: y's tangent is that of the same math in elementary ops.
+// Each forward's backward is our own backward op; mean/rstd (and var) outputs are
+// non-differentiable: they get no history. An ordinary backward calls it below the autograd
+// keys (passing through an autograd kernel cost 1.5-2 us a backward: 2x8x2x2 bf16 batch norm
+// 27.6-28.2 -> 25.9-26.8 us, torch 25.9-26.7). A backward whose result is differentiated again
+// (create_graph=True, as in gradient penalties; the torch.func transforms; forward-mode
+// tangents) calls it through its own autograd, registered here too, as torch's native backward
+// ops have theirs: it records NormDoubleBackward, whose closed form (csrc/norm_graphs.h,
+// elementary ATen ops, never an ATen norm op) autograd differentiates again to any order, and
+// gives forward-mode tangents in closed form. Forward-mode AD of the forward ops: y's tangent is
+// that of the same math in elementary ops. Under the torch.func transforms every level runs
+// these kernels on its own wrapped tensors and our kernels run once, on the innermost ones.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -30,6 +33,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <functional>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -71,65 +75,51 @@ bool has_tangent(const Opt& t) { return t && has_tangent(*t); }
 
 bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
-// Whether t is a torch.func transform's wrapped tensor (grad/jvp levels, vmap). There a recorded
-// backward is built from elementary ops alone (Norm::backward), which every transform level
-// knows how to handle: our backward kernel, called below autograd, would be unwrapped to the
-// level beneath, whose tangents or graph it does not carry. (Which levels are active is in
-// functorch's DynamicLayer.h, which extensions cannot include: it needs nlohmann/json.)
-bool functorch_wrapped(const Tensor& t) {
-  return t.defined() && (t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper) ||
-                         t.key_set().has(c10::DispatchKey::FuncTorchBatched));
-}
-
-// The backward of our backward, recorded where the first backward is itself differentiated
-// (create_graph=True: gradient penalties, Hessian-vector products): next edges to dy, x and weight; apply() is
-// Norm::double_backward, elementary ops, so it is differentiable again in turn.
+// The backward of our backward ops, recorded where one runs on something that requires grad
+// (create_graph=True: gradient penalties, Hessian-vector products; every torch.func.grad):
+// next edges to dy, x and weight; apply() is Norm::double_backward, elementary ops,
+// differentiable again in turn.
 struct NormDoubleBackward : Node {
   Norm norm_;
-  // stat0/stat1: the forward's mean and rstd (batch statistics), or the running mean and var
-  SavedVariable dy_, x_, w_, stat0_, stat1_;
+  // the statistics the backward op was given: mean and rstd (running: mean and invstd)
+  SavedVariable dy_, x_, w_, mean_, rstd_;
   std::string name() const override { return "normkernels::NormDoubleBackward"; }
   void release_variables() override {
-    for (SavedVariable* v : {&dy_, &x_, &w_, &stat0_, &stat1_}) v->reset_data();
+    for (SavedVariable* v : {&dy_, &x_, &w_, &mean_, &rstd_}) v->reset_data();
   }
   variable_list apply(variable_list&& grads) override {
     if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return variable_list(3);
     const Norm::Mask mask{should_compute_output(0), should_compute_output(1),
                           should_compute_output(2)};
-    const Tensor stat0 = stat0_.unpack(), stat1 = stat1_.unpack();
-    const bool batch = norm_.batch_statistics();
-    auto [g_dy, g_x, g_w] = norm_.double_backward(
-        grads[0], grads[1], grads[2], dy_.unpack(), x_.unpack(), w_.unpack(),
-        batch ? stat0 : Tensor(), batch ? stat1 : Tensor(), batch ? Tensor() : stat0,
-        batch ? Tensor() : stat1, mask);
+    auto [g_dy, g_x, g_w] = norm_.double_backward(grads[0], grads[1], grads[2], dy_.unpack(),
+                                                  x_.unpack(), w_.unpack(), mean_.unpack(),
+                                                  rstd_.unpack(), mask);
     return {g_dy, g_x, g_w};
   }
 };
 
 // The node of every forward here: the tensors its backward reads (x, weight, the two
-// statistics, bias) and the normalization (norm_: family, eps, ...); which of x, weight and bias
+// statistics) and the normalization (norm_: family, eps, ...); which of x, weight and bias
 // need gradients is which of its three next edges are valid. apply() returns dx, dweight, dbias
-// in that order, from our backward op (kernel_grads); where they will be differentiated again it
-// records a NormDoubleBackward on them, or, under the torch.func transforms and with
-// forward-mode tangents, computes them by elementary ops (Norm::backward).
+// in that order, from our backward op (kernel_grads): below the autograd keys, or, where its
+// result is differentiated again (create_graph=True, torch.func transforms, forward-mode
+// tangents), through the backward op's own autograd (record_backward).
 struct NormNode : Node {
-  SavedVariable x_, w_, stat0_, stat1_, b_;
+  SavedVariable x_, w_, stat0_, stat1_;
   Norm norm_;
 
-  void save(const Tensor& x, const Opt& w, const Tensor& stat0, const Tensor& stat1,
-            const Opt& b, double eps) {
+  void save(const Tensor& x, const Opt& w, const Tensor& stat0, const Tensor& stat1, double eps) {
     x_ = SavedVariable(x, false);
     w_ = SavedVariable(w, false);
     stat0_ = SavedVariable(stat0, false);
     stat1_ = SavedVariable(stat1, false);
-    b_ = SavedVariable(b, false);
     norm_.eps = eps;
   }
   // Every saved tensor, for the uses that treat them alike (release, compiled autograd); const
   // or not as the node is.
   template <typename Self>
   static auto saved_variables(Self& self) {
-    return std::array{&self.x_, &self.w_, &self.stat0_, &self.stat1_, &self.b_};
+    return std::array{&self.x_, &self.w_, &self.stat0_, &self.stat1_};
   }
   void release_variables() override {
     for (SavedVariable* v : saved_variables(*this)) v->reset_data();
@@ -156,7 +146,7 @@ struct NormNode : Node {
     return out;
   }
 
-  // dx, dweight, dbias by our backward op (called below the autograd keys), as `mask` asks
+  // dx, dweight, dbias by our backward op, as `mask` asks
   virtual Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                              const Mask& mask) = 0;
 
@@ -170,39 +160,20 @@ struct NormNode : Node {
     const Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(3);
     const Mask mask{should_compute_output(0), should_compute_output(1), should_compute_output(2)};
-    const Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack();
-    const bool recorded = at::GradMode::is_enabled() &&
-                          (requires_grad(dy) || requires_grad(x) || requires_grad(w));
-    const bool transformed = recorded && (functorch_wrapped(dy) || functorch_wrapped(x) ||
-                                          functorch_wrapped(w));
-    if (has_tangent(dy) || has_tangent(x) || has_tangent(w) || transformed) {
-      const auto [running_mean, running_var] = running();
-      auto [dx, dw, db] = norm_.backward(dy, x, w, b, running_mean, running_var, mask);
-      return {dx, dw, db};
-    }
+    const Tensor x = x_.unpack(), w = w_.unpack();
     Three out;
-    {
+    if (has_tangent(dy) || has_tangent(x) || has_tangent(w) ||
+        (at::GradMode::is_enabled() &&
+         (requires_grad(dy) || requires_grad(x) || requires_grad(w)))) {
+      // through the backward op's own autograd (which records its double backward and
+      // tangents, at every torch.func level)
+      out = kernel_grads(dy, x, w, mask);
+    } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       out = kernel_grads(dy, x, w, mask);
     }
-    variable_list result{if_(mask[0], std::get<0>(out)), if_(mask[1], std::get<1>(out)),
-                         if_(mask[2], std::get<2>(out))};
-    if (recorded) record_double_backward(result, dy, x, w);
-    return result;
-  }
-
-  void record_double_backward(const variable_list& result, const Tensor& dy, const Tensor& x,
-                              const Tensor& w) const {
-    const NodePtr node = make_node<NormDoubleBackward>();
-    auto& n = static_cast<NormDoubleBackward&>(*node);
-    n.norm_ = norm_;
-    n.dy_ = SavedVariable(dy, false);
-    n.x_ = SavedVariable(x, false);
-    n.w_ = SavedVariable(w, false);
-    n.stat0_ = SavedVariable(stat0_.unpack(), false);
-    n.stat1_ = SavedVariable(stat1_.unpack(), false);
-    n.set_next_edges(torch::autograd::collect_next_edges(dy, x, w));
-    for (const Tensor& t : result) torch::autograd::set_history(t, node);
+    return {if_(mask[0], std::get<0>(out)), if_(mask[1], std::get<1>(out)),
+            if_(mask[2], std::get<2>(out))};
   }
 };
 
@@ -275,7 +246,7 @@ Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, 
   return record<LayerNormBackward>(
       x, w, b, [&] { return ops::layer_norm_fwd().call(x, ndim, w, b, eps, rms); },
       [&](LayerNormBackward& n, const Three& out) {
-        n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
+        n.save(x, w, std::get<1>(out), std::get<2>(out), eps);
         n.norm_.kind = Norm::Kind::kLayer;
         n.norm_.ndim = ndim;
         n.norm_.rms = rms;
@@ -297,7 +268,7 @@ Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b
   return record<GroupNormBackward>(
       x, w, b, [&] { return ops::group_norm_fwd().call(x, groups, w, b, eps); },
       [&](GroupNormBackward& n, const Three& out) {
-        n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
+        n.save(x, w, std::get<1>(out), std::get<2>(out), eps);
         n.norm_.kind = Norm::Kind::kGroup;
         n.norm_.groups = groups;
       });
@@ -321,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const
   return record<BatchNormBackward>(
       x, w, b, [&] { return ops::batch_norm_fwd().call(x, w, b, eps); },
       [&](BatchNormBackward& n, const Four& out) {
-        n.save(x, w, std::get<1>(out), std::get<2>(out), b, eps);
+        n.save(x, w, std::get<1>(out), std::get<2>(out), eps);
         n.norm_.kind = Norm::Kind::kBatch;
       });
 }
@@ -344,9 +315,86 @@ Tensor batch_norm_infer(const Tensor& x, const Tensor& mean, const Tensor& var, 
   return record<BatchNormInferBackward>(
       x, w, b, [&] { return ops::batch_norm_infer().call(x, mean, var, w, b, eps); },
       [&](BatchNormInferBackward& n, const Tensor&) {
-        n.save(x, w, mean, var, b, eps);
+        n.save(x, w, mean, var, eps);
         n.norm_.kind = Norm::Kind::kBatchInfer;
       });
+}
+
+// ---------------------------------------------------------------- the backward ops
+
+// The backward ops' own autograd, as torch's native backward ops have theirs: a call on
+// something that requires grad records a NormDoubleBackward on the outputs it was asked for; a
+// call whose inputs carry forward-mode tangents gives those outputs theirs
+// (Norm::backward_jvp). Under the torch.func transforms each level runs this on its own
+// wrapped tensors, the kernel itself running once, on the innermost ones.
+Three record_backward(const Norm& norm, const Tensor& dy, const Tensor& x, const Tensor& mean,
+                      const Tensor& rstd, const Opt& w_opt, const Mask& mask,
+                      const std::function<Three()>& call) {
+  const Tensor w = w_opt ? *w_opt : Tensor();
+  const bool tangents = has_tangent(dy) || has_tangent(x) || has_tangent(w);
+  const bool recorded = at::GradMode::is_enabled() &&
+                        (requires_grad(dy) || requires_grad(x) || requires_grad(w));
+  Three out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = call();
+  }
+  if (!tangents && !recorded) return out;
+  const std::array<Tensor, 3> outputs{std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+  const Mask given{mask[0], mask[1] && w.defined(), mask[2]};  // outputs that are not empty
+  if (recorded) {
+    const NodePtr node = make_node<NormDoubleBackward>();
+    auto& n = static_cast<NormDoubleBackward&>(*node);
+    n.norm_ = norm;
+    n.dy_ = SavedVariable(dy, false);
+    n.x_ = SavedVariable(x, false);
+    n.w_ = SavedVariable(w, false);
+    n.mean_ = SavedVariable(mean, false);
+    n.rstd_ = SavedVariable(rstd, false);
+    n.set_next_edges(torch::autograd::collect_next_edges(dy, x, w));
+    for (int i = 0; i < 3; ++i) torch::autograd::set_history(given[i] ? outputs[i] : Tensor(), node);
+  }
+  if (tangents) {
+    const auto primal = [](const Tensor& t) { return t.defined() ? t._fw_primal(0) : t; };
+    const auto tangent = [](const Tensor& t) { return t.defined() ? t._fw_grad(0) : t; };
+    const auto t = norm.backward_jvp(tangent(dy), tangent(x), tangent(w), primal(dy), primal(x),
+                                     primal(w), mean, rstd, given);
+    for (int i = 0; i < 3; ++i)
+      if (given[i] && t[i].defined())
+        outputs[i]._set_fw_grad(t[i].reshape(outputs[i].sizes()).to(outputs[i].scalar_type()),
+                                /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return out;
+}
+
+Three layer_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+                     const Opt& w, int64_t ndim, bool rms, Mask mask) {
+  Norm norm;
+  norm.kind = Norm::Kind::kLayer;
+  norm.ndim = ndim;
+  norm.rms = rms;
+  return record_backward(norm, dy, x, mean, rstd, w, mask, [&] {
+    return ops::layer_norm_bwd().call(dy, x, mean, rstd, w, ndim, rms, mask);
+  });
+}
+
+Three group_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+                     const Opt& w, int64_t groups, Mask mask) {
+  Norm norm;
+  norm.kind = Norm::Kind::kGroup;
+  norm.groups = groups;
+  return record_backward(norm, dy, x, mean, rstd, w, mask, [&] {
+    return ops::group_norm_bwd().call(dy, x, mean, rstd, w, groups, mask);
+  });
+}
+
+Three batch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& invstd,
+                     const Opt& w, bool train, Mask mask) {
+  Norm norm;
+  norm.kind = train ? Norm::Kind::kBatch : Norm::Kind::kBatchInfer;
+  return record_backward(norm, dy, x, mean, invstd, w, mask, [&] {
+    return ops::batch_norm_bwd().call(dy, x, mean, invstd, w, train, mask);
+  });
 }
 
 }  // namespace
@@ -357,4 +405,7 @@ TORCH_LIBRARY_IMPL(normkernels, Autograd, m) {
   m.impl("group_norm_fwd", &normkernels::group_norm_fwd);
   m.impl("batch_norm_fwd", &normkernels::batch_norm_fwd);
   m.impl("batch_norm_infer", &normkernels::batch_norm_infer);
+  m.impl("layer_norm_bwd", &normkernels::layer_norm_bwd);
+  m.impl("group_norm_bwd", &normkernels::group_norm_bwd);
+  m.impl("batch_norm_bwd", &normkernels::batch_norm_bwd);
 }

@@ -117,33 +117,24 @@ struct Norm {
     return y;
   }
 
-  // dx, dweight, dbias, as `mask` asks
-  Three backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& b,
-                 const Tensor& running_mean, const Tensor& running_var, const Mask& mask) const {
-    const Tensor dy_acc = upcast(dy);
-    const auto [xhat, rstd] = normalized(stats_view(upcast(x)), running_mean, running_var);
-    Three out;
-    if (mask[0]) {
-      const Tensor g = stats_view(w.defined() ? dy_acc * param_view(upcast(w), x) : dy_acc);
-      out[0] = normalized_vjp(g, xhat, rstd).reshape(x.sizes()).to(x.scalar_type());
-    }
-    const auto dims = param_dims(x);
-    if (mask[1] && w.defined())
-      out[1] = sum_over(dy_acc * xhat.reshape(x.sizes()), dims).reshape(w.sizes()).to(w.scalar_type());
-    if (mask[2] && b.defined())
-      out[2] = sum_over(dy_acc, dims).reshape(b.sizes()).to(b.scalar_type());
-    return out;
-  }
-
-  // x-hat and rstd in the statistics view from the statistics our forward kernel saved (mean
-  // undefined for RMS norm): the same values as normalized(), without its passes over x, but
-  // constants to autograd.
-  std::pair<Tensor, Tensor> from_statistics(const Tensor& xs, const Tensor& mean,
-                                            const Tensor& rstd) const {
+  // x-hat and rstd in the statistics view from the statistics a backward op is given: the
+  // forward's mean (undefined or empty for RMS norm) and rstd, or, with running statistics, the
+  // running mean and its invstd. Where the graph being built is itself recorded (grad mode on:
+  // a third derivative), x-hat and rstd must be functions of x: the batch statistics are then
+  // recomputed from x, with eps recovered from the given rstd (eps = rstd^-2 - var(x), held
+  // constant), so the values agree. Backward ops are not given eps.
+  std::pair<Tensor, Tensor> statistics(const Tensor& xs, const Tensor& mean,
+                                       const Tensor& rstd) const {
     std::vector<int64_t> shape = xs.sizes().vec();
     for (int64_t d : stats_dims(xs)) shape[d] = 1;
     const Tensor r = rstd.to(xs.scalar_type()).view(shape);
-    return {centered() ? (xs - mean.to(xs.scalar_type()).view(shape)) * r : xs * r, r};
+    if (!batch_statistics() || !at::GradMode::is_enabled())
+      return {centered() ? (xs - mean.to(xs.scalar_type()).view(shape)) * r : xs * r, r};
+    const auto dims = stats_dims(xs);
+    const Tensor xc = centered() ? xs - xs.mean(dims, /*keepdim=*/true) : xs;
+    const Tensor var = xc.pow(2).mean(dims, /*keepdim=*/true);
+    const Tensor r_of_x = (var + (r.pow(-2) - var).detach()).rsqrt();
+    return {xc * r_of_x, r_of_x};
   }
 
   // The gradients of backward() (for its outputs' gradients ggx, ggw, ggb, any undefined) with
@@ -155,18 +146,13 @@ struct Norm {
   //        x-hat and c: -rstd^2 * (c * ggx + c' * g + x-hat * (q - 2 c c') - c m' - c' m);
   //   ggw: dy gets ggw * x-hat, x gets J^T (dy * ggw);
   //   ggb: dy gets ggb.
-  // With running statistics dx = rstd * g does not depend on x. x-hat and rstd come from the
-  // saved statistics (mean, rstd), or, where this graph is itself recorded (third order), are
-  // recomputed from x so that it is differentiable through them too.
+  // With running statistics dx = rstd * g does not depend on x. The statistics as the backward
+  // op was given them (see statistics()).
   Three double_backward(const Tensor& ggx, const Tensor& ggw, const Tensor& ggb,
                         const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                        const Tensor& rstd_saved, const Tensor& running_mean,
-                        const Tensor& running_var, const Mask& mask) const {
+                        const Tensor& rstd_given, const Mask& mask) const {
     const Tensor dy_acc = upcast(dy);
-    const Tensor xs = stats_view(upcast(x));
-    const auto [xhat, rstd] = !batch_statistics() || at::GradMode::is_enabled()
-                                  ? normalized(xs, running_mean, running_var)
-                                  : from_statistics(xs, mean, rstd_saved);
+    const auto [xhat, rstd] = statistics(stats_view(upcast(x)), mean, rstd_given);
     const Tensor wv = w.defined() ? param_view(upcast(w), x) : Tensor();
     const auto add = [](Tensor& sum, const Tensor& t) { sum = sum.defined() ? sum + t : t; };
     Tensor g_dy, g_x, g_w;  // g_x in the statistics view
@@ -203,6 +189,69 @@ struct Norm {
     if (mask[0] && g_dy.defined()) out[0] = g_dy.to(dy.scalar_type());
     if (mask[1] && g_x.defined()) out[1] = g_x.reshape(x.sizes()).to(x.scalar_type());
     if (mask[2] && g_w.defined()) out[2] = g_w.to(w.scalar_type());
+    return out;
+  }
+
+  // Forward-mode tangents of backward()'s outputs along the tangents tdy, tx, tw (any
+  // undefined: zero), in the accumulation dtype and the shapes of x and of the parameter; an
+  // undefined result is a zero tangent. With tg the tangent of g and, from tx, x-hat's tangent
+  // J tx and rstd's -rstd^2 * mean(x-hat * tx):
+  //   dx: rstd' * (g - m - x-hat * c) + rstd * (tg - mean(tg) - x-hat' * c - x-hat * c'),
+  //       c' = mean(tg * x-hat + g * x-hat')   (with running statistics: rstd * tg)
+  //   dweight: sum(tdy * x-hat + dy * x-hat'), dbias: sum(tdy).
+  Three backward_jvp(const Tensor& tdy, const Tensor& tx, const Tensor& tw, const Tensor& dy,
+                     const Tensor& x, const Tensor& w, const Tensor& mean,
+                     const Tensor& rstd_given, const Mask& mask) const {
+    const auto add = [](Tensor& sum, const Tensor& t) { sum = sum.defined() ? sum + t : t; };
+    const Tensor dy_acc = upcast(dy);
+    const auto [xhat, rstd] = statistics(stats_view(upcast(x)), mean, rstd_given);
+    const auto dims = stats_dims(xhat);
+    const auto mean_of = [&](const Tensor& t) { return t.mean(dims, /*keepdim=*/true); };
+    const Tensor wv = w.defined() ? param_view(upcast(w), x) : Tensor();
+    Tensor tg, txhat, trstd;  // tg as x; txhat, trstd in the statistics view
+    if (tdy.defined()) tg = wv.defined() ? upcast(tdy) * wv : upcast(tdy);
+    if (tw.defined() && w.defined()) add(tg, dy_acc * param_view(upcast(tw), x));
+    if (tx.defined()) {
+      const Tensor txs = stats_view(upcast(tx));
+      txhat = normalized_vjp(txs, xhat, rstd);  // J tx: J is symmetric
+      if (batch_statistics()) trstd = -(rstd * rstd) * mean_of(xhat * txs);
+    }
+    Three out;
+    if (mask[0]) {
+      Tensor t;
+      if (!batch_statistics()) {
+        if (tg.defined()) t = stats_view(tg) * rstd;
+      } else {
+        const Tensor g = stats_view(wv.defined() ? dy_acc * wv : dy_acc);
+        const Tensor c = mean_of(g * xhat);
+        Tensor inner, tc;
+        if (tg.defined()) {
+          const Tensor tgs = stats_view(tg);
+          inner = centered() ? tgs - mean_of(tgs) : tgs;
+          tc = mean_of(tgs * xhat);
+        }
+        if (txhat.defined()) {
+          add(inner, -txhat * c);
+          add(tc, mean_of(g * txhat));
+        }
+        if (tc.defined()) add(inner, -xhat * tc);
+        if (inner.defined()) t = inner * rstd;
+        if (trstd.defined()) {
+          Tensor gc = g - xhat * c;
+          if (centered()) gc = gc - mean_of(g);
+          add(t, trstd * gc);
+        }
+      }
+      if (t.defined()) out[0] = t.reshape(x.sizes());
+    }
+    const auto pdims = param_dims(x);
+    if (mask[1] && w.defined()) {
+      Tensor t;
+      if (tdy.defined()) t = upcast(tdy) * xhat.reshape(x.sizes());
+      if (txhat.defined()) add(t, dy_acc * txhat.reshape(x.sizes()));
+      if (t.defined()) out[1] = sum_over(t, pdims);
+    }
+    if (mask[2] && tdy.defined()) out[2] = sum_over(upcast(tdy), pdims);
     return out;
   }
 };
