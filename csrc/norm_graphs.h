@@ -1,8 +1,8 @@
 // The normalizations as elementary differentiable ATen ops (mean, rsqrt, sums; never an ATen
-// norm op), for what our kernels do not compute: forward-mode tangents, and gradients that
-// must themselves be differentiable (create_graph=True, torch.func transforms). Used by the
-// autograd nodes in csrc/autograd.cpp. Everything is a function of x (the statistics are
-// recomputed from it), so autograd differentiates these graphs again to any order.
+// norm op), for what our kernels do not compute: the forward-mode tangent of a forward op's y,
+// and a backward op's own derivatives (its double backward, its outputs' tangents). Used by the
+// autograd kernels in csrc/autograd.cpp. Where these graphs are themselves differentiated, the
+// statistics in them are recomputed from x, so autograd differentiates them to any order.
 //
 // Notation, per normalized group of M values (a row, a (sample, group), a channel):
 //   x-hat = (x - mean(x)) * rstd, rstd = 1 / sqrt(var(x) + eps)  (RMS norm: no mean)

@@ -141,7 +141,7 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_transforms_run_our_forward_and_no_aten_norm_op():
+def test_transforms_run_our_kernels_and_no_aten_norm_op():
     x, w, b = torch.randn(4, 3, 8), torch.randn(8), torch.randn(8)
     f = lambda x, w, b: NF.layer_norm(x, (8,), w, b)  # noqa: E731
     with _OpRecorder() as rec:
@@ -149,6 +149,7 @@ def test_transforms_run_our_forward_and_no_aten_norm_op():
         grad(lambda x: f(x, w, b).pow(2).sum())(x)
         vjp(f, x, w, b)[1](torch.randn_like(x))
     assert "normkernels.layer_norm_fwd.default" in rec.names
+    assert "normkernels.layer_norm_bwd.default" in rec.names  # our backward kernel, under grad
     assert not {n for n in rec.names if n.startswith("aten.") and "norm" in n}, rec.names
 
 
@@ -262,3 +263,58 @@ def test_vmap_nested_and_half():
     ref = ens(F, xb.double()).to(torch.bfloat16)
     ours, theirs = ens(NF, xb), vmap(lambda x, w: F.layer_norm(x, (8,), w.to(torch.bfloat16)))(xb, wb)
     assert (ours.double() - ref.double()).abs().max() <= 2 * (theirs.double() - ref.double()).abs().max() + 1e-2
+
+
+def _bwd_op_cases():
+    """(id, op name, per-sample args, in_dims): every backward op vmapped over dy alone, over
+    everything, and over the weight, with full and partial output masks."""
+    B, d = 3, torch.float64
+    ops = torch.ops.normkernels
+    cases = []
+    x = torch.randn(B, 4, 6, dtype=d)
+    _, mean, rstd = ops.layer_norm_fwd(x.flatten(0, 1), 1, None, None, 1e-5, False)
+    mean, rstd = mean.view(B, -1), rstd.view(B, -1)
+    w, wb, dy = torch.randn(6, dtype=d), torch.randn(B, 6, dtype=d), torch.randn(B, 4, 6, dtype=d)
+    for mask in ([True, True, True], [False, True, False]):
+        cases.append((f"layer_norm_bwd-dy-{mask}", "layer_norm_bwd", (dy, x[0], mean[0], rstd[0], w, 1, False, mask), (0, None, None, None, None, None, None, None)))
+        cases.append((f"layer_norm_bwd-all-{mask}", "layer_norm_bwd", (dy, x, mean, rstd, wb, 1, False, mask), (0, 0, 0, 0, 0, None, None, None)))
+    _, _, rrms = ops.layer_norm_fwd(x.flatten(0, 1), 1, None, None, 1e-5, True)
+    cases.append(("rms_norm_bwd", "layer_norm_bwd", (dy, x, torch.empty(0, dtype=d), rrms.view(B, -1), w, 1, True, [True, True, False]), (0, 0, None, 0, None, None, None, None)))
+    xg = torch.randn(B, 2, 6, 3, dtype=d)
+    _, gm, gr = ops.group_norm_fwd(xg.flatten(0, 1), 3, None, None, 1e-5)
+    gm, gr = gm.unflatten(0, (B, -1)), gr.unflatten(0, (B, -1))
+    dyg = torch.randn_like(xg)
+    cases.append(("group_norm_bwd-all", "group_norm_bwd", (dyg, xg, gm, gr, wb, 3, [True, True, True]), (0, 0, 0, 0, 0, None, None)))
+    cases.append(("group_norm_bwd-dy", "group_norm_bwd", (dyg, xg[0], gm[0], gr[0], w, 3, [True, False, True]), (0, None, None, None, None, None, None)))
+    xb = torch.randn(B, 4, 6, 2, dtype=d)
+    stats = [ops.batch_norm_fwd(xb[i], None, None, 1e-5) for i in range(B)]
+    bm, bi = torch.stack([s[1] for s in stats]), torch.stack([s[2] for s in stats])
+    dyb = torch.randn_like(xb)
+    cases.append(("batch_norm_bwd-all", "batch_norm_bwd", (dyb, xb, bm, bi, wb, True, [True, True, True]), (0, 0, 0, 0, 0, None, None)))
+    cases.append(("batch_norm_bwd-dy", "batch_norm_bwd", (dyb, xb[0], bm[0], bi[0], w, True, [True, True, False]), (0, None, None, None, None, None, None)))
+    cases.append(("batch_norm_bwd-infer", "batch_norm_bwd", (dyb, xb, bm[0], bi[0], w, False, [True, True, True]), (0, 0, None, None, None, None, None)))
+    return cases
+
+
+@pytest.mark.parametrize("name,args,in_dims", [pytest.param(*c[1:], id=c[0]) for c in _bwd_op_cases()])
+def test_vmap_backward_ops_like_a_loop(name, args, in_dims):
+    """vmap of every backward op: the same as calling it once per instance, with no fallback
+    warning; one kernel call for the whole batch, except where layer or group norm's
+    per-instance dweight/dbias are asked (which one folded call would sum): one an instance."""
+    op = getattr(torch.ops.normkernels, name)
+    size = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+    pick = lambda i: [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]  # noqa: E731
+    loop = [op(*pick(i)) for i in range(size)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with _OpCounter() as counter:
+            got = vmap(lambda *a: op(*a), in_dims=in_dims)(*args)
+    mask, weight = args[-1], args[4]
+    per_instance = name != "batch_norm_bwd" and (mask[2] or (mask[1] and weight is not None))
+    assert counter.calls == (size if per_instance else 1)
+    for k in range(3):
+        expected = [out[k] for out in loop]
+        if expected[0].numel() == 0:  # not asked for
+            assert got[k].numel() == 0
+            continue
+        torch.testing.assert_close(got[k], torch.stack(expected), atol=1e-10, rtol=1e-8)
