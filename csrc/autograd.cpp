@@ -20,9 +20,9 @@
 // tangents) calls it through its own autograd, registered here too, as torch's native backward
 // ops have theirs: it records NormDoubleBackward, whose closed form (csrc/norm_graphs.h,
 // elementary ATen ops, never an ATen norm op) autograd differentiates again to any order, and
-// gives forward-mode tangents in closed form. Forward-mode AD of the forward ops: y's tangent is
-// that of the same math in elementary ops. Under the torch.func transforms every level runs
-// these kernels on its own wrapped tensors and our kernels run once, on the innermost ones.
+// gives forward-mode tangents in closed form. Forward-mode AD of the forward ops: y's tangent
+// from our kernels (set_tangent). Under the torch.func transforms every level runs these
+// autograd kernels on its own wrapped tensors and our kernels run once, on the innermost ones.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -149,12 +149,8 @@ struct NormNode : Node {
   // dx, dweight, dbias by our backward op, as `mask` asks
   virtual Three kernel_grads(const Tensor& dy, const Tensor& x, const Tensor& w,
                              const Mask& mask) = 0;
-
-  // The running mean and var the normalization uses (batch norm in inference), else undefined.
-  std::pair<Tensor, Tensor> running() const {
-    if (norm_.batch_statistics()) return {};
-    return {stat0_.unpack(), stat1_.unpack()};
-  }
+  // y by our forward op, with this weight and bias (set_tangent)
+  virtual Tensor affine_of(const Tensor& x, const Tensor& w, const Tensor& b) = 0;
 
   variable_list apply(variable_list&& grads) final {
     const Tensor& dy = grads[0];
@@ -188,17 +184,32 @@ const Tensor& first(const Tensor& y) { return y; }
 template <typename... Ts>
 const Tensor& first(const std::tuple<Ts...>& outputs) { return std::get<0>(outputs); }
 
-// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): y's tangent, the derivative of
-// the same normalization in elementary ops (Norm::forward) along the tangents of x, weight and
-// bias, as torch's own norms compute theirs from elementary ops. Half inputs are differentiated
-// in fp32, the precision of our statistics, and the tangent rounded to y's dtype.
-void set_tangent(const NormNode& n, const Tensor& x, const Opt& w, const Opt& b,
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): y's tangent from our kernels,
+// as torch's own norms compute theirs in closed form. The normalization's Jacobian J is
+// symmetric, so J tx is our backward op run on dy = tx without a weight; then
+//   ty = weight * J tx + x-hat * tweight + tbias,
+// the last two terms our forward op run with tweight and tbias as its weight and bias. Both ops
+// are called through their own autograd, so nested transforms (jvp of jvp, jacfwd of jacrev)
+// differentiate this in turn.
+void set_tangent(NormNode& n, const Tensor& x, const Opt& w_opt, const Opt& b_opt,
                  const Tensor& y) {
-  const auto [running_mean, running_var] = n.running();
-  const Tensor dual = n.norm_.forward(upcast(x), upcast(w ? *w : Tensor()),
-                                      upcast(b ? *b : Tensor()), running_mean, running_var);
-  y._set_fw_grad(dual._fw_grad(/*level=*/0).to(y.scalar_type()), /*level=*/0,
-                 /*is_inplace_op=*/false);
+  const auto primal = [](const Opt& t) { return t && t->defined() ? t->_fw_primal(0) : Tensor(); };
+  const auto tangent = [](const Opt& t) { return t && t->defined() ? t->_fw_grad(0) : Tensor(); };
+  const Tensor xp = primal(x), w = primal(w_opt);
+  const Tensor tx = tangent(x), tw = tangent(w_opt), tb = tangent(b_opt);
+  Tensor ty;
+  if (tx.defined()) {
+    ty = std::get<0>(n.kernel_grads(tx, xp, Tensor(), {true, false, false}));
+    if (w.defined()) ty = ty * n.norm_.param_view(w, xp);
+  }
+  if (tw.defined()) {
+    const Tensor affine = n.affine_of(xp, tw, tb);
+    ty = ty.defined() ? ty + affine : affine;
+  } else if (tb.defined()) {
+    const Tensor shift = n.norm_.param_view(tb, xp);
+    ty = ty.defined() ? ty + shift : shift.expand(y.sizes());
+  }
+  y._set_fw_grad(ty.to(y.scalar_type()), /*level=*/0, /*is_inplace_op=*/false);
 }
 
 // Runs the forward `call()` below the autograd keys and, where this call records a graph, the
@@ -239,6 +250,9 @@ struct LayerNormBackward : NormNode {
     return ops::layer_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w),
                                       norm_.ndim, norm_.rms, mask);
   }
+  Tensor affine_of(const Tensor& x, const Tensor& w, const Tensor& b) override {
+    return std::get<0>(ops::layer_norm_fwd().call(x, norm_.ndim, opt(w), opt(b), norm_.eps, norm_.rms));
+  }
 };
 
 Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, double eps,
@@ -262,6 +276,9 @@ struct GroupNormBackward : NormNode {
     return ops::group_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w),
                                       norm_.groups, mask);
   }
+  Tensor affine_of(const Tensor& x, const Tensor& w, const Tensor& b) override {
+    return std::get<0>(ops::group_norm_fwd().call(x, norm_.groups, opt(w), opt(b), norm_.eps));
+  }
 };
 
 Three group_norm_fwd(const Tensor& x, int64_t groups, const Opt& w, const Opt& b, double eps) {
@@ -283,6 +300,9 @@ struct BatchNormBackward : NormNode {
                      const Mask& mask) override {
     return ops::batch_norm_bwd().call(dy, x, stat0_.unpack(), stat1_.unpack(), opt(w),
                                       /*train=*/true, mask);
+  }
+  Tensor affine_of(const Tensor& x, const Tensor& w, const Tensor& b) override {
+    return std::get<0>(ops::batch_norm_fwd().call(x, opt(w), opt(b), norm_.eps));
   }
 };
 
@@ -307,6 +327,10 @@ struct BatchNormInferBackward : NormNode {
     const Tensor invstd = stat1_.unpack().to(stats).add(norm_.eps).rsqrt_();
     return ops::batch_norm_bwd().call(dy, x, stat0_.unpack(), invstd, opt(w), /*train=*/false,
                                       mask);
+  }
+  Tensor affine_of(const Tensor& x, const Tensor& w, const Tensor& b) override {
+    return ops::batch_norm_infer().call(x, stat0_.unpack(), stat1_.unpack(), opt(w), opt(b),
+                                        norm_.eps);
   }
 };
 

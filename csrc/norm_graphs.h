@@ -1,7 +1,7 @@
 // The normalizations as elementary differentiable ATen ops (mean, rsqrt, sums; never an ATen
-// norm op), for what our kernels do not compute: the forward-mode tangent of a forward op's y,
-// and a backward op's own derivatives (its double backward, its outputs' tangents). Used by the
-// autograd kernels in csrc/autograd.cpp. Where these graphs are themselves differentiated, the
+// norm op), for what our kernels do not compute: a backward op's own derivatives (its double
+// backward, its outputs' forward-mode tangents). Used by the autograd kernels in
+// csrc/autograd.cpp. Where these graphs are themselves differentiated, the
 // statistics in them are recomputed from x, so autograd differentiates them to any order.
 //
 // Notation, per normalized group of M values (a row, a (sample, group), a channel):
@@ -47,8 +47,7 @@ inline at::Tensor channel_view(const at::Tensor& p, const at::Tensor& x) {  // [
 }
 
 // One normalization: which family, its parameters, and the graphs. Batch norm in inference
-// normalizes with the running statistics, constants, passed to each graph (undefined tensors
-// for the others).
+// normalizes with the running statistics, constants.
 struct Norm {
   enum class Kind : int64_t { kLayer, kGroup, kBatch, kBatchInfer };
   Kind kind = Kind::kLayer;
@@ -85,19 +84,6 @@ struct Norm {
   bool centered() const { return !(kind == Kind::kLayer && rms); }
   bool batch_statistics() const { return kind != Kind::kBatchInfer; }
 
-  // x-hat and rstd in the statistics view
-  std::pair<Tensor, Tensor> normalized(const Tensor& xs, const Tensor& running_mean,
-                                       const Tensor& running_var) const {
-    if (!batch_statistics()) {
-      const Tensor r = channel_view((running_var.to(xs.scalar_type()) + eps).rsqrt(), xs);
-      return {(xs - channel_view(running_mean.to(xs.scalar_type()), xs)) * r, r};
-    }
-    const auto dims = stats_dims(xs);
-    const Tensor xc = centered() ? xs - xs.mean(dims, /*keepdim=*/true) : xs;
-    const Tensor rstd = (xc.pow(2).mean(dims, /*keepdim=*/true) + eps).rsqrt();
-    return {xc * rstd, rstd};
-  }
-
   // J^T g for the normalization alone (statistics view): rstd * (g - mean(g) - x-hat *
   // mean(g * x-hat)); with running statistics, rstd * g.
   Tensor normalized_vjp(const Tensor& g, const Tensor& xhat, const Tensor& rstd) const {
@@ -106,15 +92,6 @@ struct Norm {
     Tensor out = g - xhat * (g * xhat).mean(dims, /*keepdim=*/true);
     if (centered()) out = out - g.mean(dims, /*keepdim=*/true);
     return out * rstd;
-  }
-
-  // y (what forward-mode AD differentiates)
-  Tensor forward(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& running_mean,
-                 const Tensor& running_var) const {
-    Tensor y = normalized(stats_view(x), running_mean, running_var).first.reshape(x.sizes());
-    if (w.defined()) y = y * param_view(w, x);
-    if (b.defined()) y = y + param_view(b, x);
-    return y;
   }
 
   // x-hat and rstd in the statistics view from the statistics a backward op is given: the
