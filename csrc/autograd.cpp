@@ -33,7 +33,6 @@
 #include <torch/library.h>
 
 #include <array>
-#include <functional>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -70,10 +69,23 @@ NodePtr make_node() {
   }
 }
 
-bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
-bool has_tangent(const Opt& t) { return t && has_tangent(*t); }
+Tensor value(const Opt& t) { return t ? *t : Tensor(); }
 
+bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
+
+// t without its forward-mode tangent, and that tangent (undefined where t is)
+Tensor primal(const Tensor& t) { return t.defined() ? t._fw_primal(/*level=*/0) : t; }
+Tensor tangent(const Tensor& t) { return t.defined() ? t._fw_grad(/*level=*/0) : t; }
+
+// Whether a backward op's result on (dy, x, weight) is differentiated again: a tangent to carry,
+// or a graph to record (grad mode on and something requiring grad).
+bool has_tangents(const Tensor& dy, const Tensor& x, const Tensor& w) {
+  return has_tangent(dy) || has_tangent(x) || has_tangent(w);
+}
+bool records_graph(const Tensor& dy, const Tensor& x, const Tensor& w) {
+  return at::GradMode::is_enabled() && (requires_grad(dy) || requires_grad(x) || requires_grad(w));
+}
 
 // The backward of our backward ops, recorded where one runs on something that requires grad
 // (create_graph=True: gradient penalties, Hessian-vector products; every torch.func.grad):
@@ -158,9 +170,7 @@ struct NormNode : Node {
     const Mask mask{should_compute_output(0), should_compute_output(1), should_compute_output(2)};
     const Tensor x = x_.unpack(), w = w_.unpack();
     Three out;
-    if (has_tangent(dy) || has_tangent(x) || has_tangent(w) ||
-        (at::GradMode::is_enabled() &&
-         (requires_grad(dy) || requires_grad(x) || requires_grad(w)))) {
+    if (has_tangents(dy, x, w) || records_graph(dy, x, w)) {
       // through the backward op's own autograd (which records its double backward and
       // tangents, at every torch.func level)
       out = kernel_grads(dy, x, w, mask);
@@ -176,8 +186,8 @@ struct NormNode : Node {
 // True when this call records no graph: then the op is called directly, with no node and no
 // saved state (the inference fast path, ~1.5 us a call).
 bool no_graph(const Tensor& x, const Opt& w, const Opt& b) {
-  const auto requires = [](const Opt& t) { return t && t->defined() && t->requires_grad(); };
-  return !at::GradMode::is_enabled() || !(x.requires_grad() || requires(w) || requires(b));
+  return !at::GradMode::is_enabled() ||
+         !(x.requires_grad() || requires_grad(value(w)) || requires_grad(value(b)));
 }
 
 const Tensor& first(const Tensor& y) { return y; }
@@ -193,15 +203,12 @@ const Tensor& first(const std::tuple<Ts...>& outputs) { return std::get<0>(outpu
 // differentiate this in turn.
 void set_tangent(NormNode& n, const Tensor& x, const Opt& w_opt, const Opt& b_opt,
                  const Tensor& y) {
-  const auto primal = [](const Opt& t) { return t && t->defined() ? t->_fw_primal(0) : Tensor(); };
-  const auto tangent = [](const Opt& t) { return t && t->defined() ? t->_fw_grad(0) : Tensor(); };
-  const Tensor xp = primal(x), w = primal(w_opt);
-  const Tensor tx = tangent(x), tw = tangent(w_opt), tb = tangent(b_opt);
+  const Tensor xp = primal(x), w = primal(value(w_opt));
+  const Tensor tx = tangent(x), tw = tangent(value(w_opt)), tb = tangent(value(b_opt));
   Tensor ty;
-  if (tx.defined()) {
-    ty = std::get<0>(n.kernel_grads(tx, xp, Tensor(), {true, false, false}));
-    if (w.defined()) ty = ty * n.norm_.param_view(w, xp);
-  }
+  if (tx.defined())
+    ty = scaled(std::get<0>(n.kernel_grads(tx, xp, Tensor(), {true, false, false})),
+                n.norm_.param_view(w, xp));
   if (tw.defined()) {
     const Tensor affine = n.affine_of(xp, tw, tb);
     ty = ty.defined() ? ty + affine : affine;
@@ -221,7 +228,7 @@ void set_tangent(NormNode& n, const Tensor& x, const Opt& w_opt, const Opt& b_op
 // torch::autograd::Function, which refuses them).
 template <typename N, typename Call, typename Save>
 auto record(const Tensor& x, const Opt& w, const Opt& b, Call call, Save save) {
-  const bool tangents = has_tangent(x) || has_tangent(w) || has_tangent(b);
+  const bool tangents = has_tangent(x) || has_tangent(value(w)) || has_tangent(value(b));
   const bool graph = !no_graph(x, w, b);
   if (!graph && !tangents) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -351,13 +358,12 @@ Tensor batch_norm_infer(const Tensor& x, const Tensor& mean, const Tensor& var, 
 // call whose inputs carry forward-mode tangents gives those outputs theirs
 // (Norm::backward_jvp). Under the torch.func transforms each level runs this on its own
 // wrapped tensors, the kernel itself running once, on the innermost ones.
+template <typename Call>
 Three record_backward(const Norm& norm, const Tensor& dy, const Tensor& x, const Tensor& mean,
-                      const Tensor& rstd, const Opt& w_opt, const Mask& mask,
-                      const std::function<Three()>& call) {
-  const Tensor w = w_opt ? *w_opt : Tensor();
-  const bool tangents = has_tangent(dy) || has_tangent(x) || has_tangent(w);
-  const bool recorded = at::GradMode::is_enabled() &&
-                        (requires_grad(dy) || requires_grad(x) || requires_grad(w));
+                      const Tensor& rstd, const Opt& w_opt, const Mask& mask, Call call) {
+  const Tensor w = value(w_opt);
+  const bool tangents = has_tangents(dy, x, w);
+  const bool recorded = records_graph(dy, x, w);
   Three out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -379,8 +385,6 @@ Three record_backward(const Norm& norm, const Tensor& dy, const Tensor& x, const
     for (int i = 0; i < 3; ++i) torch::autograd::set_history(given[i] ? outputs[i] : Tensor(), node);
   }
   if (tangents) {
-    const auto primal = [](const Tensor& t) { return t.defined() ? t._fw_primal(0) : t; };
-    const auto tangent = [](const Tensor& t) { return t.defined() ? t._fw_grad(0) : t; };
     const auto t = norm.backward_jvp(tangent(dy), tangent(x), tangent(w), primal(dy), primal(x),
                                      primal(w), mean, rstd, given);
     for (int i = 0; i < 3; ++i)

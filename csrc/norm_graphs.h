@@ -28,6 +28,12 @@ inline at::Tensor upcast(const at::Tensor& t) {
   return half ? t.to(at::kFloat) : t;
 }
 
+// t * p, or t where p is undefined (an absent weight)
+inline at::Tensor scaled(const at::Tensor& t, const at::Tensor& p) { return p.defined() ? t * p : t; }
+
+// sum += t, where an undefined sum is zero
+inline void accumulate(at::Tensor& sum, const at::Tensor& t) { sum = sum.defined() ? sum + t : t; }
+
 // t summed over `dims` (none: t itself; at::sum would sum every dim).
 inline at::Tensor sum_over(const at::Tensor& t, const std::vector<int64_t>& dims) {
   return dims.empty() ? t : t.sum(dims);
@@ -71,6 +77,8 @@ struct Norm {
     for (int64_t d = xs.dim() - ndim; d < xs.dim(); ++d) dims.push_back(d);
     return dims;
   }
+  // t's mean over the dims the statistics reduce, kept (t in the statistics view)
+  Tensor stats_mean(const Tensor& t) const { return t.mean(stats_dims(t), /*keepdim=*/true); }
   // a weight or bias as it broadcasts against x, and the dims of x its gradient sums over
   Tensor param_view(const Tensor& p, const Tensor& x) const {
     return kind == Kind::kLayer ? p : channel_view(p, x);
@@ -88,9 +96,8 @@ struct Norm {
   // mean(g * x-hat)); with running statistics, rstd * g.
   Tensor normalized_vjp(const Tensor& g, const Tensor& xhat, const Tensor& rstd) const {
     if (!batch_statistics()) return g * rstd;
-    const auto dims = stats_dims(g);
-    Tensor out = g - xhat * (g * xhat).mean(dims, /*keepdim=*/true);
-    if (centered()) out = out - g.mean(dims, /*keepdim=*/true);
+    Tensor out = g - xhat * stats_mean(g * xhat);
+    if (centered()) out = out - stats_mean(g);
     return out * rstd;
   }
 
@@ -107,9 +114,8 @@ struct Norm {
     const Tensor r = rstd.to(xs.scalar_type()).view(shape);
     if (!batch_statistics() || !at::GradMode::is_enabled())
       return {centered() ? (xs - mean.to(xs.scalar_type()).view(shape)) * r : xs * r, r};
-    const auto dims = stats_dims(xs);
-    const Tensor xc = centered() ? xs - xs.mean(dims, /*keepdim=*/true) : xs;
-    const Tensor var = xc.pow(2).mean(dims, /*keepdim=*/true);
+    const Tensor xc = centered() ? xs - stats_mean(xs) : xs;
+    const Tensor var = stats_mean(xc.pow(2));
     const Tensor r_of_x = (var + (r.pow(-2) - var).detach()).rsqrt();
     return {xc * r_of_x, r_of_x};
   }
@@ -130,38 +136,35 @@ struct Norm {
                         const Tensor& rstd_given, const Mask& mask) const {
     const Tensor dy_acc = upcast(dy);
     const auto [xhat, rstd] = statistics(stats_view(upcast(x)), mean, rstd_given);
-    const Tensor wv = w.defined() ? param_view(upcast(w), x) : Tensor();
-    const auto add = [](Tensor& sum, const Tensor& t) { sum = sum.defined() ? sum + t : t; };
+    const Tensor wv = param_view(upcast(w), x);
     Tensor g_dy, g_x, g_w;  // g_x in the statistics view
     if (ggx.defined()) {
       const Tensor ggs = stats_view(upcast(ggx));
       Tensor h = ggs * rstd;  // J^T ggx
       if (batch_statistics()) {
-        const auto dims = stats_dims(ggs);
-        const auto mean_of = [&](const Tensor& t) { return t.mean(dims, /*keepdim=*/true); };
-        const Tensor g = stats_view(wv.defined() ? dy_acc * wv : dy_acc);
-        const Tensor c = mean_of(g * xhat), c2 = mean_of(ggs * xhat);
-        Tensor q = mean_of(ggs * g) - c * c2;
+        const Tensor g = stats_view(scaled(dy_acc, wv));
+        const Tensor c = stats_mean(g * xhat), c2 = stats_mean(ggs * xhat);
+        Tensor q = stats_mean(ggs * g) - c * c2;
         const Tensor r2 = rstd * rstd;
         Tensor gx = ggs * (-r2 * c) + g * (-r2 * c2) + xhat * (-r2 * (q - 2 * c * c2));
         h = (ggs - xhat * c2) * rstd;
         if (centered()) {
-          const Tensor m = mean_of(g), m2 = mean_of(ggs);
+          const Tensor m = stats_mean(g), m2 = stats_mean(ggs);
           gx = gx + r2 * (c * m2 + c2 * m) + xhat * (r2 * m * m2);  // q's - m m' term
           h = h - m2 * rstd;
         }
-        add(g_x, gx);
+        accumulate(g_x, gx);
       }
       h = h.reshape(x.sizes());
-      add(g_dy, wv.defined() ? h * wv : h);
+      accumulate(g_dy, scaled(h, wv));
       if (w.defined()) g_w = sum_over(dy_acc * h, param_dims(x)).reshape(w.sizes());
     }
     if (ggw.defined() && w.defined()) {
       const Tensor ggw_v = param_view(upcast(ggw), x);
-      add(g_dy, ggw_v * xhat.reshape(x.sizes()));
-      add(g_x, normalized_vjp(stats_view(dy_acc * ggw_v), xhat, rstd));
+      accumulate(g_dy, ggw_v * xhat.reshape(x.sizes()));
+      accumulate(g_x, normalized_vjp(stats_view(dy_acc * ggw_v), xhat, rstd));
     }
-    if (ggb.defined()) add(g_dy, param_view(upcast(ggb), x).expand(x.sizes()));
+    if (ggb.defined()) accumulate(g_dy, param_view(upcast(ggb), x).expand(x.sizes()));
     Three out;
     if (mask[0] && g_dy.defined()) out[0] = g_dy.to(dy.scalar_type());
     if (mask[1] && g_x.defined()) out[1] = g_x.reshape(x.sizes()).to(x.scalar_type());
@@ -179,19 +182,16 @@ struct Norm {
   Three backward_jvp(const Tensor& tdy, const Tensor& tx, const Tensor& tw, const Tensor& dy,
                      const Tensor& x, const Tensor& w, const Tensor& mean,
                      const Tensor& rstd_given, const Mask& mask) const {
-    const auto add = [](Tensor& sum, const Tensor& t) { sum = sum.defined() ? sum + t : t; };
     const Tensor dy_acc = upcast(dy);
     const auto [xhat, rstd] = statistics(stats_view(upcast(x)), mean, rstd_given);
-    const auto dims = stats_dims(xhat);
-    const auto mean_of = [&](const Tensor& t) { return t.mean(dims, /*keepdim=*/true); };
-    const Tensor wv = w.defined() ? param_view(upcast(w), x) : Tensor();
+    const Tensor wv = param_view(upcast(w), x);
     Tensor tg, txhat, trstd;  // tg as x; txhat, trstd in the statistics view
-    if (tdy.defined()) tg = wv.defined() ? upcast(tdy) * wv : upcast(tdy);
-    if (tw.defined() && w.defined()) add(tg, dy_acc * param_view(upcast(tw), x));
+    if (tdy.defined()) tg = scaled(upcast(tdy), wv);
+    if (tw.defined() && w.defined()) accumulate(tg, dy_acc * param_view(upcast(tw), x));
     if (tx.defined()) {
       const Tensor txs = stats_view(upcast(tx));
       txhat = normalized_vjp(txs, xhat, rstd);  // J tx: J is symmetric
-      if (batch_statistics()) trstd = -(rstd * rstd) * mean_of(xhat * txs);
+      if (batch_statistics()) trstd = -(rstd * rstd) * stats_mean(xhat * txs);
     }
     Three out;
     if (mask[0]) {
@@ -199,24 +199,24 @@ struct Norm {
       if (!batch_statistics()) {
         if (tg.defined()) t = stats_view(tg) * rstd;
       } else {
-        const Tensor g = stats_view(wv.defined() ? dy_acc * wv : dy_acc);
-        const Tensor c = mean_of(g * xhat);
+        const Tensor g = stats_view(scaled(dy_acc, wv));
+        const Tensor c = stats_mean(g * xhat);
         Tensor inner, tc;
         if (tg.defined()) {
           const Tensor tgs = stats_view(tg);
-          inner = centered() ? tgs - mean_of(tgs) : tgs;
-          tc = mean_of(tgs * xhat);
+          inner = centered() ? tgs - stats_mean(tgs) : tgs;
+          tc = stats_mean(tgs * xhat);
         }
         if (txhat.defined()) {
-          add(inner, -txhat * c);
-          add(tc, mean_of(g * txhat));
+          accumulate(inner, -txhat * c);
+          accumulate(tc, stats_mean(g * txhat));
         }
-        if (tc.defined()) add(inner, -xhat * tc);
+        if (tc.defined()) accumulate(inner, -xhat * tc);
         if (inner.defined()) t = inner * rstd;
         if (trstd.defined()) {
           Tensor gc = g - xhat * c;
-          if (centered()) gc = gc - mean_of(g);
-          add(t, trstd * gc);
+          if (centered()) gc = gc - stats_mean(g);
+          accumulate(t, trstd * gc);
         }
       }
       if (t.defined()) out[0] = t.reshape(x.sizes());
@@ -225,7 +225,7 @@ struct Norm {
     if (mask[1] && w.defined()) {
       Tensor t;
       if (tdy.defined()) t = upcast(tdy) * xhat.reshape(x.sizes());
-      if (txhat.defined()) add(t, dy_acc * txhat.reshape(x.sizes()));
+      if (txhat.defined()) accumulate(t, dy_acc * txhat.reshape(x.sizes()));
       if (t.defined()) out[1] = sum_over(t, pdims);
     }
     if (mask[2] && tdy.defined()) out[2] = sum_over(upcast(tdy), pdims);

@@ -39,20 +39,23 @@ def _batched(*dims) -> bool:
     return any(d is not None for d in dims)
 
 
+def _broadcast(p, pdim, size, ndim, trailing):
+    """A weight or bias, vmapped at pdim or not, shaped to broadcast against a tensor of `ndim`
+    dims with the vmapped dim first and `trailing` dims after the ones the parameter covers."""
+    if p is None:
+        return None
+    if pdim is None:
+        return p.reshape(*p.shape, *([1] * trailing))
+    p = p.movedim(pdim, 0)
+    return p.reshape(size, *([1] * (ndim - p.dim() - trailing)), *p.shape[1:], *([1] * trailing))
+
+
 def _affine(y, weight, wdim, bias, bdim, size, trailing):
     """y * weight + bias for a weight/bias vmapped (at wdim/bdim) or not; y has the vmapped dim
-    first and `trailing` dims after the ones the parameters broadcast over."""
-
-    def shaped(p, pdim):
-        if p is None:
-            return None
-        if pdim is None:
-            return p.reshape(*p.shape, *([1] * trailing))
-        p = p.movedim(pdim, 0)
-        return p.reshape(size, *([1] * (y.dim() - p.dim() - trailing)), *p.shape[1:], *([1] * trailing))
-
+    first (see _broadcast)."""
     out = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
-    w, b = shaped(weight, wdim), shaped(bias, bdim)
+    w = _broadcast(weight, wdim, size, y.dim(), trailing)
+    b = _broadcast(bias, bdim, size, y.dim(), trailing)
     if w is not None:
         out = out * w
     if b is not None:
@@ -134,6 +137,17 @@ def _empty(x):  # an output that was not asked for (as the op gives it), not vma
     return x.new_empty((0,))
 
 
+def _finish(x, outs, dims):
+    """The outputs and their vmapped dims, with the not-requested ones empty and unbatched."""
+    outs = tuple(_empty(x) if o is None or o.numel() == 0 else o for o in outs)
+    return outs, tuple(None if o.numel() == 0 else d for o, d in zip(outs, dims))
+
+
+def _param_grads_asked(output_mask, weight) -> bool:
+    """Whether layer or group norm's backward is asked for dweight or dbias."""
+    return bool(output_mask[2] or (output_mask[1] and weight is not None))
+
+
 def _per_instance(op, size, args, in_dims, dims):
     """The op once per vmapped instance, stacked: for layer and group norm's dweight/dbias,
     which one folded call would sum over every instance. (Elementwise sums of dy * x-hat over
@@ -146,7 +160,7 @@ def _per_instance(op, size, args, in_dims, dims):
 
 def _layer_norm_bwd_vmap(info, in_dims, dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask):
     size = info.batch_size
-    if output_mask[2] or (output_mask[1] and weight is not None):
+    if _param_grads_asked(output_mask, weight):
         args = (dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask)
         return _per_instance(ops.layer_norm_bwd, size, args, in_dims, (0, 0, 0))
     # dx alone: the vmapped dim becomes one more leading dim of the rows
@@ -156,29 +170,22 @@ def _layer_norm_bwd_vmap(info, in_dims, dy, x, mean, rstd, weight, normalized_nd
     if not rms:
         mean = _at(mean, md, size).flatten()
     if wd is not None:  # vmapped weights: dx depends on them only through g = dy * weight
-        shape = (size, *([1] * (x.dim() - 1 - normalized_ndim)), *x.shape[x.dim() - normalized_ndim :])
-        dy, weight = dy * weight.movedim(wd, 0).reshape(shape), None
+        dy, weight = dy * _broadcast(weight, wd, size, x.dim(), trailing=0), None
     mask = [bool(output_mask[0]), False, False]
     return _finish(x, ops.layer_norm_bwd(dy, x, mean, rstd, weight, normalized_ndim, rms, mask), (0, 0, 0))
 
 
-def _finish(x, outs, dims):
-    """The outputs and their vmapped dims, with the not-requested ones empty and unbatched."""
-    outs = tuple(_empty(x) if o is None or o.numel() == 0 else o for o in outs)
-    return outs, tuple(None if o.numel() == 0 else d for o, d in zip(outs, dims))
-
-
 def _group_norm_bwd_vmap(info, in_dims, dy, x, mean, rstd, weight, num_groups, output_mask):
     size = info.batch_size
-    if output_mask[2] or (output_mask[1] and weight is not None):
+    if _param_grads_asked(output_mask, weight):
         args = (dy, x, mean, rstd, weight, num_groups, output_mask)
         return _per_instance(ops.group_norm_bwd, size, args, in_dims, (0, 0, 0))
     # dx alone: the vmapped dim joins the samples
     dyd, xd, md, rd, wd = in_dims[:5]
     dy, x = _at(dy, dyd, size), _at(x, xd, size)  # [size, N, C, ...]
     mean, rstd = _at(mean, md, size).flatten(0, 1), _at(rstd, rd, size).flatten(0, 1)
-    if wd is not None:
-        dy, weight = dy * weight.movedim(wd, 0).reshape(size, 1, x.shape[2], *([1] * (x.dim() - 3))), None
+    if wd is not None:  # as in layer norm
+        dy, weight = dy * _broadcast(weight, wd, size, x.dim(), trailing=x.dim() - 3), None
     mask = [bool(output_mask[0]), False, False]
     dx, dw, db = ops.group_norm_bwd(dy.flatten(0, 1), x.flatten(0, 1), mean, rstd, weight, num_groups, mask)
     return _finish(x, (dx.unflatten(0, (size, -1)) if dx.numel() else dx, dw, db), (0, 0, 0))
