@@ -13,8 +13,27 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import normkernels
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every op dispatched inside it (``aten.add.Tensor``,
+    ``normkernels.layer_norm_fwd.default``), in order; under vmap and the torch.func transforms,
+    the ones that reach the kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def ours(self):
+        """How many normkernels ops ran."""
+        return sum(n.startswith("normkernels.") for n in self.names)
+
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF = (torch.float16, torch.bfloat16)

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import normkernels
+from samples import OpRecorder
 
 
 class EveryNorm(nn.Module):
@@ -63,16 +63,6 @@ def test_no_graph_break():
     _, ours = _pair()
     explanation = torch._dynamo.explain(ours)(torch.randn(2, 3, 8, 8))
     assert explanation.graph_break_count == 0, explanation.break_reasons
-
-
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 ATEN_NORM_OPS = ("norm", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")

@@ -3,20 +3,10 @@ where it is; constant input gives zeros; mixed dtypes and edge sizes behave like
 import pytest
 import torch
 import torch.nn.functional as TF
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import normkernels
 import normkernels.functional as NF
-
-
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
+from samples import OpRecorder
 
 
 BAD_INPUT = {

@@ -10,17 +10,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import normkernels
 import normkernels.functional as NF
-from samples import make_input
+from samples import OpRecorder, make_input
 
 C = 6
 
 
 def _calls(mod, rm, rv):
-    """(name, f(x, weight, bias), x shape, parameter size, per-sample vmap in_dims shape)."""
+    """(name, f(x, weight, bias), x shape, parameter size) of every normalization."""
     return [
         ("layer_norm", lambda x, w, b: mod.layer_norm(x, (5,), w, b), (3, 4, 5), 5),
         ("rms_norm", lambda x, w, b: mod.rms_norm(x, (5,), w, 1e-5) + b, (3, 4, 5), 5),
@@ -130,27 +129,28 @@ def test_forward_ad_tangent_like_torch(name, f, shape, n, layout, dtype, backend
         assert err <= max(2 * torch_err, tol), (err, torch_err)
 
 
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func))
-        self.names.add(str(func))
-        return func(*args, **(kwargs or {}))
+_OWN_OPS = {"layer_norm": ("layer_norm_fwd", "layer_norm_bwd"), "rms_norm": ("layer_norm_fwd", "layer_norm_bwd"),
+            "group_norm": ("group_norm_fwd", "group_norm_bwd"), "instance_norm": ("group_norm_fwd", "group_norm_bwd"),
+            "batch_norm": ("batch_norm_fwd", "batch_norm_bwd"), "batch_norm_infer": ("batch_norm_infer", "batch_norm_bwd")}
 
 
-def test_transforms_run_our_kernels_and_no_aten_norm_op():
-    x, w, b = torch.randn(4, 3, 8), torch.randn(8), torch.randn(8)
-    f = lambda x, w, b: NF.layer_norm(x, (8,), w, b)  # noqa: E731
-    with _OpRecorder() as rec:
-        jvp(f, (x, w, b), (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)))
-        grad(lambda x: f(x, w, b).pow(2).sum())(x)
-        vjp(f, x, w, b)[1](torch.randn_like(x))
-    assert "normkernels.layer_norm_fwd.default" in rec.names
-    assert "normkernels.layer_norm_bwd.default" in rec.names  # our backward kernel, under grad
-    assert not {n for n in rec.names if n.startswith("aten.") and "norm" in n}, rec.names
+@pytest.mark.parametrize("name,torch_f,our_f,shape,n", _pairs())
+def test_transforms_run_our_kernels_and_no_aten_norm_op(name, torch_f, our_f, shape, n):
+    """jvp, grad, vjp, vmap of grad and a create_graph double backward dispatch our forward and
+    backward ops, and no ATen norm op."""
+    x = torch.randn(shape, dtype=torch.float64)
+    w, b = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    with OpRecorder() as rec:
+        jvp(our_f, (x, w, b), (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)))
+        grad(lambda x: our_f(x, w, b).pow(2).sum())(x)
+        vjp(our_f, x, w, b)[1](torch.randn_like(x))
+        if not name.startswith("batch_norm"):  # batch statistics need a batch
+            vmap(grad(lambda x: our_f(x[None], w, b).pow(2).sum()))(x)
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(our_f(xr, w, b).pow(3).sum(), xr, create_graph=True)
+        gx.pow(2).sum().backward()
+    assert {f"normkernels.{op}.default" for op in _OWN_OPS[name]} <= set(rec.names)
+    assert not {n for n in rec.names if n.startswith("aten.") and "norm" in n}, set(rec.names)
 
 
 def _unet_block():
@@ -185,18 +185,6 @@ def test_model_transforms_after_convert():
     assert ps_t.keys() == ps_o.keys()
     for k in ps_t:
         torch.testing.assert_close(ps_o[k], ps_t[k], atol=1e-9, rtol=1e-7, msg=k)
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts the normkernels ops that reach the kernels (below vmap: unbatched calls)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += str(func).startswith("normkernels.")
-        return func(*args, **(kwargs or {}))
 
 
 def _vmap_cases():
@@ -247,9 +235,9 @@ def test_vmap_one_kernel_call_like_torch(f, args, in_dims):
     expected = vmap(lambda *a: f(F, *a), in_dims=in_dims)(*[a if a is None else a.contiguous() for a in args])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "performance drop ... batching rule" warning
-        with _OpCounter() as counter:
+        with OpRecorder() as counter:
             got = vmap(lambda *a: f(NF, *a), in_dims=in_dims)(*args)
-    assert counter.calls == 1
+    assert counter.ours() == 1
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8)
 
 
@@ -307,11 +295,11 @@ def test_vmap_backward_ops_like_a_loop(name, args, in_dims):
     loop = [op(*pick(i)) for i in range(size)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with _OpCounter() as counter:
+        with OpRecorder() as counter:
             got = vmap(lambda *a: op(*a), in_dims=in_dims)(*args)
     mask, weight = args[-1], args[4]
     per_instance = name != "batch_norm_bwd" and (mask[2] or (mask[1] and weight is not None))
-    assert counter.calls == (size if per_instance else 1)
+    assert counter.ours() == (size if per_instance else 1)
     for k in range(3):
         expected = [out[k] for out in loop]
         if expected[0].numel() == 0:  # not asked for
