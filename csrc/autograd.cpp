@@ -31,6 +31,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <array>
 #include <memory>
@@ -68,6 +69,14 @@ NodePtr make_node() {
     return c10::make_intrusive<N>();
   }
 }
+
+// Node::compiled_args is const from torch 2.7; 2.6 declares it non-const, where a const
+// override would not override (and fail to build).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
+#define NORMKERNELS_COMPILED_ARGS_CONST const
+#else
+#define NORMKERNELS_COMPILED_ARGS_CONST
+#endif
 
 Tensor value(const Opt& t) { return t ? *t : Tensor(); }
 
@@ -142,7 +151,8 @@ struct NormNode : Node {
   // normalization's parameters), and apply_with_saved runs apply() on the proxy tensors it
   // swaps in for the saved ones, which records our backward op (whose fake kernel gives the
   // shapes) into that graph, as torch's own nodes record their ATen ops.
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args)
+      NORMKERNELS_COMPILED_ARGS_CONST override {
     for (const SavedVariable* v : saved_variables(*this)) args.collect(*v, false);
     args.collect(static_cast<int64_t>(norm_.kind));
     args.collect(norm_.ndim);
