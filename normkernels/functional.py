@@ -137,7 +137,9 @@ def rms_norm(
     eps: Optional[float] = None,
 ) -> Tensor:
     """Root-mean-square normalization (``F.rms_norm``); ``eps=None`` is the machine epsilon
-    of the accumulation type, as in torch."""
+    of the accumulation type, as in torch (before 2.7: see _rms_norm_like_torch_2_6)."""
+    if _RMS_NORM_COMPOSITE:
+        input, weight, eps = _rms_norm_like_torch_2_6(input, weight, eps)
     if eps is None:
         eps = _EPS64 if getattr(input, "dtype", None) == torch.float64 else _EPS32
     if not _is_compiling():
@@ -160,6 +162,25 @@ def _row_norm(input, normalized_shape, weight, bias, eps: float, rms: bool, op: 
 
 _EPS32 = torch.finfo(torch.float32).eps
 _EPS64 = torch.finfo(torch.float64).eps
+
+# torch 2.6's rms_norm was a composite of elementwise ops; 2.7 made it one op with other
+# semantics (measured on both, every dtype pair: tests/test_functional.py).
+_RMS_NORM_COMPOSITE = torch.__version__ < (2, 7)
+
+
+def _rms_norm_like_torch_2_6(input, weight, eps):
+    """What torch 2.6's composite rms_norm did, that 2.7 changed: y takes the promoted dtype of
+    input and weight (bf16 x with an fp32 weight gives fp32), and eps=None is the input dtype's
+    own machine epsilon (bf16's 0.0078, not fp32's). Mixed dtypes are cast to the promoted one
+    before our kernel, as torch's composite promoted them; the cast is differentiable."""
+    if not (isinstance(input, Tensor) and input.is_floating_point()):
+        return input, weight, eps  # the op's own checks explain
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if weight is not None and weight.is_floating_point() and weight.dtype != input.dtype:
+        dtype = torch.result_type(input, weight)
+        input, weight = input.to(dtype), weight.to(dtype)
+    return input, weight, eps
 
 
 def _check_nc(input: Tensor, op: str) -> None:
