@@ -219,6 +219,10 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       (rm && rm->numel() != channels) || (rv && rv->numel() != channels) ||
       !param_dtypes_ok(x, {&w, &b, &rm, &rv}))
     return fall_back();
+  // running statistics that require grad: torch's error, from the Python path
+  if (c10::GradMode::is_enabled() &&
+      ((rm && rm->requires_grad()) || (rv && rv->requires_grad())))
+    return fall_back();
   if (!training) {
     if (!rm || !rv) return fall_back();
     return wrap(without_gil(

@@ -1,7 +1,7 @@
 """``torch.nn.functional``-compatible norms on normkernels' own kernels.
 
 Same signatures and defaults as ``torch.nn.functional``; bad input raises the exception type torch
-raises, before any kernel runs. Running statistics are updated here, in place, under no_grad,
+raises, before any kernel runs. Running statistics are updated here, in place, with no graph,
 exactly as torch does (momentum, unbiased running variance); the ops themselves are functional.
 """
 from __future__ import annotations
@@ -241,15 +241,23 @@ def _check_channel_args(input, running_mean, running_var, weight, bias, op) -> i
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"{op}: {name} should contain {channels} elements not {t.numel()}")
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            # torch's error (its running statistics are not differentiable inputs)
+            raise RuntimeError(
+                f"The function '{op}' is not differentiable with respect to argument '{name}'. "
+                "This input cannot have requires_grad True."
+            )
     _check_param(weight, "weight", (channels,), op, "one per channel")
     _check_param(bias, "bias", (channels,), op, "one per channel")
     return channels
 
 
-@torch.no_grad()
 def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> None:
-    # torch's rule: running = momentum * batch + (1 - momentum) * running
-    running.mul_(1.0 - momentum).add_(batch_value.to(running.dtype), alpha=momentum)
+    # torch's rule: running = momentum * batch + (1 - momentum) * running. No no_grad block: the
+    # statistics have no history and running statistics cannot require grad (checked), so no
+    # graph is recorded anyway, and torch.export would keep the block as a set_grad_enabled
+    # region that torch.export.load then refuses ("wrap_with_set_grad_enabled is missing val").
+    running.mul_(1.0 - momentum).add_(batch_value.detach().to(running.dtype), alpha=momentum)
 
 
 def _update_running_stats(running_mean, running_var, mean, biased_var, count, momentum) -> None:
@@ -325,13 +333,12 @@ def instance_norm(
     y, mean, rstd = _group_norm_fwd(input, channels, weight, bias, eps)
     count = input.numel() // max(input.shape[0] * channels, 1)
     if input.shape[0] > 0 and count > 0 and (running_mean is not None or running_var is not None):
-        with torch.no_grad():
-            if running_mean is not None:
-                _update_running(running_mean, mean.mean(0), momentum)
-            if running_var is not None:
-                # per-instance biased variance back from rstd, in fp64 to keep its digits
-                var = rstd.double().pow(-2).sub_(eps).clamp_(min=0)
-                _update_running(running_var, (var * (count / max(count - 1, 1))).mean(0), momentum)
+        if running_mean is not None:
+            _update_running(running_mean, mean.mean(0), momentum)
+        if running_var is not None:
+            # per-instance biased variance back from rstd, in fp64 to keep its digits
+            var = rstd.detach().double().pow(-2).sub_(eps).clamp_(min=0)
+            _update_running(running_var, (var * (count / max(count - 1, 1))).mean(0), momentum)
     return y
 
 

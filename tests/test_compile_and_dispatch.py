@@ -88,3 +88,31 @@ def test_no_aten_norm_op_runs(dtype, channels_last):
         "layer_norm_fwd", "layer_norm_bwd", "group_norm_fwd", "group_norm_bwd",
         "batch_norm_fwd", "batch_norm_infer", "batch_norm_bwd",
     }
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_export(training):
+    # torch.export (serving): the exported graph holds our ops and no ATen norm op, takes a
+    # dynamic batch, survives save/load, and in training updates the running statistics as
+    # torch's module does
+    import io
+
+    ref, ours = _pair()
+    ref.train(training)
+    ours.train(training)
+    x = torch.randn(4, 3, 8, 8)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(ours, (x,), dynamic_shapes={"x": {0: batch}})
+    called = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert any(c.startswith("normkernels.") for c in called), called
+    assert not [c for c in called if c.startswith("aten.") and any(op in c for op in ATEN_NORM_OPS)]
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    exported = torch.export.load(buffer).module()
+    for n in (4, 7):
+        x = torch.randn(n, 3, 8, 8)
+        torch.testing.assert_close(exported(x), ref(x), atol=1e-4, rtol=1e-4)
+    buffers = dict(exported.named_buffers())
+    for name, b in ref.named_buffers():
+        torch.testing.assert_close(buffers[name], b, atol=1e-5, rtol=1e-5, msg=name)

@@ -418,3 +418,32 @@ def test_group_norm_channels_last_in_chunks_of_images_like_torch(dtype):
         outs[name] = [y] + list(grads)
     for what, ours, theirs, ref in zip(("y", "dx", "dw", "db"), outs["ours"], outs["torch"], outs["ref"]):
         assert_close_like_torch(ours, theirs, ref, what)
+
+
+def test_running_stats_requiring_grad_refused_like_torch(backend_name):
+    # torch's running statistics are not differentiable inputs: one that requires grad raises
+    # while grad mode is on (training or not), and is updated as usual under no_grad
+    calls = {
+        "batch_norm train": lambda F, rm, rv: F.batch_norm(torch.randn(4, 3, 2), rm, rv, training=True),
+        "batch_norm eval": lambda F, rm, rv: F.batch_norm(torch.randn(4, 3, 2), rm, rv),
+        "instance_norm": lambda F, rm, rv: F.instance_norm(torch.randn(4, 3, 2), rm, rv),
+    }
+    for name, call in calls.items():
+        for which in (0, 1):
+            stats = [torch.zeros(3), torch.ones(3)]
+            stats[which].requires_grad_()
+            with pytest.raises(RuntimeError) as theirs:
+                call(TF, *stats)
+            with pytest.raises(RuntimeError, match="not differentiable with respect to argument") as ours:
+                call(NF, *stats)
+            assert ("running_mean", "running_var")[which] in str(theirs.value), theirs.value
+            assert ("running_mean", "running_var")[which] in str(ours.value), name
+            with torch.no_grad():
+                ours_stats = [t.clone() for t in stats]
+                torch.manual_seed(0)
+                y_t = call(TF, *stats)
+                torch.manual_seed(0)
+                y_o = call(NF, *ours_stats)
+            torch.testing.assert_close(y_o, y_t)
+            for a, b in zip(ours_stats, stats):
+                torch.testing.assert_close(a, b)
