@@ -58,6 +58,52 @@ def test_compile_fullgraph_forward_backward(backend):
     torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
 
 
+_DYNAMIC_CASES = {
+    "LayerNorm": (lambda nn: nn.LayerNorm(16), lambda n: torch.randn(n, n + 3, 16)),
+    "RMSNorm": (lambda nn: nn.RMSNorm(16), lambda n: torch.randn(n, n + 1, 16)),
+    "GroupNorm": (lambda nn: nn.GroupNorm(4, 8), lambda n: torch.randn(n, 8, n + 2, 3)),
+    "InstanceNorm2d": (lambda nn: nn.InstanceNorm2d(8, affine=True), lambda n: torch.randn(n, 8, n + 2, 2)),
+    "BatchNorm2d": (lambda nn: nn.BatchNorm2d(8), lambda n: torch.randn(n, 8, n + 1, 3)),
+    "BatchNorm2d-eval": (lambda nn: nn.BatchNorm2d(8).eval(), lambda n: torch.randn(n, 8, n + 1, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(_DYNAMIC_CASES))
+def test_compile_dynamic_shapes(name):
+    # torch.compile(dynamic=True): our fake kernels take symbolic sizes, so inputs of new sizes
+    # reuse the graph (no more graphs than torch's own module takes), with torch's results
+    from torch._dynamo.utils import counters
+
+    make_module, make_input = _DYNAMIC_CASES[name]
+
+    def run(module):
+        """y, dx and the module's buffers at three sizes through one compiled module, and the
+        graphs dynamo made"""
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(1)
+        compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")
+        outs = []
+        for n in (2, 3, 5):
+            x = make_input(n).requires_grad_()
+            y = compiled(x)
+            y.square().sum().backward()
+            outs.append([y, x.grad] + [b.clone() for b in module.buffers()])
+        return outs, counters["stats"]["unique_graphs"]
+
+    torch.manual_seed(0)
+    ref = make_module(nn)
+    ours = normkernels.convert(copy.deepcopy(ref))
+    ref_outs, ref_graphs = run(ref)
+    outs, graphs = run(ours)
+    for got, expected in zip(outs, ref_outs):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert graphs <= ref_graphs, (graphs, ref_graphs)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_no_graph_break():
     torch._dynamo.reset()
     _, ours = _pair()
