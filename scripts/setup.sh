@@ -12,6 +12,12 @@ fi
 "$PY" -m pip install -q numpy pytest pytest-benchmark scikit-learn matplotlib setuptools wheel
 # Triton: the GPU kernels; without a GPU the tests run them under its interpreter.
 "$PY" -m pip install -q triton
+# Triton's interpreter before 3.7 (the one torch 2.6-2.11's CUDA wheels bring) takes program ids
+# as one-element arrays, which NumPy 2.4 no longer turns into ints: every interpreted kernel
+# with a loop bound from a program id raises TypeError. Keep NumPy below 2.4 there.
+if ! "$PY" -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7))"; then
+  "$PY" -m pip install -q "numpy<2.4"
+fi
 # --no-build-isolation: build against the installed torch, never a freshly downloaded one.
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -c "import normkernels; print('normkernels', normkernels.__version__, 'CPU kernels:', normkernels.cpu_capability())"
