@@ -152,6 +152,8 @@ def rms_norm(
 def _row_norm(input, normalized_shape, weight, bias, eps: float, rms: bool, op: str) -> Tensor:
     """layer_norm/rms_norm where the C++ fast path declined (or under torch.compile): checks the
     arguments (raising torch's errors), then calls the op."""
+    if not rms:
+        input, weight, bias = _autocast_fp32(input, weight, bias)
     shape = _normalized(normalized_shape)
     if not _rowwise_ok(input, shape, weight, bias):
         _rowwise_errors(input, shape, weight, bias, op)
@@ -203,6 +205,7 @@ def group_norm(
         y = _C.group_norm(input, num_groups, weight, bias, eps)
         if y is not None:
             return y
+    input, weight, bias = _autocast_fp32(input, weight, bias)
     _check_nc(input, "group_norm")
     channels = input.shape[1]
     if num_groups <= 0 or channels % num_groups != 0:
@@ -216,6 +219,28 @@ def group_norm(
     _check_param_dtypes(input, (weight, bias), "group_norm")
     check_runnable(input, "group_norm")
     return _group_norm_fwd(input, num_groups, weight, bias, eps)[0]
+
+
+# torch.autocast runs layer_norm and group_norm in fp32 on CUDA (its fp32 list: y is fp32 for a
+# half input), and none of the norms on the CPU; batch, instance and RMS norm keep the input's
+# dtype everywhere. Our ops have no autocast kernels (one op serves layer and RMS norm, and
+# instance norm uses group norm's), so functional applies torch's policy to layer_norm and
+# group_norm: what autocast would cast (a floating tensor on that device, not fp64) becomes
+# fp32 before the op; the casts are differentiable, so gradients come back in the caller's
+# dtypes, as torch's do. (The CPU fast paths never see CUDA tensors.)
+_AUTOCAST_FP32_DEVICES = ("cuda",)
+
+
+def _autocast_fp32(input, *tensors):
+    device = getattr(input, "device", None)
+    if (device is None or device.type not in _AUTOCAST_FP32_DEVICES
+            or not torch.is_autocast_enabled(device.type)):
+        return (input,) + tensors
+    return tuple(
+        t.float() if (t is not None and t.is_floating_point() and t.dtype != torch.float64
+                      and t.device.type == device.type) else t
+        for t in (input,) + tensors
+    )
 
 
 def _verify_batch_size(size: List[int]) -> None:

@@ -447,3 +447,44 @@ def test_running_stats_requiring_grad_refused_like_torch(backend_name):
             torch.testing.assert_close(y_o, y_t)
             for a, b in zip(ours_stats, stats):
                 torch.testing.assert_close(a, b)
+
+
+_AUTOCAST_CALLS = {  # name: (call, whether torch's CUDA autocast runs it in fp32)
+    "layer_norm": (lambda F, x, w, b: F.layer_norm(x, (6,), w, b), True),
+    "rms_norm": (lambda F, x, w, b: F.rms_norm(x, (6,), w), False),
+    "group_norm": (lambda F, x, w, b: F.group_norm(x.unflatten(1, (6, 1)), 3, w, b), True),
+    "instance_norm": (lambda F, x, w, b: F.instance_norm(x.unflatten(0, (1, 5)).transpose(1, 2), weight=w, bias=b), False),
+    "batch_norm": (lambda F, x, w, b: F.batch_norm(x, None, None, w, b, training=True), False),
+}
+
+
+@pytest.mark.parametrize("name", list(_AUTOCAST_CALLS))
+def test_autocast_policy_of_torch_cuda_applied(monkeypatch, name):
+    # torch's CUDA autocast runs layer_norm and group_norm in fp32 (the others keep the input's
+    # dtype); functional applies that policy itself. Here it runs on CPU tensors, with "cpu"
+    # standing for "cuda" (the CPU fast path, which never sees CUDA tensors, stepped around),
+    # against torch's functional on the fp32 casts; test_triton checks it against torch on a GPU.
+    import normkernels.functional as functional
+
+    monkeypatch.setattr(functional, "_AUTOCAST_FP32_DEVICES", ("cpu",))
+    monkeypatch.setattr(functional, "_is_compiling", lambda: True)
+    call, fp32 = _AUTOCAST_CALLS[name]
+    torch.manual_seed(0)
+    x = torch.randn(5, 6).to(torch.bfloat16).requires_grad_()
+    w, b = torch.rand(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = call(NF, x, w, b)
+    x_ref = (x.detach().float() if fp32 else x.detach()).requires_grad_()
+    w_ref, b_ref = (t.detach().clone().requires_grad_() for t in (w, b))
+    y_ref = call(TF, x_ref, w_ref, b_ref)  # (torch 2.6's rms_norm: fp32, promoted by the weight)
+    assert y.dtype == y_ref.dtype and (y.dtype == torch.float32 or not fp32)
+    # (torch 2.6's composite rms_norm rounds to bf16 on the way, so half-input results get
+    # bf16's tolerance)
+    torch.testing.assert_close(y, y_ref, **({} if fp32 else dict(atol=1e-2, rtol=1e-2)))
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), dy, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, (x_ref, w_ref, b_ref), dy.to(y_ref.dtype), allow_unused=True)
+    assert grads[0].dtype == torch.bfloat16
+    for g, g_ref in zip(grads, grads_ref):
+        if g_ref is not None:
+            torch.testing.assert_close(g, g_ref.to(g.dtype), atol=2e-2, rtol=2e-2)

@@ -131,3 +131,32 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_like_torch(dtype):
+    """Under torch.autocast("cuda") every norm returns torch's dtype (layer and group norm fp32,
+    the others the input's) and torch's values and gradients."""
+    from test_functional import _AUTOCAST_CALLS
+
+    torch.manual_seed(0)
+    for name, (call, fp32) in _AUTOCAST_CALLS.items():
+        x = torch.randn(5, 6, device="cuda").to(dtype).requires_grad_()
+        w = torch.rand(6, device="cuda", requires_grad=True)
+        b = torch.randn(6, device="cuda", requires_grad=True)
+        outs = []
+        for F in (torch.nn.functional, normkernels.functional):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+            with torch.autocast("cuda", dtype=dtype):
+                y = call(F, *leaves)
+            grads = torch.autograd.grad(y.float().square().sum(), leaves, allow_unused=True)
+            outs.append((y, grads))
+        (y_ref, g_ref), (y, g) = outs
+        assert y.dtype == y_ref.dtype == (torch.float32 if fp32 else dtype), name
+        torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2, msg=name)
+        for a, c in zip(g, g_ref):
+            assert (a is None) == (c is None), name
+            if a is not None:
+                assert a.dtype == c.dtype, name
+                torch.testing.assert_close(a, c, atol=5e-2, rtol=5e-2, msg=name)
