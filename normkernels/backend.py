@@ -4,7 +4,9 @@
 - "cpp": the C++ kernels; CUDA tensors raise (there are no C++ CUDA kernels).
 - "triton": the Triton kernels. CUDA tensors run them natively; CPU tensors run them under
   Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before Triton is
-  first imported (that is how CI tests them on machines without a GPU).
+  first imported (that is how CI tests them on machines without a GPU). With a GPU and the
+  interpreter off, CPU tensors take the C++ kernels: routing them, or refusing them, would take a
+  dispatch mode, under which torch.compile refuses to trace the CUDA calls.
 
 Asking for a backend that cannot run raises a clear error; nothing falls back silently, least
 of all to ATen's own norm kernels. The choice is process-wide (a plain module global, which

@@ -18,14 +18,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# Where the tests below run the Triton kernels: compiled on the GPU where there is one (the
+# interpreter is then off), interpreted on CPU tensors otherwise.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+
+
 def test_triton_kernels_actually_run():
     from normkernels.triton import LAUNCHES
 
     before = dict(LAUNCHES)
     model = normkernels.convert(torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.GroupNorm(2, 8),
-        torch.nn.Flatten(), torch.nn.LayerNorm(8 * 6 * 6)))
-    x = torch.randn(2, 3, 8, 8)
+        torch.nn.Flatten(), torch.nn.LayerNorm(8 * 6 * 6))).to(DEVICE)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
     with normkernels.backend("triton"):
         model(x).sum().backward()
         model.eval()
@@ -33,10 +38,10 @@ def test_triton_kernels_actually_run():
     ran = {k for k, v in LAUNCHES.items() if v > before.get(k, 0)}
     assert {"layer_norm_fwd", "layer_norm_bwd", "group_moments_partial", "batch_moments_partial",
             "moments_merge", "channel_affine", "channel_grad_sums", "sum_parts"} <= ran, ran
-    # and outside the block the C++ kernels run again: no Triton launch
-    snapshot = dict(LAUNCHES)
-    model(x)
-    assert dict(LAUNCHES) == snapshot
+    if DEVICE == "cpu":  # and outside the block the C++ kernels run again: no Triton launch
+        snapshot = dict(LAUNCHES)
+        model(x)
+        assert dict(LAUNCHES) == snapshot
 
 
 @pytest.mark.parametrize("rms", [False, True])
@@ -44,9 +49,9 @@ def test_rows_longer_than_one_block(rms):
     from normkernels.triton.heuristics import MAX_ROW_BLOCK
 
     n = MAX_ROW_BLOCK * 2 + 37
-    x = (torch.randn(3, n) * 3 + 1).requires_grad_()
-    w = torch.randn(n, requires_grad=True)
-    dy = torch.randn(3, n)
+    x = (torch.randn(3, n, device=DEVICE) * 3 + 1).requires_grad_()
+    w = torch.randn(n, device=DEVICE, requires_grad=True)
+    dy = torch.randn(3, n, device=DEVICE)
     with normkernels.backend("triton"):
         y = NF.rms_norm(x, [n], w, 1e-5) if rms else NF.layer_norm(x, (n,), w)
         gx, gw = torch.autograd.grad(y, (x, w), dy)
@@ -58,9 +63,9 @@ def test_rows_longer_than_one_block(rms):
 
 
 def test_results_are_bitwise_reproducible():
-    x = make_input((4, 16, 6, 5), "channels_last", torch.float32).requires_grad_()
-    w = torch.randn(16, requires_grad=True)
-    dy = torch.randn(4, 16, 6, 5)
+    x = make_input((4, 16, 6, 5), "channels_last", torch.float32).to(DEVICE).requires_grad_()
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    dy = torch.randn(4, 16, 6, 5, device=DEVICE)
     runs = []
     with normkernels.backend("triton"):
         for _ in range(2):
