@@ -14,9 +14,12 @@ fi
 "$PY" -m pip install -q triton
 # Triton's interpreter before 3.7 (the one torch 2.6-2.11's CUDA wheels bring) takes program ids
 # as one-element arrays, which NumPy 2.4 no longer turns into ints: every interpreted kernel
-# with a loop bound from a program id raises TypeError. Keep NumPy below 2.4 there.
-if ! "$PY" -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7))"; then
-  "$PY" -m pip install -q "numpy<2.4"
+# with a loop bound from a program id raises TypeError. Keep NumPy below 2.4 where that
+# interpreter is what runs the Triton kernels (no CUDA GPU); where it cannot be fetched (a GPU
+# machine with no network needs it not), say so and go on.
+if ! "$PY" -c "import sys, torch, triton
+sys.exit(not (torch.cuda.is_available() or tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7)))"; then
+  "$PY" -m pip install -q "numpy<2.4" || echo "setup.sh: could not install numpy<2.4, which Triton's interpreter before 3.7 needs" >&2
 fi
 # --no-build-isolation: build against the installed torch, never a freshly downloaded one.
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
