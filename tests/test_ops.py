@@ -243,3 +243,66 @@ def test_compiled_autograd_runs_our_backward(name, fn, x, w, b):
     # no norm op but ours: neither an ATen one nor torch's own backward node
     assert not any("norm" in t.lower() and not t.startswith("normkernels.") for t in traced)
     assert sum(t == f"normkernels.{_BACKWARD_OP[name]}.default" for t in traced) == 1  # traced once
+
+
+def _bad_op_calls():
+    """Direct op calls with a parameter or statistic of the wrong size, dtype or device, or a bad
+    dim or group count: (id, call, the message's start). The kernels read these as flat arrays of
+    a length x decides, so each must raise before any kernel runs (functional checks first; these
+    reach the op from torch.ops or TorchScript)."""
+    x2, x3 = torch.randn(2, 3), torch.randn(2, 4, 3)
+    mask = [True, True, True]
+    ln, gn, bn = ops.layer_norm_fwd, ops.group_norm_fwd, ops.batch_norm_fwd
+    return [
+        ("ln-weight", lambda: ln(x2, 1, torch.ones(2), None, 1e-5, False), "layer_norm: expected weight of shape [3]"),
+        ("ln-bias", lambda: ln(x2, 1, None, torch.ones(4), 1e-5, False), "layer_norm: expected bias of shape [3]"),
+        ("ln-weight-2d", lambda: ln(x2, 1, torch.ones(3, 1), None, 1e-5, False), "layer_norm: expected weight of shape [3]"),
+        ("ln-weight-int", lambda: ln(x2, 1, torch.ones(3, dtype=torch.int32), None, 1e-5, False), "layer_norm: expected a floating-point weight"),
+        ("ln-ndim", lambda: ln(x2, 3, None, None, 1e-5, False), "layer_norm: normalized_ndim out of range"),
+        ("ln-bwd-ndim", lambda: ops.layer_norm_bwd(x2, x2, torch.ones(2), torch.ones(2), None, 0, False, mask), "layer_norm_bwd: normalized_ndim out of range"),
+        ("ln-bwd-rstd", lambda: ops.layer_norm_bwd(x2, x2, torch.ones(2), torch.ones(1), None, 1, False, mask), "layer_norm_bwd: expected rstd of 2 values"),
+        ("ln-bwd-mean", lambda: ops.layer_norm_bwd(x2, x2, torch.ones(3), torch.ones(2), None, 1, False, mask), "layer_norm_bwd: expected mean of 2 values"),
+        ("ln-bwd-weight", lambda: ops.layer_norm_bwd(x2, x2, torch.ones(2), torch.ones(2), torch.ones(5), 1, False, mask), "layer_norm_bwd: expected weight of shape [3]"),
+        ("ln-bwd-dy", lambda: ops.layer_norm_bwd(x3, x2, torch.ones(2), torch.ones(2), None, 1, False, mask), "layer_norm_bwd: dy and x differ in shape"),
+        ("gn-weight", lambda: gn(x3, 2, torch.ones(2), None, 1e-5), "group_norm: expected weight of shape [4]"),
+        ("gn-bias", lambda: gn(x3, 2, None, torch.ones(8), 1e-5), "group_norm: expected bias of shape [4]"),
+        ("gn-bwd-groups", lambda: ops.group_norm_bwd(x3, x3, torch.ones(6), torch.ones(6), None, 3, mask), "group_norm_bwd: expected number of channels"),
+        ("gn-bwd-mean", lambda: ops.group_norm_bwd(x3, x3, torch.ones(2), torch.ones(4), None, 2, mask), "group_norm_bwd: expected mean of 4 values"),
+        ("gn-bwd-rstd", lambda: ops.group_norm_bwd(x3, x3, torch.ones(4), torch.ones(8), None, 2, mask), "group_norm_bwd: expected rstd of 4 values"),
+        ("gn-bwd-weight", lambda: ops.group_norm_bwd(x3, x3, torch.ones(4), torch.ones(4), torch.ones(3), 2, mask), "group_norm_bwd: expected weight of shape [4]"),
+        ("bn-weight", lambda: bn(x3, torch.ones(2), None, 1e-5), "batch_norm: expected weight of shape [4]"),
+        ("bn-bias", lambda: bn(x3, None, torch.ones(5), 1e-5), "batch_norm: expected bias of shape [4]"),
+        ("bn-infer-mean", lambda: ops.batch_norm_infer(x3, torch.ones(3), torch.ones(4), None, None, 1e-5), "batch_norm: expected mean of 4 values"),
+        ("bn-infer-var", lambda: ops.batch_norm_infer(x3, torch.ones(4), torch.ones(5), None, None, 1e-5), "batch_norm: expected var of 4 values"),
+        ("bn-infer-weight", lambda: ops.batch_norm_infer(x3, torch.ones(4), torch.ones(4), torch.ones(3), None, 1e-5), "batch_norm: expected weight of shape [4]"),
+        ("bn-infer-bias", lambda: ops.batch_norm_infer(x3, torch.ones(4), torch.ones(4), None, torch.ones(1), 1e-5), "batch_norm: expected bias of shape [4]"),
+        ("bn-bwd-mean", lambda: ops.batch_norm_bwd(x3, x3, torch.ones(2), torch.ones(4), None, True, mask), "batch_norm_bwd: expected mean of 4 values"),
+        ("bn-bwd-invstd", lambda: ops.batch_norm_bwd(x3, x3, torch.ones(4), torch.ones(3), None, True, mask), "batch_norm_bwd: expected invstd of 4 values"),
+        ("bn-bwd-weight", lambda: ops.batch_norm_bwd(x3, x3, torch.ones(4), torch.ones(4), torch.ones(4, 1), True, mask), "batch_norm_bwd: expected weight of shape [4]"),
+        ("bn-bwd-dy", lambda: ops.batch_norm_bwd(x2, x3, torch.ones(4), torch.ones(4), None, True, mask), "batch_norm_bwd: dy and x differ in shape"),
+    ]
+
+
+@pytest.mark.parametrize("call,message", [pytest.param(c, m, id=i) for i, c, m in _bad_op_calls()])
+def test_ops_check_their_arguments(call, message, backend_name):
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_ops_accept_statistics_of_another_float_dtype(backend_name):
+    """The backward ops take the statistics of any floating dtype and layout (they read them as
+    the accumulation dtype): fp64 or strided statistics give what the forward's own give."""
+    x, dy, w = torch.randn(6, 8), torch.randn(6, 8), torch.randn(8)
+    _, mean, rstd = ops.layer_norm_fwd(x, 1, w, None, 1e-5, False)
+    want = ops.layer_norm_bwd(dy, x, mean, rstd, w, 1, False, [True, True, True])
+    got = ops.layer_norm_bwd(dy, x, mean.double(), torch.stack([rstd, rstd], 1)[:, 0], w, 1, False,
+                             [True, True, True])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    x4 = torch.randn(3, 4, 5)
+    _, mean, invstd, _ = ops.batch_norm_fwd(x4, None, None, 1e-5)
+    want = ops.batch_norm_bwd(x4, x4, mean, invstd, None, True, [True, False, True])
+    got = ops.batch_norm_bwd(x4, x4, mean.double(), invstd.double(), None, True, [True, False, True])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

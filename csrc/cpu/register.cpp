@@ -85,6 +85,19 @@ void check_float(const at::Tensor& x, const char* op) {
               x.scalar_type());
 }
 
+// The kernels read parameters and statistics as flat arrays of a length the input decides, so a
+// wrong-sized one would be read past its end: every op checks them before any kernel runs.
+// (normkernels.functional checks its arguments first, with torch's messages; these guard direct
+// calls of torch.ops.normkernels.* and TorchScript, which call the ops themselves.)
+void check_param(const std::optional<at::Tensor>& p, at::IntArrayRef shape, const char* op,
+                 const char* name) {
+  if (!p.has_value() || !p->defined()) return;
+  TORCH_CHECK(p->sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
+              p->sizes());
+  TORCH_CHECK(p->is_floating_point(), op, ": expected a floating-point ", name, ", got ",
+              p->scalar_type());
+}
+
 // A contiguous copy of a small tensor (a parameter, a parameter's gradient) in `dtype`, or the
 // tensor itself when it already is one. Converted by the kernel table's `convert` (see
 // csrc/cpu/convert.cpp): ATen's to() costs ~3-4 us a call (dispatch, TensorIterator), and a
@@ -109,6 +122,17 @@ bool of_x_dtype(const std::optional<at::Tensor>& p, const at::Tensor& x) {
 at::Tensor param(const std::optional<at::Tensor>& p, const at::Tensor& x) {
   if (!p.has_value() || !p->defined()) return at::Tensor();
   return converted(*p, acc_type(x));
+}
+
+// Statistics a backward op reads: `numel` values, as a contiguous tensor of the accumulation
+// dtype (the tensor itself when it is one, as the forward ops return them).
+at::Tensor stats_arg(const at::Tensor& t, int64_t numel, const at::Tensor& x, const char* op,
+                     const char* name) {
+  TORCH_CHECK(t.numel() == numel, op, ": expected ", name, " of ", numel, " values, got ",
+              t.numel());
+  TORCH_CHECK(t.is_floating_point(), op, ": expected a floating-point ", name, ", got ",
+              t.scalar_type());
+  return converted(t, acc_type(x));
 }
 
 // out[c] = p[c] for a per-channel parameter or statistic of any floating dtype and stride
@@ -199,6 +223,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_float(x, "layer_norm");
   TORCH_CHECK(normalized_ndim >= 1 && normalized_ndim <= x.dim(),
               "layer_norm: normalized_ndim out of range");
+  const at::IntArrayRef pshape = x.sizes().slice(x.dim() - normalized_ndim);
+  check_param(weight, pshape, "layer_norm", "weight");
+  check_param(bias, pshape, "layer_norm", "bias");
   const at::Tensor xc = x.contiguous();
   int64_t N = 1;
   for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
@@ -229,9 +256,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const std::optional<at::Tensor>& weight, int64_t normalized_ndim, bool rms,
     std::array<bool, 3> output_mask) {
   check_float(x, "layer_norm_bwd");
+  TORCH_CHECK(normalized_ndim >= 1 && normalized_ndim <= x.dim(),
+              "layer_norm_bwd: normalized_ndim out of range");
   TORCH_CHECK(dy.sizes() == x.sizes(), "layer_norm_bwd: dy and x differ in shape");
+  const at::IntArrayRef pshape = x.sizes().slice(x.dim() - normalized_ndim);
+  check_param(weight, pshape, "layer_norm_bwd", "weight");
   int64_t N = 1;
   for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
+  const int64_t M = N == 0 ? 0 : x.numel() / N;
+  // RMS norm has no mean (the forward returns an empty one; the kernel never reads it)
+  const at::Tensor mean_c = rms ? mean : stats_arg(mean, M, x, "layer_norm_bwd", "mean");
+  const at::Tensor rstd_c = stats_arg(rstd, M, x, "layer_norm_bwd", "rstd");
   // The kernel reads a contiguous weight of x's dtype as it is, and writes dweight/dbias in
   // x's dtype when that is what is returned: three conversions fewer (each an allocation and
   // a pass) in a one-row half-precision backward, a fifth of its cost.
@@ -239,9 +274,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   const auto pdtype = param_grad_dtype(x, weight);
   GradOutputs out(x, at::MemoryFormat::Contiguous, N, w.defined(), output_mask,
                   pdtype == x.scalar_type() ? pdtype : acc_type(x));
-  K().layer_norm_bwd(dy.contiguous(), x.contiguous(), N, mean, rstd, w, rms, out.dx, out.dw,
+  K().layer_norm_bwd(dy.contiguous(), x.contiguous(), N, mean_c, rstd_c, w, rms, out.dx, out.dw,
                      out.db);
-  return out.result(x, weight, x.sizes().slice(x.dim() - normalized_ndim));
+  return out.result(x, weight, pshape);
 }
 
 // ---------------------------------------------------------------- group / batch norm layouts
@@ -274,13 +309,19 @@ void check_nc(const at::Tensor& x, const char* op) {
 
 // ---------------------------------------------------------------- group norm
 
+void check_groups(const at::Tensor& x, int64_t num_groups, const char* op) {
+  check_nc(x, op);
+  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0,
+              op, ": expected number of channels in input to be divisible by num_groups, "
+              "but got input of shape ", x.sizes(), " and num_groups=", num_groups);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
     const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
-  check_nc(x, "group_norm");
-  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0,
-              "group_norm: expected number of channels in input to be divisible by num_groups, "
-              "but got input of shape ", x.sizes(), " and num_groups=", num_groups);
+  check_groups(x, num_groups, "group_norm");
+  check_param(weight, {x.size(1)}, "group_norm", "weight");
+  check_param(bias, {x.size(1)}, "group_norm", "bias");
   const Walk w = plan(x);
   const at::Tensor xc = x.contiguous(w.format);
   at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
@@ -296,13 +337,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, int64_t num_groups,
     std::array<bool, 3> output_mask) {
-  check_nc(x, "group_norm_bwd");
+  check_groups(x, num_groups, "group_norm_bwd");
   TORCH_CHECK(dy.sizes() == x.sizes(), "group_norm_bwd: dy and x differ in shape");
+  check_param(weight, {x.size(1)}, "group_norm_bwd", "weight");
+  const int64_t stats = x.size(0) * num_groups;
+  const at::Tensor mean_c = stats_arg(mean, stats, x, "group_norm_bwd", "mean");
+  const at::Tensor rstd_c = stats_arg(rstd, stats, x, "group_norm_bwd", "rstd");
   const Walk w = plan(x);
   const at::Tensor wt = param(weight, x);
   GradOutputs out(x, w.format, x.size(1), wt.defined(), output_mask);
   K().group_norm_bwd(dy.contiguous(w.format), x.contiguous(w.format), w.shape, num_groups,
-                     mean.contiguous(), rstd.contiguous(), wt, out.dx, out.dw, out.db);
+                     mean_c, rstd_c, wt, out.dx, out.dw, out.db);
   return out.result(x, weight, {x.size(1)});
 }
 
@@ -312,6 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   check_nc(x, "batch_norm");
+  check_param(weight, {x.size(1)}, "batch_norm", "weight");
+  check_param(bias, {x.size(1)}, "batch_norm", "bias");
   const Walk w = plan(x);
   const at::Tensor xc = x.contiguous(w.format);
   at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
@@ -327,8 +374,12 @@ at::Tensor batch_norm_infer(const at::Tensor& x, const at::Tensor& mean, const a
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, double eps) {
   check_nc(x, "batch_norm");
-  TORCH_CHECK(mean.numel() == x.size(1) && var.numel() == x.size(1),
-              "batch_norm: expected statistics of ", x.size(1), " channels");
+  TORCH_CHECK(mean.numel() == x.size(1), "batch_norm: expected mean of ", x.size(1),
+              " values, got ", mean.numel());
+  TORCH_CHECK(var.numel() == x.size(1), "batch_norm: expected var of ", x.size(1),
+              " values, got ", var.numel());
+  check_param(weight, {x.size(1)}, "batch_norm", "weight");
+  check_param(bias, {x.size(1)}, "batch_norm", "bias");
   const Walk w = plan(x);
   at::Tensor y = cpu::empty_output(x.sizes(), x.options(), w.format);
   K().batch_norm_elemt(x.contiguous(w.format), w.shape,
@@ -341,11 +392,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     const std::optional<at::Tensor>& weight, bool train, std::array<bool, 3> output_mask) {
   check_nc(x, "batch_norm_bwd");
   TORCH_CHECK(dy.sizes() == x.sizes(), "batch_norm_bwd: dy and x differ in shape");
+  check_param(weight, {x.size(1)}, "batch_norm_bwd", "weight");
+  const int64_t C = x.size(1);
+  const at::Tensor mean_c = stats_arg(mean, C, x, "batch_norm_bwd", "mean");
+  const at::Tensor invstd_c = stats_arg(invstd, C, x, "batch_norm_bwd", "invstd");
   const Walk w = plan(x);
   const at::Tensor wt = param(weight, x);
   GradOutputs out(x, w.format, x.size(1), wt.defined(), output_mask);
-  K().batch_norm_bwd(dy.contiguous(w.format), x.contiguous(w.format), w.shape, param(mean, x),
-                     param(invstd, x), wt, train, out.dx, out.dw, out.db);
+  K().batch_norm_bwd(dy.contiguous(w.format), x.contiguous(w.format), w.shape, mean_c, invstd_c,
+                     wt, train, out.dx, out.dw, out.db);
   return out.result(x, weight, {x.size(1)});
 }
 

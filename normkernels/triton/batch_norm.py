@@ -16,6 +16,7 @@ import triton.language as tl
 
 from . import heuristics as H
 from ._shape import walk
+from .checks import check_dy, check_nc, check_param, stats_arg
 from .common import channel_affine, channel_grad_sums, chan_merge, grad_mask, moments_merge_kernel
 from .launch import acc_dtype, count_launch, tl_acc
 
@@ -58,6 +59,9 @@ def _params(weight, bias, C, sdt, device):
 
 
 def batch_norm_fwd(x, weight, bias, eps):
+    check_nc(x, "batch_norm")
+    check_param(weight, (x.shape[1],), x, "batch_norm", "weight")
+    check_param(bias, (x.shape[1],), x, "batch_norm", "bias")
     w = walk(x, rows_2d=True)
     N, C, HW = w.N, w.C, w.HW
     sdt = acc_dtype(x)
@@ -86,23 +90,32 @@ def batch_norm_fwd(x, weight, bias, eps):
 
 
 def batch_norm_infer(x, mean, var, weight, bias, eps):
+    check_nc(x, "batch_norm")
+    mean = stats_arg(mean, x.shape[1], x, "batch_norm", "mean")
+    var = stats_arg(var, x.shape[1], x, "batch_norm", "var")
+    check_param(weight, (x.shape[1],), x, "batch_norm", "weight")
+    check_param(bias, (x.shape[1],), x, "batch_norm", "bias")
     w = walk(x, rows_2d=True)
     sdt = acc_dtype(x)
     y = w.empty()
     wt, bs = _params(weight, bias, w.C, sdt, x.device)
-    invstd = torch.rsqrt(var.to(sdt) + eps)
-    channel_affine(w, y, mean.to(sdt).contiguous(), (invstd * wt).contiguous(), bs)
+    invstd = torch.rsqrt(var + eps)
+    channel_affine(w, y, mean, (invstd * wt).contiguous(), bs)
     return y
 
 
 def batch_norm_bwd(dy, x, mean, invstd, weight, train, output_mask):
+    check_nc(x, "batch_norm_bwd")
+    check_dy(dy, x, "batch_norm_bwd")
+    check_param(weight, (x.shape[1],), x, "batch_norm_bwd", "weight")
+    mean = stats_arg(mean, x.shape[1], x, "batch_norm_bwd", "mean")
+    invstd = stats_arg(invstd, x.shape[1], x, "batch_norm_bwd", "invstd")
     w = walk(x, rows_2d=True)
     N, C, HW = w.N, w.C, w.HW
     sdt = acc_dtype(x)
     want_dx, want_dw, want_db = grad_mask(output_mask, weight)
     pdtype = weight.dtype if weight is not None else x.dtype
     dyc = w.like(dy)
-    mean, invstd = mean.to(sdt).contiguous(), invstd.to(sdt).contiguous()
     count = N * HW
     sum_dy = torch.zeros((C,), dtype=sdt, device=x.device)
     sum_dyx = torch.zeros((C,), dtype=sdt, device=x.device)

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from . import heuristics as H
 from ._shape import walk
+from .checks import check_dy, check_groups, check_param, stats_arg
 from .common import channel_affine, channel_grad_sums, chan_merge, grad_mask, moments_merge_kernel
 from .launch import acc_dtype, count_launch, tl_acc
 
@@ -62,6 +63,9 @@ def _per_channel(stat: torch.Tensor, N: int, G: int, D: int) -> torch.Tensor:
 
 
 def group_norm_fwd(x, num_groups, weight, bias, eps):
+    check_groups(x, num_groups, "group_norm")
+    check_param(weight, (x.shape[1],), x, "group_norm", "weight")
+    check_param(bias, (x.shape[1],), x, "group_norm", "bias")
     w = walk(x, rows_2d=False)
     N, C, HW, G = w.N, w.C, w.HW, num_groups
     D = C // G
@@ -92,6 +96,11 @@ def group_norm_fwd(x, num_groups, weight, bias, eps):
 
 
 def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
+    check_groups(x, num_groups, "group_norm_bwd")
+    check_dy(dy, x, "group_norm_bwd")
+    check_param(weight, (x.shape[1],), x, "group_norm_bwd", "weight")
+    mean = stats_arg(mean, x.shape[0] * num_groups, x, "group_norm_bwd", "mean")
+    rstd = stats_arg(rstd, x.shape[0] * num_groups, x, "group_norm_bwd", "rstd")
     w = walk(x, rows_2d=False)
     N, C, HW, G = w.N, w.C, w.HW, num_groups
     D = C // G
@@ -99,7 +108,7 @@ def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
     want_dx, want_dw, want_db = grad_mask(output_mask, weight)
     pdtype = weight.dtype if weight is not None else x.dtype
     dyc = w.like(dy)
-    mean2, rstd2 = mean.reshape(N, G).to(sdt), rstd.reshape(N, G).to(sdt)
+    mean2, rstd2 = mean.view(N, G), rstd.view(N, G)
     center = _per_channel(mean2, N, G, D)
     sum_dy, sum_dyx = channel_grad_sums(w, dyc, center, sdt)
     rstd_c = _per_channel(rstd2, N, G, D)

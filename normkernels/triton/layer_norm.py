@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import heuristics as H
+from .checks import check_dy, check_param, check_rows, stats_arg
 from .common import sum_parts_kernel
 from .launch import acc_dtype, count_launch, tl_acc
 
@@ -166,6 +167,10 @@ def _rows(x: torch.Tensor, normalized_ndim: int):
 
 
 def layer_norm_fwd(x, normalized_ndim, weight, bias, eps, rms):
+    check_rows(x, normalized_ndim, "layer_norm")
+    pshape = x.shape[x.dim() - normalized_ndim:]
+    check_param(weight, pshape, x, "layer_norm", "weight")
+    check_param(bias, pshape, x, "layer_norm", "bias")
     xc = x.contiguous()
     M, N = _rows(x, normalized_ndim)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -185,9 +190,15 @@ def layer_norm_fwd(x, normalized_ndim, weight, bias, eps, rms):
 
 
 def layer_norm_bwd(dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask):
-    xc, dyc = x.contiguous(), dy.contiguous()
-    M, N = _rows(x, normalized_ndim)
+    check_rows(x, normalized_ndim, "layer_norm_bwd")
+    check_dy(dy, x, "layer_norm_bwd")
     pshape = x.shape[x.dim() - normalized_ndim:]
+    check_param(weight, pshape, x, "layer_norm_bwd", "weight")
+    M, N = _rows(x, normalized_ndim)
+    if not rms:  # RMS norm has no mean (the forward returns an empty one)
+        mean = stats_arg(mean, M, x, "layer_norm_bwd", "mean")
+    rstd = stats_arg(rstd, M, x, "layer_norm_bwd", "rstd")
+    xc, dyc = x.contiguous(), dy.contiguous()
     sdt = acc_dtype(x)
     want_dx = bool(output_mask[0])
     want_dw = bool(output_mask[1]) and weight is not None
