@@ -15,6 +15,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include "op_handles.h"
 
@@ -117,7 +118,12 @@ auto without_gil(F f) {
   return f();
 }
 
-bool fast_path_allowed() { return !at::impl::torch_function_mode_enabled(); }
+// Not under a torch function mode, nor under torch.jit.trace: the tracer records the ops called
+// through the dispatcher, but not the running-statistics update below (a loop), so a traced
+// training step would leave the statistics alone; the Python path updates them with ATen ops.
+bool fast_path_allowed() {
+  return !at::impl::torch_function_mode_enabled() && !torch::jit::tracer::isTracing();
+}
 
 // layer_norm(input, normalized_shape, weight, bias, eps, rms) -> Tensor | None
 PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {

@@ -3,6 +3,14 @@
 Same signatures and defaults as ``torch.nn.functional``; bad input raises the exception type torch
 raises, before any kernel runs. Running statistics are updated here, in place, with no graph,
 exactly as torch does (momentum, unbiased running variance); the ops themselves are functional.
+
+Every function here can be compiled by ``torch.jit.script``, as torch.nn.functional's can (so the
+nn modules can be too): each is an eager-only prelude under ``if not torch.jit.is_scripting():``
+(the C++ fast path and torch's argument checks, in Python TorchScript does not compile; the
+compiler skips that block) followed by the part both share, which calls the op. Under
+TorchScript the ops' own checks (csrc/cpu/register.cpp, normkernels/triton/checks.py) explain
+bad arguments, with RuntimeErrors; torch's CUDA autocast policy (_autocast_fp32) and torch 2.6's
+rms_norm dtype rules (_rms_norm_like_torch_2_6) apply in eager mode and torch.compile only.
 """
 from __future__ import annotations
 
@@ -14,12 +22,9 @@ from torch import Tensor
 from . import _C, _ops
 from .backend import check_runnable
 
+# The ops are called through the namespace (torch.ops.normkernels.<op>), which TorchScript
+# resolves; it costs ~0.2 us a call more than a bound OpOverload, which TorchScript does not.
 _ops_ns = _ops.ops
-_layer_norm_fwd = _ops_ns.layer_norm_fwd.default
-_group_norm_fwd = _ops_ns.group_norm_fwd.default
-_batch_norm_fwd = _ops_ns.batch_norm_fwd.default
-_batch_norm_infer = _ops_ns.batch_norm_infer.default
-_batch_norm_bwd = _ops_ns.batch_norm_bwd.default
 
 # The eager fast path (csrc/python_entry.cpp): validates a plain CPU call and runs the op through
 # the dispatcher at C cost, or returns None and the Python path below handles (and explains)
@@ -117,17 +122,22 @@ def _rowwise_errors(input, shape, weight, bias, op) -> int:
 
 def layer_norm(
     input: Tensor,
-    normalized_shape: Sequence[int],
+    normalized_shape: List[int],
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
 ) -> Tensor:
     """Layer normalization over the last ``len(normalized_shape)`` dims (``F.layer_norm``)."""
-    if not _is_compiling():
-        y = _C.layer_norm(input, normalized_shape, weight, bias, eps, False)
-        if y is not None:
-            return y
-    return _row_norm(input, normalized_shape, weight, bias, eps, False, "layer_norm")
+    if not torch.jit.is_scripting():
+        if not _is_compiling():
+            y = _C.layer_norm(input, normalized_shape, weight, bias, eps, False)
+            if y is not None:
+                return y
+        input, weight, bias, ndim = _row_norm_args(input, normalized_shape, weight, bias, False,
+                                                   "layer_norm")
+    else:
+        ndim = len(normalized_shape)
+    return _ops_ns.layer_norm_fwd(input, ndim, weight, bias, eps, False)[0]
 
 
 def rms_norm(
@@ -138,20 +148,28 @@ def rms_norm(
 ) -> Tensor:
     """Root-mean-square normalization (``F.rms_norm``); ``eps=None`` is the machine epsilon
     of the accumulation type, as in torch (before 2.7: see _rms_norm_like_torch_2_6)."""
-    if _RMS_NORM_COMPOSITE:
-        input, weight, eps = _rms_norm_like_torch_2_6(input, weight, eps)
-    if eps is None:
-        eps = _EPS64 if getattr(input, "dtype", None) == torch.float64 else _EPS32
-    if not _is_compiling():
-        y = _C.layer_norm(input, normalized_shape, weight, None, eps, True)
-        if y is not None:
-            return y
-    return _row_norm(input, normalized_shape, weight, None, eps, True, "rms_norm")
+    if not torch.jit.is_scripting():
+        if _RMS_NORM_COMPOSITE:
+            input, weight, eps = _rms_norm_like_torch_2_6(input, weight, eps)
+        if eps is None:
+            eps = _machine_eps(getattr(input, "dtype", torch.float32))
+        if not _is_compiling():
+            y = _C.layer_norm(input, normalized_shape, weight, None, eps, True)
+            if y is not None:
+                return y
+        input, weight, _, ndim = _row_norm_args(input, normalized_shape, weight, None, True,
+                                                "rms_norm")
+    else:
+        ndim = len(normalized_shape)
+        if eps is None:
+            eps = _machine_eps(input.dtype)
+    return _ops_ns.layer_norm_fwd(input, ndim, weight, None, eps, True)[0]
 
 
-def _row_norm(input, normalized_shape, weight, bias, eps: float, rms: bool, op: str) -> Tensor:
-    """layer_norm/rms_norm where the C++ fast path declined (or under torch.compile): checks the
-    arguments (raising torch's errors), then calls the op."""
+def _row_norm_args(input, normalized_shape, weight, bias, rms: bool, op: str):
+    """layer_norm/rms_norm's checks where the C++ fast path declined (or under torch.compile),
+    raising torch's errors; returns the arguments for the op (layer norm's cast as CUDA autocast
+    casts them) and the number of normalized dims."""
     if not rms:
         input, weight, bias = _autocast_fp32(input, weight, bias)
     shape = _normalized(normalized_shape)
@@ -159,11 +177,14 @@ def _row_norm(input, normalized_shape, weight, bias, eps: float, rms: bool, op: 
         _rowwise_errors(input, shape, weight, bias, op)
     if not rms:
         _check_param_dtypes(input, (weight, bias), op)
-    return _layer_norm_fwd(input, len(shape), weight, bias, eps, rms)[0]
+    return input, weight, bias, len(shape)
 
 
-_EPS32 = torch.finfo(torch.float32).eps
-_EPS64 = torch.finfo(torch.float64).eps
+def _machine_eps(dtype: torch.dtype) -> float:
+    """rms_norm's eps=None: the machine epsilon of the accumulation type, fp64's for fp64 input
+    and fp32's otherwise, as torch's. (Literals: TorchScript calls no torch.finfo and reads no
+    float globals; a test compares them with torch.finfo.)"""
+    return 2.220446049250313e-16 if dtype == torch.float64 else 1.1920928955078125e-07
 
 # torch 2.6's rms_norm was a composite of elementwise ops; 2.7 made it one op with other
 # semantics (measured on both, every dtype pair: tests/test_functional.py).
@@ -201,24 +222,28 @@ def group_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Group normalization over (N, C, *) inputs (``F.group_norm``)."""
-    if not _is_compiling():
-        y = _C.group_norm(input, num_groups, weight, bias, eps)
-        if y is not None:
-            return y
-    input, weight, bias = _autocast_fp32(input, weight, bias)
-    _check_nc(input, "group_norm")
-    channels = input.shape[1]
-    if num_groups <= 0 or channels % num_groups != 0:
-        raise RuntimeError(
-            "group_norm: expected number of channels in input to be divisible by num_groups, "
-            f"but got input of shape {list(input.shape)} and num_groups={num_groups}"
-        )
-    _verify_batch_size([input.shape[0] * channels // num_groups, num_groups] + list(input.shape[2:]))
-    _check_param(weight, "weight", (channels,), "group_norm", "one per channel")
-    _check_param(bias, "bias", (channels,), "group_norm", "one per channel")
-    _check_param_dtypes(input, (weight, bias), "group_norm")
-    check_runnable(input, "group_norm")
-    return _group_norm_fwd(input, num_groups, weight, bias, eps)[0]
+    if not torch.jit.is_scripting():
+        if not _is_compiling():
+            y = _C.group_norm(input, num_groups, weight, bias, eps)
+            if y is not None:
+                return y
+        input, weight, bias = _autocast_fp32(input, weight, bias)
+        _check_nc(input, "group_norm")
+        channels = input.shape[1]
+        if num_groups <= 0 or channels % num_groups != 0:
+            raise RuntimeError(
+                "group_norm: expected number of channels in input to be divisible by "
+                f"num_groups, but got input of shape {list(input.shape)} and "
+                f"num_groups={num_groups}"
+            )
+        _check_param(weight, "weight", (channels,), "group_norm", "one per channel")
+        _check_param(bias, "bias", (channels,), "group_norm", "one per channel")
+        _check_param_dtypes(input, (weight, bias), "group_norm")
+        check_runnable(input, "group_norm")
+    if input.dim() >= 2 and num_groups > 0:  # (under TorchScript the op explains other input)
+        _verify_batch_size(
+            [input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:]))
+    return _ops_ns.group_norm_fwd(input, num_groups, weight, bias, eps)[0]
 
 
 # torch.autocast runs layer_norm and group_norm in fp32 on CUDA (its fp32 list: y is fp32 for a
@@ -231,7 +256,7 @@ def group_norm(
 _AUTOCAST_FP32_DEVICES = ("cuda",)
 
 
-def _autocast_fp32(input, *tensors):
+def _autocast_fp32(input, *tensors):  # (eager only: TorchScript does not compile *args)
     device = getattr(input, "device", None)
     if (device is None or device.type not in _AUTOCAST_FP32_DEVICES
             or not torch.is_autocast_enabled(device.type)):
@@ -285,7 +310,8 @@ def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> No
     running.mul_(1.0 - momentum).add_(batch_value.detach().to(running.dtype), alpha=momentum)
 
 
-def _update_running_stats(running_mean, running_var, mean, biased_var, count, momentum) -> None:
+def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
+                          biased_var: Tensor, count: int, momentum: float) -> None:
     """Running statistics from a batch of `count` values per channel: the mean, and the
     variance made unbiased (torch's rule). Nothing is updated for an empty batch. (The eager
     fast path applies the same rule in C++: update_running_stats in csrc/python_entry.cpp.)"""
@@ -309,24 +335,26 @@ def batch_norm(
 ) -> Tensor:
     """Batch normalization (``F.batch_norm``): batch statistics when ``training`` (updating the
     running ones when given), running statistics otherwise."""
-    if not _is_compiling():
-        y = _C.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        if y is not None:
-            return y
-    channels = _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
-    _check_param_dtypes(input, (weight, bias, running_mean, running_var), "batch_norm")
-    if training:
-        _verify_batch_size(list(input.shape))
-    elif running_mean is None or running_var is None:
-        raise RuntimeError(
-            "batch_norm: running_mean and running_var must be given in evaluation mode "
-            "(training=False)"
-        )
-    check_runnable(input, "batch_norm")
+    if not torch.jit.is_scripting():
+        if not _is_compiling():
+            y = _C.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                              eps)
+            if y is not None:
+                return y
+        _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
+        _check_param_dtypes(input, (weight, bias, running_mean, running_var), "batch_norm")
+        check_runnable(input, "batch_norm")
     if not training:
-        return _batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
-    y, mean, _invstd, var = _batch_norm_fwd(input, weight, bias, eps)
-    _update_running_stats(running_mean, running_var, mean, var, input.numel() // max(channels, 1), momentum)
+        if running_mean is None or running_var is None:
+            raise RuntimeError(
+                "batch_norm: running_mean and running_var must be given in evaluation mode "
+                "(training=False)"
+            )
+        return _ops_ns.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+    _verify_batch_size(list(input.shape))
+    y, mean, _invstd, var = _ops_ns.batch_norm_fwd(input, weight, bias, eps)
+    count = input.numel() // max(input.shape[1], 1)  # (the op has checked there is a dim 1)
+    _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
 
 
@@ -342,20 +370,26 @@ def instance_norm(
 ) -> Tensor:
     """Instance normalization (``F.instance_norm``): group norm with one channel per group, or,
     with ``use_input_stats=False``, batch norm with the running statistics."""
-    channels = _check_channel_args(input, running_mean, running_var, weight, bias, "instance_norm")
-    # torch ignores the running statistics' dtype here (it updates them out of place)
-    _check_param_dtypes(input, (weight, bias), "instance_norm")
+    if not torch.jit.is_scripting():
+        _check_channel_args(input, running_mean, running_var, weight, bias, "instance_norm")
+        # torch ignores the running statistics' dtype here (it updates them out of place)
+        _check_param_dtypes(input, (weight, bias), "instance_norm")
+        check_runnable(input, "instance_norm")
+    elif input.dim() < 2:  # (the channel count below needs dim 1)
+        raise RuntimeError(
+            f"instance_norm: expected at least 2 dimensions for input tensor but received "
+            f"{input.dim()}"
+        )
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError(
                 "instance_norm: expected running_mean and running_var to be defined when "
                 "use_input_stats is false"
             )
-        check_runnable(input, "instance_norm")
-        return _batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+        return _ops_ns.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
     _verify_spatial_size(list(input.shape))
-    check_runnable(input, "instance_norm")
-    y, mean, rstd = _group_norm_fwd(input, channels, weight, bias, eps)
+    channels = input.shape[1]
+    y, mean, rstd = _ops_ns.group_norm_fwd(input, channels, weight, bias, eps)
     count = input.numel() // max(input.shape[0] * channels, 1)
     if input.shape[0] > 0 and count > 0 and (running_mean is not None or running_var is not None):
         if running_mean is not None:
@@ -382,7 +416,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         import torch.distributed as dist
 
         channels = x.shape[1]
-        _, mean, _, var = _batch_norm_fwd(x, None, None, eps)
+        _, mean, _, var = _ops_ns.batch_norm_fwd(x, None, None, eps)
         count = torch.full_like(mean, x.numel() // max(channels, 1))
         local = torch.stack([count, mean, var * count])  # [3, C]: n, mean, M2
         gathered = [torch.empty_like(local) for _ in range(world_size)]
@@ -391,7 +425,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         n = n_i.sum(0)
         g_mean = (n_i * mean_i).sum(0) / n
         g_var = (m2_i.sum(0) + (n_i * (mean_i - g_mean) ** 2).sum(0)) / n
-        y = _batch_norm_infer(x, g_mean, g_var, weight, bias, eps)
+        y = _ops_ns.batch_norm_infer(x, g_mean, g_var, weight, bias, eps)
         invstd = torch.rsqrt(g_var + eps)
         ctx.save_for_backward(x, weight, g_mean, invstd, n)
         ctx.group, ctx.has_bias = group, bias is not None
@@ -406,7 +440,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         channels = x.shape[1]
         ones = torch.ones(channels, dtype=mean.dtype, device=x.device)
         # local sums: dbias = sum(dy), dweight (with weight 1) = sum(dy * (x - mean)) * invstd
-        _, dw1, db = _batch_norm_bwd(dy, x, mean, invstd, ones, True, [False, True, True])
+        _, dw1, db = _ops_ns.batch_norm_bwd(dy, x, mean, invstd, ones, True, [False, True, True])
         sums = torch.stack([db.to(mean.dtype), dw1.to(mean.dtype) / invstd])
         local_dw = (sums[1] * invstd).to(weight.dtype) if weight is not None else None
         # clone: the all_reduce below works in place on `sums`
@@ -418,7 +452,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             k = invstd * (weight.to(mean.dtype) if weight is not None else ones)
             shape = [1, channels] + [1] * (x.dim() - 2)
             # dx = k * (dy - sum(dy)/n - (x - mean) * invstd^2 * sum(dy * (x - mean))/n)
-            dx_dy = _batch_norm_bwd(dy, x, mean, invstd, weight, False, [True, False, False])[0]
+            dx_dy = _ops_ns.batch_norm_bwd(dy, x, mean, invstd, weight, False, [True, False, False])[0]
             dx = (dx_dy - (k * sum_dy / n).view(shape)
                   - (x - mean.view(shape)) * (k * invstd * invstd * sum_dy_xmu / n).view(shape)).to(x.dtype)
         return dx, local_dw if ctx.needs_input_grad[1] else None, local_db if ctx.needs_input_grad[2] else None, None, None, None

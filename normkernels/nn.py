@@ -2,7 +2,8 @@
 
 Each class subclasses the torch.nn class it replaces (so ``isinstance`` checks, constructors,
 parameters, buffers, ``state_dict`` keys, ``repr`` and pickling are torch's own) and overrides
-only the step that computes, which goes through ``normkernels.functional``.
+only the step that computes, which goes through ``normkernels.functional``. Like torch's, every
+one but SyncBatchNorm compiles with ``torch.jit.script``.
 """
 from __future__ import annotations
 

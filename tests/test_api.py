@@ -9,6 +9,7 @@ from torch import nn
 
 import normkernels
 from normkernels.nn import TWINS
+from samples import ATEN_NORM_OPS, OpRecorder
 
 
 @pytest.mark.parametrize("torch_cls", list(TWINS), ids=lambda c: c.__name__)
@@ -65,6 +66,35 @@ def test_convert_leaves_user_subclasses_alone():
     normkernels.convert(model)
     assert type(model[0]) is MyLN and type(model[1]) is normkernels.nn.LayerNorm
     assert type(normkernels.convert(nn.BatchNorm1d(3))) is normkernels.nn.BatchNorm1d
+
+
+class _Traceable(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return _forward(self.model, x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.", "ignore::torch.jit.TracerWarning")
+def test_traced_model_records_our_ops():
+    """torch.jit.trace of a converted model (train and eval) records our ops, no ATen norm op,
+    and the traced module computes what torch's model computes, running statistics included."""
+    torch.manual_seed(0)
+    plain = _nested()
+    model = normkernels.convert(copy.deepcopy(plain))
+    for training in (True, False):
+        plain.train(training), model.train(training)
+        x, x2 = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+        traced = torch.jit.trace(_Traceable(model), x, check_trace=False)  # runs it on x once
+        _forward(plain, x)
+        graph = str(traced.inlined_graph)
+        assert "normkernels::" in graph
+        assert not [op for op in ATEN_NORM_OPS if f"aten::{op}(" in graph], graph
+        torch.testing.assert_close(traced(x2), _forward(plain, x2), atol=1e-5, rtol=1e-5)
+        for (name, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items()):
+            torch.testing.assert_close(a, b, msg=name)
 
 
 def test_checkpoints_load_both_ways_and_outputs_match():

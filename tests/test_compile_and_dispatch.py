@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import normkernels
-from samples import OpRecorder
+from samples import ATEN_NORM_OPS, OpRecorder
 
 
 class EveryNorm(nn.Module):
@@ -109,9 +109,6 @@ def test_no_graph_break():
     _, ours = _pair()
     explanation = torch._dynamo.explain(ours)(torch.randn(2, 3, 8, 8))
     assert explanation.graph_break_count == 0, explanation.break_reasons
-
-
-ATEN_NORM_OPS = ("norm", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

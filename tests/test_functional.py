@@ -396,6 +396,65 @@ def test_functional_signatures_match_torch():
             assert ours.parameters[p.name].default == p.default, (name, p.name)
 
 
+def _script_calls():
+    """(functional name, args) for every functional but sync_batch_norm (torch.distributed is
+    not scriptable); batch and instance norm update their running statistics in the calls that
+    train."""
+    x, w, b = torch.randn(3, 6, 4, 5), torch.rand(6) + 0.5, torch.randn(6)
+    rm, rv = torch.randn(6) * 0.1, torch.rand(6) + 0.5
+    return [
+        ("layer_norm", (x, [4, 5], torch.randn(4, 5), torch.randn(4, 5), 1e-5)),
+        ("layer_norm", (x.to(torch.bfloat16), [5], None, None, 1e-3)),
+        ("rms_norm", (x, [5], torch.randn(5), None)),
+        ("rms_norm", (x.double(), [4, 5], None, 1e-6)),
+        ("group_norm", (x.contiguous(memory_format=torch.channels_last), 3, w, b, 1e-5)),
+        ("batch_norm", (x, rm, rv, w, b, True, 0.1, 1e-5)),
+        ("batch_norm", (x, rm, rv, w, b, False, 0.1, 1e-5)),
+        ("batch_norm", (x, None, None, None, None, True, 0.1, 1e-5)),
+        ("instance_norm", (x, rm, rv, w, b, True, 0.1, 1e-5)),
+        ("instance_norm", (x, rm, rv, None, None, False, 0.1, 1e-5)),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.")
+@pytest.mark.parametrize("name,args", [pytest.param(n, a, id=f"{n}-{i}") for i, (n, a) in enumerate(_script_calls())])
+def test_functionals_compile_with_torchscript_like_torchs(name, args):
+    """torch.jit.script compiles each functional, as it compiles torch.nn.functional's; the
+    compiled one calls our op (no ATen norm op) and gives what torch's compiled one gives,
+    running statistics included."""
+    ours, theirs = torch.jit.script(getattr(NF, name)), torch.jit.script(getattr(TF, name))
+    graph = str(ours.graph)
+    assert "normkernels::" in graph and "aten::" + name not in graph
+    ours_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    theirs_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.testing.assert_close(ours(*ours_args), theirs(*theirs_args))
+    for a, b in zip(ours_args, theirs_args):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b)  # the running statistics, updated in place
+    assert NF._machine_eps(torch.float64) == torch.finfo(torch.float64).eps
+    assert NF._machine_eps(torch.bfloat16) == torch.finfo(torch.float32).eps
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.")
+def test_scripted_functionals_check_their_arguments():
+    """Under TorchScript the ops' own checks explain bad arguments (RuntimeError), and the errors
+    functional raises itself keep their messages (TorchScript raises those as torch.jit.Error,
+    as it does torch's own)."""
+    bn = torch.jit.script(NF.batch_norm)
+    with pytest.raises(RuntimeError, match="batch_norm: expected weight of shape"):
+        bn(torch.randn(2, 4, 3), None, None, torch.ones(3), None, True, 0.1, 1e-5)
+    with pytest.raises(torch.jit.Error, match="running_mean and running_var must be given"):
+        bn(torch.randn(2, 4, 3), None, None, None, None, False, 0.1, 1e-5)
+    with pytest.raises(torch.jit.Error, match="Expected more than 1 value per channel"):
+        bn(torch.randn(1, 4), None, None, None, None, True, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="layer_norm: expected weight of shape"):
+        torch.jit.script(NF.layer_norm)(torch.randn(2, 3), [3], torch.ones(4), None, 1e-5)
+    with pytest.raises(RuntimeError, match="divisible by num_groups"):
+        torch.jit.script(NF.group_norm)(torch.randn(2, 4, 3), 3, None, None, 1e-5)
+    with pytest.raises(torch.jit.Error, match="expected at least 2 dimensions"):
+        torch.jit.script(NF.instance_norm)(torch.randn(4), None, None, None, None, True, 0.1, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_norm_channels_last_in_chunks_of_images_like_torch(dtype):
     # 8 MiB fp32 images of 2-channel groups (no stripes): the forward walks them two images a

@@ -1,9 +1,11 @@
 """Every module against torch.nn on identical inputs and state: outputs, every gradient and every
 buffer, over two steps in train mode and two in eval mode; all dtypes and layouts."""
+import io
+
 import pytest
 import torch
 
-from samples import DTYPES, all_case_params, assert_close_like_torch, make_input, triple
+from samples import ATEN_NORM_OPS, DTYPES, all_case_params, assert_close_like_torch, make_input, triple
 
 
 def _run(module, x, dy):
@@ -26,7 +28,10 @@ def _incoming_grad(shape, step, dtype, layout):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case,layout", all_case_params())
 def test_module_matches_torch(case, layout, dtype, backend_name):
-    mods = triple(case, dtype)
+    _check_matches_torch(triple(case, dtype), case, layout, dtype)
+
+
+def _check_matches_torch(mods, case, layout, dtype):
     for mode in ("train", "eval"):
         for m in mods.values():
             m.train(mode == "train")
@@ -67,3 +72,28 @@ def test_module_matches_torch(case, layout, dtype, backend_name):
                     assert torch.equal(buf, buffers_t[name]), f"{name} ({where})"
                 else:
                     assert_close_like_torch(buf, buffers_t[name], buffers_r[name], f"{name} ({where})")
+
+
+# torch.jit.script compiles every torch.nn norm module but SyncBatchNorm (torch.distributed is not
+# scriptable), and so every twin of ours but that one.
+SCRIPT_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.")
+@pytest.mark.parametrize("dtype", SCRIPT_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case,layout", [p for p in all_case_params()
+                                         if not p.values[0].name.startswith("SyncBatchNorm")])
+def test_scripted_module_matches_torchs(case, layout, dtype):
+    """TorchScript: each module scripted (torch's, ours, the fp64 reference), the same checks as
+    above; ours calls our ops and no ATen norm op, and survives torch.jit.save/load."""
+    mods = {k: torch.jit.script(m) for k, m in triple(case, dtype).items()}
+    graph = str(mods["ours"].inlined_graph)
+    assert "normkernels::" in graph
+    assert not [op for op in ATEN_NORM_OPS if f"aten::{op}(" in graph], graph
+    _check_matches_torch(mods, case, layout, dtype)
+    buf = io.BytesIO()
+    torch.jit.save(mods["ours"], buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = make_input(case.shape, layout, dtype)
+    torch.testing.assert_close(loaded(x), mods["ours"](x), rtol=0, atol=0)
