@@ -3,7 +3,8 @@
 Each class subclasses the torch.nn class it replaces (so ``isinstance`` checks, constructors,
 parameters, buffers, ``state_dict`` keys, ``repr`` and pickling are torch's own) and overrides
 only the step that computes, which goes through ``normkernels.functional``. Like torch's, every
-one but SyncBatchNorm compiles with ``torch.jit.script``.
+one but SyncBatchNorm compiles with ``torch.jit.script``; the lazy ones become their eager twin
+(``cls_to_become``) on their first call, as torch's become theirs.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from . import functional as F
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "GroupNorm", "LayerNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
+    "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+    "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
 ]
 
 
@@ -135,6 +138,32 @@ class InstanceNorm3d(_InstanceNormApply, nn.InstanceNorm3d):
     pass
 
 
+# The lazy modules compute like their eager twins: the first call (the one that infers
+# num_features) runs the class's own forward, before the class changes to cls_to_become.
+class LazyBatchNorm1d(_BatchNormForward, nn.LazyBatchNorm1d):
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_BatchNormForward, nn.LazyBatchNorm2d):
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_BatchNormForward, nn.LazyBatchNorm3d):
+    cls_to_become = BatchNorm3d
+
+
+class LazyInstanceNorm1d(_InstanceNormApply, nn.LazyInstanceNorm1d):
+    cls_to_become = InstanceNorm1d
+
+
+class LazyInstanceNorm2d(_InstanceNormApply, nn.LazyInstanceNorm2d):
+    cls_to_become = InstanceNorm2d
+
+
+class LazyInstanceNorm3d(_InstanceNormApply, nn.LazyInstanceNorm3d):
+    cls_to_become = InstanceNorm3d
+
+
 # torch.nn class -> its normkernels twin (used by convert)
 TWINS = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -147,4 +176,10 @@ TWINS = {
     nn.InstanceNorm1d: InstanceNorm1d,
     nn.InstanceNorm2d: InstanceNorm2d,
     nn.InstanceNorm3d: InstanceNorm3d,
+    nn.LazyBatchNorm1d: LazyBatchNorm1d,
+    nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: LazyBatchNorm3d,
+    nn.LazyInstanceNorm1d: LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d: LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d: LazyInstanceNorm3d,
 }

@@ -17,7 +17,7 @@ def test_twin_is_a_drop_in_subclass(torch_cls):
     ours_cls = TWINS[torch_cls]
     assert issubclass(ours_cls, torch_cls)
     assert getattr(normkernels.nn, torch_cls.__name__) is ours_cls
-    args = (4, 8) if torch_cls is nn.GroupNorm else (8,)
+    args = (4, 8) if torch_cls is nn.GroupNorm else () if torch_cls.__name__.startswith("Lazy") else (8,)
     a, b = torch_cls(*args), ours_cls(*args)
     assert a.state_dict().keys() == b.state_dict().keys()
     assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
@@ -66,6 +66,30 @@ def test_convert_leaves_user_subclasses_alone():
     normkernels.convert(model)
     assert type(model[0]) is MyLN and type(model[1]) is normkernels.nn.LayerNorm
     assert type(normkernels.convert(nn.BatchNorm1d(3))) is normkernels.nn.BatchNorm1d
+
+
+@pytest.mark.parametrize("lazy_cls,shape", [
+    (nn.LazyBatchNorm1d, (4, 6, 5)), (nn.LazyBatchNorm2d, (3, 6, 4, 5)), (nn.LazyBatchNorm3d, (2, 6, 3, 3, 4)),
+    (nn.LazyInstanceNorm1d, (3, 6, 7)), (nn.LazyInstanceNorm2d, (3, 6, 4, 5)), (nn.LazyInstanceNorm3d, (2, 6, 3, 3, 4)),
+], ids=lambda v: getattr(v, "__name__", ""))
+def test_lazy_modules_convert_and_become_our_twins(lazy_cls, shape):
+    """A converted lazy module computes with our kernels from its first call (the one that infers
+    num_features) and then becomes our twin of torch's cls_to_become, state as torch's."""
+    kwargs = {"affine": True, "track_running_stats": True} if "Instance" in lazy_cls.__name__ else {}
+    theirs = lazy_cls(**kwargs)
+    ours = normkernels.convert(lazy_cls(**kwargs))
+    assert type(ours) is TWINS[lazy_cls]
+    for mode in ("train", "eval"):
+        theirs.train(mode == "train"), ours.train(mode == "train")
+        x = torch.randn(shape)
+        with OpRecorder() as recorder:
+            y = ours(x)
+        assert any(n.startswith("normkernels.") for n in recorder.names)
+        assert not [n for n in recorder.names if n.startswith("aten.") and any(k in n for k in ATEN_NORM_OPS)]
+        torch.testing.assert_close(y, theirs(x))
+        assert type(ours) is TWINS[type(theirs)] and type(ours).__module__ == "normkernels.nn"
+        for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            torch.testing.assert_close(a, b, msg=f"{name} ({mode})")
 
 
 class _Traceable(nn.Module):
