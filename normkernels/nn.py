@@ -93,6 +93,17 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """torch's convert_sync_batchnorm (every batch norm inside ``module`` becomes a
+        SyncBatchNorm with its state), giving ours: torch's builds torch.nn.SyncBatchNorm by
+        name, whichever class it is called on."""
+        module = super().convert_sync_batchnorm(module, process_group)
+        for m in module.modules():
+            if type(m) is nn.SyncBatchNorm:
+                m.__class__ = cls
+        return module
+
 
 class GroupNorm(nn.GroupNorm):
     def forward(self, input: Tensor) -> Tensor:

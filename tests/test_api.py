@@ -92,6 +92,24 @@ def test_lazy_modules_convert_and_become_our_twins(lazy_cls, shape):
             torch.testing.assert_close(a, b, msg=f"{name} ({mode})")
 
 
+def test_convert_sync_batchnorm_gives_ours():
+    """normkernels.nn.SyncBatchNorm.convert_sync_batchnorm gives our SyncBatchNorm (torch's
+    builds torch's by name); after torch's own, normkernels.convert swaps its result for ours."""
+    torch.manual_seed(0)
+    plain = _nested()
+    x = torch.randn(2, 3, 6, 6)
+    _forward(plain, x)  # non-trivial running statistics
+    plain.eval()
+    want = _forward(plain, x)
+    ours = normkernels.nn.SyncBatchNorm.convert_sync_batchnorm(normkernels.convert(copy.deepcopy(plain)))
+    theirs = normkernels.convert(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)))
+    for model in (ours, theirs):
+        batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert [type(m) for m in batch_norms] == [normkernels.nn.SyncBatchNorm]
+        assert not model.training
+        torch.testing.assert_close(_forward(model, x), want, atol=1e-5, rtol=1e-5)
+
+
 class _Traceable(nn.Module):
     def __init__(self, model):
         super().__init__()
