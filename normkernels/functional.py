@@ -6,8 +6,10 @@ exactly as torch does (momentum, unbiased running variance); the ops themselves 
 
 Every function here can be compiled by ``torch.jit.script``, as torch.nn.functional's can (so the
 nn modules can be too): each is an eager-only prelude under ``if not torch.jit.is_scripting():``
-(the C++ fast path and torch's argument checks, in Python TorchScript does not compile; the
-compiler skips that block) followed by the part both share, which calls the op. Under
+(the C++ fast path; ``__torch_function__`` handling, which lets tensor subclasses, torch function
+modes and torch.fx's symbolic tracing see the call as one function, as torch's functionals do;
+torch's argument checks, in Python TorchScript does not compile; the compiler skips that block)
+followed by the part both share, which calls the op. Under
 TorchScript the ops' own checks (csrc/cpu/register.cpp, normkernels/triton/checks.py) explain
 bad arguments, with RuntimeErrors; torch's CUDA autocast policy (_autocast_fp32) and torch 2.6's
 rms_norm dtype rules (_rms_norm_like_torch_2_6) apply in eager mode and torch.compile only.
@@ -18,6 +20,8 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _C, _ops
 from .backend import check_runnable
@@ -133,6 +137,9 @@ def layer_norm(
             y = _C.layer_norm(input, normalized_shape, weight, bias, eps, False)
             if y is not None:
                 return y
+        if has_torch_function_variadic(input, weight, bias):
+            return handle_torch_function(layer_norm, (input, weight, bias), input,
+                                         normalized_shape, weight=weight, bias=bias, eps=eps)
         input, weight, bias, ndim = _row_norm_args(input, normalized_shape, weight, bias, False,
                                                    "layer_norm")
     else:
@@ -149,6 +156,9 @@ def rms_norm(
     """Root-mean-square normalization (``F.rms_norm``); ``eps=None`` is the machine epsilon
     of the accumulation type, as in torch (before 2.7: see _rms_norm_like_torch_2_6)."""
     if not torch.jit.is_scripting():
+        if has_torch_function_variadic(input, weight):  # (before the arguments change)
+            return handle_torch_function(rms_norm, (input, weight), input, normalized_shape,
+                                         weight=weight, eps=eps)
         if _RMS_NORM_COMPOSITE:
             input, weight, eps = _rms_norm_like_torch_2_6(input, weight, eps)
         if eps is None:
@@ -227,6 +237,9 @@ def group_norm(
             y = _C.group_norm(input, num_groups, weight, bias, eps)
             if y is not None:
                 return y
+        if has_torch_function_variadic(input, weight, bias):
+            return handle_torch_function(group_norm, (input, weight, bias), input, num_groups,
+                                         weight=weight, bias=bias, eps=eps)
         input, weight, bias = _autocast_fp32(input, weight, bias)
         _check_nc(input, "group_norm")
         channels = input.shape[1]
@@ -341,6 +354,11 @@ def batch_norm(
                               eps)
             if y is not None:
                 return y
+        if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+            return handle_torch_function(
+                batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
+                running_var, weight=weight, bias=bias, training=training, momentum=momentum,
+                eps=eps)
         _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
         _check_param_dtypes(input, (weight, bias, running_mean, running_var), "batch_norm")
         check_runnable(input, "batch_norm")
@@ -371,6 +389,11 @@ def instance_norm(
     """Instance normalization (``F.instance_norm``): group norm with one channel per group, or,
     with ``use_input_stats=False``, batch norm with the running statistics."""
     if not torch.jit.is_scripting():
+        if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+            return handle_torch_function(
+                instance_norm, (input, running_mean, running_var, weight, bias), input,
+                running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+                use_input_stats=use_input_stats, momentum=momentum, eps=eps)
         _check_channel_args(input, running_mean, running_var, weight, bias, "instance_norm")
         # torch ignores the running statistics' dtype here (it updates them out of place)
         _check_param_dtypes(input, (weight, bias), "instance_norm")

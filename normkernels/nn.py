@@ -8,6 +8,8 @@ one but SyncBatchNorm compiles with ``torch.jit.script``; the lazy ones become t
 """
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import Tensor, nn
 
@@ -21,10 +23,33 @@ __all__ = [
 ]
 
 
+def _fx_leaf(module: nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
+    """Under torch.fx symbolic tracing (input is a Proxy): the module as one call_module node,
+    which is what torch's norm modules give (FX keeps every module of torch.nn as a leaf). Ours
+    live in normkernels.nn, so FX would trace into their forward, whose checks cannot run on a
+    Proxy (TraceError). (The forwards test for a Proxy inside `if not
+    torch.jit.is_scripting()`, which TorchScript skips; it would not skip the right side of an
+    `and`.)"""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
+def _renamed(fn, name: str):
+    """fn itself (same code, globals, defaults and annotations) under another name."""
+    out = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    out.__qualname__ = name
+    out.__annotations__ = dict(fn.__annotations__)
+    out.__kwdefaults__ = fn.__kwdefaults__
+    return out
+
+
 class _BatchNormForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward, computing with normkernels."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, torch.fx.Proxy):
+                return _fx_leaf(self, input)
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -64,6 +89,8 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
     as torch does."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # (SyncBatchNorm is not scriptable)
+            return _fx_leaf(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group = None
@@ -107,22 +134,42 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
 
 class GroupNorm(nn.GroupNorm):
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, torch.fx.Proxy):
+                return _fx_leaf(self, input)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, torch.fx.Proxy):
+                return _fx_leaf(self, input)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, torch.fx.Proxy):
+                return _fx_leaf(self, input)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
 class _InstanceNormApply:
     """torch.nn.modules.instancenorm._InstanceNorm._apply_instance_norm, computing with
     normkernels (torch's forward keeps its checks and its unbatched-input handling)."""
+
+    # torch's forward (its checks, its unbatched-input handling), as a method of ours under
+    # another name: TorchScript compiles a method called on self under its function's __name__,
+    # and a second "forward" would clash with ours
+    _torch_forward = _renamed(nn.modules.instancenorm._InstanceNorm.forward, "_torch_forward")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, torch.fx.Proxy):
+                return _fx_leaf(self, input)
+        return self._torch_forward(input)
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         return F.instance_norm(

@@ -139,6 +139,38 @@ def test_traced_model_records_our_ops():
             torch.testing.assert_close(a, b, msg=name)
 
 
+class _WithSync(_Traceable):
+    def __init__(self):
+        super().__init__(_nested())
+        self.sync = nn.SyncBatchNorm(4)
+
+    def forward(self, x):
+        return self.sync(_forward(self.model, x).view(-1, 4, 8, 4))
+
+
+def test_fx_symbolic_trace_keeps_our_modules_as_leaves():
+    """torch.fx.symbolic_trace of a converted model gives torch's graph (each norm module one
+    call_module node: FX keeps torch.nn's modules as leaves, and ours say they are one when
+    traced), and the GraphModule runs our kernels with torch's results, train and eval."""
+    torch.manual_seed(0)
+    plain = _WithSync()
+    ours = normkernels.convert(copy.deepcopy(plain))
+    graphs = [torch.fx.symbolic_trace(m) for m in (plain, ours)]
+    nodes = [[(n.op, str(n.target)) for n in g.graph.nodes] for g in graphs]
+    assert nodes[0] == nodes[1]
+    assert sum(op == "call_module" for op, _ in nodes[1]) == 8  # conv, flatten and six norms
+    for training in (True, False):
+        for g in graphs:
+            g.train(training)
+        x = torch.randn(2, 3, 6, 6)
+        with OpRecorder() as recorder:
+            y = graphs[1](x)
+        assert not [n for n in recorder.names if n.startswith("aten.") and any(k in n for k in ATEN_NORM_OPS)]
+        torch.testing.assert_close(y, graphs[0](x), atol=1e-5, rtol=1e-5)
+        for (name, a), (_, b) in zip(graphs[1].state_dict().items(), graphs[0].state_dict().items()):
+            torch.testing.assert_close(a, b, msg=name)
+
+
 def test_checkpoints_load_both_ways_and_outputs_match():
     torch.manual_seed(0)
     plain = _nested()

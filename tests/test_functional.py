@@ -435,6 +435,40 @@ def test_functionals_compile_with_torchscript_like_torchs(name, args):
     assert NF._machine_eps(torch.bfloat16) == torch.finfo(torch.float32).eps
 
 
+class _FunctionRecorder(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,args", [pytest.param(n, a, id=f"{n}-{i}") for i, (n, a) in enumerate(_script_calls())])
+def test_functionals_dispatch_torch_function_like_torchs(name, args):
+    """Each functional hands a call with a tensor subclass, a proxy or under a torch function
+    mode to __torch_function__, as torch's do: torch.fx traces it as one call_function node of
+    ours (that runs with torch's results), and a mode sees our function."""
+    x, rest = args[0], args[1:]
+
+    def call(fn, x):
+        return fn(x, *[a.clone() if isinstance(a, torch.Tensor) else a for a in rest])
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return call(getattr(NF, name), x)
+
+    traced = torch.fx.symbolic_trace(Model())
+    functions = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert functions == [getattr(NF, name)]
+    torch.testing.assert_close(traced(x), call(getattr(TF, name), x))
+    cloned = [a.clone() if isinstance(a, torch.Tensor) else a for a in rest]
+    with _FunctionRecorder() as recorder:
+        getattr(NF, name)(x, *cloned)
+    assert recorder.funcs[0] is getattr(NF, name)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.")
 def test_scripted_functionals_check_their_arguments():
     """Under TorchScript the ops' own checks explain bad arguments (RuntimeError), and the errors
