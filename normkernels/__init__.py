@@ -2,6 +2,7 @@
 
     import normkernels
     normkernels.convert(model)          # every torch.nn norm of the model on our kernels
+    normkernels.revert(model)           # and back onto torch.nn's
     normkernels.nn.LayerNorm(768)       # drop-in modules
     normkernels.functional.group_norm   # F.* signatures
     with normkernels.backend("cpp"): ...
@@ -22,7 +23,7 @@ from . import _ops  # noqa: F401,E402  (fake kernels and autograd of the ops)
 from . import _vmap  # noqa: F401,E402  (torch.vmap batching rules of the forward ops)
 from . import functional, nn  # noqa: E402
 from .backend import backend  # noqa: E402
-from .convert import convert  # noqa: E402
+from .convert import convert, revert  # noqa: E402
 
 __version__ = "0.1.0"
 cpu_capability = _C.cpu_capability
@@ -32,5 +33,5 @@ cpu_capability = _C.cpu_capability
 empty_cpu_cache = _C.empty_cpu_cache
 cached_cpu_bytes = _C.cached_cpu_bytes
 
-__all__ = ["functional", "nn", "backend", "convert", "cpu_capability", "empty_cpu_cache",
+__all__ = ["functional", "nn", "backend", "convert", "revert", "cpu_capability", "empty_cpu_cache",
            "cached_cpu_bytes"]

@@ -58,6 +58,27 @@ def test_convert_swaps_in_place_and_keeps_state():
     assert isinstance(model[1][0], nn.BatchNorm2d)
 
 
+def test_revert_gives_torchs_modules_back():
+    """revert undoes convert in place, state kept (the very same tensors), so tools that match
+    torch's classes by exact type work again: torch.ao's fuse_modules refuses ours."""
+    torch.manual_seed(0)
+    model = normkernels.convert(_nested())
+    x = torch.randn(2, 3, 6, 6)
+    _forward(model, x)
+    tensors = {n: t for n, t in model.state_dict(keep_vars=True).items()}
+    assert normkernels.revert(model) is model
+    assert {type(m) for m in model.modules()} & set(TWINS)
+    assert not [m for m in model.modules() if type(m).__module__ == "normkernels.nn"]
+    assert all(t is tensors[n] for n, t in model.state_dict(keep_vars=True).items())
+    lazy = normkernels.revert(normkernels.convert(nn.LazyBatchNorm2d()))
+    assert type(lazy) is nn.LazyBatchNorm2d
+    conv_bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        torch.ao.quantization.fuse_modules(normkernels.convert(copy.deepcopy(conv_bn)), [["0", "1", "2"]])
+    fused = torch.ao.quantization.fuse_modules(normkernels.revert(normkernels.convert(conv_bn)), [["0", "1", "2"]])
+    torch.testing.assert_close(fused(x), conv_bn(x))
+
+
 def test_convert_leaves_user_subclasses_alone():
     class MyLN(nn.LayerNorm):
         pass
