@@ -196,6 +196,7 @@ def _machine_eps(dtype: torch.dtype) -> float:
     float globals; a test compares them with torch.finfo.)"""
     return 2.220446049250313e-16 if dtype == torch.float64 else 1.1920928955078125e-07
 
+
 # torch 2.6's rms_norm was a composite of elementwise ops; 2.7 made it one op with other
 # semantics (measured on both, every dtype pair: tests/test_functional.py).
 _RMS_NORM_COMPOSITE = torch.__version__ < (2, 7)
@@ -323,8 +324,8 @@ def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> No
     running.mul_(1.0 - momentum).add_(batch_value.detach().to(running.dtype), alpha=momentum)
 
 
-def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
-                          biased_var: Tensor, count: int, momentum: float) -> None:
+def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          mean: Tensor, biased_var: Tensor, count: int, momentum: float) -> None:
     """Running statistics from a batch of `count` values per channel: the mean, and the
     variance made unbiased (torch's rule). Nothing is updated for an empty batch. (The eager
     fast path applies the same rule in C++: update_running_stats in csrc/python_entry.cpp.)"""
