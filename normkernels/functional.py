@@ -337,6 +337,16 @@ def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[
         _update_running(running_var, biased_var * (count / max(count - 1, 1)), momentum)
 
 
+def _normalize_with_running_stats(input: Tensor, running_mean: Optional[Tensor],
+                                  running_var: Optional[Tensor], weight: Optional[Tensor],
+                                  bias: Optional[Tensor], eps: float, missing: str) -> Tensor:
+    """Batch norm's inference op (batch norm in eval, instance norm with use_input_stats=False);
+    `missing`: the caller's error (torch's words) when a running statistic is absent."""
+    if running_mean is None or running_var is None:
+        raise RuntimeError(missing)
+    return _ops_ns.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -364,12 +374,10 @@ def batch_norm(
         _check_param_dtypes(input, (weight, bias, running_mean, running_var), "batch_norm")
         check_runnable(input, "batch_norm")
     if not training:
-        if running_mean is None or running_var is None:
-            raise RuntimeError(
-                "batch_norm: running_mean and running_var must be given in evaluation mode "
-                "(training=False)"
-            )
-        return _ops_ns.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+        return _normalize_with_running_stats(
+            input, running_mean, running_var, weight, bias, eps,
+            "batch_norm: running_mean and running_var must be given in evaluation mode "
+            "(training=False)")
     _verify_batch_size(list(input.shape))
     y, mean, _invstd, var = _ops_ns.batch_norm_fwd(input, weight, bias, eps)
     count = input.numel() // max(input.shape[1], 1)  # (the op has checked there is a dim 1)
@@ -405,12 +413,10 @@ def instance_norm(
             f"{input.dim()}"
         )
     if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise RuntimeError(
-                "instance_norm: expected running_mean and running_var to be defined when "
-                "use_input_stats is false"
-            )
-        return _ops_ns.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+        return _normalize_with_running_stats(
+            input, running_mean, running_var, weight, bias, eps,
+            "instance_norm: expected running_mean and running_var to be defined when "
+            "use_input_stats is false")
     _verify_spatial_size(list(input.shape))
     channels = input.shape[1]
     y, mean, rstd = _ops_ns.group_norm_fwd(input, channels, weight, bias, eps)
