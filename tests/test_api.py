@@ -176,7 +176,13 @@ def test_fx_symbolic_trace_keeps_our_modules_as_leaves():
     torch.manual_seed(0)
     plain = _WithSync()
     ours = normkernels.convert(copy.deepcopy(plain))
+    seen = []
+    for model in (plain, ours):  # hooks that need real tensors: a leaf's run only when it runs
+        for m in model.modules():
+            if isinstance(m, tuple(TWINS)):
+                m.register_forward_hook(lambda mod, inp, out: seen.append(float(out.abs().mean())))
     graphs = [torch.fx.symbolic_trace(m) for m in (plain, ours)]
+    assert not seen
     nodes = [[(n.op, str(n.target)) for n in g.graph.nodes] for g in graphs]
     assert nodes[0] == nodes[1]
     assert sum(op == "call_module" for op, _ in nodes[1]) == 8  # conv, flatten and six norms
@@ -188,6 +194,8 @@ def test_fx_symbolic_trace_keeps_our_modules_as_leaves():
             y = graphs[1](x)
         assert not [n for n in recorder.names if n.startswith("aten.") and any(k in n for k in ATEN_NORM_OPS)]
         torch.testing.assert_close(y, graphs[0](x), atol=1e-5, rtol=1e-5)
+        assert len(seen) == (12 if training else 24)  # six norms each, ours then torch's
+        torch.testing.assert_close(seen[-12:-6], seen[-6:], atol=1e-5, rtol=1e-5)
         for (name, a), (_, b) in zip(graphs[1].state_dict().items(), graphs[0].state_dict().items()):
             torch.testing.assert_close(a, b, msg=name)
 
