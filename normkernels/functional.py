@@ -482,7 +482,8 @@ class _SyncBatchNorm(torch.autograd.Function):
             k = invstd * (weight.to(mean.dtype) if weight is not None else ones)
             shape = [1, channels] + [1] * (x.dim() - 2)
             # dx = k * (dy - sum(dy)/n - (x - mean) * invstd^2 * sum(dy * (x - mean))/n)
-            dx_dy = _ops_ns.batch_norm_bwd(dy, x, mean, invstd, weight, False, [True, False, False])[0]
+            dx_dy = _ops_ns.batch_norm_bwd(dy, x, mean, invstd, weight, False,
+                                           [True, False, False])[0]
             dx = (dx_dy - (k * sum_dy / n).view(shape)
                   - (x - mean.view(shape)) * (k * invstd * invstd * sum_dy_xmu / n).view(shape)).to(x.dtype)
         return dx, local_dw if ctx.needs_input_grad[1] else None, local_db if ctx.needs_input_grad[2] else None, None, None, None

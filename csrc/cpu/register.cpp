@@ -10,6 +10,7 @@
 //   * dy is brought to x's layout (a copy only when it differs, e.g. an expanded gradient).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -227,8 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_param(weight, pshape, "layer_norm", "weight");
   check_param(bias, pshape, "layer_norm", "bias");
   const at::Tensor xc = x.contiguous();
-  int64_t N = 1;
-  for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
+  const int64_t N = c10::multiply_integers(pshape);  // values a row
   const int64_t M = N == 0 ? 0 : x.numel() / N;
   at::Tensor y = cpu::empty_output(x.sizes(), x.options());
   const auto sopt = x.options().dtype(acc_type(x));
@@ -261,8 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   TORCH_CHECK(dy.sizes() == x.sizes(), "layer_norm_bwd: dy and x differ in shape");
   const at::IntArrayRef pshape = x.sizes().slice(x.dim() - normalized_ndim);
   check_param(weight, pshape, "layer_norm_bwd", "weight");
-  int64_t N = 1;
-  for (int64_t d = x.dim() - normalized_ndim; d < x.dim(); ++d) N *= x.size(d);
+  const int64_t N = c10::multiply_integers(pshape);  // values a row
   const int64_t M = N == 0 ? 0 : x.numel() / N;
   // RMS norm has no mean (the forward returns an empty one; the kernel never reads it)
   const at::Tensor mean_c = rms ? mean : stats_arg(mean, M, x, "layer_norm_bwd", "mean");
@@ -392,16 +391,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     const std::optional<at::Tensor>& weight, bool train, std::array<bool, 3> output_mask) {
   check_nc(x, "batch_norm_bwd");
   TORCH_CHECK(dy.sizes() == x.sizes(), "batch_norm_bwd: dy and x differ in shape");
-  check_param(weight, {x.size(1)}, "batch_norm_bwd", "weight");
   const int64_t C = x.size(1);
+  check_param(weight, {C}, "batch_norm_bwd", "weight");
   const at::Tensor mean_c = stats_arg(mean, C, x, "batch_norm_bwd", "mean");
   const at::Tensor invstd_c = stats_arg(invstd, C, x, "batch_norm_bwd", "invstd");
   const Walk w = plan(x);
   const at::Tensor wt = param(weight, x);
-  GradOutputs out(x, w.format, x.size(1), wt.defined(), output_mask);
+  GradOutputs out(x, w.format, C, wt.defined(), output_mask);
   K().batch_norm_bwd(dy.contiguous(w.format), x.contiguous(w.format), w.shape, mean_c, invstd_c,
                      wt, train, out.dx, out.dw, out.db);
-  return out.result(x, weight, {x.size(1)});
+  return out.result(x, weight, {C});
 }
 
 }  // namespace
