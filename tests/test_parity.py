@@ -4,8 +4,10 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
-from samples import ATEN_NORM_OPS, DTYPES, all_case_params, assert_close_like_torch, make_input, triple
+import normkernels
+from samples import ATEN_NORM_OPS, DTYPES, Case, all_case_params, assert_close_like_torch, make_input, triple
 
 
 def _run(module, x, dy):
@@ -72,6 +74,24 @@ def _check_matches_torch(mods, case, layout, dtype):
                     assert torch.equal(buf, buffers_t[name]), f"{name} ({where})"
                 else:
                     assert_close_like_torch(buf, buffers_t[name], buffers_r[name], f"{name} ({where})")
+
+
+# channels_last shapes whose second pass (normalize, dx) a thread walks back to front in several
+# segments, some crossing an image boundary (for_rows_back_to_front: 256 KB of input a segment,
+# here 256-1024 rows of 1728 by dtype): the C++ kernels only, too big for the Triton interpreter.
+SEGMENT_CASES = [
+    Case("GroupNorm-segments", lambda: nn.GroupNorm(4, 128), (3, 128, 24, 24), ["channels_last"]),
+    Case("InstanceNorm-segments", lambda: nn.InstanceNorm2d(128, affine=True), (3, 128, 24, 24),
+         ["channels_last"]),
+    Case("BatchNorm-segments", lambda: nn.BatchNorm2d(128), (3, 128, 24, 24), ["channels_last"]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: c.name)
+def test_back_to_front_segments_match_torch(case, dtype):
+    with normkernels.backend("cpp"):
+        _check_matches_torch(triple(case, dtype), case, "channels_last", dtype)
 
 
 # torch.jit.script compiles every torch.nn norm module but SyncBatchNorm (torch.distributed is not

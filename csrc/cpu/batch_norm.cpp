@@ -6,7 +6,8 @@
 //                  shorter than two SIMD chunks (7x7) go by blocks of channels instead, each an
 //                  [N, span] matrix walked in whole chunks (ShortPlanes).
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
-//                  merged exactly in block order; then one normalize pass over the rows.
+//                  merged exactly in block order; then one normalize pass over the rows, each
+//                  thread its rows back to front (for_rows_back_to_front).
 //   backward     : per-channel sum(dy) and sum(dy * (x - mean)) in one read of x and dy; then
 //                  dx = dy * k_dy[c] + (x - mean[c]) * k_x[c] + k_0[c], for NCHW in the same task
 //                  per channel (its planes still in L2). Inference backward skips the sums
@@ -111,9 +112,11 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
 }
 
 // y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order.
+// after_stats: the statistics pass has just read channels_last x, split over the threads in the
+// same proportions, so each thread walks its rows back to front (for_rows_back_to_front).
 template <typename T>
 static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
-                           const acc_t<T>* scale, const acc_t<T>* shift) {
+                           const acc_t<T>* scale, const acc_t<T>* shift, bool after_stats) {
   const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)),
                                     Pass::kForward);
   if (ShortPlanes<T>::applies(s)) {
@@ -130,7 +133,14 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
   } else {
     at::parallel_for(0, s.N * s.HW, grain_for(s.C), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      rows_affine(xp, yp, begin, end, s.C, s.C, center, scale, shift, stream);
+      if (!after_stats) {
+        rows_affine(xp, yp, begin, end, s.C, s.C, center, scale, shift, stream);
+        return;
+      }
+      for_rows_back_to_front(begin, end, s.C * static_cast<int64_t>(sizeof(T)),
+                             [&](int64_t r0, int64_t r1) {
+        rows_affine(xp, yp, r0, r1, s.C, s.C, center, scale, shift, stream);
+      });
     });
   }
 }
@@ -198,7 +208,8 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
         invstd[c] = rs;
         const A sc = rs * param_or(w, c, A(1));
         const A sh = param_or(b, c, A(0));
-        for (int64_t n = 0; n < s.N; ++n) {
+        // last plane first: the statistics just read them in order (see for_rows_back_to_front)
+        for (int64_t n = s.N - 1; n >= 0; --n) {
           const int64_t off = (n * s.C + c) * s.HW;
           segment_affine(xp + off, yp + off, s.HW, mu, sc, sh, stream);
         }
@@ -230,7 +241,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     scale[c] = rs * param_or(w, c, A(1));
     shift[c] = param_or(b, c, A(0));
   }
-  channel_affine(xp, yp, s, mean, scale.data(), shift.data());
+  channel_affine(xp, yp, s, mean, scale.data(), shift.data(), /*after_stats=*/true);
 }
 
 void batch_norm_fwd(const at::Tensor& x, const NormShape& s, const at::Tensor& weight,
@@ -248,7 +259,8 @@ static void batch_norm_elemt_typed(const at::Tensor& x, const NormShape& s,
                                    const at::Tensor& coef, at::Tensor& y) {
   using A = acc_t<T>;
   const A* k = coef.const_data_ptr<A>();
-  channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, k, k + s.C, k + 2 * s.C);
+  channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, k, k + s.C, k + 2 * s.C,
+                 /*after_stats=*/false);
 }
 
 void batch_norm_elemt(const at::Tensor& x, const NormShape& s, const at::Tensor& coef,
@@ -297,8 +309,9 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     sum_dy[c] = sg.total();
     sum_dy_xc[c] = sd.total();
   };
+  // last plane first: after channel_sums, the last planes are the ones still in L2
   const auto channel_grad_input = [&](int64_t c, bool stream) {
-    for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t n = s.N - 1; n >= 0; --n) {
       const int64_t off = (n * s.C + c) * s.HW;
       segment_grad_input(gp + off, xp + off, dxp + off, s.HW, mean[c], k_dy[c], k_x[c], k_0[c],
                          stream);
@@ -382,10 +395,17 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       for (int64_t c = begin; c < end; ++c) channel_grad_input(c, stream);
     });
   } else {
+    // after the sums pass over the same rows when it ran (need_sums), back to front
     at::parallel_for(0, count, grain_for(s.C), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      rows_grad_input(gp, xp, dxp, begin, end, s.C, s.C, mean, k_dy.data(), k_x.data(), k_0.data(),
-                      stream);
+      const auto grad_input = [&](int64_t r0, int64_t r1) {
+        rows_grad_input(gp, xp, dxp, r0, r1, s.C, s.C, mean, k_dy.data(), k_x.data(),
+                        k_0.data(), stream);
+      };
+      if (need_sums)
+        for_rows_back_to_front(begin, end, 2 * s.C * static_cast<int64_t>(sizeof(T)), grad_input);
+      else
+        grad_input(begin, end);
     });
   }
 }

@@ -9,13 +9,15 @@
 //                  per-(n, channel) statistics over L2-sized blocks of pixels (groups of eight
 //                  rows merged in order for fp32/fp64, Welford tiles for 16-bit; vectorized
 //                  along C, split over HW so that batch 1 still uses every thread), merged
-//                  exactly per block and then per group; the normalize pass walks rows of C;
-//                  both passes a chunk of images at a time (ImageChunks).
+//                  exactly per block and then per group; the normalize pass walks rows of C,
+//                  each thread its rows back to front (for_rows_back_to_front); both passes a
+//                  chunk of images at a time (ImageChunks).
 //   backward     : per-(n, channel) sums of dy and dy * (x - mean), then
 //                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0; for NCHW both in one task per
-//                  (n, group), the second pass reading the group from L2, for channels_last by
-//                  stripes as the forward where they fit, else two passes a chunk of images at
-//                  a time;
+//                  (n, group), the second pass reading the group from L2 (last plane first:
+//                  the planes the first pass read last are the ones still there); for
+//                  channels_last by stripes as the forward where they fit, else two passes a
+//                  chunk of images at a time, the second back to front;
 //                  dweight/dbias from the same sums, reduced over n in a fixed order.
 // Included by capability/*.cpp, never compiled on its own.
 #include "kernels.h"
@@ -108,19 +110,23 @@ struct ImageChunks {
   }
 };
 
-// channels_last rows [n0 * HW, n1 * HW) (HW rows of C an image) in parallel: fn(n, r0, r1) on
-// each run of one image's rows, since a task's rows may span several images and each image has
-// its own coefficients.
+// The second pass over channels_last rows [n0 * HW, n1 * HW) (HW rows of C an image) in
+// parallel, back to front (for_rows_back_to_front: the first pass split its blocks of rows over
+// the threads in the same proportions): fn(n, r0, r1) on each run of one image's rows, since a
+// task's rows may span several images and each image has its own coefficients.
 template <typename F>
-static void for_image_rows(int64_t n0, int64_t n1, int64_t HW, int64_t C, bool stream, F&& fn) {
+static void for_image_rows(int64_t n0, int64_t n1, int64_t HW, int64_t C, int64_t row_bytes,
+                           bool stream, F&& fn) {
   at::parallel_for(n0 * HW, n1 * HW, grain_for(C), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
-    for (int64_t r = begin; r < end;) {
-      const int64_t n = r / HW;
-      const int64_t stop = std::min(end, (n + 1) * HW);
-      fn(n, r, stop);
-      r = stop;
-    }
+    for_rows_back_to_front(begin, end, row_bytes, [&](int64_t s0, int64_t s1) {
+      for (int64_t r = s0; r < s1;) {
+        const int64_t n = r / HW;
+        const int64_t stop = std::min(s1, (n + 1) * HW);
+        fn(n, r, stop);
+        r = stop;
+      }
+    });
   });
 }
 
@@ -152,7 +158,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         const A rs = A(1) / std::sqrt(m2 / static_cast<A>(group_size) + a_eps);
         mean[ng] = mu;
         rstd[ng] = rs;
-        for (int64_t k = 0; k < v.D; ++k) {
+        for (int64_t k = v.D - 1; k >= 0; --k) {  // last plane first: still in L2
           const int64_t c = g * v.D + k;
           segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, mu, rs * v.wt(c), v.bs(c), stream);
         }
@@ -225,7 +231,8 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
       group_affine_coeffs(v, n, 0, v.C, mean, rstd, center.data() + n * v.C,
                           scale.data() + n * v.C, shift.data() + n * v.C);
     }
-    for_image_rows(n0, n1, v.HW, v.C, stream, [&](int64_t n, int64_t r0, int64_t r1) {
+    const int64_t row_bytes = v.C * static_cast<int64_t>(sizeof(T));
+    for_image_rows(n0, n1, v.HW, v.C, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
       rows_affine(xp, yp, r0, r1, v.C, v.C, center.data() + n * v.C, scale.data() + n * v.C,
                   shift.data() + n * v.C, stream);
     });
@@ -322,7 +329,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         for (int64_t nc = ng * v.D; nc < (ng + 1) * v.D; ++nc) plane_sums(nc);
         group_grad_coeffs(v, ng / G, ng % G, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
                           k_dy.data(), k_x.data(), k_0.data());
-        for (int64_t nc = ng * v.D; nc < (ng + 1) * v.D; ++nc) plane_grad_input(nc);
+        for (int64_t nc = (ng + 1) * v.D - 1; nc >= ng * v.D; --nc) plane_grad_input(nc);
       }
     });
   } else if (!s.channels_last) {
@@ -387,7 +394,9 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
           for (int64_t g = 0; g < G; ++g)
             group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
                               k_x.data(), k_0.data());
-        for_image_rows(n0, n1, v.HW, v.C, stream, [&](int64_t n, int64_t r0, int64_t r1) {
+        const int64_t row_bytes = 2 * v.C * static_cast<int64_t>(sizeof(T));  // x and dy
+        for_image_rows(n0, n1, v.HW, v.C, row_bytes, stream,
+                       [&](int64_t n, int64_t r0, int64_t r1) {
           rows_grad_input(gp, xp, dxp, r0, r1, v.C, v.C, center.data() + n * v.C,
                           k_dy.data() + n * v.C, k_x.data() + n * v.C, k_0.data() + n * v.C,
                           stream);
