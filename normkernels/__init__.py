@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
 
 from . import _ops  # noqa: F401,E402  (fake kernels and autograd of the ops)
 from . import _vmap  # noqa: F401,E402  (torch.vmap batching rules of the forward ops)
-from . import functional, nn  # noqa: E402
+from . import functional, nn, onnx  # noqa: E402  (onnx: imports onnxscript only when used)
 from .backend import backend  # noqa: E402
 from .convert import convert, revert  # noqa: E402
 
@@ -33,5 +33,5 @@ cpu_capability = _C.cpu_capability
 empty_cpu_cache = _C.empty_cpu_cache
 cached_cpu_bytes = _C.cached_cpu_bytes
 
-__all__ = ["functional", "nn", "backend", "convert", "revert", "cpu_capability", "empty_cpu_cache",
-           "cached_cpu_bytes"]
+__all__ = ["functional", "nn", "onnx", "backend", "convert", "revert", "cpu_capability",
+           "empty_cpu_cache", "cached_cpu_bytes"]

@@ -10,6 +10,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 "$PY" -m pip install -q numpy pytest pytest-benchmark scikit-learn matplotlib setuptools wheel
+# ONNX export (normkernels.onnx) and its tests: the exporter's packages and a runtime to check with.
+"$PY" -m pip install -q onnx onnxscript onnxruntime
 # Triton: the GPU kernels; without a GPU the tests run them under its interpreter.
 "$PY" -m pip install -q triton
 # Triton's interpreter before 3.7 (the one torch 2.6-2.11's CUDA wheels bring) takes program ids
