@@ -81,7 +81,8 @@ def translation_table() -> Dict[Any, Callable]:
 
     flat = lambda t: op.Reshape(t, op.Constant(value_ints=[-1]))  # noqa: E731
 
-    def layer_norm_fwd(x, normalized_ndim, weight=None, bias=None, eps=1e-5, rms=False):
+    def layer_norm_fwd(x, normalized_ndim: int, weight=None, bias=None, eps: float = 1e-5,
+                       rms: bool = False):
         xa, back = widen(x)
         axes = op.Constant(value_ints=list(range(-normalized_ndim, 0)))
         if rms:
@@ -96,7 +97,7 @@ def translation_table() -> Dict[Any, Callable]:
         y = affine(op.Mul(centered, rstd), weight, bias)
         return back(y), flat(mean), flat(rstd)
 
-    def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-5):
+    def group_norm_fwd(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
         rank = len(x.shape)
         xa, back = widen(x)
         # [N, C, *] -> [N, G, C/G * prod(*)]: each group's elements along the last dim
@@ -108,7 +109,7 @@ def translation_table() -> Dict[Any, Callable]:
         stats_shape = op.Constant(value_ints=[0, num_groups])
         return back(y), op.Reshape(mean, stats_shape), op.Reshape(rstd, stats_shape)
 
-    def batch_norm_fwd(x, weight=None, bias=None, eps=1e-5):
+    def batch_norm_fwd(x, weight=None, bias=None, eps: float = 1e-5):
         """Training forward: batch statistics over every dim but the channels (1)."""
         rank = len(x.shape)
         xa, back = widen(x)
@@ -118,7 +119,7 @@ def translation_table() -> Dict[Any, Callable]:
         y = affine(op.Mul(centered, invstd), weight, bias, rank)
         return back(y), flat(mean), flat(invstd), flat(var)
 
-    def batch_norm_infer(x, mean, var, weight=None, bias=None, eps=1e-5):
+    def batch_norm_infer(x, mean, var, weight=None, bias=None, eps: float = 1e-5):
         rank = len(x.shape)
         xa, back = widen(x)
         mean, var = like(mean, xa), like(var, xa)

@@ -43,10 +43,10 @@ def _randomized(make):
     return m
 
 
-def _export(model, x):
+def _export(model, x, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own chatter (training mode, deprecations)
-        program = normkernels.onnx.export(model, (x,), verbose=False)
+        program = normkernels.onnx.export(model, (x,), verbose=False, **kwargs)
     buf = io.BytesIO()
     program.save(buf)
     return program, buf.getvalue()
@@ -76,23 +76,20 @@ def test_exported_model_matches_torch(name, make, shape, mode, dtype):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
-def test_export_keeps_other_translations_and_refuses_the_legacy_exporter():
+def test_callers_translations_win_and_the_legacy_exporter_is_refused():
     model = normkernels.convert(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))).eval()
     x = torch.randn(2, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # a caller's own table entry for an ATen op goes in beside ours
-        from onnxscript import opset18 as op
-        calls = []
+    ours = normkernels.onnx.translation_table()[torch.ops.normkernels.layer_norm_fwd.default]
+    calls = []
 
-        def relu(t):
-            calls.append(t)
-            return op.Relu(t)
+    def layer_norm_fwd(*args, **kwargs):  # a caller's own entry for one of our ops
+        calls.append(args)
+        return ours(*args, **kwargs)
 
-        model.append(nn.ReLU())
-        normkernels.onnx.export(model, (x,), verbose=False,
-                                custom_translation_table={torch.ops.aten.relu.default: relu})
+    table = {torch.ops.normkernels.layer_norm_fwd.default: layer_norm_fwd}
+    program, onnx_bytes = _export(model, x, custom_translation_table=table)
     assert calls, "the caller's translation was not used"
+    torch.testing.assert_close(_run(onnx_bytes, x), model(x).detach(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="dynamo=True"):
         normkernels.onnx.export(model, (x,), dynamo=False)
 
