@@ -76,6 +76,18 @@ def test_exported_model_matches_torch(name, make, shape, mode, dtype):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+def test_dynamic_batch_exports_once_and_runs_at_any_batch():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GroupNorm(2, 8),
+                          nn.InstanceNorm2d(8), nn.Flatten(2), nn.LayerNorm(64), nn.RMSNorm(64))
+    model = _randomized(lambda: model).eval()
+    ours = normkernels.convert(copy.deepcopy(model))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    _, onnx_bytes = _export(ours, torch.randn(2, 3, 8, 8), dynamic_shapes=({0: batch},))
+    for n in (1, 5, 17):
+        x = torch.randn(n, 3, 8, 8)
+        torch.testing.assert_close(_run(onnx_bytes, x), model(x).detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_callers_translations_win_and_the_legacy_exporter_is_refused():
     model = normkernels.convert(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))).eval()
     x = torch.randn(2, 4)
