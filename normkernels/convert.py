@@ -25,8 +25,8 @@ def convert(model: nn.Module) -> nn.Module:
 def revert(model: nn.Module) -> nn.Module:
     """The inverse of ``convert``: every normkernels module inside ``model`` back to the torch.nn
     class it replaces, in place, state kept; returns ``model``. For tools that match torch's
-    classes by exact type (``torch.ao.quantization.fuse_modules``, ONNX export, DTensor's
-    sharding rules), which know nothing of ours."""
+    classes by exact type or know nothing of our ops (``torch.ao.quantization.fuse_modules``,
+    the legacy TorchScript-based ONNX exporter, DTensor's sharding rules)."""
     return _swap(model, _TORCH_OF)
 
 

@@ -49,9 +49,6 @@ def translation_table() -> Dict[Any, Callable]:
             return op.Cast(x, to=ir.DataType.FLOAT), lambda t: op.Cast(t, to=x.dtype)
         return x, lambda t: t
 
-    def like(t, ref):
-        return None if t is None else op.CastLike(t, ref)
-
     def scalar(value, ref):
         return op.CastLike(op.Constant(value_float=float(value)), ref)
 
@@ -72,14 +69,15 @@ def translation_table() -> Dict[Any, Callable]:
 
     def affine(y, weight, bias, rank=None):
         if weight is not None:
-            w = like(weight, y)
+            w = op.CastLike(weight, y)
             y = op.Mul(y, w if rank is None else channel_view(w, rank))
         if bias is not None:
-            b = like(bias, y)
+            b = op.CastLike(bias, y)
             y = op.Add(y, b if rank is None else channel_view(b, rank))
         return y
 
-    flat = lambda t: op.Reshape(t, op.Constant(value_ints=[-1]))  # noqa: E731
+    def flat(t):
+        return op.Reshape(t, op.Constant(value_ints=[-1]))
 
     def layer_norm_fwd(x, normalized_ndim: int, weight=None, bias=None, eps: float = 1e-5,
                        rms: bool = False):
@@ -122,7 +120,7 @@ def translation_table() -> Dict[Any, Callable]:
     def batch_norm_infer(x, mean, var, weight=None, bias=None, eps: float = 1e-5):
         rank = len(x.shape)
         xa, back = widen(x)
-        mean, var = like(mean, xa), like(var, xa)
+        mean, var = op.CastLike(mean, xa), op.CastLike(var, xa)
         centered = op.Sub(xa, channel_view(mean, rank))
         y = op.Mul(centered, channel_view(rsqrt(var, eps), rank))
         return back(affine(y, weight, bias, rank))
@@ -139,10 +137,10 @@ def translation_table() -> Dict[Any, Callable]:
 def export(model, args, f=None, **kwargs):
     """torch.onnx.export(model, args, f, dynamo=True, ...) with our ops' translations added to
     any custom_translation_table given; returns torch.onnx.export's ONNXProgram."""
-    table = dict(translation_table())
-    table.update(kwargs.pop("custom_translation_table", None) or {})
     if kwargs.pop("dynamo", True) is not True:
         raise ValueError("normkernels.onnx.export: only the torch.export-based exporter "
                          "(dynamo=True) can take our ops' translations; for dynamo=False, export "
                          "normkernels.revert(model)")
+    table = translation_table()  # a new dict each call
+    table.update(kwargs.pop("custom_translation_table", None) or {})
     return torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=table, **kwargs)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import normkernels
+from samples import randomize_
 
 onnxscript = pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
@@ -32,17 +33,6 @@ MODULES = [
 DTYPES = [torch.float32, torch.float16]
 
 
-def _randomized(make):
-    m = make()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.uniform_(0.5, 1.5)
-        for name, b in m.named_buffers():
-            if b.dtype.is_floating_point:
-                b.uniform_(0.5, 1.5)
-    return m
-
-
 def _export(model, x, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own chatter (training mode, deprecations)
@@ -61,7 +51,7 @@ def _run(onnx_bytes, x):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("name,make,shape", MODULES, ids=[m[0] for m in MODULES])
 def test_exported_model_matches_torch(name, make, shape, mode, dtype):
-    base = _randomized(make).train(mode == "train")
+    base = make().apply(randomize_).train(mode == "train")
     torch_m = copy.deepcopy(base).to(dtype)
     ours = normkernels.convert(copy.deepcopy(base).to(dtype))
     x = torch.randn(shape).to(dtype)
@@ -79,7 +69,7 @@ def test_exported_model_matches_torch(name, make, shape, mode, dtype):
 def test_dynamic_batch_exports_once_and_runs_at_any_batch():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GroupNorm(2, 8),
                           nn.InstanceNorm2d(8), nn.Flatten(2), nn.LayerNorm(64), nn.RMSNorm(64))
-    model = _randomized(lambda: model).eval()
+    model.apply(randomize_).eval()
     ours = normkernels.convert(copy.deepcopy(model))
     batch = torch.export.Dim("batch", min=1, max=64)
     _, onnx_bytes = _export(ours, torch.randn(2, 3, 8, 8), dynamic_shapes=({0: batch},))

@@ -133,14 +133,13 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
   } else {
     at::parallel_for(0, s.N * s.HW, grain_for(s.C), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      if (!after_stats) {
-        rows_affine(xp, yp, begin, end, s.C, s.C, center, scale, shift, stream);
-        return;
-      }
-      for_rows_back_to_front(begin, end, s.C * static_cast<int64_t>(sizeof(T)),
-                             [&](int64_t r0, int64_t r1) {
+      const auto affine = [&](int64_t r0, int64_t r1) {
         rows_affine(xp, yp, r0, r1, s.C, s.C, center, scale, shift, stream);
-      });
+      };
+      if (after_stats)
+        for_rows_back_to_front(begin, end, s.C * static_cast<int64_t>(sizeof(T)), affine);
+      else
+        affine(begin, end);
     });
   }
 }
