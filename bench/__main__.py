@@ -113,6 +113,7 @@ def run(args) -> dict:
     names, notes = P.available(device, with_compile=not args.no_compile)
     info = machine(device)
     info["malloc"] = "default"
+    info["start"] = args.start
     if device == "cpu" and args.malloc == "steady":
         if steady_malloc():
             info["malloc"] = "steady"
@@ -137,7 +138,8 @@ def run(args) -> dict:
         # same cache and machine conditions as the providers).
         x_bytes = case.numel * torch.empty((), dtype=case.dtype).element_size()
         fns["copy"] = copy_step(device, x_bytes)
-        res = round_robin(fns, device, rounds=args.rounds, sample_s=10e-3 if device == "cpu" else 20e-3)
+        res = round_robin(fns, device, rounds=args.rounds, sample_s=10e-3 if device == "cpu" else 20e-3,
+                          start=args.start)
         t = {k: v["median_ms"] for k, v in res.items()}
         ours_gbs = case.traffic_bytes() / (t["ours"] / 1e3) / 1e9
         copy_gbs_case = 2 * x_bytes / (t["copy"] / 1e3) / 1e9
@@ -211,7 +213,12 @@ def markdown(result: dict) -> str:
         f"median of {info.get('copy_samples', 1)} samples taken between the cases"
         + (f" (range {info['copy_GBps_range'][0]:.1f}–{info['copy_GBps_range'][1]:.1f})"
            if "copy_GBps_range" in info else "") + ". "
-        "Times are medians of round-robin samples; speedup = torch time / ours. "
+        "Times are medians of round-robin samples"
+        + ({"warm": ", each sample just after one untimed call of its own provider (--start "
+            "warm: every timed call follows a call of its own, as in a loop of steps)",
+            "after-others": ", each sample just after another provider's (--start after-others: "
+            "a sample's first call runs from what the previous provider left in the caches)"}
+           .get(info.get("start"), "")) + "; speedup = torch time / ours. "
         "Paired (IQR): the median and quartiles of torch / ours computed round by round (each "
         "pair timed in the same round, so a slow phase of the machine cancels out of its ratio). "
         "% copy BW: ours' achieved GB/s (minimum traffic: fwd reads x and writes y, bwd reads x "
@@ -316,6 +323,10 @@ def main(argv=None):
                    help="CPU: 'steady' keeps glibc from returning freed memory to the OS, so page "
                    "faults on fresh output memory are timed for no provider; 'default' leaves "
                    "glibc as a plain process has it")
+    p.add_argument("--start", default="warm", choices=["warm", "after-others"],
+                   help="what each timed sample follows: 'warm', one untimed call of the same "
+                   "provider (steady state, as in a loop of steps); 'after-others', whatever "
+                   "provider ran before it in the round's random order")
     p.add_argument("--out", default=None, help="output prefix (default bench/results/<device>)")
     args = p.parse_args(argv)
     if args.quick:

@@ -40,19 +40,34 @@ def time_once(fn: Callable, calls: int, device: str) -> float:
 
 
 def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: float = 2e-3,
-                seed: int = 0) -> Dict[str, Dict[str, float]]:
+                seed: int = 0, start: str = "warm") -> Dict[str, Dict[str, float]]:
     """{provider: {median_ms, min_ms, samples, calls, rounds_ms}} timed side by side.
 
     Every provider's sample times the same number of back-to-back calls, enough for the slowest
-    provider's sample to last ~sample_s. The first call of a sample runs from the caches another
-    provider left behind, the rest from its own: on this 2-vCPU EPYC guest a channels_last
-    16x64x56x56 fp32 batch-norm forward+backward took 3.87 ms just after torch's and 2.78 ms
-    just after its own. With calls per sample set by each provider's own speed, a fast provider
-    averaged more warm calls into a sample than a slow one did, and a provider whose calibration
-    call was slow got one call a sample: six copies of one 16x128x28x28 forward timed side by
-    side, the first calibrated (a one-off 3.4 ms single call) timed 0.83 ms, the others 0.32.
-    Equal counts, and the median of three single calls to calibrate, put every provider in the
-    same mix of cold and warm calls."""
+    provider's sample to last ~sample_s. With calls per sample set by each provider's own speed,
+    a fast provider averaged more warm calls into a sample than a slow one did, and a provider
+    whose calibration call was slow got one call a sample: six copies of one 16x128x28x28
+    forward timed side by side, the first calibrated (a one-off 3.4 ms single call) timed
+    0.83 ms, the others 0.32. Equal counts, and the median of three single calls to calibrate,
+    put every provider in the same mix of calls.
+
+    start: what a sample starts from.
+      "warm" (the default): one untimed call of the same provider just before its sample, so
+        every call timed follows a call of its own, as in a loop of steps: the caches and the
+        memory system hold what the provider itself leaves there. A provider's time then no
+        longer depends on which provider happened to run before it. On the Xeon guest, one
+        channels_last 4x128x64x64 fp32 instance-norm forward of ours took 0.44-0.47 ms after its
+        own call, 0.55-0.63 ms after a 64 MB copy had replaced the caches' contents, 0.72-0.89 ms
+        after 8 ms with no memory traffic (both threads busy or not: the memory system winds
+        down; 3 ms cost nothing) and 0.73-1.06 ms after torch's own 6-9 ms instance norm; its
+        samples were one call long, so that case's time was mostly its predecessor's doing
+        (1.07-1.12 ms in the suite).
+      "after-others": no such call: the first call of a sample runs from whatever the previous
+        provider (in this round's random order) left behind. On the 2-vCPU EPYC guest a
+        channels_last 16x64x56x56 fp32 batch-norm forward+backward took 3.87 ms just after
+        torch's and 2.78 ms just after its own."""
+    if start not in ("warm", "after-others"):
+        raise ValueError(f"round_robin: start must be 'warm' or 'after-others', not {start!r}")
     rng = random.Random(seed)
     single = {}
     for name, fn in fns.items():
@@ -65,6 +80,9 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
+            if start == "warm":
+                fns[name]()
+                _sync(device)
             samples[name].append(time_once(fns[name], calls, device))
     return {
         name: {
