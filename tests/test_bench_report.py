@@ -32,21 +32,45 @@ def test_run_reports_paired_speedups():
 
 
 @pytest.mark.parametrize("start", ["warm", "after-others"])
-def test_round_robin_start(start):
-    # calls to each provider in order; with sample_s this small a sample is one call
+@pytest.mark.parametrize("providers", [("a", "b", "c"), ("a",)])
+def test_round_robin_start(monkeypatch, start, providers):
+    # every call of a provider logs its name; every sample timed logs "timed" first
+    import bench.timing as timing
+
     log = []
-    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    time_once = timing.time_once
+
+    def logged_time_once(fn, calls, device):
+        log.append("timed")
+        return time_once(fn, calls, device)
+
+    monkeypatch.setattr(timing, "time_once", logged_time_once)
+    fns = {name: (lambda name=name: log.append(name)) for name in providers}
     rounds = 4
-    res = round_robin(fns, "cpu", rounds, sample_s=1e-12, start=start)
+    res = round_robin(fns, "cpu", rounds, sample_s=1e-12, start=start)  # one call a sample
     assert all(r["calls"] == 1 and r["samples"] == rounds for r in res.values())
-    timed = log[len(fns) * 5:]  # after calibration: two calls, then three single timed ones
-    per_sample = 2 if start == "warm" else 1
-    assert len(timed) == rounds * len(fns) * per_sample
-    runs = [timed[i:i + per_sample] for i in range(0, len(timed), per_sample)]
-    # warm: each timed call comes just after an untimed call of the same provider
-    assert all(len(set(run)) == 1 for run in runs)
+    calibration = len(fns) * (2 + 2 * 3)  # two calls, then three timed single calls, each
+    rest = log[calibration:]
+    timed = [rest[i + 1] for i, e in enumerate(rest) if e == "timed"]
+    assert len(timed) == rounds * len(fns)
     for r in range(rounds):  # every provider once a round
-        assert sorted(run[0] for run in runs[r * len(fns):(r + 1) * len(fns)]) == ["a", "b", "c"]
+        assert sorted(timed[r * len(fns):(r + 1) * len(fns)]) == sorted(providers)
+    untimed = [i for i, e in enumerate(rest) if e != "timed" and (i == 0 or rest[i - 1] != "timed")]
+    if start == "after-others":
+        assert not untimed
+        return
+    # warm: each sample's timed call comes right after a call of the same provider, and an
+    # untimed call runs only where another provider's call was the last one
+    for i, e in enumerate(log):
+        if e == "timed" and i >= calibration:
+            assert log[i - 1] == log[i + 1], log[i - 2:i + 2]
+    for i in untimed:
+        prev = [e for e in log[:calibration + i] if e != "timed"][-1]
+        assert prev != rest[i] and rest[i + 1] == "timed" and rest[i + 2] == rest[i]
+    if len(fns) == 1:
+        assert not untimed  # a lone provider always follows itself
+    else:
+        assert untimed
 
 
 def test_round_robin_rejects_unknown_start():
