@@ -39,8 +39,20 @@ def time_once(fn: Callable, calls: int, device: str) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def warm_up(fn: Callable, device: str, seconds: float) -> int:
+    """Untimed calls of fn, back to back: at least one, and until `seconds` have passed.
+    Returns how many ran."""
+    t0 = time.perf_counter()
+    calls = 0
+    while calls == 0 or time.perf_counter() - t0 < seconds:
+        fn()
+        _sync(device)
+        calls += 1
+    return calls
+
+
 def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: float = 2e-3,
-                seed: int = 0, start: str = "warm") -> Dict[str, Dict[str, float]]:
+                seed: int = 0, start: str = "warm", warm_s: float = 0.0) -> Dict[str, Dict[str, float]]:
     """{provider: {median_ms, min_ms, samples, calls, rounds_ms}} timed side by side.
 
     Every provider's sample times the same number of back-to-back calls, enough for the slowest
@@ -52,10 +64,21 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
     put every provider in the same mix of calls.
 
     start: what a sample starts from.
-      "warm" (the default): one untimed call of the same provider just before its sample, so
-        every call timed follows a call of its own, as in a loop of steps: the caches and the
-        memory system hold what the provider itself leaves there. A provider's time then no
-        longer depends on which provider happened to run before it. On the Xeon guest, one
+      "warm" (the default): untimed calls of the same provider just before its sample (one,
+        and more until warm_s seconds have passed: warm_up), so every call timed follows calls
+        of its own, as in a loop of steps: the caches and the memory system hold what the
+        provider itself leaves there. A provider's time then no longer depends on which provider
+        happened to run before it. One call was not enough on the Xeon guest: after the other
+        providers of a case (each with its own x and y) had run, the channels_last 2x320x64x64
+        fp32 group-norm forward of ours took 0.95, 0.71, 0.63, 0.57, 0.54 ms on the five calls
+        after its warm call, torch's 0.76, 0.67, 0.63, 0.61, 0.65 ms (medians of 30 rounds);
+        after 3-8 ms of its own calls, every call took 0.53-0.57 ms, torch's 0.61-0.64 ms. The
+        L3 keeps what is reused, and torch's providers reuse each other's output: freed after
+        each call, the same heap block serves torch, its control and torch.compile in turn, so
+        it stays cached, while ours comes from normkernels' own pool, which only ours reuses
+        (with that pool turned off, ours' first call took 0.64 ms instead of 0.91). A 256 MB
+        copy from a flushed cache took 0.86 then 0.74 ms on its first two calls of 10 MB, 0.38
+        from the fourth on. On the Xeon guest, one
         channels_last 4x128x64x64 fp32 instance-norm forward of ours took 0.44-0.47 ms after its
         own call, 0.55-0.63 ms after a 64 MB copy had replaced the caches' contents, 0.72-0.89 ms
         after 8 ms with no memory traffic (both threads busy or not: the memory system winds
@@ -85,8 +108,7 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
             # warm: the untimed call, unless this provider's own call just ran (a lone provider,
             # such as the 256 MB copy, or one that ended the last round and starts this one)
             if start == "warm" and name != last:
-                fns[name]()
-                _sync(device)
+                warm_up(fns[name], device, warm_s)
             samples[name].append(time_once(fns[name], calls, device))
             last = name
     return {

@@ -19,7 +19,7 @@ def test_paired_ratios_are_per_round():
 def test_run_reports_paired_speedups():
     args = argparse.Namespace(device="cpu", dtype="float32", filter="^layer_norm 1x768 fwd fp32",
                               quick=True, rounds=3, no_compile=True, malloc="default", start="warm",
-                              out=None)
+                              warm_ms=0.5, out=None)
     result = run(args)
     (row,) = result["rows"]
     paired = row["speedup_vs_torch_paired"]
@@ -28,13 +28,14 @@ def test_run_reports_paired_speedups():
     assert "slower_than_torch_paired_q3" in result["summary"]
     md = markdown(result)
     assert result["machine"]["start"] == "warm" and "--start warm" in md
+    assert result["machine"]["warm_ms"] == 0.5 and "after 0.5 ms of untimed calls" in md
     assert "paired (IQR)" in md and f"{paired['median']:.2f}x (" in md
 
 
-@pytest.mark.parametrize("start", ["warm", "after-others"])
-@pytest.mark.parametrize("providers", [("a", "b", "c"), ("a",)])
-def test_round_robin_start(monkeypatch, start, providers):
-    # every call of a provider logs its name; every sample timed logs "timed" first
+@pytest.fixture
+def call_log(monkeypatch):
+    """A list to which every sample round_robin times appends "timed" before its calls run
+    (the providers append their own names)."""
     import bench.timing as timing
 
     log = []
@@ -45,6 +46,14 @@ def test_round_robin_start(monkeypatch, start, providers):
         return time_once(fn, calls, device)
 
     monkeypatch.setattr(timing, "time_once", logged_time_once)
+    return log
+
+
+@pytest.mark.parametrize("start", ["warm", "after-others"])
+@pytest.mark.parametrize("providers", [("a", "b", "c"), ("a",)])
+def test_round_robin_start(call_log, start, providers):
+    # every call of a provider logs its name; every sample timed logs "timed" first
+    log = call_log
     fns = {name: (lambda name=name: log.append(name)) for name in providers}
     rounds = 4
     res = round_robin(fns, "cpu", rounds, sample_s=1e-12, start=start)  # one call a sample
@@ -76,3 +85,41 @@ def test_round_robin_start(monkeypatch, start, providers):
 def test_round_robin_rejects_unknown_start():
     with pytest.raises(ValueError, match="start"):
         round_robin({"a": lambda: None}, "cpu", 1, start="cold")
+
+
+def test_round_robin_warms_for_warm_s(call_log):
+    # with warm_s, the untimed calls before a sample go on until warm_s has passed: a provider
+    # whose calls take ~1 ms makes at least 4 of them for 3.5 ms, then its sample
+    import time
+
+    import bench.timing as timing
+
+    log = call_log
+
+    def slow(name):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 1e-3:
+            pass
+        log.append(name)
+
+    fns = {"a": lambda: slow("a"), "b": lambda: slow("b")}
+    rounds = 3
+    round_robin(fns, "cpu", rounds, sample_s=1e-12, start="warm", warm_s=3.5e-3)
+    rest = log[len(fns) * (2 + 2 * 3):]  # after calibration
+    runs = []  # (provider, untimed calls before its sample)
+    i = 0
+    while i < len(rest):
+        j = i
+        while rest[j] != "timed":
+            j += 1
+        runs.append((rest[j + 1], j - i))
+        i = j + 2
+    assert len(runs) == rounds * len(fns)
+    prev = log[len(fns) * (2 + 2 * 3) - 1]
+    for name, untimed in runs:
+        if name == prev:
+            assert untimed == 0  # its own call ran last: already warm
+        else:
+            assert untimed >= 4, runs
+        prev = name
+    assert timing.warm_up(lambda: None, "cpu", 0.0) == 1  # one call at least
