@@ -90,13 +90,25 @@ int forced_mode() {
 // 512x8192), forward+backward steps with plain stores against streaming, two runs each: 0.74-0.98x
 // the time (LayerNorm alone looped, backward passes of 24-48 MB: 0.91-0.94x; 120 MB and more
 // streaming won, 0.67-0.83x). Where the report is 32 MiB (the EPYC guest), nothing changes.
+//
+// A pass streams once it is larger than its share, not once it reaches it: a forward pass of
+// exactly the cache (the 32 MiB of x and y of a 16 MiB LayerNorm or RMSNorm) fits it and stores
+// plainly. On the Xeon guest, a LayerNorm whose y the next op reads (LayerNorm then GELU,
+// inference, 60 steps, three runs each): fp32 4096x1024 2.40-2.52 -> 1.53-1.76 ms a step, 512x8192
+// 2.55-2.59 -> 1.68-1.88, bf16 2048x4096 4.35-5.16 -> 2.69-2.70, fp32 RMSNorm 4096x1024 2.36 ->
+// 1.52-1.54; with training's backward after 64 MB of other traffic (standing in for the other
+// layers), the step took the same time either way (12.8-17.3 ms, within 3%). The bench's
+// forward+backward step of the same tensors, whose backward follows the forward at once and
+// nothing reads y, lost: 1.27-1.34x the time (fp32 LayerNorm 4096x1024 1.85 -> 2.35 ms), as
+// the forward's y pushes out of the L3 the x the backward reads; its forwards looped alone went
+// 0.86-0.92x -> 1.04-1.11x torch's speed (torch's plain stores keep x and y in the L3 there).
 bool stream_stores(int64_t bytes, Pass pass) {
   static const int mode = forced_mode();
   static const int64_t reported = reported_llc_bytes();
   static const int64_t forward_from = std::min(reported, kLlcCap);
   static const int64_t backward_from = std::min(reported / 2, kLlcCap);
   if (mode >= 0) return mode == 1;
-  return reported > 0 && bytes >= (pass == Pass::kForward ? forward_from : backward_from);
+  return reported > 0 && bytes > (pass == Pass::kForward ? forward_from : backward_from);
 }
 
 }  // namespace cpu
