@@ -76,11 +76,11 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
         L3 keeps what is reused, and torch's providers reuse each other's output: freed after
         each call, the same heap block serves torch, its control and torch.compile in turn, so
         it stays cached, while ours comes from normkernels' own pool, which only ours reuses
-        (with that pool turned off, ours' first call took 0.64 ms instead of 0.91). A 256 MB
-        copy from a flushed cache took 0.86 then 0.74 ms on its first two calls of 10 MB, 0.38
-        from the fourth on. On the Xeon guest, one
-        channels_last 4x128x64x64 fp32 instance-norm forward of ours took 0.44-0.47 ms after its
-        own call, 0.55-0.63 ms after a 64 MB copy had replaced the caches' contents, 0.72-0.89 ms
+        (with that pool turned off, ours' first call took 0.64 ms instead of 0.91). A 10 MB
+        copy after a 256 MB one took 0.86, then 0.74 ms, and 0.38 from its fourth call on.
+        Before any warm call (there too), one channels_last 4x128x64x64 fp32 instance-norm
+        forward of ours took 0.44-0.47 ms after its own call, 0.55-0.63 ms after a 64 MB copy
+        had replaced the caches' contents, 0.72-0.89 ms
         after 8 ms with no memory traffic (both threads busy or not: the memory system winds
         down; 3 ms cost nothing) and 0.73-1.06 ms after torch's own 6-9 ms instance norm; its
         samples were one call long, so that case's time was mostly its predecessor's doing
@@ -105,7 +105,7 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            # warm: the untimed call, unless this provider's own call just ran (a lone provider,
+            # warm: the untimed calls, unless this provider's own call just ran (a lone provider,
             # such as the 256 MB copy, or one that ended the last round and starts this one)
             if start == "warm" and name != last:
                 warm_up(fns[name], device, warm_s)

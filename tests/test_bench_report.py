@@ -105,7 +105,8 @@ def test_round_robin_warms_for_warm_s(call_log):
     fns = {"a": lambda: slow("a"), "b": lambda: slow("b")}
     rounds = 3
     round_robin(fns, "cpu", rounds, sample_s=1e-12, start="warm", warm_s=3.5e-3)
-    rest = log[len(fns) * (2 + 2 * 3):]  # after calibration
+    calibration = len(fns) * (2 + 2 * 3)  # two calls, then three timed single calls, each
+    rest = log[calibration:]
     runs = []  # (provider, untimed calls before its sample)
     i = 0
     while i < len(rest):
@@ -115,7 +116,7 @@ def test_round_robin_warms_for_warm_s(call_log):
         runs.append((rest[j + 1], j - i))
         i = j + 2
     assert len(runs) == rounds * len(fns)
-    prev = log[len(fns) * (2 + 2 * 3) - 1]
+    prev = log[calibration - 1]
     for name, untimed in runs:
         if name == prev:
             assert untimed == 0  # its own call ran last: already warm
