@@ -34,10 +34,11 @@ static inline A param_or(const A* p, int64_t c, A dflt) {
 // of channels [c0, c1) is one contiguous span in every sample: an [N, span] matrix whose rows
 // are C * HW apart, which the column helpers walk in whole chunks against per-element
 // statistics and coefficients (a few KB, in L1) laid out once per block and reused for all N
-// samples. A block's N spans (16 x 1024 elements) stay in L2 between its passes. They are walked
-// in natural order (the column helpers' kLanes = false): putting the per-element arrays in
-// bf16's lane order and back for each block made 16x512x7x7 bf16 steps 1.10-1.20x the time,
-// side by side in one process, where the channels_last walks gain from it.
+// samples. A block's N spans (16 x 1024 elements) stay in L2 between its passes. The training
+// passes walk them in natural order (the column helpers' kLanes = false): putting the
+// per-element arrays in bf16's lane order and back for each block made 16x512x7x7 bf16 steps
+// 1.10-1.20x the time, side by side in one process, where the channels_last walks gain from it
+// (inference under AVX2 is the exception: kShortPlaneAffineLanes).
 // Elements in a plane below which ShortPlanes applies: two AVX-512 chunks, four AVX2 ones. (At
 // two chunks of either, AVX2's 16-element chunks left 7x7 planes to the plane-by-plane walk:
 // 16x512x7x7 bf16 inference 0.20 -> 0.10 ms side by side, 0.63x -> 1.17x torch's speed.)
@@ -90,6 +91,20 @@ struct ShortPlanes {
   }
 };
 
+// Whether the inference pass on short planes walks bf16 in its lane order (even/odd, see
+// Chunk::load_lanes; LaneColumns puts the block's three per-element arrays in that order once
+// per block). Under AVX2 the even/odd load and OR-interleaved store are far cheaper than the
+// in-order conversions: 16x512x7x7 bf16 inference 0.051 -> 0.047 ms, side by side in one
+// process (torch 0.053). Under AVX-512 the in-order conversions are cheap enough that
+// reordering the arrays costs more: 0.028 -> 0.034 ms with AVX512_BF16, 0.038 -> 0.043 ms
+// without it. Not the training passes: their five or six arrays cost more to reorder (see
+// ShortPlanes).
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kShortPlaneAffineLanes = true;
+#else
+constexpr bool kShortPlaneAffineLanes = false;
+#endif
+
 // channel_affine on short NCHW planes.
 template <typename T>
 static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
@@ -105,8 +120,8 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
       sp.spread(blk, scale, sc);
       sp.spread(blk, shift, sh);
       const int64_t off = sp.c0(blk) * s.HW;
-      columns_affine<false>(xp + off, yp + off, 0, s.N, sp.span(blk), sp.ld(), ce, sc, sh,
-                            stream);
+      columns_affine<kShortPlaneAffineLanes>(xp + off, yp + off, 0, s.N, sp.span(blk), sp.ld(),
+                                             ce, sc, sh, stream);
     }
   });
 }
