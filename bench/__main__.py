@@ -106,7 +106,8 @@ def geomean(xs):
 def run(args) -> dict:
     device = args.device
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
-    cases = [c for c in suite(device, dtypes, args.quick) if re.search(args.filter, c.name)]
+    cases = [c for c in suite(device, dtypes, args.quick, chain=args.chain)
+             if re.search(args.filter, c.name)]
     if not cases:
         raise SystemExit(f"python -m bench: no case matches --filter {args.filter!r}"
                          + (" in the --quick suite" if args.quick else ""))
@@ -225,7 +226,8 @@ def markdown(result: dict) -> str:
         "Paired (IQR): the median and quartiles of torch / ours computed round by round (each "
         "pair timed in the same round, so a slow phase of the machine cancels out of its ratio). "
         "% copy BW: ours' achieved GB/s (minimum traffic: fwd reads x and writes y, bwd reads x "
-        "and dy and writes dx) over the GB/s of copying x's bytes into an existing tensor, timed "
+        "and dy and writes dx" + (", chain is fwd and a read of y" if any(r["mode"] == "chain" for r in rows)
+                                  else "") + ") over the GB/s of copying x's bytes into an existing tensor, timed "
         "in the same round robin as the providers (for tensors that fit the last-level cache, "
         "that copy runs at cache speed); % 256 MB copy: the same over the 256 MB copy above, "
         "which goes to memory. In cache: the working set fits this run's private L2 caches."
@@ -320,6 +322,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
     p.add_argument("--filter", default="", help="regex on case names, e.g. 'batch_norm.*fwdbwd'")
     p.add_argument("--quick", action="store_true", help="fewer shapes and rounds, no torch.compile")
+    p.add_argument("--chain", action="store_true",
+                   help="also a 'chain' case after each forward: the forward, then y.sum() reading its "
+                   "output, as the next layer would (--filter chain: those alone)")
     p.add_argument("--rounds", type=int, default=None, help="round-robin rounds per case (default 15, quick 5)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--malloc", default="steady", choices=["steady", "default"],

@@ -6,8 +6,12 @@ normkernels.functional: same signatures), a zero-argument callable doing exactly
   infer  inference forward with running statistics (batch norm)
   bwd    backward alone, through a graph kept from one forward
   fwdbwd forward then backward for the input and every parameter
+  chain  training forward, then the next op reads y: y.sum(), the same op for every provider,
+         standing in for the layer after (a real layer's output is read at once; fwd alone
+         times a loop in which nothing reads it). Not in the default suite (suite(chain=True),
+         python -m bench --chain).
 Minimum traffic counted for GB/s: fwd/infer read x, write y; bwd reads x and dy, writes dx;
-fwdbwd is both.
+fwdbwd is both; chain is fwd plus reading y.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
-MODES = ("fwd", "infer", "bwd", "fwdbwd")
+MODES = ("fwd", "infer", "bwd", "fwdbwd", "chain")
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,12 @@ class Case:
         return n
 
     def traffic_bytes(self) -> int:
-        elems = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 5}[self.mode]
+        elems = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 5, "chain": 3}[self.mode]
         return elems * self.numel * torch.empty((), dtype=self.dtype).element_size()
 
     def working_set_bytes(self) -> int:
         """Distinct bytes one step touches (x, y, and dy/dx for backward)."""
-        elems = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 4}[self.mode]
+        elems = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 4, "chain": 2}[self.mode]
         return elems * self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
@@ -94,6 +98,8 @@ def build(case: Case, F, device: str, compile_fn: Callable = None) -> Callable[[
         fwd = compile_fn(fwd)
     if case.mode in ("fwd", "infer"):
         return lambda: fwd(x, w, b)
+    if case.mode == "chain":
+        return lambda: fwd(x, w, b).sum()
     dy = torch.randn_like(x)
     wrt = (x, w) if case.family == "rms_norm" else (x, w, b)  # RMSNorm has no bias
     if case.mode == "fwdbwd":
@@ -102,9 +108,23 @@ def build(case: Case, F, device: str, compile_fn: Callable = None) -> Callable[[
     return lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
 
 
-def suite(device: str, dtypes: List[torch.dtype], quick: bool = False) -> List[Case]:
+def suite(device: str, dtypes: List[torch.dtype], quick: bool = False,
+          chain: bool = False) -> List[Case]:
     """Transformer (layer/RMS norm), diffusion UNet (group norm, 32 groups) and ResNet (batch
-    norm) sizes, plus instance norm and the one-row cases that measure per-call overhead."""
+    norm) sizes, plus instance norm and the one-row cases that measure per-call overhead.
+    chain: a chain case after each training forward (see the module's docstring)."""
+    cases = _suite(device, dtypes, quick)
+    if not chain:
+        return cases
+    with_chain: List[Case] = []
+    for c in cases:
+        with_chain.append(c)
+        if c.mode == "fwd":
+            with_chain.append(Case(c.family, c.shape, "chain", c.dtype, c.layout, c.groups))
+    return with_chain
+
+
+def _suite(device: str, dtypes: List[torch.dtype], quick: bool) -> List[Case]:
     cases: List[Case] = []
     big = device != "cpu"
     for dt in dtypes:

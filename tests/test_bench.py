@@ -8,11 +8,11 @@ import normkernels.functional as NF
 from bench import providers
 from bench.cases import Case, build, suite
 
-# The quick CPU suite, shrunk: same families, modes and layouts, small shapes.
+# The quick CPU suite with its chain cases, shrunk: same families, modes and layouts, small shapes.
 SMALL = {"layer_norm": (64, 256), "rms_norm": (64, 256), "group_norm": (2, 64, 8, 8),
          "batch_norm": (4, 32, 7, 7), "instance_norm": (2, 16, 8, 8)}
 CASES = sorted({Case(c.family, SMALL[c.family], c.mode, c.dtype, c.layout)
-                for c in suite("cpu", [torch.float32, torch.bfloat16], quick=True)},
+                for c in suite("cpu", [torch.float32, torch.bfloat16], quick=True, chain=True)},
                key=lambda c: c.name)
 
 
@@ -37,6 +37,18 @@ def test_ours_step_computes_torchs(case):
         err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)
         assert err < tol, f"relative error {err:.2e}"
 
+
+
+def test_chain_cases_follow_each_forward():
+    plain = suite("cpu", [torch.float32], quick=True)
+    chained = suite("cpu", [torch.float32], quick=True, chain=True)
+    forwards = [c for c in plain if c.mode == "fwd"]
+    assert forwards and [c for c in chained if c.mode != "chain"] == plain
+    for c in forwards:
+        nxt = chained[chained.index(c) + 1]
+        assert (nxt.mode, nxt.family, nxt.shape, nxt.layout) == ("chain", c.family, c.shape, c.layout)
+    assert len(chained) == len(plain) + len(forwards)
+    assert Case("layer_norm", (4, 8), "chain", torch.float32).traffic_bytes() == 3 * 4 * 8 * 4
 
 
 def test_compile_provider_compiles_every_case():

@@ -18,8 +18,8 @@ def test_paired_ratios_are_per_round():
 
 def test_run_reports_paired_speedups():
     args = argparse.Namespace(device="cpu", dtype="float32", filter="^layer_norm 1x768 fwd fp32",
-                              quick=True, rounds=3, no_compile=True, malloc="default", start="warm",
-                              warm_ms=0.5, out=None)
+                              quick=True, chain=False, rounds=3, no_compile=True,
+                              malloc="default", start="warm", warm_ms=0.5, out=None)
     result = run(args)
     (row,) = result["rows"]
     paired = row["speedup_vs_torch_paired"]
