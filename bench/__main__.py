@@ -202,6 +202,7 @@ def run(args) -> dict:
 
 def markdown(result: dict) -> str:
     info, s, rows = result["machine"], result["summary"], result["rows"]
+    has_chain = any(r["mode"] == "chain" for r in rows)
     has_compile = any("speedup_vs_torch.compile" in r for r in rows)
     has_liger = any("speedup_vs_liger" in r for r in rows)
     head = f"{info.get('gpu') or info.get('cpu')}, {info['device']}, torch {info['torch']}"
@@ -226,8 +227,8 @@ def markdown(result: dict) -> str:
         "Paired (IQR): the median and quartiles of torch / ours computed round by round (each "
         "pair timed in the same round, so a slow phase of the machine cancels out of its ratio). "
         "% copy BW: ours' achieved GB/s (minimum traffic: fwd reads x and writes y, bwd reads x "
-        "and dy and writes dx" + (", chain is fwd and a read of y" if any(r["mode"] == "chain" for r in rows)
-                                  else "") + ") over the GB/s of copying x's bytes into an existing tensor, timed "
+        "and dy and writes dx" + (", chain is fwd and a read of y" if has_chain else "")
+        + ") over the GB/s of copying x's bytes into an existing tensor, timed "
         "in the same round robin as the providers (for tensors that fit the last-level cache, "
         "that copy runs at cache speed); % 256 MB copy: the same over the 256 MB copy above, "
         "which goes to memory. In cache: the working set fits this run's private L2 caches."

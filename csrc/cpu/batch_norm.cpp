@@ -93,12 +93,12 @@ struct ShortPlanes {
 
 // Whether the inference pass on short planes walks bf16 in its lane order (even/odd, see
 // Chunk::load_lanes; LaneColumns puts the block's three per-element arrays in that order once
-// per block). Under AVX2 the even/odd load and OR-interleaved store are far cheaper than the
-// in-order conversions: 16x512x7x7 bf16 inference 0.051 -> 0.047 ms, side by side in one
-// process (torch 0.053). Under AVX-512 the in-order conversions are cheap enough that
-// reordering the arrays costs more: 0.028 -> 0.034 ms with AVX512_BF16, 0.038 -> 0.043 ms
-// without it. Not the training passes: their five or six arrays cost more to reorder (see
-// ShortPlanes).
+// per block). Under AVX2 the even/odd load and OR-interleaved store cost less than the in-order
+// conversions: 16x512x7x7 bf16 inference 0.051 -> 0.047 ms, side by side in one process on the
+// Xeon guest with ATEN_CPU_CAPABILITY=avx2 (torch 0.053). Under AVX-512 the in-order conversions
+// are cheap enough that reordering the arrays costs more: 0.028 -> 0.034 ms with AVX512_BF16,
+// 0.038 -> 0.043 ms with its use switched off. Not the training passes: their five or six
+// arrays cost more to reorder (see ShortPlanes).
 #if defined(CPU_CAPABILITY_AVX2)
 constexpr bool kShortPlaneAffineLanes = true;
 #else
