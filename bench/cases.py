@@ -15,7 +15,7 @@ fwdbwd is both; chain is fwd plus reading y.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Tuple
 
 import torch
@@ -120,7 +120,7 @@ def suite(device: str, dtypes: List[torch.dtype], quick: bool = False,
     for c in cases:
         with_chain.append(c)
         if c.mode == "fwd":
-            with_chain.append(Case(c.family, c.shape, "chain", c.dtype, c.layout, c.groups))
+            with_chain.append(replace(c, mode="chain"))
     return with_chain
 
 
