@@ -38,7 +38,7 @@ static inline A param_or(const A* p, int64_t c, A dflt) {
 // passes walk them in natural order (the column helpers' kLanes = false): putting the
 // per-element arrays in bf16's lane order and back for each block made 16x512x7x7 bf16 steps
 // 1.10-1.20x the time, side by side in one process, where the channels_last walks gain from it
-// (inference under AVX2 is the exception: kShortPlaneAffineLanes).
+// (the forward passes under AVX2 are the exception: kShortPlaneForwardLanes).
 // Elements in a plane below which ShortPlanes applies: two AVX-512 chunks, four AVX2 ones. (At
 // two chunks of either, AVX2's 16-element chunks left 7x7 planes to the plane-by-plane walk:
 // 16x512x7x7 bf16 inference 0.20 -> 0.10 ms side by side, 0.63x -> 1.17x torch's speed.)
@@ -91,18 +91,22 @@ struct ShortPlanes {
   }
 };
 
-// Whether the inference pass on short planes walks bf16 in its lane order (even/odd, see
-// Chunk::load_lanes; LaneColumns puts the block's three per-element arrays in that order once
-// per block). Under AVX2 the even/odd load and OR-interleaved store cost less than the in-order
-// conversions: 16x512x7x7 bf16 inference 0.051 -> 0.047 ms, side by side in one process on the
-// Xeon guest with ATEN_CPU_CAPABILITY=avx2 (torch 0.053). Under AVX-512 the in-order conversions
-// are cheap enough that reordering the arrays costs more: 0.028 -> 0.034 ms with AVX512_BF16,
-// 0.038 -> 0.043 ms with its use switched off. Not the training passes: their five or six
-// arrays cost more to reorder (see ShortPlanes).
+// Whether the forward passes on short planes (inference; training's statistics and normalize)
+// walk bf16 in its lane order (even/odd, see Chunk::load_lanes; LaneColumns puts the block's
+// per-element arrays in that order once per block). Under AVX2 the even/odd load and
+// OR-interleaved store cost less than the in-order conversions: 16x512x7x7 bf16 inference
+// 0.051 -> 0.047 ms, side by side in one process on the Xeon guest with
+// ATEN_CPU_CAPABILITY=avx2 (torch 0.053); on an AVX2-only Zen 3, paired in one process, training
+// forwards 0.90x the time at 16x512x7x7 (0.107 -> 0.095 ms; torch 0.165), 0.82-0.83x at 32 and
+// 64 samples, 0.91x at 16x256x4x4, within noise at 8x256x7x7. Under AVX-512 the in-order
+// conversions are cheap enough that reordering the arrays costs more: inference 0.028 -> 0.034
+// ms with AVX512_BF16, 0.038 -> 0.043 ms with its use switched off. Not the backward passes:
+// on the Zen 3, lane order for their four to six arrays was 1.02-1.04x the time at 16 samples
+// (0.94-0.98x at 32-64), so they keep natural order.
 #if defined(CPU_CAPABILITY_AVX2)
-constexpr bool kShortPlaneAffineLanes = true;
+constexpr bool kShortPlaneForwardLanes = true;
 #else
-constexpr bool kShortPlaneAffineLanes = false;
+constexpr bool kShortPlaneForwardLanes = false;
 #endif
 
 // channel_affine on short NCHW planes.
@@ -120,8 +124,8 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
       sp.spread(blk, scale, sc);
       sp.spread(blk, shift, sh);
       const int64_t off = sp.c0(blk) * s.HW;
-      columns_affine<kShortPlaneAffineLanes>(xp + off, yp + off, 0, s.N, sp.span(blk), sp.ld(),
-                                             ce, sc, sh, stream);
+      columns_affine<kShortPlaneForwardLanes>(xp + off, yp + off, 0, s.N, sp.span(blk),
+                                              sp.ld(), ce, sc, sh, stream);
     }
   });
 }
@@ -186,7 +190,8 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
       const auto [pos_mean, pos_m2, ce, sc, sh] = sp.template scratch<5>(storage);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
-        columns_welford<false>(xp + off, 0, s.N, span, sp.ld(), pos_mean, pos_m2);
+        columns_welford<kShortPlaneForwardLanes>(xp + off, 0, s.N, span, sp.ld(), pos_mean,
+                                                 pos_m2);
         // every position saw the N samples; var holds m2 until divided
         const int64_t c0 = sp.c0(blk);
         merge_equal_runs(pos_mean, pos_m2, s.HW, static_cast<A>(s.N), sp.c1(blk) - c0, mean + c0,
@@ -201,7 +206,8 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
           std::fill(sc + at, sc + at + s.HW, invstd[c] * param_or(w, c, A(1)));
           std::fill(sh + at, sh + at + s.HW, param_or(b, c, A(0)));
         }
-        columns_affine<false>(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc, sh, stream);
+        columns_affine<kShortPlaneForwardLanes>(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc,
+                                                sh, stream);
       }
     });
     return;
