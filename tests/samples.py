@@ -96,6 +96,8 @@ CASES: List[Case] = [
     # masked tile; 7x7 planes make spans of 10 channels (490 values) in training. The output
     # passes go by groups of 4 samples: 7 is a whole group and a partial one
     Case("BatchNorm2d-shortplanes", lambda: nn.BatchNorm2d(50), (7, 50, 5, 5)),
+    # 32 samples or more: under AVX2 the short-plane backward walks bf16 in lane order too
+    Case("BatchNorm2d-shortplanes-batch", lambda: nn.BatchNorm2d(20), (33, 20, 5, 5), ["contiguous"]),
     Case("BatchNorm2d-7x7", lambda: nn.BatchNorm2d(24), (4, 24, 7, 7), ["contiguous", "strided"]),
     # one value per plane: walked as [N, C] rows
     Case("BatchNorm2d-1x1", lambda: nn.BatchNorm2d(6), (8, 6, 1, 1), ["contiguous"]),

@@ -301,8 +301,9 @@ for dt in (torch.float32, torch.bfloat16):
         torch.testing.assert_close(NF.group_norm(xi, 7, w, w).float(), F.group_norm(xi, 7, w, w).float(), **tol)
         torch.testing.assert_close(NF.batch_norm(xi, None, None, w, w, True).float(), F.batch_norm(xi, None, None, w, w, True).float(), **tol)
     torch.testing.assert_close(NF.layer_norm(x, (9, 11)).float(), F.layer_norm(x, (9, 11)).float(), **tol)
-    # 7x7 planes take the short-plane batch norm (per-channel merges of 49 positions; inference
-    # in bf16's lane order under AVX2), and 4 channels per group the group-statistics merge.
+    # 7x7 planes take the short-plane batch norm (per-channel merges of 49 positions; under AVX2
+    # the forwards in bf16's lane order, and the backward too from 32 samples), and 4 channels
+    # per group the group-statistics merge.
     # Batch norm against fp64 by the parity suite's check (torch's own bf16 dx is off by more than
     # the values themselves on some data)
     x7 = torch.randn(6, 8, 7, 7).to(dt)
@@ -313,13 +314,14 @@ for dt in (torch.float32, torch.bfloat16):
         stats = [(rm8, rv8, w8, rm8), (rm8.double(), rv8.double(), w8.double(), rm8.double())]
         assert_close_like_torch(NF.batch_norm(xi, *stats[0]), F.batch_norm(xi, *stats[0]),
                                 F.batch_norm(xi.double(), *stats[1]), "7x7 inference")
-    grads = []
-    for fn, cast in ((NF.batch_norm, dt), (F.batch_norm, dt), (F.batch_norm, torch.float64)):
-        xg7, wg8 = x7.to(cast).clone().requires_grad_(), w8.to(cast).clone().requires_grad_()
-        y7 = fn(xg7, None, None, wg8, wg8, True)
-        grads.append((y7, *torch.autograd.grad(y7, (xg7, wg8), (torch.ones_like(x7) + x7).to(cast))))
-    for what, ours, theirs, ref in zip(("y", "dx", "dweight"), *grads):
-        assert_close_like_torch(ours, theirs, ref, "7x7 training " + what)
+    for xt in (x7, torch.randn(33, 8, 7, 7).to(dt)):
+        grads = []
+        for fn, cast in ((NF.batch_norm, dt), (F.batch_norm, dt), (F.batch_norm, torch.float64)):
+            xg7, wg8 = xt.to(cast).clone().requires_grad_(), w8.to(cast).clone().requires_grad_()
+            y7 = fn(xg7, None, None, wg8, wg8, True)
+            grads.append((y7, *torch.autograd.grad(y7, (xg7, wg8), (torch.ones_like(xt) + xt).to(cast))))
+        for what, ours, theirs, ref in zip(("y", "dx", "dweight"), *grads):
+            assert_close_like_torch(ours, theirs, ref, f"7x7 training, {len(xt)} samples, " + what)
     xg = x.float().requires_grad_()
     torch.autograd.grad(NF.layer_norm(xg, (11,)).square().sum(), xg)
 print("ok")

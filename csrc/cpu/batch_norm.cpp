@@ -19,6 +19,7 @@
 #include <ATen/Dispatch.h>
 
 #include <array>
+#include <type_traits>
 
 namespace normkernels {
 namespace cpu {
@@ -38,7 +39,8 @@ static inline A param_or(const A* p, int64_t c, A dflt) {
 // passes walk them in natural order (the column helpers' kLanes = false): putting the
 // per-element arrays in bf16's lane order and back for each block made 16x512x7x7 bf16 steps
 // 1.10-1.20x the time, side by side in one process, where the channels_last walks gain from it
-// (the forward passes under AVX2 are the exception: kShortPlaneForwardLanes).
+// (under AVX2 the forward passes are the exception, and the backward from 32 samples:
+// kShortPlaneForwardLanes, kShortPlaneBackwardLanesFrom).
 // Elements in a plane below which ShortPlanes applies: two AVX-512 chunks, four AVX2 ones. (At
 // two chunks of either, AVX2's 16-element chunks left 7x7 planes to the plane-by-plane walk:
 // 16x512x7x7 bf16 inference 0.20 -> 0.10 ms side by side, 0.63x -> 1.17x torch's speed.)
@@ -100,14 +102,19 @@ struct ShortPlanes {
 // forwards 0.90x the time at 16x512x7x7 (0.107 -> 0.095 ms; torch 0.165), 0.82-0.83x at 32 and
 // 64 samples, 0.91x at 16x256x4x4, within noise at 8x256x7x7. Under AVX-512 the in-order
 // conversions are cheap enough that reordering the arrays costs more: inference 0.028 -> 0.034
-// ms with AVX512_BF16, 0.038 -> 0.043 ms with its use switched off. Not the backward passes:
-// on the Zen 3, lane order for their four to six arrays was 1.02-1.04x the time at 16 samples
-// (0.94-0.98x at 32-64), so they keep natural order.
+// ms with AVX512_BF16, 0.038 -> 0.043 ms with its use switched off.
 #if defined(CPU_CAPABILITY_AVX2)
 constexpr bool kShortPlaneForwardLanes = true;
 #else
 constexpr bool kShortPlaneForwardLanes = false;
 #endif
+// Samples from which the short-plane backward (where kShortPlaneForwardLanes) walks in lane order
+// too: its four per-element arrays and two sums are put in lane order and back once per block
+// (LaneColumns), which pays over enough rows. Zen 3, bf16 forward+backward steps, paired in one
+// process against natural order: 8x512x7x7 1.07x the time, 16x512x7x7 0.95-1.01x (four pairs),
+// 16x256x4x4 0.99x, 32x512x7x7 0.86-0.98x, 64x512x7x7 0.85-0.94x (four), 128x512x7x7 0.94x,
+// 32x1024x4x4 0.94x, 32x256x7x7 0.99x.
+constexpr int64_t kShortPlaneBackwardLanesFrom = 32;
 
 // channel_affine on short NCHW planes.
 template <typename T>
@@ -347,28 +354,41 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
 
   if (short_planes) {
     const ShortPlanes<T> sp(s, 512);
-    at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
-      const StreamFence fence(stream);
-      Scratch<A> storage;
-      const auto [ce, sg, sd, kd, kx, k0] = sp.template scratch<6>(storage);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
-        sp.spread(blk, mean, ce);
-        if (need_sums) {
-          std::fill(sg, sg + span, A(0));
-          std::fill(sd, sd + span, A(0));
-          columns_grad_sums<false>(gp + off, xp + off, 0, s.N, span, sp.ld(), ce, sg, sd);
-          sp.gather_sums(blk, sg, sum_dy.data());
-          sp.gather_sums(blk, sd, sum_dy_xc.data());
+    // kLanes: the column helpers' order for T's chunks (see kShortPlaneBackwardLanesFrom)
+    const auto run = [&](auto lanes) {
+      constexpr bool kLanes = decltype(lanes)::value;
+      at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
+        const StreamFence fence(stream);
+        Scratch<A> storage;
+        const auto [ce, sg, sd, kd, kx, k0] = sp.template scratch<6>(storage);
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
+          sp.spread(blk, mean, ce);
+          if (need_sums) {
+            std::fill(sg, sg + span, A(0));
+            std::fill(sd, sd + span, A(0));
+            columns_grad_sums<kLanes>(gp + off, xp + off, 0, s.N, span, sp.ld(), ce, sg, sd);
+            sp.gather_sums(blk, sg, sum_dy.data());
+            sp.gather_sums(blk, sd, sum_dy_xc.data());
+          }
+          for (int64_t c = sp.c0(blk); c < sp.c1(blk); ++c) grad_coeffs(c);
+          sp.spread(blk, k_dy.data(), kd);
+          sp.spread(blk, k_x.data(), kx);
+          sp.spread(blk, k_0.data(), k0);
+          columns_grad_input<kLanes>(gp + off, xp + off, dxp + off, 0, s.N, span, sp.ld(), ce,
+                                     kd, kx, k0, stream);
         }
-        for (int64_t c = sp.c0(blk); c < sp.c1(blk); ++c) grad_coeffs(c);
-        sp.spread(blk, k_dy.data(), kd);
-        sp.spread(blk, k_x.data(), kx);
-        sp.spread(blk, k_0.data(), k0);
-        columns_grad_input<false>(gp + off, xp + off, dxp + off, 0, s.N, span, sp.ld(), ce, kd,
-                                  kx, k0, stream);
+      });
+    };
+    if constexpr (kShortPlaneForwardLanes) {  // only those builds compile the lane-order walk
+      if (s.N >= kShortPlaneBackwardLanesFrom) {
+        run(std::true_type());
+      } else {
+        run(std::false_type());
       }
-    });
+    } else {
+      run(std::false_type());
+    }
   } else if (fused) {
     at::parallel_for(0, s.C, grain_for(count), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
