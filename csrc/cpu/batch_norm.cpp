@@ -111,9 +111,9 @@ constexpr bool kShortPlaneForwardLanes = false;
 // Samples from which the short-plane backward (where kShortPlaneForwardLanes) walks in lane order
 // too: its four per-element arrays and two sums are put in lane order and back once per block
 // (LaneColumns), which pays over enough rows. Zen 3, bf16 forward+backward steps, paired in one
-// process against natural order: 8x512x7x7 1.07x the time, 16x512x7x7 0.95-1.01x (four pairs),
-// 16x256x4x4 0.99x, 32x512x7x7 0.86-0.98x, 64x512x7x7 0.85-0.94x (four), 128x512x7x7 0.94x,
-// 32x1024x4x4 0.94x, 32x256x7x7 0.99x.
+// process against natural order (runs with the forward in either order): 8x512x7x7 1.07x the
+// time, 16x512x7x7 0.95-1.02x (five runs), 16x256x4x4 0.99-1.04x, 32x512x7x7 0.86-0.98x (three),
+// 64x512x7x7 0.85-0.94x (three), 128x512x7x7 0.94x, 32x1024x4x4 0.94x, 32x256x7x7 0.99x.
 constexpr int64_t kShortPlaneBackwardLanesFrom = 32;
 
 // channel_affine on short NCHW planes.
