@@ -590,6 +590,13 @@ template <bool kAhead, typename T, typename Add>
 inline int64_t accumulate_chunks(const T* p, int64_t n, VecSum<T>& acc, const Add& add) {
   using C = Chunk<T>;
   using V = typename C::V;
+  // The loops add into a local copy, stored back once: `acc` lives in the caller's memory, and
+  // the vector loads of p may alias it (the intrinsics' vector types may alias anything), so
+  // where this is not inlined into acc's owner, adding into acc itself kept it in memory, each
+  // add waiting on the last one's store (the layer-norm forward's out-of-line squared-deviation
+  // pass). Paired in one process, Zen 3, 2 threads: LayerNorm forwards bf16 0.73-0.81x the
+  // time, fp32 0.84-0.92x; forward+backward 0.89-0.90x (bf16), 0.96-0.99x (fp32).
+  VecSum<T> first = acc;
   int64_t i = 0;
   if (n >= kUnrollFrom * C::size) {
     VecSum<T> second;
@@ -601,18 +608,19 @@ inline int64_t accumulate_chunks(const T* p, int64_t n, VecSum<T>& acc, const Ad
       }
       C::load_lanes(p + i, a, b);
       C::load_lanes(p + i + C::size, c, d);
-      add(a, b, acc);
+      add(a, b, first);
       add(c, d, second);
     }
-    acc.lo += second.lo;
-    acc.hi += second.hi;
+    first.lo += second.lo;
+    first.hi += second.hi;
   }
   for (; i + C::size <= n; i += C::size) {
     V a, b;
     if constexpr (kAhead) stream_ahead(p + i);
     C::load_lanes(p + i, a, b);
-    add(a, b, acc);
+    add(a, b, first);
   }
+  acc = first;
   return i;
 }
 
@@ -786,6 +794,8 @@ inline void accumulate_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> sh
   using C = Chunk<T>;
   using V = typename C::V;
   const V vshift(shift);
+  // local copies, stored back once (see accumulate_chunks)
+  VecSum<T> g = sum_dy, d = sum_dy_xc;
   int64_t i = 0;
   for (; i + C::size <= n; i += C::size) {
     V ga, gb, xa, xb;
@@ -795,11 +805,13 @@ inline void accumulate_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> sh
     }
     C::load_lanes(dy + i, ga, gb);
     C::load_lanes(x + i, xa, xb);
-    sum_dy.lo += ga;
-    sum_dy.hi += gb;
-    sum_dy_xc.lo = at::vec::fmadd(ga, xa - vshift, sum_dy_xc.lo);
-    sum_dy_xc.hi = at::vec::fmadd(gb, xb - vshift, sum_dy_xc.hi);
+    g.lo += ga;
+    g.hi += gb;
+    d.lo = at::vec::fmadd(ga, xa - vshift, d.lo);
+    d.hi = at::vec::fmadd(gb, xb - vshift, d.hi);
   }
+  sum_dy = g;
+  sum_dy_xc = d;
   if (i < n) {
     V ga, gb, xa, xb;
     if (n >= C::size) {
