@@ -322,6 +322,15 @@ def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, r
     _assert_layer_norm_rows_like_torch(torch.bfloat16, rows, n, param_dtype, rms)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_norm_long_rows_swept_several_at_once_like_torch(dtype, rms):
+    # the backward's first pass takes rows longer than 1365 several at a time (two under AVX2,
+    # four otherwise) in blocks of four rows at least, and a block's last rows one by one: with
+    # 7 rows, one block of 4 and one of 3, every sweep width runs
+    _assert_layer_norm_rows_like_torch(dtype, 7, 1403, dtype, rms)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_layer_norm_param_grads_in_every_weight_dtype_like_torch(dtype):
     # the backward reads a weight of x's dtype as it is and writes dweight/dbias in x's dtype

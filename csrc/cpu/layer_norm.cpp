@@ -2,9 +2,9 @@
 //   forward : two-pass mean/variance per row (the row stays in L1/L2 between passes), then one
 //             fused normalize + affine pass.
 //   backward: one pass accumulating each row's sum(g * xhat), sum(g) and this block's
-//             dweight/dbias partials (long rows kRows at a time), a second pass per row writing
-//             dx; the per-block partials are then summed in a fixed order (deterministic, no
-//             atomics).
+//             dweight/dbias partials (long rows kSweepRows at a time), a second pass per row
+//             writing dx; the per-block partials are then summed in a fixed order
+//             (deterministic, no atomics).
 // Rows, weight and bias are read in the lane order of the chunks (Chunk::load_lanes): even/odd
 // for bf16 under AVX-512, the natural order otherwise.
 // RMS norm is the same kernel with the centering (and bias) switched off.
@@ -115,8 +115,22 @@ static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
 // call, not once per row.
 constexpr int64_t kWidenRowMax = 4096;
 constexpr int64_t kWidenParamsRows = 4;
-// Rows a backward pass-1 sweep takes at once (layer_norm_bwd_sums), where it takes several.
+// Rows of a backward block at least: its dweight/dbias partials are summed once per block.
 constexpr int64_t kRows = 4;
+// Rows a backward pass-1 sweep takes at once (layer_norm_bwd_sums), where it takes several: four
+// with AVX-512's 32 vector registers, two with AVX2's 16. Four rows' sums, their means and
+// rstds, the column partials and the weight are 22 vectors, so the AVX2 build kept six of the
+// row sums on the stack, each add a load and a store. Pass 1 alone, one thread, Zen 3 guest,
+// blocks of four rows swept twice by two against once by four: bf16 512x8192 0.74-0.89x the
+// time, 2048x4096 0.89-0.92x, 128x8192 (from L3) 0.86-0.96x; fp32 0.70-1.04x, 0.86-0.91x,
+// 0.84-0.97x. Whole forward+backward steps, two threads, paired in one process (two runs of 8
+// rounds, medians): fp32 512x8192, 1024x4096, 2048x4096, 4096x2048 0.91-0.99x the time; bf16
+// 0.96-1.01x (there the two threads' pass 1 waits on memory either way); 128x8192 0.95-1.08x.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kSweepRows = 2;
+#else
+constexpr int64_t kSweepRows = kRows;
+#endif
 
 template <typename T, typename PT>
 static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const PT* w,
@@ -367,12 +381,12 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const int64_t part_ld = (N + line - 1) / line * line;
   Scratch<A> part_dw(want_dw ? blocks.count * part_ld : 0, A(0));
   Scratch<A> part_db(want_db ? blocks.count * part_ld : 0, A(0));
-  // Pass 1 sweeps kRows rows at once where the partials and w outgrow L1: with one row, their
-  // loads and stores bound the sweep (1024x4096 bf16 backward, one thread: 1.1-1.3 -> 0.8
+  // Pass 1 sweeps kSweepRows rows at once where the partials and w outgrow L1: with one row,
+  // their loads and stores bound the sweep (1024x4096 bf16 backward, one thread: 1.1-1.3 -> 0.8
   // cycles per element). Shorter rows go one at a time, which keeps consecutive rows one
   // sequential stream for the prefetcher: four interleaved 1024-element rows read from L3
   // measured 10-20% slower than one at a time.
-  const int64_t group = 3 * N * static_cast<int64_t>(sizeof(A)) > 16384 ? kRows : 1;
+  const int64_t group = 3 * N * static_cast<int64_t>(sizeof(A)) > 16384 ? kSweepRows : 1;
 
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
   at::parallel_for(0, blocks.count, blocks.grain(N), [&](int64_t bb, int64_t be) {
@@ -383,11 +397,11 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
       for (int64_t r0 = blocks.begin(blk); r0 < blocks.end(blk); r0 += group) {
         // pass 1 over the group, then pass 2 row by row while the rows are in cache
         const int64_t rows = std::min(group, blocks.end(blk) - r0);
-        A mu[kRows], s_gx[kRows], s_g[kRows];
+        A mu[kSweepRows], s_gx[kSweepRows], s_g[kSweepRows];
         for (int64_t k = 0; k < rows; ++k) mu[k] = mp != nullptr ? mp[r0 + k] : A(0);
-        if (rows == kRows) {
-          layer_norm_bwd_sums<T, kRows>(xp + r0 * N, gp + r0 * N, N, mu, rp + r0, w, pdw, pdb,
-                                        s_gx, s_g);
+        if (rows == kSweepRows) {
+          layer_norm_bwd_sums<T, kSweepRows>(xp + r0 * N, gp + r0 * N, N, mu, rp + r0, w, pdw,
+                                             pdb, s_gx, s_g);
         } else {
           for (int64_t k = 0; k < rows; ++k) {
             const int64_t r = r0 + k;
