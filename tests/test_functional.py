@@ -326,8 +326,8 @@ def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, r
 @pytest.mark.parametrize("rms", [False, True])
 def test_layer_norm_long_rows_swept_several_at_once_like_torch(dtype, rms):
     # the backward's first pass takes rows longer than 1365 several at a time (two under AVX2,
-    # four otherwise) in blocks of four rows at least, and a block's last rows one by one: with
-    # 7 rows, one block of 4 and one of 3, every sweep width runs
+    # four otherwise) and a block's last rows, too few for a sweep, one by one: 7 rows are one
+    # block, swept 2+2+2+1 or 4+1+1+1
     _assert_layer_norm_rows_like_torch(dtype, 7, 1403, dtype, rms)
 
 

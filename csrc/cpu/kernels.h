@@ -59,10 +59,10 @@ struct Kernels {
 // Whether an elementwise pass touching `bytes` of memory (what it reads plus what it writes)
 // writes its output with streaming (non-temporal) stores: each output line then costs one write
 // to memory instead of a read for ownership and a write (a third of a forward pass's traffic),
-// and the output does not push the pass's inputs out of the cache. Yes past the last-level
-// cache's size for a forward pass (past seven eighths of it where that is no more than the
-// cap below), past half of it for a backward pass (see stream_stores.cpp);
-// passes that fit store plainly, so the next layer finds their output in cache.
+// and the output does not push the pass's inputs out of the cache. Yes past seven eighths of the
+// last-level cache for a forward pass, past half of it for a backward pass (see
+// stream_stores.cpp); passes that fit store plainly, so the next layer finds their output in
+// cache.
 // NORMKERNELS_STREAM_STORES=0/1 forces it off/on (read once); the cache size comes from the OS,
 // counted at most 32 MiB, and a backward pass's half no less than that cap where the OS reports
 // far more (none known: never).

@@ -64,16 +64,16 @@ int forced_mode() {
 
 }  // namespace
 
-// Forward passes from the whole cache, backward passes from half of it. A pass that fits the
-// cache can leave its output there for whatever reads it next (the next layer; in a loop, the
-// pool's block of the same output, rewritten in place). A backward pass in training reads an
-// input saved long before (x), from memory, while it writes dx: there streaming dx saves the
-// read for ownership and keeps the cache for dy and x. Until this rule every pass streamed from
-// half the cache (the L3 is shared: on this 32 MiB EPYC guest a second read of 24 MB just read
-// ran at 56 GB/s against 85 for 8 MB), and forwards looped alone lost to torch's plain stores
-// whenever the L3 held their x and y (GroupNorm 2x320x64x64 fp32 0.72-0.99x torch's speed,
-// BatchNorm 16x64x56x56 fp32 inference 0.66x). Side by side in one process, over the suite
-// cases with passes of 16-32 MB, against half the cache for both:
+// Forward passes from the whole cache (seven eighths of it: see the end), backward passes from
+// half of it. A pass that fits the cache can leave its output there for whatever reads it next
+// (the next layer; in a loop, the pool's block of the same output, rewritten in place). A
+// backward pass in training reads an input saved long before (x), from memory, while it writes
+// dx: there streaming dx saves the read for ownership and keeps the cache for dy and x. Until
+// this rule every pass streamed from half the cache (the L3 is shared: on this 32 MiB EPYC guest
+// a second read of 24 MB just read ran at 56 GB/s against 85 for 8 MB), and forwards looped alone
+// lost to torch's plain stores whenever the L3 held their x and y (GroupNorm 2x320x64x64 fp32
+// 0.72-0.99x torch's speed, BatchNorm 16x64x56x56 fp32 inference 0.66x). Side by side in one
+// process, over the suite cases with passes of 16-32 MB, against half the cache for both:
 //   L3 quiet (torch's GroupNorm 2x320x64x64 fp32 forward at 0.44-0.52 ms): forwards looped
 //   alone took 0.49-0.77x the time with the whole cache, and ran at 1.28x torch's speed or more;
 //   L3 busy (that forward at 0.82-1.10 ms): the whole cache for both passes made forward+
@@ -105,22 +105,22 @@ int forced_mode() {
 //
 // That held where the reported cache is far larger than the cap (the Xeon guest's 480 MiB: the
 // cap is a share of it). Where the cap is the whole reported cache (the Zen 3 guest's 32 MiB CCX
-// L3), a pass of exactly that size cannot fit beside anything else: every line is gone before
-// it is reused, and plain stores only add the read for ownership. There forward passes stream
-// past seven eighths of the reported cache. Zen 3 guest, the suite's cases with 25-32 MiB
-// forward passes, three bench runs (--chain) with streaming forced against two without, ratios
-// to torch paired per round: fp32 LayerNorm 4096x1024 forward 1.92-2.00x against 1.13-1.52x,
-// 1024x4096 1.50-1.62x against 1.02-1.20x, 512x8192 1.33-1.60x against 0.99-1.10x, fp32 RMSNorm
-// 4096x1024 4.4-5.3x against 2.7-3.3x, bf16 LayerNorm 2048x4096 1.80-2.04x against 1.72-1.73x;
-// their chains (forward, then y.sum()) and forward+backward steps within the runs' spread
-// (LayerNorm 4096x1024 chain 0.99-1.21x against 1.04-1.11x, ours 1.88-1.96 ms against
-// 2.60-2.68). The 25.7 MB passes of BatchNorm 16x64x56x56 fp32 lost with streaming (inference
-// 1.03-1.07x against 1.33-1.85x, channels_last training forward 1.60-1.87x against 2.17-2.30x):
-// they fit, so they stay below the mark.
+// L3), a pass of exactly that size cannot fit beside anything else: every line is gone before it
+// is reused, and plain stores only add the read for ownership. So a forward pass counts on seven
+// eighths of the reported cache, at most the cap (on the Xeon guest, the cap as before). Zen 3
+// guest, the suite's cases with 25-32 MiB forward passes, three bench runs (--chain) with
+// streaming forced against two without, ratios to torch paired per round: fp32 LayerNorm
+// 4096x1024 forward 1.92-2.00x against 1.13-1.52x, 1024x4096 1.50-1.62x against 1.02-1.20x,
+// 512x8192 1.33-1.60x against 0.99-1.10x, fp32 RMSNorm 4096x1024 4.4-5.3x against 2.7-3.3x, bf16
+// LayerNorm 2048x4096 1.80-2.04x against 1.72-1.73x; their chains (forward, then y.sum()) and
+// forward+backward steps within the runs' spread (LayerNorm 4096x1024 chain 0.99-1.21x against
+// 1.04-1.11x, ours 1.88-1.96 ms against 2.60-2.68). The 25.7 MB passes of BatchNorm 16x64x56x56
+// fp32 lost with streaming (inference 1.03-1.07x against 1.33-1.85x, channels_last training
+// forward 1.60-1.87x against 2.17-2.30x): they fit, so they stay below the mark.
 bool stream_stores(int64_t bytes, Pass pass) {
   static const int mode = forced_mode();
   static const int64_t reported = reported_llc_bytes();
-  static const int64_t forward_from = reported > kLlcCap ? kLlcCap : reported / 8 * 7;
+  static const int64_t forward_from = std::min(reported / 8 * 7, kLlcCap);
   static const int64_t backward_from = std::min(reported / 2, kLlcCap);
   if (mode >= 0) return mode == 1;
   return reported > 0 && bytes > (pass == Pass::kForward ? forward_from : backward_from);
