@@ -472,8 +472,9 @@ def test_streaming_stores_match_torch():
     """Outputs of passes that do not fit the last-level cache (forward) or half of it (backward)
     are written with streaming stores. Forced on (NORMKERNELS_STREAM_STORES=1), that path must
     pass the CPU parity suite (every family, dtype and layout, misaligned rows falling back to
-    plain stores) and match torch on shapes whose rows are whole aligned chunks, forward and
-    backward."""
+    plain stores) and match torch, forward and backward, on rows and planes of whole aligned
+    chunks and on ones that end inside a cache line (bf16 rows of 1000, 14x14 and 7x7 planes),
+    whose shared lines take plain stores (whole_line_chunk)."""
     import os
     import subprocess
     import sys
@@ -507,14 +508,18 @@ def check(name, fn_ours, fn_torch, x, params):
 
 DY = torch.randn(1 << 16, dtype=torch.float64)
 for dt in (torch.float32, torch.bfloat16):
-    x = torch.randn(64, 1024).to(dt)
-    w, b = torch.rand(1024).to(dt) + 0.5, torch.randn(1024).to(dt)
-    check("layer_norm", lambda x, w, b: NF.layer_norm(x, (1024,), w, b),
-          lambda x, w, b: TF.layer_norm(x, (1024,), w, b), x, [w, b])
-    check("rms_norm", lambda x, w: NF.rms_norm(x, (1024,), w),
-          lambda x, w: TF.rms_norm(x, (1024,), w), x, [w])
+  for n in (1024, 1000):
+    x = torch.randn(64, n).to(dt)
+    w, b = torch.rand(n).to(dt) + 0.5, torch.randn(n).to(dt)
+    check("layer_norm", lambda x, w, b: NF.layer_norm(x, (n,), w, b),
+          lambda x, w, b: TF.layer_norm(x, (n,), w, b), x, [w, b])
+    check("layer_norm no affine", lambda x: NF.layer_norm(x, (n,)),
+          lambda x: TF.layer_norm(x, (n,)), x, [])
+    check("rms_norm", lambda x, w: NF.rms_norm(x, (n,), w),
+          lambda x, w: TF.rms_norm(x, (n,), w), x, [w])
+  for hw in (8, 14, 7):
     for fmt in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(4, 64, 8, 8).to(dt).contiguous(memory_format=fmt)
+        x = torch.randn(4, 64, hw, hw).to(dt).contiguous(memory_format=fmt)
         w, b = torch.rand(64).to(dt) + 0.5, torch.randn(64).to(dt)
         check("group_norm", lambda x, w, b: NF.group_norm(x, 8, w, b),
               lambda x, w, b: TF.group_norm(x, 8, w, b), x, [w, b])

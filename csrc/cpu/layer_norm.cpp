@@ -64,7 +64,7 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
       a = a + ba;
       c = c + bc;
     }
-    C::put_lanes(y + j, a, c, stream);
+    C::put_lanes(y + j, a, c, stream && whole_line_chunk(y + j, j, 0, N));
   }
   for (; j < N; ++j) {
     A v = (static_cast<A>(x[j]) - mean) * rstd;
@@ -336,7 +336,8 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
     ga = ga * V::loadu(w + j) * vrs;
     gb = gb * V::loadu(w + h) * vrs;
     Ch::put_lanes(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
-                  at::vec::fmadd(xb - vmu, vkx, gb + vk0), stream);
+                  at::vec::fmadd(xb - vmu, vkx, gb + vk0),
+                  stream && whole_line_chunk(dr + j, j, 0, N));
   }
   for (; j < N; ++j) {
     dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +
