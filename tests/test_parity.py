@@ -78,12 +78,19 @@ def _check_matches_torch(mods, case, layout, dtype):
 
 # channels_last shapes whose second pass (normalize, dx) a thread walks back to front in several
 # segments, some crossing an image boundary (for_rows_back_to_front: 256 KB of input a segment,
-# here 256-1024 rows of 1728 by dtype): the C++ kernels only, too big for the Triton interpreter.
+# here 256-1024 rows of 1728 by dtype), and folded rows of few channels: the C++ kernels only,
+# too big for the Triton interpreter.
 SEGMENT_CASES = [
     Case("GroupNorm-segments", lambda: nn.GroupNorm(4, 128), (3, 128, 24, 24), ["channels_last"]),
     Case("InstanceNorm-segments", lambda: nn.InstanceNorm2d(128, affine=True), (3, 128, 24, 24),
          ["channels_last"]),
     Case("BatchNorm-segments", lambda: nn.BatchNorm2d(128), (3, 128, 24, 24), ["channels_last"]),
+    # channels_last pixels of few channels, walked several to a row (PixelRows): 3 channels of
+    # 64x128 go 256 pixels (768 values) a row, 32 rows an image in three blocks; 6 channels in 3
+    # groups of 50x50 go 125 pixels a row, each group's statistics merged from 250 positions
+    Case("InstanceNorm-pixelrows", lambda: nn.InstanceNorm2d(3, affine=True), (2, 3, 64, 128),
+         ["channels_last"]),
+    Case("GroupNorm-pixelrows", lambda: nn.GroupNorm(3, 6), (3, 6, 50, 50), ["channels_last"]),
 ]
 
 

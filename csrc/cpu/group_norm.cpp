@@ -11,7 +11,8 @@
 //                  along C, split over HW so that batch 1 still uses every thread), merged
 //                  exactly per block and then per group; the normalize pass walks rows of C,
 //                  each thread its rows back to front (for_rows_back_to_front); both passes a
-//                  chunk of images at a time (ImageChunks).
+//                  chunk of images at a time (ImageChunks). Pixels of few channels go several
+//                  to a row (PixelRows).
 //   backward     : per-(n, channel) sums of dy and dy * (x - mean), then
 //                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0; for NCHW both in one task per
 //                  (n, group), the second pass reading the group from L2 (last plane first:
@@ -110,19 +111,47 @@ struct ImageChunks {
   }
 };
 
-// The second pass over channels_last rows [n0 * HW, n1 * HW) (HW rows of C an image) in
-// parallel, back to front (for_rows_back_to_front: the first pass split its blocks of rows over
-// the threads in the same proportions): fn(n, r0, r1) on each run of one image's rows, since a
-// task's rows may span several images and each image has its own coefficients.
+// channels_last where stripes do not apply, walked as rows of `width` = k * C elements, k pixels
+// a row: k = 1 unless a pixel is narrower than two chunks, where k is the largest divisor of HW
+// that keeps a row within 1024 elements. A pixel of a 3-channel instance norm is 6 bytes of
+// bf16: walked pixel by pixel, every pass was one masked chunk per pixel (1x3x256x256 bf16
+// forward 0.40 ms against torch's 0.17, which transposes to NCHW and back). Position j of a row
+// is channel j % C; its statistics count HW / k pixels.
+struct PixelRows {
+  int64_t C, k = 1, width, rows;  // rows: an image's
+  PixelRows(int64_t HW, int64_t C_, int64_t chunk) : C(C_) {
+    if (C > 0 && C < 2 * chunk) {
+      for (int64_t d = std::max<int64_t>(1, 1024 / C); d > 1; --d) {
+        if (HW % d == 0) {
+          k = d;
+          break;
+        }
+      }
+    }
+    width = k * C;
+    rows = k > 0 ? HW / k : 0;
+  }
+  // p[i * C + c] = p[c] for the row's other pixels i (the first C values given)
+  template <typename A>
+  void repeat(A* p) const {
+    for (int64_t i = 1; i < k; ++i) std::copy(p, p + C, p + i * C);
+  }
+};
+
+// The second pass over channels_last rows [n0 * rows, n1 * rows) (`rows` rows of `width`
+// elements an image, see PixelRows) in parallel, back to front (for_rows_back_to_front: the first
+// pass split its blocks of rows over the threads in the same proportions): fn(n, r0, r1) on each
+// run of one image's rows, since a task's rows may span several images and each image has its
+// own coefficients.
 template <typename F>
-static void for_image_rows(int64_t n0, int64_t n1, int64_t HW, int64_t C, int64_t row_bytes,
-                           bool stream, F&& fn) {
-  at::parallel_for(n0 * HW, n1 * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+static void for_image_rows(int64_t n0, int64_t n1, int64_t rows, int64_t width,
+                           int64_t row_bytes, bool stream, F&& fn) {
+  at::parallel_for(n0 * rows, n1 * rows, grain_for(width), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
     for_rows_back_to_front(begin, end, row_bytes, [&](int64_t s0, int64_t s1) {
       for (int64_t r = s0; r < s1;) {
-        const int64_t n = r / HW;
-        const int64_t stop = std::min(s1, (n + 1) * HW);
+        const int64_t n = r / rows;
+        const int64_t stop = std::min(s1, (n + 1) * rows);
         fn(n, r, stop);
         r = stop;
       }
@@ -190,51 +219,60 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     return;
   }
 
-  // channels_last: per-(n, block of pixels) Welford along C, then the normalize pass, a chunk
-  // of images at a time (ImageChunks).
-  const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
+  // channels_last: per-(n, block of rows) Welford along the rows (PixelRows), then the normalize
+  // pass, a chunk of images at a time (ImageChunks).
+  const PixelRows pr(v.HW, v.C, Chunk<T>::size);
+  const int64_t W = pr.width, R = pr.rows;
+  const Blocks blocks(R, std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)));
   const int64_t nb = blocks.count;
   const ImageChunks chunks(v.N, v.HW * v.C * static_cast<int64_t>(sizeof(T)));
-  Scratch<A> bmean(chunks.per_chunk * nb * v.C), bm2(chunks.per_chunk * nb * v.C);
-  Scratch<A> block_count(nb), chan_mean(v.C), chan_m2(v.C);
+  Scratch<A> bmean(chunks.per_chunk * nb * W), bm2(chunks.per_chunk * nb * W);
+  Scratch<A> block_count(nb), pos_mean(W), pos_m2(W), group_mean(pr.k * v.D), group_m2(pr.k * v.D);
   for (int64_t blk = 0; blk < nb; ++blk)
     block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
-  Scratch<A> center(v.N * v.C), scale(v.N * v.C), shift(v.N * v.C);
+  Scratch<A> center(v.N * W), scale(v.N * W), shift(v.N * W);
   chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
-    at::parallel_for(0, (n1 - n0) * nb, blocks.grain(v.C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, (n1 - n0) * nb, blocks.grain(W), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = n0 + t / nb, blk = t % nb;
         const T* xn = xp + n * v.HW * v.C;
-        A* block_mean = bmean.data() + t * v.C;
-        A* block_m2 = bm2.data() + t * v.C;
+        A* block_mean = bmean.data() + t * W;
+        A* block_m2 = bm2.data() + t * W;
         if constexpr (sizeof(T) == sizeof(A)) {  // rows in order (see columns_row_groups)
-          columns_row_groups(xn, blocks.begin(blk), blocks.end(blk), v.C, v.C, block_mean,
-                             block_m2);
+          columns_row_groups(xn, blocks.begin(blk), blocks.end(blk), W, W, block_mean, block_m2);
         } else {
-          columns_welford(xn, blocks.begin(blk), blocks.end(blk), v.C, v.C, block_mean,
-                          block_m2);
+          columns_welford(xn, blocks.begin(blk), blocks.end(blk), W, W, block_mean, block_m2);
         }
       }
     });
-    // blocks -> per-(n, c) statistics over HW pixels (columns_merge) -> per-(n, g) over the
-    // group's D channels of HW pixels each (merge_equal_parts).
+    // blocks -> per-(n, position) statistics over R rows (columns_merge) -> per-(n, g) over the
+    // group's k * D positions of R rows each (merge_equal_parts).
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t t0 = (n - n0) * nb;
-      columns_merge(block_count.data(), nb, bmean.data() + t0 * v.C, bm2.data() + t0 * v.C, v.C,
-                    chan_mean.data(), chan_m2.data());
+      columns_merge(block_count.data(), nb, bmean.data() + t0 * W, bm2.data() + t0 * W, W,
+                    pos_mean.data(), pos_m2.data());
       for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < pr.k; ++i) {
+          std::copy_n(pos_mean.data() + i * v.C + g * v.D, v.D, group_mean.data() + i * v.D);
+          std::copy_n(pos_m2.data() + i * v.C + g * v.D, v.D, group_m2.data() + i * v.D);
+        }
         const int64_t ng = n * G + g;
-        const A m2 = merge_equal_parts(chan_mean.data() + g * v.D, chan_m2.data() + g * v.D,
-                                       v.D, static_cast<A>(v.HW), mean + ng);
+        const A m2 = merge_equal_parts(group_mean.data(), group_m2.data(), pr.k * v.D,
+                                       static_cast<A>(R), mean + ng);
         rstd[ng] = A(1) / std::sqrt(m2 * inv_group_size + a_eps);
       }
-      group_affine_coeffs(v, n, 0, v.C, mean, rstd, center.data() + n * v.C,
-                          scale.data() + n * v.C, shift.data() + n * v.C);
+      A* ce = center.data() + n * W;
+      A* sc = scale.data() + n * W;
+      A* sh = shift.data() + n * W;
+      group_affine_coeffs(v, n, 0, v.C, mean, rstd, ce, sc, sh);
+      pr.repeat(ce);
+      pr.repeat(sc);
+      pr.repeat(sh);
     }
-    const int64_t row_bytes = v.C * static_cast<int64_t>(sizeof(T));
-    for_image_rows(n0, n1, v.HW, v.C, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
-      rows_affine(xp, yp, r0, r1, v.C, v.C, center.data() + n * v.C, scale.data() + n * v.C,
-                  shift.data() + n * v.C, stream);
+    const int64_t row_bytes = W * static_cast<int64_t>(sizeof(T));
+    for_image_rows(n0, n1, R, W, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
+      rows_affine(xp, yp, r0, r1, W, W, center.data() + n * W, scale.data() + n * W,
+                  shift.data() + n * W, stream);
     });
   });
 }
@@ -362,43 +400,65 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       });
       dx_done = true;
     } else {
-      // A group's channels are strided through every row: blocks of rows, columns of C; the
-      // sums and then dx a chunk of images at a time (ImageChunks).
-      const Blocks blocks(v.HW, std::max<int64_t>(1, 8192 / std::max<int64_t>(v.C, 1)));
+      // A group's channels are strided through every row: blocks of rows (PixelRows), columns
+      // along them; the sums and then dx a chunk of images at a time (ImageChunks).
+      const PixelRows pr(v.HW, v.C, Chunk<T>::size);
+      const int64_t W = pr.width, R = pr.rows;
+      Scratch<A> center_w(v.N * W);
+      for (int64_t n = 0; n < v.N; ++n) {
+        std::copy_n(center.data() + n * v.C, v.C, center_w.data() + n * W);
+        pr.repeat(center_w.data() + n * W);
+      }
+      const Blocks blocks(R, std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)));
       const int64_t nb = blocks.count;
       const ImageChunks chunks(v.N, 2 * v.HW * v.C * static_cast<int64_t>(sizeof(T)));
-      Scratch<A> part_dy(chunks.per_chunk * nb * v.C), part_dyx(chunks.per_chunk * nb * v.C);
+      Scratch<A> part_dy(chunks.per_chunk * nb * W), part_dyx(chunks.per_chunk * nb * W);
+      Scratch<A> k_dy_w, k_x_w, k_0_w;
+      if (dxp != nullptr) {
+        k_dy_w.resize(v.N * W);
+        k_x_w.resize(v.N * W);
+        k_0_w.resize(v.N * W);
+      }
       chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
-        at::parallel_for(0, (n1 - n0) * nb, blocks.grain(v.C), [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, (n1 - n0) * nb, blocks.grain(W), [&](int64_t begin, int64_t end) {
           for (int64_t t = begin; t < end; ++t) {
             const int64_t n = n0 + t / nb, blk = t % nb;
             const int64_t off = n * v.HW * v.C;
             // columns_grad_sums adds to its sums, and the previous chunk left its own here
-            std::fill_n(part_dy.data() + t * v.C, v.C, A(0));
-            std::fill_n(part_dyx.data() + t * v.C, v.C, A(0));
-            columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), v.C, v.C,
-                              center.data() + n * v.C, part_dy.data() + t * v.C,
-                              part_dyx.data() + t * v.C);
+            std::fill_n(part_dy.data() + t * W, W, A(0));
+            std::fill_n(part_dyx.data() + t * W, W, A(0));
+            columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), W, W,
+                              center_w.data() + n * W, part_dy.data() + t * W,
+                              part_dyx.data() + t * W);
           }
         });
+        // per block, per position j of a row (channel j % C), in a fixed order
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t blk = 0; blk < nb; ++blk) {
             const int64_t t = (n - n0) * nb + blk;
-            for (int64_t c = 0; c < v.C; ++c) {
-              sum_dy[n * v.C + c] += part_dy[t * v.C + c];
-              sum_dy_xc[n * v.C + c] += part_dyx[t * v.C + c];
+            for (int64_t j = 0; j < W; ++j) {
+              sum_dy[n * v.C + j % v.C] += part_dy[t * W + j];
+              sum_dy_xc[n * v.C + j % v.C] += part_dyx[t * W + j];
             }
           }
         if (dxp == nullptr) return;
-        for (int64_t n = n0; n < n1; ++n)
+        for (int64_t n = n0; n < n1; ++n) {
           for (int64_t g = 0; g < G; ++g)
             group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
                               k_x.data(), k_0.data());
-        const int64_t row_bytes = 2 * v.C * static_cast<int64_t>(sizeof(T));  // x and dy
-        for_image_rows(n0, n1, v.HW, v.C, row_bytes, stream,
-                       [&](int64_t n, int64_t r0, int64_t r1) {
-          rows_grad_input(gp, xp, dxp, r0, r1, v.C, v.C, center.data() + n * v.C,
-                          k_dy.data() + n * v.C, k_x.data() + n * v.C, k_0.data() + n * v.C,
+          // image n's per-channel coefficients, for every position of a row
+          const auto widen = [&](const Scratch<A>& per_channel, Scratch<A>& per_position) {
+            std::copy_n(per_channel.data() + n * v.C, v.C, per_position.data() + n * W);
+            pr.repeat(per_position.data() + n * W);
+          };
+          widen(k_dy, k_dy_w);
+          widen(k_x, k_x_w);
+          widen(k_0, k_0_w);
+        }
+        const int64_t row_bytes = 2 * W * static_cast<int64_t>(sizeof(T));  // x and dy
+        for_image_rows(n0, n1, R, W, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
+          rows_grad_input(gp, xp, dxp, r0, r1, W, W, center_w.data() + n * W,
+                          k_dy_w.data() + n * W, k_x_w.data() + n * W, k_0_w.data() + n * W,
                           stream);
         });
       });
