@@ -87,19 +87,19 @@ def test_round_robin_rejects_unknown_start():
         round_robin({"a": lambda: None}, "cpu", 1, start="cold")
 
 
-def test_round_robin_warms_for_warm_s(call_log):
+def test_round_robin_warms_for_warm_s(call_log, monkeypatch):
     # with warm_s, the untimed calls before a sample go on until warm_s has passed: a provider
-    # whose calls take ~1 ms makes at least 4 of them for 3.5 ms, then its sample
-    import time
-
+    # whose calls take 1 ms makes 4 of them for 3.5 ms, then its sample. The clock is a fake
+    # one that each call moves on by exactly 1 ms: on a busy machine a real 1 ms busy-wait was
+    # sometimes descheduled for the whole 3.5 ms, and one call was then rightly enough.
     import bench.timing as timing
 
     log = call_log
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
 
     def slow(name):
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 1e-3:
-            pass
+        clock[0] += 1e-3
         log.append(name)
 
     fns = {"a": lambda: slow("a"), "b": lambda: slow("b")}
@@ -121,6 +121,6 @@ def test_round_robin_warms_for_warm_s(call_log):
         if name == prev:
             assert untimed == 0  # its own call ran last: already warm
         else:
-            assert untimed >= 4, runs
+            assert untimed == 4, runs
         prev = name
     assert timing.warm_up(lambda: None, "cpu", 0.0) == 1  # one call at least
