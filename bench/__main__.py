@@ -106,13 +106,15 @@ def geomean(xs):
 def run(args) -> dict:
     device = args.device
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
-    cases = [c for c in suite(device, dtypes, args.quick, chain=args.chain)
+    cases = [c for c in suite(device, dtypes, args.quick, chain=args.chain,
+                               wide=getattr(args, "wide", False))
              if re.search(args.filter, c.name)]
     if not cases:
         raise SystemExit(f"python -m bench: no case matches --filter {args.filter!r}"
                          + (" in the --quick suite" if args.quick else ""))
     names, notes = P.available(device, with_compile=not args.no_compile)
     info = machine(device)
+    info["suite"] = "wide" if getattr(args, "wide", False) else "issue 5"
     info["malloc"] = "default"
     info["start"] = args.start
     if args.start == "warm":
@@ -206,6 +208,8 @@ def markdown(result: dict) -> str:
     has_compile = any("speedup_vs_torch.compile" in r for r in rows)
     has_liger = any("speedup_vs_liger" in r for r in rows)
     head = f"{info.get('gpu') or info.get('cpu')}, {info['device']}, torch {info['torch']}"
+    if info.get("suite") == "wide":
+        head = "wide scan (python -m bench --wide), " + head
     if "triton" in info:
         head += f", Triton {info['triton']}"
     if "cpu_capability" in info:
@@ -326,6 +330,9 @@ def main(argv=None):
     p.add_argument("--chain", action="store_true",
                    help="also a 'chain' case after each forward: the forward, then y.sum() reading its "
                    "output, as the next layer would (--filter chain: those alone)")
+    p.add_argument("--wide", action="store_true",
+                   help="the wide scan instead of issue 5's suite: shapes beyond it (ResNet-50's "
+                   "1024/2048-channel stages, 3-channel instance norm, short rows, few groups)")
     p.add_argument("--rounds", type=int, default=None, help="round-robin rounds per case (default 15, quick 5)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--malloc", default="steady", choices=["steady", "default"],
@@ -349,7 +356,8 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     result = run(args)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", args.device + ("-quick" if args.quick else ""))
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", args.device
+                                   + ("-wide" if args.wide else "") + ("-quick" if args.quick else ""))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     md = markdown(result)
     print(md)

@@ -36,8 +36,9 @@ class Case:
     def name(self) -> str:
         shape = "x".join(str(d) for d in self.shape)
         layout = " cl" if self.layout == "channels_last" else ""
+        groups = f" g{self.groups}" if self.family == "group_norm" and self.groups != 32 else ""
         dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-        return f"{self.family} {shape}{layout} {self.mode} {dt}"
+        return f"{self.family} {shape}{groups}{layout} {self.mode} {dt}"
 
     @property
     def numel(self) -> int:
@@ -109,11 +110,12 @@ def build(case: Case, F, device: str, compile_fn: Callable = None) -> Callable[[
 
 
 def suite(device: str, dtypes: List[torch.dtype], quick: bool = False,
-          chain: bool = False) -> List[Case]:
+          chain: bool = False, wide: bool = False) -> List[Case]:
     """Transformer (layer/RMS norm), diffusion UNet (group norm, 32 groups) and ResNet (batch
     norm) sizes, plus instance norm and the one-row cases that measure per-call overhead.
-    chain: a chain case after each training forward (see the module's docstring)."""
-    cases = _suite(device, dtypes, quick)
+    chain: a chain case after each training forward (see the module's docstring).
+    wide: the wide scan instead (wide_suite)."""
+    cases = wide_suite(dtypes) if wide else _suite(device, dtypes, quick)
     if not chain:
         return cases
     with_chain: List[Case] = []
@@ -158,4 +160,36 @@ def _suite(device: str, dtypes: List[torch.dtype], quick: bool) -> List[Case]:
         for layout in ("contiguous", "channels_last")[: 1 if quick else None]:
             for mode in ("fwd", "fwdbwd"):
                 cases.append(Case("instance_norm", in_shape, mode, dt, layout))
+    return cases
+
+
+def wide_suite(dtypes: List[torch.dtype]) -> List[Case]:
+    """Shapes beyond issue 5's suite, where a kernel tuned on the suite can still lose to torch:
+    short and long layer-norm rows, 3-D inputs, ResNet-50's 1024- and 2048-channel stages at
+    batch 32 and 64 (tensors past the last-level cache, 14x14 and 7x7 planes), 2-D batch norm,
+    group norm with few groups or few channels, 3-channel instance norm. CPU sizes; run with
+    python -m bench --wide."""
+    cases: List[Case] = []
+
+    def add(family, shape, layouts=("contiguous",), modes=("fwd", "fwdbwd"), groups=32):
+        for dt in dtypes:
+            for layout in layouts:
+                for mode in modes:
+                    cases.append(Case(family, shape, mode, dt, layout, groups))
+
+    both = ("contiguous", "channels_last")
+    for s in [(4096, 64), (4096, 128), (2048, 256), (64, 768), (16, 4096), (32768, 32),
+              (8, 512, 768)]:
+        add("layer_norm", s)
+    for s in [(4096, 128), (8192, 768), (2, 2048, 2048)]:
+        add("rms_norm", s)
+    for s, g in [((8, 64, 32, 32), 32), ((4, 256, 16, 16), 8), ((1, 512, 64, 64), 32),
+                 ((8, 32, 32, 32), 1), ((16, 512, 8, 8), 32)]:
+        add("group_norm", s, both, groups=g)
+    for s in [(64, 2048, 7, 7), (32, 1024, 14, 14), (8, 64, 112, 112)]:
+        add("batch_norm", s, both, ("fwd", "fwdbwd", "infer"))
+    for s in [(256, 1024), (32, 256)]:
+        add("batch_norm", s, modes=("fwd", "fwdbwd", "infer"))
+    for s in [(1, 3, 256, 256), (8, 64, 32, 32)]:
+        add("instance_norm", s, both)
     return cases

@@ -124,3 +124,19 @@ def test_round_robin_warms_for_warm_s(call_log, monkeypatch):
             assert untimed == 4, runs
         prev = name
     assert timing.warm_up(lambda: None, "cpu", 0.0) == 1  # one call at least
+
+
+def test_wide_suite_names_every_case_once():
+    # the wide scan (python -m bench --wide): shapes beyond issue 5's suite, each case named once
+    # (group norm's group count in the name where it is not 32)
+    import torch
+
+    from bench.cases import suite
+
+    cases = suite("cpu", [torch.float32, torch.bfloat16], wide=True)
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names))
+    assert "batch_norm 64x2048x7x7 infer fp32" in names
+    assert "instance_norm 1x3x256x256 cl fwd bf16" in names
+    assert "group_norm 4x256x16x16 g8 cl fwdbwd fp32" in names
+    assert not set(names) & {c.name for c in suite("cpu", [torch.float32, torch.bfloat16])}
