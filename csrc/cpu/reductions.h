@@ -766,8 +766,9 @@ inline int64_t aligned_start(const T* out, int64_t n) {
 // line, the previous one where it ends one. Zen 3 guest, paired in one process against
 // streaming every aligned chunk: 32x1024x14x14 bf16 batch-norm backward (392-byte planes)
 // 0.57x the time (6.4 -> 3.75 ms), bf16 layer norm with 2000-byte rows 0.84-0.86x, bf16 passes
-// whose rows and planes are whole lines 0.99-1.02x. Wider chunks start aligned to a line
-// (aligned_start) and fill whole lines.
+// whose rows and planes are whole lines 0.99-1.02x. A wider chunk is a whole line where the
+// pass starts aligned to one (the segment passes, aligned_start); in a layer-norm row, which
+// starts where it may, consecutive chunks complete each other's lines but for the row's ends.
 template <typename T>
 inline bool whole_line_chunk(const T* p, int64_t i, int64_t i0, int64_t n) {
   constexpr int64_t kBytes = Chunk<T>::size * static_cast<int64_t>(sizeof(T));
