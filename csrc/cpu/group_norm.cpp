@@ -136,6 +136,12 @@ struct PixelRows {
   void repeat(A* p) const {
     for (int64_t i = 1; i < k; ++i) std::copy(p, p + C, p + i * C);
   }
+  // row[i * C + c] = per_channel[c] for every pixel i of a row
+  template <typename A>
+  void spread(const A* per_channel, A* row) const {
+    std::copy_n(per_channel, C, row);
+    repeat(row);
+  }
 };
 
 // The second pass over channels_last rows [n0 * rows, n1 * rows) (`rows` rows of `width`
@@ -405,10 +411,8 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       const PixelRows pr(v.HW, v.C, Chunk<T>::size);
       const int64_t W = pr.width, R = pr.rows;
       Scratch<A> center_w(v.N * W);
-      for (int64_t n = 0; n < v.N; ++n) {
-        std::copy_n(center.data() + n * v.C, v.C, center_w.data() + n * W);
-        pr.repeat(center_w.data() + n * W);
-      }
+      for (int64_t n = 0; n < v.N; ++n)
+        pr.spread(center.data() + n * v.C, center_w.data() + n * W);
       const Blocks blocks(R, std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)));
       const int64_t nb = blocks.count;
       const ImageChunks chunks(v.N, 2 * v.HW * v.C * static_cast<int64_t>(sizeof(T)));
@@ -446,14 +450,9 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
           for (int64_t g = 0; g < G; ++g)
             group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
                               k_x.data(), k_0.data());
-          // image n's per-channel coefficients, for every position of a row
-          const auto widen = [&](const Scratch<A>& per_channel, Scratch<A>& per_position) {
-            std::copy_n(per_channel.data() + n * v.C, v.C, per_position.data() + n * W);
-            pr.repeat(per_position.data() + n * W);
-          };
-          widen(k_dy, k_dy_w);
-          widen(k_x, k_x_w);
-          widen(k_0, k_0_w);
+          pr.spread(k_dy.data() + n * v.C, k_dy_w.data() + n * W);
+          pr.spread(k_x.data() + n * v.C, k_x_w.data() + n * W);
+          pr.spread(k_0.data() + n * v.C, k_0_w.data() + n * W);
         }
         const int64_t row_bytes = 2 * W * static_cast<int64_t>(sizeof(T));  // x and dy
         for_image_rows(n0, n1, R, W, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
