@@ -387,6 +387,51 @@ def test_bf16_nan_stays_nan():
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
 
 
+def _fp32_nan(bits):
+    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)[0]
+
+
+# fp32 NaNs by their bits: the default and a quiet one, then payloads in the low half, which the
+# AVX2 bf16 rounding carries into the upper half unless it tests for NaN (0x7FFFFFFF -> -0.0,
+# 0xFFFFFFFF -> +0.0, 0x7F800001 -> inf): the kernels skip that test only where no fp32 operand
+# holds one.
+@pytest.mark.parametrize("bits", [0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FFF8001])
+@pytest.mark.parametrize("where", ["weight", "bias", "running_var"])
+def test_bf16_results_of_nan_parameters_are_nan_where_torch_s_are(bits, where):
+    nan = _fp32_nan(bits)
+    assert torch.isnan(nan)
+    gen = torch.Generator().manual_seed(bits % 1000)
+    cases = []  # (name, function of (x, w, b, rm, rv), x shape, channels, channels_last)
+    cases.append(("layer_norm", lambda f, x, w, b, rm, rv: f.layer_norm(x, (40,), w, b), (6, 40), 40, False))
+    for shape in ((2, 4, 6, 6), (2, 4, 16, 16), (3, 48, 4, 4)):
+        for cl in (False, True):
+            cases.append(("batch_norm infer", lambda f, x, w, b, rm, rv: f.batch_norm(x, rm, rv, w, b, False), shape, shape[1], cl))
+            cases.append(("batch_norm train", lambda f, x, w, b, rm, rv: f.batch_norm(x, None, None, w, b, True), shape, shape[1], cl))
+            cases.append(("group_norm", lambda f, x, w, b, rm, rv: f.group_norm(x, 2, w, b), shape, shape[1], cl))
+    for name, fn, shape, C, cl in cases:
+        if where == "running_var" and name != "batch_norm infer":
+            continue
+        x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        params = {"weight": torch.rand(C, generator=gen) + 0.5, "bias": torch.randn(C, generator=gen),
+                  "running_var": torch.rand(C, generator=gen) + 0.5}
+        params[where][C // 3] = nan
+        rm = torch.randn(C, generator=gen)
+        results = []
+        for f in (NF, TF):
+            xg = x.detach().clone().requires_grad_()
+            with normkernels.backend("cpp"):
+                y = fn(f, xg, params["weight"], params["bias"], rm, params["running_var"])
+                y.backward(dy)
+            results.append((y, xg.grad))
+        msg = f"{name} {tuple(shape)} channels_last={cl} {where} NaN {bits:#x}"
+        assert torch.isnan(results[1][0]).any(), msg  # the output has NaNs (dx may not: bias)
+        for ours, ref in zip(*results):
+            assert torch.equal(torch.isnan(ours), torch.isnan(ref)), msg
+
+
 @pytest.mark.parametrize("n", [100, 4096, 4096 + 35])
 @pytest.mark.parametrize("rms", [False, True])
 def test_layer_norm_fp16_rows_widened_or_read_in_place_like_torch(n, rms):

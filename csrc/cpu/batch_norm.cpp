@@ -125,7 +125,7 @@ constexpr int64_t kShortPlaneBackwardLanesFrom = 32;
 // channel_affine on short NCHW planes.
 template <typename T>
 static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
-                                const acc_t<T>* scale, const acc_t<T>* shift) {
+                                const acc_t<T>* scale, const acc_t<T>* shift, bool low_nans) {
   using A = acc_t<T>;
   const ShortPlanes<T> sp(s, 1024);
   at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
@@ -137,7 +137,7 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
       sp.spread(blk, shift, sh);
       const int64_t off = sp.c0(blk) * s.HW;
       columns_affine<kShortPlaneForwardLanes>(xp + off, yp + off, 0, s.N, sp.span(blk),
-                                              sp.ld(), ce, sc, sh, /*stream=*/false);
+                                              sp.ld(), ce, sc, sh, /*stream=*/false, low_nans);
     }
   });
 }
@@ -145,27 +145,29 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
 // y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order.
 // after_stats: the statistics pass has just read channels_last x, split over the threads in the
 // same proportions, so each thread walks its rows back to front (for_rows_back_to_front).
+// low_nans: some coefficient may be a low_nan (reductions.h).
 template <typename T>
 static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
-                           const acc_t<T>* scale, const acc_t<T>* shift, bool after_stats) {
+                           const acc_t<T>* scale, const acc_t<T>* shift, bool after_stats,
+                           bool low_nans) {
   const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)),
                                     Pass::kForward);
   if (ShortPlanes<T>::applies(s)) {
-    short_planes_affine(xp, yp, s, center, scale, shift);
+    short_planes_affine(xp, yp, s, center, scale, shift, low_nans);
   } else if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t c = nc % s.C;
         segment_affine<true>(xp + nc * s.HW, yp + nc * s.HW, s.HW, center[c], scale[c], shift[c],
-                       stream);
+                             stream, low_nans);
       }
     });
   } else {
     at::parallel_for(0, s.N * s.HW, grain_for(s.C), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       const auto affine = [&](int64_t r0, int64_t r1) {
-        rows_affine(xp, yp, r0, r1, s.C, s.C, center, scale, shift, stream);
+        rows_affine(xp, yp, r0, r1, s.C, s.C, center, scale, shift, stream, low_nans);
       };
       if (after_stats)
         for_rows_back_to_front(begin, end, s.C * static_cast<int64_t>(sizeof(T)), affine);
@@ -190,6 +192,8 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   A* var = var_t.data_ptr<A>();
   const A a_eps = static_cast<A>(eps);
   const int64_t count = s.N * s.HW;
+  // the batch statistics come from x; so every coefficient is clean unless these are
+  const bool low_nans = any_low_nan({&weight, &bias});
 
   if (ShortPlanes<T>::applies(s)) {
     // Per block of channels: Welford statistics of every position over the N samples, merged
@@ -217,7 +221,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
           std::fill(sh + at, sh + at + s.HW, param_or(b, c, A(0)));
         }
         columns_affine<kShortPlaneForwardLanes>(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc,
-                                                sh, /*stream=*/false);
+                                                sh, /*stream=*/false, low_nans);
       }
     });
     return;
@@ -241,7 +245,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
         // last plane first: the statistics just read them in order (see for_rows_back_to_front)
         for (int64_t n = s.N - 1; n >= 0; --n) {
           const int64_t off = (n * s.C + c) * s.HW;
-          segment_affine(xp + off, yp + off, s.HW, mu, sc, sh, stream);
+          segment_affine(xp + off, yp + off, s.HW, mu, sc, sh, stream, low_nans);
         }
       }
     });
@@ -271,7 +275,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     scale[c] = rs * param_or(w, c, A(1));
     shift[c] = param_or(b, c, A(0));
   }
-  channel_affine(xp, yp, s, mean, scale.data(), shift.data(), /*after_stats=*/true);
+  channel_affine(xp, yp, s, mean, scale.data(), shift.data(), /*after_stats=*/true, low_nans);
 }
 
 void batch_norm_fwd(const at::Tensor& x, const NormShape& s, const at::Tensor& weight,
@@ -290,7 +294,7 @@ static void batch_norm_elemt_typed(const at::Tensor& x, const NormShape& s,
   using A = acc_t<T>;
   const A* k = coef.const_data_ptr<A>();
   channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, k, k + s.C, k + 2 * s.C,
-                 /*after_stats=*/false);
+                 /*after_stats=*/false, any_low_nan({&coef}));
 }
 
 void batch_norm_elemt(const at::Tensor& x, const NormShape& s, const at::Tensor& coef,
@@ -314,6 +318,8 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const A* invstd = invstd_t.const_data_ptr<A>();
   const int64_t count = s.N * s.HW;
   const bool need_sums = train || dweight.defined() || dbias.defined();
+  // dx's coefficients come from these, x and dy (see low_nan)
+  const bool low_nans = any_low_nan({&mean_t, &invstd_t, &weight});
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
 
   Scratch<A> sum_dy(s.C, A(0)), sum_dy_xc(s.C, A(0));
@@ -344,7 +350,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     for (int64_t n = s.N - 1; n >= 0; --n) {
       const int64_t off = (n * s.C + c) * s.HW;
       segment_grad_input(gp + off, xp + off, dxp + off, s.HW, mean[c], k_dy[c], k_x[c], k_0[c],
-                         stream);
+                         stream, low_nans);
     }
   };
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
@@ -378,7 +384,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
           sp.spread(blk, k_x.data(), kx);
           sp.spread(blk, k_0.data(), k0);
           columns_grad_input<kLanes>(gp + off, xp + off, dxp + off, 0, s.N, span, sp.ld(), ce,
-                                     kd, kx, k0, /*stream=*/false);
+                                     kd, kx, k0, /*stream=*/false, low_nans);
         }
       });
     };
@@ -442,7 +448,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       const StreamFence fence(stream);
       const auto grad_input = [&](int64_t r0, int64_t r1) {
         rows_grad_input(gp, xp, dxp, r0, r1, s.C, s.C, mean, k_dy.data(), k_x.data(),
-                        k_0.data(), stream);
+                        k_0.data(), stream, low_nans);
       };
       if (need_sums)
         for_rows_back_to_front(begin, end, 2 * s.C * static_cast<int64_t>(sizeof(T)), grad_input);

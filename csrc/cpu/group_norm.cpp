@@ -179,6 +179,8 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   A* rstd = rstd_t.data_ptr<A>();
   const A a_eps = static_cast<A>(eps);
   const int64_t group_size = v.D * v.HW;
+  // the statistics come from x; so every coefficient is clean unless these are (see low_nan)
+  const bool low_nans = any_low_nan({&weight, &bias});
   const A inv_group_size = group_size > 0 ? A(1) / static_cast<A>(group_size) : A(0);
 
   const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
@@ -195,7 +197,8 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         rstd[ng] = rs;
         for (int64_t k = v.D - 1; k >= 0; --k) {  // last plane first: still in L2
           const int64_t c = g * v.D + k;
-          segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, mu, rs * v.wt(c), v.bs(c), stream);
+          segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, mu, rs * v.wt(c), v.bs(c), stream,
+                         low_nans);
         }
       }
     });
@@ -219,7 +222,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
           rstd[n * G + g] = A(1) / std::sqrt(group_m2[g - g0] * inv_group_size + a_eps);
         group_affine_coeffs(v, n, c0, c1, mean, rstd, center.data(), scale.data(), shift.data());
         rows_affine(xp + off, yp + off, 0, v.HW, c1 - c0, v.C, center.data(), scale.data(),
-                    shift.data(), stream);
+                    shift.data(), stream, low_nans);
       }
     });
     return;
@@ -278,7 +281,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     const int64_t row_bytes = W * static_cast<int64_t>(sizeof(T));
     for_image_rows(n0, n1, R, W, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
       rows_affine(xp, yp, r0, r1, W, W, center.data() + n * W, scale.data() + n * W,
-                  shift.data() + n * W, stream);
+                  shift.data() + n * W, stream, low_nans);
     });
   });
 }
@@ -350,6 +353,8 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   Scratch<A> k_dy(v.N * v.C), k_x(v.N * v.C), k_0(v.N * v.C);
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
+  // dx's coefficients come from these, x and dy (see low_nan)
+  const bool low_nans = any_low_nan({&mean_t, &rstd_t, &weight});
   // NCHW planes: plane nc = n * C + c belongs to group nc / D (= n * G + c / D).
   const auto plane_sums = [&](int64_t nc) {
     std::tie(sum_dy[nc], sum_dy_xc[nc]) =
@@ -357,7 +362,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   };
   const auto plane_grad_input = [&](int64_t nc) {
     segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, mean[nc / v.D],
-                       k_dy[nc], k_x[nc], k_0[nc], stream);
+                       k_dy[nc], k_x[nc], k_0[nc], stream, low_nans);
   };
   // NCHW with a group per thread at least: one task per (n, group) sums its planes and then
   // writes their dx while they are in L2 (a group is D * HW elements, 160 KB of x and of dy at
@@ -401,7 +406,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                               k_dy.data(), k_x.data(), k_0.data());
           rows_grad_input(gp + off, xp + off, dxp + off, 0, v.HW, c1 - c0, v.C,
                           center.data() + nc0, k_dy.data() + nc0, k_x.data() + nc0,
-                          k_0.data() + nc0, stream);
+                          k_0.data() + nc0, stream, low_nans);
         }
       });
       dx_done = true;
@@ -458,7 +463,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         for_image_rows(n0, n1, R, W, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
           rows_grad_input(gp, xp, dxp, r0, r1, W, W, center_w.data() + n * W,
                           k_dy_w.data() + n * W, k_x_w.data() + n * W, k_0_w.data() + n * W,
-                          stream);
+                          stream, low_nans);
         });
       });
       dx_done = true;

@@ -26,7 +26,8 @@ inline namespace CPU_CAPABILITY {
 // input's own type (PT), widened in registers.
 template <typename TX, typename T, typename PT>
 static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> mean,
-                                        acc_t<T> rstd, const PT* w, const PT* b, bool stream) {
+                                        acc_t<T> rstd, const PT* w, const PT* b, bool low_nans,
+                                        bool stream) {
   using A = acc_t<T>;
   using C = Chunk<T>;
   using CX = Chunk<TX>;
@@ -35,12 +36,13 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
   static_assert(C::size == CP::size && C::size == CX::size, "chunks must line up");
   if constexpr (std::is_same_v<TX, T>) {
     if (w == nullptr && b == nullptr) {
-      segment_affine(x, y, N, mean, rstd, A(0), stream);
+      segment_affine(x, y, N, mean, rstd, A(0), stream, low_nans);
       return;
     }
   }
   const V vmean(mean), vrstd(rstd);
   int64_t j = 0;
+  with_low_nans(low_nans, [&](auto low) {
   for (; j + C::size <= N; j += C::size) {
     V a, c;
     CX::load_lanes(x + j, a, c);
@@ -64,8 +66,9 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
       a = a + ba;
       c = c + bc;
     }
-    C::put_lanes(y + j, a, c, stream && whole_line_chunk(y + j, j, 0, N));
+    C::put_lanes(y + j, a, c, stream && whole_line_chunk(y + j, j, 0, N), low.value);
   }
+  });
   for (; j < N; ++j) {
     A v = (static_cast<A>(x[j]) - mean) * rstd;
     if (w != nullptr) v *= static_cast<A>(w[j]);
@@ -138,6 +141,9 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
                                 bool stream) {
   using A = acc_t<T>;
   constexpr bool widened = Chunk<T>::widened;
+  // whether weight or bias holds a NaN the bf16 rounding must test for (low_nan)
+  const bool params_low_nans = (w != nullptr && any_low_nan(w, N)) ||
+                               (b != nullptr && any_low_nan(b, N));
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
     Scratch<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
@@ -156,10 +162,11 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
               static_cast<A>(N);
       }
       const A rs = A(1) / std::sqrt(var + eps);
+      const bool low_nans = params_low_nans || low_nan(mu) || low_nan(rs);
       if (!row.empty()) {
-        layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, w, b, stream);
+        layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, w, b, low_nans, stream);
       } else {
-        layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, stream);
+        layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, low_nans, stream);
       }
       if (mp != nullptr) mp[r] = mu;
       rp[r] = rs;
@@ -312,8 +319,8 @@ static inline void layer_norm_bwd_sums(const T* x, const T* dy, int64_t N, const
 // sums of pass 1 (mean(g) is 0 for RMS); w as there.
 template <typename T>
 static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N, acc_t<T> mu,
-                                     acc_t<T> rs, const acc_t<T>* w, acc_t<T> s_gx,
-                                     acc_t<T> s_g, bool rms, bool stream) {
+                                     acc_t<T> rs, const acc_t<T>* w, bool w_low_nans,
+                                     acc_t<T> s_gx, acc_t<T> s_g, bool rms, bool stream) {
   using A = acc_t<T>;
   using Ch = Chunk<T>;
   using V = typename Ch::V;
@@ -322,12 +329,15 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
   // dx = g * rs + (x - mu) * k_x + k_0
   const A k_x = -rs * rs * c_gx;
   const A k_0 = -rs * c_g;
+  const bool low_nans =
+      w_low_nans || low_nan(mu) || low_nan(rs) || low_nan(k_x) || low_nan(k_0);
   if (w == nullptr) {
-    segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0, stream);
+    segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0, stream, low_nans);
     return;
   }
   const V vmu(mu), vrs(rs), vkx(k_x), vk0(k_0);
   int64_t j = 0;
+  with_low_nans(low_nans, [&](auto low) {
   for (; j + Ch::size <= N; j += Ch::size) {
     V xa, xb, ga, gb;
     Ch::load_lanes(xr + j, xa, xb);
@@ -337,8 +347,9 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
     gb = gb * V::loadu(w + h) * vrs;
     Ch::put_lanes(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
                   at::vec::fmadd(xb - vmu, vkx, gb + vk0),
-                  stream && whole_line_chunk(dr + j, j, 0, N));
+                  stream && whole_line_chunk(dr + j, j, 0, N), low.value);
   }
+  });
   for (; j < N; ++j) {
     dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +
                            (static_cast<A>(xr[j]) - mu) * k_x + k_0);
@@ -370,6 +381,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
     }
     w = w_lanes.data();
   }
+  const bool w_low_nans = w != nullptr && any_low_nan(w, N);  // see low_nan
   const A* mp = rms ? nullptr : mean.const_data_ptr<A>();
   const A* rp = rstd.const_data_ptr<A>();
   const bool want_dw = dweight.defined(), want_db = dbias.defined();
@@ -412,8 +424,8 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
         }
         for (int64_t k = 0; dxp != nullptr && k < rows; ++k) {
           const int64_t r = r0 + k;
-          layer_norm_bwd_dx(xp + r * N, gp + r * N, dxp + r * N, N, mu[k], rp[r], w, s_gx[k],
-                            s_g[k], rms, stream);
+          layer_norm_bwd_dx(xp + r * N, gp + r * N, dxp + r * N, N, mu[k], rp[r], w,
+                            w_low_nans, s_gx[k], s_g[k], rms, stream);
         }
       }
     }

@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <new>
 #include <tuple>
 #include <type_traits>
@@ -206,11 +207,14 @@ NK_ALWAYS_INLINE __m256i bits(const Vectorized<double>& v) { return _mm256_castp
 template <typename E>  // 16-bit elements: the vector is already an __m256i
 NK_ALWAYS_INLINE __m256i bits(const Vectorized<E>& v) { return v; }
 // fp32 lanes rounded to bf16 (to nearest even) in their upper 16 bits, the lower bits left
-// over; NaN becomes all ones (0xFFFF, a NaN, as ATen's conversion gives).
-NK_ALWAYS_INLINE __m256i round_to_bf16(const __m256& f) {
+// over. The rounding carries into the upper half for a NaN with payload bits in its lower half
+// (0x7FFFFFFF would become -0.0): with low_nans, NaN lanes become all ones (0xFFFF, a NaN, as
+// ATen's conversion gives); without, the caller knows no lane is such a NaN (see low_nan).
+NK_ALWAYS_INLINE __m256i round_to_bf16(const __m256& f, bool low_nans) {
   const __m256i x = _mm256_castps_si256(f);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  if (!low_nans) return rounded;
   return _mm256_or_si256(rounded, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
 }
 // The first `bytes` (< 32) bytes of v at p, in pieces of 16, 8, 4 and 2 bytes.
@@ -268,6 +272,57 @@ NK_ALWAYS_INLINE void store_part(E* p, int64_t n, const Vectorized<E>& v) {
 #else
   v.store(p, n);
 #endif
+}
+
+// Whether v is a NaN with payload bits in the lower half of an fp32 (0x7F800001, 0x7FFFFFFF):
+// the one kind of value the AVX2 bf16 rounding (round_to_bf16) mishandles without its NaN test.
+// Arithmetic makes no such NaN of its own: an invalid operation gives the default NaN
+// (0xFFC00000) and a NaN operand passes on its own payload, quieted; a 16-bit input widens with
+// its lower half zero. So a pass whose fp32 operands (coefficients, weights) hold none rounds
+// its results without the test: two of the ~20 instructions of a bf16 chunk stored in lane
+// order, where those passes are bound by instructions, not memory. Zen 3, 2 threads, paired in
+// one process against always testing: bf16 BatchNorm 16x64x56x56 inference 0.83x the time
+// (channels_last 0.94x), 16x512x7x7 inference and forward 0.93-0.94x, LayerNorm 8192x768
+// forward 0.91x, GroupNorm 2x320x64x64 forwards 0.91-0.93x; backwards 0.97-1.01x.
+template <typename A>
+inline bool low_nan(A v) {
+  if constexpr (std::is_same_v<A, float>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    return (bits & 0x7FFFFFFFu) > 0x7F800000u && (bits & 0xFFFFu) != 0;
+  } else {
+    // 16-bit values widen with the lower half zero; fp64 results are never rounded to bf16
+    return false;
+  }
+}
+template <typename A>
+inline bool any_low_nan(const A* p, int64_t n) {
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) any |= low_nan(p[i]);
+  return any;
+}
+// Of the fp32 tensors an op is given (weight, bias, running or saved statistics; undefined ones
+// hold none): what every coefficient of its passes is computed from besides x and dy, so a
+// kernel checks these once a call, not its coefficients once a pass (on a 16x512x7x7 bf16
+// inference, scanning each block's spread coefficients cost a third of the time).
+inline bool any_low_nan(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && t->scalar_type() == at::kFloat &&
+        any_low_nan(t->const_data_ptr<float>(), t->numel()))
+      return true;
+  }
+  return false;
+}
+// fn(std::bool_constant<low_nans>): a loop storing through put_lanes gets its flag as a
+// constant, one copy of the loop each way (left a runtime flag, the compiler branched around the
+// NaN test inside the loop, and a LayerNorm bf16 forward lost 4-7%).
+template <typename F>
+inline void with_low_nans(bool low_nans, F&& fn) {
+  if (low_nans) {
+    fn(std::true_type());
+  } else {
+    fn(std::false_type());
+  }
 }
 
 // A chunk is two accumulator vectors: exactly one Vectorized<Half/BFloat16> widened to fp32,
@@ -352,8 +407,9 @@ struct Chunk {
 #endif
     load(p, lo, hi);
   }
-  // put() of a chunk held in lane order.
-  static inline void put_lanes(T* p, const V& lo, const V& hi, bool stream) {
+  // put() of a chunk held in lane order. low_nans: some lane may be a NaN with payload bits in
+  // its lower half (low_nan); false lets the AVX2 bf16 rounding skip its NaN test.
+  static inline void put_lanes(T* p, const V& lo, const V& hi, bool stream, bool low_nans = true) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (even_odd) {
       // narrow() packs lo's 16 values, then hi's; one word permute interleaves them
@@ -369,8 +425,9 @@ struct Chunk {
       // odd ones' kept in place: interleaved by one OR, where narrow() packs and permutes.
       const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
       put_vector(p,
-                 Vectorized<T>(_mm256_or_si256(_mm256_srli_epi32(avx2::round_to_bf16(lo), 16),
-                                               _mm256_and_si256(avx2::round_to_bf16(hi), high))),
+                 Vectorized<T>(_mm256_or_si256(
+                     _mm256_srli_epi32(avx2::round_to_bf16(lo, low_nans), 16),
+                     _mm256_and_si256(avx2::round_to_bf16(hi, low_nans), high))),
                  stream);
       return;
     }
@@ -782,10 +839,11 @@ inline bool whole_line_chunk(const T* p, int64_t i, int64_t i0, int64_t n) {
 
 // y = (x - center) * scale + shift over a segment. Centering first (rather than folding the
 // mean into the shift) keeps every digit when |mean| >> std, and gives exact zeros for
-// constant input. kAhead: x comes from memory (stream_ahead).
+// constant input. kAhead: x comes from memory (stream_ahead). low_nans: some operand may be a
+// low_nan, as in this and every elementwise pass below.
 template <bool kAhead = false, typename T>
 inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T> scale,
-                           acc_t<T> shift, bool stream) {
+                           acc_t<T> shift, bool stream, bool low_nans) {
   using C = Chunk<T>;
   using V = typename C::V;
   const V vc(center), vs(scale), vb(shift);
@@ -795,13 +853,15 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
     C::load_first(x, i, a, b);
     C::store_first(y, i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb));
   }
-  for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
-    V a, b;
-    if constexpr (kAhead) stream_ahead(x + i);
-    C::load_lanes(x + i, a, b);
-    C::put_lanes(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb),
-                 stream && whole_line_chunk(y + i, i, i0, n));
-  }
+  with_low_nans(low_nans, [&](auto low) {
+    for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
+      V a, b;
+      if constexpr (kAhead) stream_ahead(x + i);
+      C::load_lanes(x + i, a, b);
+      C::put_lanes(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb),
+                   stream && whole_line_chunk(y + i, i, i0, n), low.value);
+    }
+  });
   if (i < n) {
     V a, b;
     C::load_first(x + i, n - i, a, b);
@@ -865,7 +925,8 @@ inline std::pair<acc_t<T>, acc_t<T>> segment_grad_sums(const T* dy, const T* x, 
 // input gradient once its per-segment reductions are known (centered, like segment_affine).
 template <typename T>
 inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> center,
-                               acc_t<T> k_dy, acc_t<T> k_x, acc_t<T> k_0, bool stream) {
+                               acc_t<T> k_dy, acc_t<T> k_x, acc_t<T> k_0, bool stream,
+                               bool low_nans) {
   using C = Chunk<T>;
   using V = typename C::V;
   const V vc(center), vdy(k_dy), vx(k_x), v0(k_0);
@@ -877,14 +938,16 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
     C::store_first(dx, i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
                    at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)));
   }
-  for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
-    V ga, gb, xa, xb;
-    C::load_lanes(dy + i, ga, gb);
-    C::load_lanes(x + i, xa, xb);
-    C::put_lanes(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
-                 at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)),
-                 stream && whole_line_chunk(dx + i, i, i0, n));
-  }
+  with_low_nans(low_nans, [&](auto low) {
+    for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
+      V ga, gb, xa, xb;
+      C::load_lanes(dy + i, ga, gb);
+      C::load_lanes(x + i, xa, xb);
+      C::put_lanes(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
+                   at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)),
+                   stream && whole_line_chunk(dx + i, i, i0, n), low.value);
+    }
+  });
   if (i < n) {
     V ga, gb, xa, xb;
     C::load_first(dy + i, n - i, ga, gb);
@@ -1307,7 +1370,8 @@ inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, i
 template <typename T>
 inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t C,
                             int64_t ld, const acc_t<T>* center, const acc_t<T>* k_dy,
-                            const acc_t<T>* k_x, const acc_t<T>* k_0, bool stream) {
+                            const acc_t<T>* k_x, const acc_t<T>* k_0, bool stream,
+                            bool low_nans) {
   using Ch = Chunk<T>;
   using CA = Chunk<acc_t<T>>;
   using V = typename Ch::V;
@@ -1319,6 +1383,7 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
   k_dy = lanes.in(1, k_dy);
   k_x = lanes.in(2, k_x);
   k_0 = lanes.in(3, k_0);
+  with_low_nans(low_nans, [&](auto low) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* gr = dy + r * ld;
     const T* xr = x + r * ld;
@@ -1332,7 +1397,8 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
       CA::load(k_dy + c, da, db);
       CA::load(k_x + c, ka, kb);
       CA::load(k_0 + c, za, zb);
-      Ch::put_lanes(dr + c, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb), stream);
+      Ch::put_lanes(dr + c, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb), stream,
+                    low.value);
     }
     if (c < C) {
       const int64_t n = C - c;
@@ -1346,10 +1412,12 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
       Ch::store_first(dr + c, n, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb));
     }
   }
+  });
 }
 
 // Stores a tile's K output vectors of one row at p: whole chunks, or the masked partial one.
-template <bool kMasked, int K, bool kLanes, typename T>
+// kLowNans: as put_lanes' low_nans.
+template <bool kMasked, int K, bool kLanes, bool kLowNans, typename T>
 inline void tile_put_row(T* p, int64_t width, const typename Chunk<T>::V* v, bool stream) {
   if constexpr (kMasked) {
     static_assert(K == 2, "a masked tile is one partial chunk");
@@ -1357,7 +1425,7 @@ inline void tile_put_row(T* p, int64_t width, const typename Chunk<T>::V* v, boo
   } else {
     for (int k = 0; k < K; k += 2) {
       if constexpr (kLanes) {
-        Chunk<T>::put_lanes(p + k * Chunk<T>::V::size(), v[k], v[k + 1], stream);
+        Chunk<T>::put_lanes(p + k * Chunk<T>::V::size(), v[k], v[k + 1], stream, kLowNans);
       } else {
         Chunk<T>::put(p + k * Chunk<T>::V::size(), v[k], v[k + 1], stream);
       }
@@ -1367,7 +1435,7 @@ inline void tile_put_row(T* p, int64_t width, const typename Chunk<T>::V* v, boo
 
 // rows_affine over the columns [c, c + width), the tile's coefficients held in registers for
 // the whole sweep of rows.
-template <typename T, int K, bool kMasked, bool kLanes>
+template <typename T, int K, bool kMasked, bool kLanes, bool kLowNans>
 inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t r_end, int64_t ld,
                         int64_t c, int64_t width, const acc_t<T>* center, const acc_t<T>* scale,
                         const acc_t<T>* shift, bool stream) {
@@ -1381,7 +1449,7 @@ inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t r_end,
     prefetch_ahead<K>(x, r, r_end, ld, c);
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, a);
     for (int k = 0; k < K; ++k) a[k] = at::vec::fmadd(a[k] - ce[k], sc[k], sh[k]);
-    tile_put_row<kMasked, K, kLanes>(y + r * ld + c, width, a, stream);
+    tile_put_row<kMasked, K, kLanes, kLowNans>(y + r * ld + c, width, a, stream);
   }
 }
 
@@ -1398,18 +1466,20 @@ constexpr int64_t kTileRows = 4;
 template <bool kLanes = true, typename T>
 inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                            const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift,
-                           bool stream) {
+                           bool stream, bool low_nans) {
   LaneColumns<T, kLanes> lanes(C, 3);
   center = lanes.in(0, center);
   scale = lanes.in(1, scale);
   shift = lanes.in(2, shift);
-  for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
-    const int64_t g1 = std::min(r1, g0 + kTileRows);
-    for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
-      affine_tile<T, K.value, masked.value, kLanes>(x, y, g0, g1, r1, ld, c, width, center,
-                                                    scale, shift, stream);
-    });
-  }
+  with_low_nans(low_nans, [&](auto low) {
+    for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
+      const int64_t g1 = std::min(r1, g0 + kTileRows);
+      for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
+        affine_tile<T, K.value, masked.value, kLanes, low.value>(x, y, g0, g1, r1, ld, c, width,
+                                                                 center, scale, shift, stream);
+      });
+    }
+  });
 }
 
 // y[r, c] = (x[r, c] - center[c]) * scale[c] + shift[c] for rows [r0, r1).
@@ -1422,9 +1492,9 @@ inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, 
 template <typename T>
 inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                         const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift,
-                        bool stream) {
+                        bool stream, bool low_nans) {
   if constexpr (sizeof(T) < sizeof(acc_t<T>)) {
-    columns_affine(x, y, r0, r1, C, ld, center, scale, shift, stream);
+    columns_affine(x, y, r0, r1, C, ld, center, scale, shift, stream, low_nans);
     return;
   }
   using Ch = Chunk<T>;
@@ -1438,7 +1508,7 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int
     // process against the row walk below: 0.86x the time from a flushed cache (1.51 -> 1.29 ms),
     // 0.74x hot; with the tile's prefetch 0.93x and 0.80x.
     for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
-      affine_tile<T, K.value, masked.value, false>(x, y, r0, r1, r0, ld, c, width, center,
+      affine_tile<T, K.value, masked.value, false, true>(x, y, r0, r1, r0, ld, c, width, center,
                                                    scale, shift, stream);
     });
     return;
@@ -1469,7 +1539,7 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int
 
 // rows_grad_input over the columns [c, c + width), one chunk wide (the four coefficient vectors
 // of two chunks and their operands would not fit the registers).
-template <typename T, bool kMasked, bool kLanes>
+template <typename T, bool kMasked, bool kLanes, bool kLowNans>
 inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1,
                             int64_t r_end, int64_t ld, int64_t c, int64_t width,
                             const acc_t<T>* center,
@@ -1490,7 +1560,7 @@ inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, v);
     for (int k = 0; k < K; ++k)
       g[k] = at::vec::fmadd(g[k], kd[k], at::vec::fmadd(v[k] - ce[k], kx[k], k0[k]));
-    tile_put_row<kMasked, K, kLanes>(dx + r * ld + c, width, g, stream);
+    tile_put_row<kMasked, K, kLanes, kLowNans>(dx + r * ld + c, width, g, stream);
   }
 }
 
@@ -1500,23 +1570,25 @@ template <bool kLanes = true, typename T>
 inline void columns_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1,
                                int64_t C, int64_t ld, const acc_t<T>* center,
                                const acc_t<T>* k_dy, const acc_t<T>* k_x, const acc_t<T>* k_0,
-                               bool stream) {
+                               bool stream, bool low_nans) {
   constexpr int64_t S = Chunk<T>::size;
   LaneColumns<T, kLanes> lanes(C, 4);
   center = lanes.in(0, center);
   k_dy = lanes.in(1, k_dy);
   k_x = lanes.in(2, k_x);
   k_0 = lanes.in(3, k_0);
-  for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
-    const int64_t g1 = std::min(r1, g0 + kTileRows);
-    int64_t c = 0;
-    for (; c + S <= C; c += S)
-      grad_input_tile<T, false, kLanes>(dy, x, dx, g0, g1, r1, ld, c, S, center, k_dy, k_x,
-                                        k_0, stream);
-    if (c < C)
-      grad_input_tile<T, true, kLanes>(dy, x, dx, g0, g1, r1, ld, c, C - c, center, k_dy,
-                                       k_x, k_0, stream);
-  }
+  with_low_nans(low_nans, [&](auto low) {
+    for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
+      const int64_t g1 = std::min(r1, g0 + kTileRows);
+      int64_t c = 0;
+      for (; c + S <= C; c += S)
+        grad_input_tile<T, false, kLanes, low.value>(dy, x, dx, g0, g1, r1, ld, c, S, center,
+                                                     k_dy, k_x, k_0, stream);
+      if (c < C)
+        grad_input_tile<T, true, kLanes, low.value>(dy, x, dx, g0, g1, r1, ld, c, C - c,
+                                                    center, k_dy, k_x, k_0, stream);
+    }
+  });
 }
 
 // ---------------------------------------------------------------- work splitting
