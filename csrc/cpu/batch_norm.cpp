@@ -193,7 +193,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   const A a_eps = static_cast<A>(eps);
   const int64_t count = s.N * s.HW;
   // the batch statistics come from x; so every coefficient is clean unless these are
-  const bool low_nans = any_low_nan({&weight, &bias});
+  const bool low_nans = any_low_nan<T>({&weight, &bias});
 
   if (ShortPlanes<T>::applies(s)) {
     // Per block of channels: Welford statistics of every position over the N samples, merged
@@ -294,7 +294,7 @@ static void batch_norm_elemt_typed(const at::Tensor& x, const NormShape& s,
   using A = acc_t<T>;
   const A* k = coef.const_data_ptr<A>();
   channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, k, k + s.C, k + 2 * s.C,
-                 /*after_stats=*/false, any_low_nan({&coef}));
+                 /*after_stats=*/false, any_low_nan<T>({&coef}));
 }
 
 void batch_norm_elemt(const at::Tensor& x, const NormShape& s, const at::Tensor& coef,
@@ -319,7 +319,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const int64_t count = s.N * s.HW;
   const bool need_sums = train || dweight.defined() || dbias.defined();
   // dx's coefficients come from these, x and dy (see low_nan)
-  const bool low_nans = any_low_nan({&mean_t, &invstd_t, &weight});
+  const bool low_nans = any_low_nan<T>({&mean_t, &invstd_t, &weight});
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
 
   Scratch<A> sum_dy(s.C, A(0)), sum_dy_xc(s.C, A(0));

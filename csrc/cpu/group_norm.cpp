@@ -180,7 +180,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   const A a_eps = static_cast<A>(eps);
   const int64_t group_size = v.D * v.HW;
   // the statistics come from x; so every coefficient is clean unless these are (see low_nan)
-  const bool low_nans = any_low_nan({&weight, &bias});
+  const bool low_nans = any_low_nan<T>({&weight, &bias});
   const A inv_group_size = group_size > 0 ? A(1) / static_cast<A>(group_size) : A(0);
 
   const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
@@ -354,7 +354,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
   // dx's coefficients come from these, x and dy (see low_nan)
-  const bool low_nans = any_low_nan({&mean_t, &rstd_t, &weight});
+  const bool low_nans = any_low_nan<T>({&mean_t, &rstd_t, &weight});
   // NCHW planes: plane nc = n * C + c belongs to group nc / D (= n * G + c / D).
   const auto plane_sums = [&](int64_t nc) {
     std::tie(sum_dy[nc], sum_dy_xc[nc]) =

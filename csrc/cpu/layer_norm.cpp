@@ -142,8 +142,8 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
   using A = acc_t<T>;
   constexpr bool widened = Chunk<T>::widened;
   // whether weight or bias holds a NaN the bf16 rounding must test for (low_nan)
-  const bool params_low_nans = (w != nullptr && any_low_nan(w, N)) ||
-                               (b != nullptr && any_low_nan(b, N));
+  const bool params_low_nans = kRoundsByBits<T> && ((w != nullptr && any_low_nan(w, N)) ||
+                                                    (b != nullptr && any_low_nan(b, N)));
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
     Scratch<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
@@ -381,7 +381,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
     }
     w = w_lanes.data();
   }
-  const bool w_low_nans = w != nullptr && any_low_nan(w, N);  // see low_nan
+  const bool w_low_nans = kRoundsByBits<T> && w != nullptr && any_low_nan(w, N);  // see low_nan
   const A* mp = rms ? nullptr : mean.const_data_ptr<A>();
   const A* rp = rstd.const_data_ptr<A>();
   const bool want_dw = dweight.defined(), want_db = dbias.defined();
