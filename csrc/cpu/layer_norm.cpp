@@ -43,31 +43,31 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
   const V vmean(mean), vrstd(rstd);
   int64_t j = 0;
   with_low_nans(low_nans, [&](auto low) {
-  for (; j + C::size <= N; j += C::size) {
-    V a, c;
-    CX::load_lanes(x + j, a, c);
-    // (x - mean) * rstd, not x * rstd - mean * rstd: no cancellation where |mean| >> std
-    a = (a - vmean) * vrstd;
-    c = (c - vmean) * vrstd;
-    if (w != nullptr && b != nullptr) {
-      V wa, wc, ba, bc;
-      CP::load_lanes(w + j, wa, wc);
-      CP::load_lanes(b + j, ba, bc);
-      a = at::vec::fmadd(a, wa, ba);
-      c = at::vec::fmadd(c, wc, bc);
-    } else if (w != nullptr) {
-      V wa, wc;
-      CP::load_lanes(w + j, wa, wc);
-      a = a * wa;
-      c = c * wc;
-    } else if (b != nullptr) {
-      V ba, bc;
-      CP::load_lanes(b + j, ba, bc);
-      a = a + ba;
-      c = c + bc;
+    for (; j + C::size <= N; j += C::size) {
+      V a, c;
+      CX::load_lanes(x + j, a, c);
+      // (x - mean) * rstd, not x * rstd - mean * rstd: no cancellation where |mean| >> std
+      a = (a - vmean) * vrstd;
+      c = (c - vmean) * vrstd;
+      if (w != nullptr && b != nullptr) {
+        V wa, wc, ba, bc;
+        CP::load_lanes(w + j, wa, wc);
+        CP::load_lanes(b + j, ba, bc);
+        a = at::vec::fmadd(a, wa, ba);
+        c = at::vec::fmadd(c, wc, bc);
+      } else if (w != nullptr) {
+        V wa, wc;
+        CP::load_lanes(w + j, wa, wc);
+        a = a * wa;
+        c = c * wc;
+      } else if (b != nullptr) {
+        V ba, bc;
+        CP::load_lanes(b + j, ba, bc);
+        a = a + ba;
+        c = c + bc;
+      }
+      C::put_lanes(y + j, a, c, stream && whole_line_chunk(y + j, j, 0, N), low.value);
     }
-    C::put_lanes(y + j, a, c, stream && whole_line_chunk(y + j, j, 0, N), low.value);
-  }
   });
   for (; j < N; ++j) {
     A v = (static_cast<A>(x[j]) - mean) * rstd;
@@ -338,17 +338,17 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
   const V vmu(mu), vrs(rs), vkx(k_x), vk0(k_0);
   int64_t j = 0;
   with_low_nans(low_nans, [&](auto low) {
-  for (; j + Ch::size <= N; j += Ch::size) {
-    V xa, xb, ga, gb;
-    Ch::load_lanes(xr + j, xa, xb);
-    Ch::load_lanes(gr + j, ga, gb);
-    const int64_t h = j + V::size();
-    ga = ga * V::loadu(w + j) * vrs;
-    gb = gb * V::loadu(w + h) * vrs;
-    Ch::put_lanes(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
-                  at::vec::fmadd(xb - vmu, vkx, gb + vk0),
-                  stream && whole_line_chunk(dr + j, j, 0, N), low.value);
-  }
+    for (; j + Ch::size <= N; j += Ch::size) {
+      V xa, xb, ga, gb;
+      Ch::load_lanes(xr + j, xa, xb);
+      Ch::load_lanes(gr + j, ga, gb);
+      const int64_t h = j + V::size();
+      ga = ga * V::loadu(w + j) * vrs;
+      gb = gb * V::loadu(w + h) * vrs;
+      Ch::put_lanes(dr + j, at::vec::fmadd(xa - vmu, vkx, ga + vk0),
+                    at::vec::fmadd(xb - vmu, vkx, gb + vk0),
+                    stream && whole_line_chunk(dr + j, j, 0, N), low.value);
+    }
   });
   for (; j < N; ++j) {
     dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +

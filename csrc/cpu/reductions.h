@@ -438,7 +438,8 @@ struct Chunk {
   }
   // put() of a chunk held in lane order. low_nans: some lane may be a NaN with payload bits in
   // its lower half (low_nan); false lets the AVX2 bf16 rounding skip its NaN test.
-  static inline void put_lanes(T* p, const V& lo, const V& hi, bool stream, bool low_nans = true) {
+  static inline void put_lanes(T* p, const V& lo, const V& hi, bool stream,
+                               bool low_nans = true) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (even_odd) {
       // narrow() packs lo's 16 values, then hi's; one word permute interleaves them
@@ -1414,34 +1415,34 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
   k_x = lanes.in(2, k_x);
   k_0 = lanes.in(3, k_0);
   with_low_nans(low_nans, [&](auto low) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* gr = dy + r * ld;
-    const T* xr = x + r * ld;
-    T* dr = dx + r * ld;
-    int64_t c = 0;
-    for (; c + Ch::size <= C; c += Ch::size) {
-      V ga, gb, xa, xb, ca, cb, da, db, ka, kb, za, zb;
-      Ch::load_lanes(gr + c, ga, gb);
-      Ch::load_lanes(xr + c, xa, xb);
-      CA::load(center + c, ca, cb);
-      CA::load(k_dy + c, da, db);
-      CA::load(k_x + c, ka, kb);
-      CA::load(k_0 + c, za, zb);
-      Ch::put_lanes(dr + c, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb), stream,
-                    low.value);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gr = dy + r * ld;
+      const T* xr = x + r * ld;
+      T* dr = dx + r * ld;
+      int64_t c = 0;
+      for (; c + Ch::size <= C; c += Ch::size) {
+        V ga, gb, xa, xb, ca, cb, da, db, ka, kb, za, zb;
+        Ch::load_lanes(gr + c, ga, gb);
+        Ch::load_lanes(xr + c, xa, xb);
+        CA::load(center + c, ca, cb);
+        CA::load(k_dy + c, da, db);
+        CA::load(k_x + c, ka, kb);
+        CA::load(k_0 + c, za, zb);
+        Ch::put_lanes(dr + c, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb), stream,
+                      low.value);
+      }
+      if (c < C) {
+        const int64_t n = C - c;
+        V ga, gb, xa, xb, ca, cb, da, db, ka, kb, za, zb;
+        Ch::load_first(gr + c, n, ga, gb);
+        Ch::load_first(xr + c, n, xa, xb);
+        CA::load_first(center + c, n, ca, cb);
+        CA::load_first(k_dy + c, n, da, db);
+        CA::load_first(k_x + c, n, ka, kb);
+        CA::load_first(k_0 + c, n, za, zb);
+        Ch::store_first(dr + c, n, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb));
+      }
     }
-    if (c < C) {
-      const int64_t n = C - c;
-      V ga, gb, xa, xb, ca, cb, da, db, ka, kb, za, zb;
-      Ch::load_first(gr + c, n, ga, gb);
-      Ch::load_first(xr + c, n, xa, xb);
-      CA::load_first(center + c, n, ca, cb);
-      CA::load_first(k_dy + c, n, da, db);
-      CA::load_first(k_x + c, n, ka, kb);
-      CA::load_first(k_0 + c, n, za, zb);
-      Ch::store_first(dr + c, n, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb));
-    }
-  }
   });
 }
 
