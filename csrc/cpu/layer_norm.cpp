@@ -42,7 +42,7 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
   }
   const V vmean(mean), vrstd(rstd);
   int64_t j = 0;
-  with_low_nans(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) {
     for (; j + C::size <= N; j += C::size) {
       V a, c;
       CX::load_lanes(x + j, a, c);
@@ -138,12 +138,9 @@ constexpr int64_t kSweepRows = kRows;
 template <typename T, typename PT>
 static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const PT* w,
                                 const PT* b, acc_t<T> eps, bool rms, acc_t<T>* mp, acc_t<T>* rp,
-                                bool stream) {
+                                bool low_nans, bool stream) {
   using A = acc_t<T>;
   constexpr bool widened = Chunk<T>::widened;
-  // whether weight or bias holds a NaN the bf16 rounding must test for (low_nan)
-  const bool params_low_nans = kRoundsByBits<T> && ((w != nullptr && any_low_nan(w, N)) ||
-                                                    (b != nullptr && any_low_nan(b, N)));
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
     Scratch<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
@@ -162,7 +159,6 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
               static_cast<A>(N);
       }
       const A rs = A(1) / std::sqrt(var + eps);
-      const bool low_nans = params_low_nans || low_nan(mu) || low_nan(rs);
       if (!row.empty()) {
         layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, w, b, low_nans, stream);
       } else {
@@ -187,6 +183,8 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   A* mp = mean.defined() ? mean.data_ptr<A>() : nullptr;
   A* rp = rstd.data_ptr<A>();
   const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
+  // the row statistics come from x; so every coefficient is clean unless these are (low_nan)
+  const bool low_nans = any_low_nan<T>({&weight, &bias});
   // The kernel reads weight and bias in the lane order of T's chunks. Half-precision ones are
   // widened in registers, already in that order, or, where there are enough rows to repay it,
   // once per call; fp32 ones are copied into that order where it is not the natural one.
@@ -197,10 +195,11 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
     if (b != nullptr) to_lanes<T>(b, wide.data() + N, N);
     layer_norm_fwd_rows<T, A>(xp, yp, M, N, w != nullptr ? wide.data() : nullptr,
                               b != nullptr ? wide.data() + N : nullptr, static_cast<A>(eps), rms,
-                              mp, rp, stream);
+                              mp, rp, low_nans, stream);
     return;
   }
-  layer_norm_fwd_rows<T, PT>(xp, yp, M, N, w, b, static_cast<A>(eps), rms, mp, rp, stream);
+  layer_norm_fwd_rows<T, PT>(xp, yp, M, N, w, b, static_cast<A>(eps), rms, mp, rp, low_nans,
+                             stream);
 }
 
 void layer_norm_fwd(const at::Tensor& x, int64_t N, const at::Tensor& weight,
@@ -319,8 +318,8 @@ static inline void layer_norm_bwd_sums(const T* x, const T* dy, int64_t N, const
 // sums of pass 1 (mean(g) is 0 for RMS); w as there.
 template <typename T>
 static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N, acc_t<T> mu,
-                                     acc_t<T> rs, const acc_t<T>* w, bool w_low_nans,
-                                     acc_t<T> s_gx, acc_t<T> s_g, bool rms, bool stream) {
+                                     acc_t<T> rs, const acc_t<T>* w, acc_t<T> s_gx,
+                                     acc_t<T> s_g, bool rms, bool stream, bool low_nans) {
   using A = acc_t<T>;
   using Ch = Chunk<T>;
   using V = typename Ch::V;
@@ -329,15 +328,13 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
   // dx = g * rs + (x - mu) * k_x + k_0
   const A k_x = -rs * rs * c_gx;
   const A k_0 = -rs * c_g;
-  const bool low_nans =
-      w_low_nans || low_nan(mu) || low_nan(rs) || low_nan(k_x) || low_nan(k_0);
   if (w == nullptr) {
     segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0, stream, low_nans);
     return;
   }
   const V vmu(mu), vrs(rs), vkx(k_x), vk0(k_0);
   int64_t j = 0;
-  with_low_nans(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) {
     for (; j + Ch::size <= N; j += Ch::size) {
       V xa, xb, ga, gb;
       Ch::load_lanes(xr + j, xa, xb);
@@ -381,7 +378,8 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
     }
     w = w_lanes.data();
   }
-  const bool w_low_nans = kRoundsByBits<T> && w != nullptr && any_low_nan(w, N);  // see low_nan
+  // dx's coefficients come from these, x and dy (see low_nan)
+  const bool low_nans = any_low_nan<T>({&weight, &mean, &rstd});
   const A* mp = rms ? nullptr : mean.const_data_ptr<A>();
   const A* rp = rstd.const_data_ptr<A>();
   const bool want_dw = dweight.defined(), want_db = dbias.defined();
@@ -424,8 +422,8 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
         }
         for (int64_t k = 0; dxp != nullptr && k < rows; ++k) {
           const int64_t r = r0 + k;
-          layer_norm_bwd_dx(xp + r * N, gp + r * N, dxp + r * N, N, mu[k], rp[r], w,
-                            w_low_nans, s_gx[k], s_g[k], rms, stream);
+          layer_norm_bwd_dx(xp + r * N, gp + r * N, dxp + r * N, N, mu[k], rp[r], w, s_gx[k],
+                            s_g[k], rms, stream, low_nans);
         }
       }
     }

@@ -284,32 +284,16 @@ NK_ALWAYS_INLINE void store_part(E* p, int64_t n, const Vectorized<E>& v) {
 // one process against always testing: bf16 BatchNorm 16x64x56x56 inference 0.83x the time
 // (channels_last 0.94x), 16x512x7x7 inference and forward 0.93-0.94x, LayerNorm 8192x768
 // forward 0.91x, GroupNorm 2x320x64x64 forwards 0.91-0.93x; backwards 0.97-1.01x.
-template <typename A>
-inline bool low_nan(A v) {
-  if constexpr (std::is_same_v<A, float>) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    return (bits & 0x7FFFFFFFu) > 0x7F800000u && (bits & 0xFFFFu) != 0;
-  } else {
-    // 16-bit values widen with the lower half zero; fp64 results are never rounded to bf16
-    return false;
-  }
+inline bool low_nan(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  // branch-free (& not &&), so any_low_nan's loop vectorizes
+  return ((bits & 0x7FFFFFFFu) > 0x7F800000u) & ((bits & 0xFFFFu) != 0);
 }
-template <typename A>
-inline bool any_low_nan(const A* p, int64_t n) {
-  if constexpr (std::is_same_v<A, float>) {
-    // branch-free, so the compiler vectorizes it
-    uint32_t any = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, p + i, sizeof(bits));
-      any |= static_cast<uint32_t>((bits & 0x7FFFFFFFu) > 0x7F800000u) &
-             static_cast<uint32_t>((bits & 0xFFFFu) != 0);
-    }
-    return any != 0;
-  } else {
-    return false;
-  }
+inline bool any_low_nan(const float* p, int64_t n) {
+  uint32_t any = 0;  // not a bool: GCC vectorizes an OR over 32-bit lanes, not over bools
+  for (int64_t i = 0; i < n; ++i) any |= static_cast<uint32_t>(low_nan(p[i]));
+  return any != 0;
 }
 // Whether this build rounds T's results by round_to_bf16 (put_lanes under AVX2): the only
 // builds and types for which low_nan matters.
@@ -322,8 +306,8 @@ constexpr bool kRoundsByBits =
 #endif
 
 // Of the fp32 tensors an op is given (weight, bias, running or saved statistics; undefined ones
-// hold none): what every coefficient of its passes is computed from besides x and dy, so a
-// kernel checks these once a call, not its coefficients once a pass (on a 16x512x7x7 bf16
+// and those of other dtypes hold none): what every coefficient of its passes is computed from
+// besides x and dy, so a kernel checks these once a call, not its coefficients once a pass (on a 16x512x7x7 bf16
 // inference, scanning each block's spread coefficients cost a third of the time), and only
 // where T is rounded by bits (scanning an fp32 1x768 LayerNorm's weight and bias cost it a
 // quarter of its 4 us).
@@ -341,12 +325,15 @@ inline bool any_low_nan(std::initializer_list<const at::Tensor*> tensors) {
   }
 }
 
-// fn(std::bool_constant<low_nans>): a loop storing through put_lanes gets its flag as a
-// constant, one copy of the loop each way (left a runtime flag, the compiler branched around the
-// NaN test inside the loop, and a LayerNorm bf16 forward lost 4-7%).
-template <typename F>
+// fn(std::bool_constant<low_nans>): a loop storing T through put_lanes gets its flag as a
+// constant, one copy of the loop each way where T is rounded by bits, one copy elsewhere (left
+// a runtime flag, the compiler branched around the NaN test inside the loop, and a LayerNorm
+// bf16 forward lost 4-7%).
+template <typename T, typename F>
 inline void with_low_nans(bool low_nans, F&& fn) {
-  if (low_nans) {
+  if constexpr (!kRoundsByBits<T>) {
+    fn(std::false_type());  // put_lanes has no NaN test to skip
+  } else if (low_nans) {
     fn(std::true_type());
   } else {
     fn(std::false_type());
@@ -438,8 +425,7 @@ struct Chunk {
   }
   // put() of a chunk held in lane order. low_nans: some lane may be a NaN with payload bits in
   // its lower half (low_nan); false lets the AVX2 bf16 rounding skip its NaN test.
-  static inline void put_lanes(T* p, const V& lo, const V& hi, bool stream,
-                               bool low_nans = true) {
+  static inline void put_lanes(T* p, const V& lo, const V& hi, bool stream, bool low_nans) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (even_odd) {
       // narrow() packs lo's 16 values, then hi's; one word permute interleaves them
@@ -884,7 +870,7 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
     C::load_first(x, i, a, b);
     C::store_first(y, i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb));
   }
-  with_low_nans(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) {
     for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
       V a, b;
       if constexpr (kAhead) stream_ahead(x + i);
@@ -969,7 +955,7 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
     C::store_first(dx, i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
                    at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)));
   }
-  with_low_nans(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) {
     for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
       V ga, gb, xa, xb;
       C::load_lanes(dy + i, ga, gb);
@@ -1414,7 +1400,7 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
   k_dy = lanes.in(1, k_dy);
   k_x = lanes.in(2, k_x);
   k_0 = lanes.in(3, k_0);
-  with_low_nans(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* gr = dy + r * ld;
       const T* xr = x + r * ld;
@@ -1502,7 +1488,7 @@ inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, 
   center = lanes.in(0, center);
   scale = lanes.in(1, scale);
   shift = lanes.in(2, shift);
-  with_low_nans(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) {
     for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
       const int64_t g1 = std::min(r1, g0 + kTileRows);
       for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
@@ -1608,7 +1594,7 @@ inline void columns_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64
   k_dy = lanes.in(1, k_dy);
   k_x = lanes.in(2, k_x);
   k_0 = lanes.in(3, k_0);
-  with_low_nans(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) {
     for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
       const int64_t g1 = std::min(r1, g0 + kTileRows);
       int64_t c = 0;
