@@ -166,9 +166,9 @@ def _suite(device: str, dtypes: List[torch.dtype], quick: bool) -> List[Case]:
 def wide_suite(dtypes: List[torch.dtype]) -> List[Case]:
     """Shapes beyond issue 5's suite, where a kernel tuned on the suite can still lose to torch:
     short and long layer-norm rows, 3-D inputs, ResNet-50's 1024- and 2048-channel stages at
-    batch 32 and 64 (tensors past the last-level cache, 14x14 and 7x7 planes), 2-D batch norm,
-    group norm with few groups or few channels, 3-channel instance norm. CPU sizes; run with
-    python -m bench --wide."""
+    batch 32 and 64 (tensors past the last-level cache, 14x14 and 7x7 planes) and 7x7 inference
+    at batch 1 and 2, 2-D batch norm, group norm with few groups or few channels, 3-channel
+    instance norm. CPU sizes; run with python -m bench --wide."""
     cases: List[Case] = []
 
     def add(family, shape, layouts=("contiguous",), modes=("fwd", "fwdbwd"), groups=32):
@@ -190,6 +190,10 @@ def wide_suite(dtypes: List[torch.dtype]) -> List[Case]:
         add("batch_norm", s, both, ("fwd", "fwdbwd", "infer"))
     for s in [(256, 1024), (32, 256)]:
         add("batch_norm", s, modes=("fwd", "fwdbwd", "infer"))
+    # batch 1 and 2 inference (serving) of ResNet-50's last stages: too few samples for the
+    # short-plane blocks' per-element arrays to pay (see batch_norm.cpp's plane_walk_samples)
+    for s in [(1, 512, 7, 7), (1, 2048, 7, 7), (2, 2048, 7, 7)]:
+        add("batch_norm", s, both, ("infer",))
     for s in [(1, 3, 256, 256), (8, 64, 32, 32)]:
         add("instance_norm", s, both)
     return cases

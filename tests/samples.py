@@ -99,6 +99,11 @@ CASES: List[Case] = [
     # 32 samples or more: under AVX2 the short-plane backward walks bf16 in lane order too
     Case("BatchNorm2d-shortplanes-batch", lambda: nn.BatchNorm2d(20), (33, 20, 5, 5), ["contiguous"]),
     Case("BatchNorm2d-7x7", lambda: nn.BatchNorm2d(24), (4, 24, 7, 7), ["contiguous", "strided"]),
+    # one or two samples: short planes walked one by one all the same (plane_walk_samples): 7x7
+    # in every pass with one sample, 6x6 in inference with two, 3x3 in inference with one
+    Case("BatchNorm2d-7x7-single", lambda: nn.BatchNorm2d(24), (1, 24, 7, 7), ["contiguous", "strided"]),
+    Case("BatchNorm2d-6x6-pair", lambda: nn.BatchNorm2d(24), (2, 24, 6, 6)),
+    Case("BatchNorm2d-3x3-single", lambda: nn.BatchNorm2d(24), (1, 24, 3, 3)),
     # one value per plane: walked as [N, C] rows
     Case("BatchNorm2d-1x1", lambda: nn.BatchNorm2d(6), (8, 6, 1, 1), ["contiguous"]),
     Case("BatchNorm2d-noaffine", lambda: nn.BatchNorm2d(4, affine=False), (2, 4, 3, 3)),

@@ -137,6 +137,7 @@ def test_wide_suite_names_every_case_once():
     names = [c.name for c in cases]
     assert len(names) == len(set(names))
     assert "batch_norm 64x2048x7x7 infer fp32" in names
+    assert "batch_norm 1x2048x7x7 cl infer bf16" in names
     assert "instance_norm 1x3x256x256 cl fwd bf16" in names
     assert "group_norm 4x256x16x16 g8 cl fwdbwd fp32" in names
     assert not set(names) & {c.name for c in suite("cpu", [torch.float32, torch.bfloat16])}

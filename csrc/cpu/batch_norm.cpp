@@ -4,7 +4,7 @@
 //                  passes per L1-sized block, plane_moments) and again (from cache when they
 //                  fit) by the fused normalize + affine pass. Planes
 //                  shorter than two SIMD chunks (7x7) go by blocks of channels instead, each an
-//                  [N, span] matrix walked in whole chunks (ShortPlanes).
+//                  [N, span] matrix walked in whole chunks (ShortPlanes), given samples enough.
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
 //                  merged exactly in block order; then one normalize pass over the rows, each
 //                  thread its rows back to front (for_rows_back_to_front).
@@ -68,8 +68,27 @@ struct ShortPlanes {
     count = (C + per_block - 1) / per_block;
     grain = grain_for(s.N * per_block * HW);
   }
-  static bool applies(const NormShape& s) {
-    return !s.channels_last && s.HW > 0 && s.HW < kShortPlane;
+  // Whether a pass on s walks blocks of channels, rather than plane by plane. A block lays its
+  // per-element arrays out once and uses them for every sample, which pays over enough samples:
+  // see plane_walk_samples. elementwise: the pass applies given coefficients (inference).
+  static bool applies(const NormShape& s, bool elementwise) {
+    return !s.channels_last && s.HW > 0 && s.HW < kShortPlane &&
+           s.N > plane_walk_samples(s.HW, elementwise);
+  }
+  // Samples up to which short planes are walked one by one all the same: laying a block's
+  // arrays out costs about what a sample's pass does, or more (three arrays for an elementwise
+  // pass, five or six for the training passes, each put in lane order for bf16 under AVX2),
+  // where a plane walk costs its masked ends, less of them on longer planes. Zen 3 guest, 512
+  // channels, each pass paired in one process against blocks at every N (time ratios, fp32/bf16):
+  //   N = 1, inference: 2x2 0.89/0.94x, 3x3 0.82/0.79x, 5x5 0.76/0.64x, 7x7 0.63/0.49x (bf16
+  //     1x512x7x7 30.1 -> 14.6 us; ATen's kernel 13.5); training forward and backward at 6x6
+  //     and 7x7: 0.63-1.02x (7x7 bf16 forward 57.6 -> 36.1 us), at 5x5 and below 0.84-1.47x
+  //     (an earlier run, plane walk forced), so they keep the blocks;
+  //   N = 2, inference at 6x6 and 7x7: 0.79-1.02x (7x7 0.85/0.80x); training passes 0.75-1.32x,
+  //     so they keep the blocks;
+  //   N = 4: 0.95-1.08x at 7x7, more against smaller planes.
+  static int64_t plane_walk_samples(int64_t HW, bool elementwise) {
+    return (HW >= 32 ? 1 : 0) + (elementwise ? 1 : 0);
   }
   int64_t c0(int64_t blk) const { return blk * per_block; }
   int64_t c1(int64_t blk) const { return std::min(C, c0(blk) + per_block); }
@@ -152,7 +171,7 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
                            bool low_nans) {
   const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)),
                                     Pass::kForward);
-  if (ShortPlanes<T>::applies(s)) {
+  if (ShortPlanes<T>::applies(s, /*elementwise=*/true)) {
     short_planes_affine(xp, yp, s, center, scale, shift, low_nans);
   } else if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
@@ -195,7 +214,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
   // the batch statistics come from x; so every coefficient is clean unless these are
   const bool low_nans = any_low_nan<T>({&weight, &bias});
 
-  if (ShortPlanes<T>::applies(s)) {
+  if (ShortPlanes<T>::applies(s, /*elementwise=*/false)) {
     // Per block of channels: Welford statistics of every position over the N samples, merged
     // per channel exactly, then the normalize pass while the block is in L2.
     const ShortPlanes<T> sp(s, 1024);
@@ -359,7 +378,8 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   // pass over memory instead of two.
   const bool fused = !s.channels_last && dxp != nullptr && s.C >= at::get_num_threads();
   // NCHW planes too short to walk one by one (see ShortPlanes): fused per block of channels.
-  const bool short_planes = dxp != nullptr && ShortPlanes<T>::applies(s);
+  const bool short_planes =
+      dxp != nullptr && ShortPlanes<T>::applies(s, /*elementwise=*/!need_sums);
 
   if (short_planes) {
     const ShortPlanes<T> sp(s, 512);
