@@ -104,6 +104,10 @@ CASES: List[Case] = [
     Case("BatchNorm2d-7x7-single", lambda: nn.BatchNorm2d(24), (1, 24, 7, 7), ["contiguous", "strided"]),
     Case("BatchNorm2d-6x6-pair", lambda: nn.BatchNorm2d(24), (2, 24, 6, 6)),
     Case("BatchNorm2d-3x3-single", lambda: nn.BatchNorm2d(24), (1, 24, 3, 3)),
+    # inference on planes of one chunk (16 values) or more, up to 4 samples: one run of chunks
+    # across planes, a chunk's coefficients blended from two channels (plane_run_affine); 5
+    # channels of 25 values wrap to channel 0 at each sample, 3 x 5 x 25 ends on a masked chunk
+    Case("BatchNorm2d-5x5-run", lambda: nn.BatchNorm2d(5), (3, 5, 5, 5), ["contiguous", "strided"]),
     # one value per plane: walked as [N, C] rows
     Case("BatchNorm2d-1x1", lambda: nn.BatchNorm2d(6), (8, 6, 1, 1), ["contiguous"]),
     Case("BatchNorm2d-noaffine", lambda: nn.BatchNorm2d(4, affine=False), (2, 4, 3, 3)),

@@ -80,6 +80,7 @@ struct ShortPlanes {
   // pass, five or six for the training passes, each put in lane order for bf16 under AVX2),
   // where a plane walk costs its masked ends, less of them on longer planes. Zen 3 guest, 512
   // channels, each pass paired in one process against blocks at every N (time ratios, fp32/bf16):
+  // (Inference on planes of a chunk or more takes plane_run_affine first, for up to four samples.)
   //   N = 1, inference: 2x2 0.89/0.94x, 3x3 0.82/0.79x, 5x5 0.76/0.64x, 7x7 0.63/0.49x (bf16
   //     1x512x7x7 30.1 -> 14.6 us; ATen's kernel 13.5); training forward and backward at 6x6
   //     and 7x7: 0.63-1.02x (7x7 bf16 forward 57.6 -> 36.1 us), at 5x5 and below 0.84-1.47x
@@ -161,6 +162,77 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
   });
 }
 
+// channel_affine on NCHW planes [p0, p1) of C channels each sample (plane p is channel p % C),
+// contiguous in memory, walked as one run of chunks rather than plane by plane: planes of a
+// chunk or more (hw >= Chunk<T>::size) put at most two channels in a chunk, so its coefficients
+// are one channel's, blended with the next one's from the lane that holds the next plane's
+// first element. No masked plane ends (a 7x7 bf16 plane under AVX2 is one chunk, a masked head
+// and a masked tail, most planes starting misaligned) and no per-element arrays (ShortPlanes),
+// for the few samples over which those do not pay: up to kPlaneRunSamples. Zen 3 guest, 512
+// channels, inference paired in one process (time ratios, fp32/bf16): against the plane walk at
+// one sample 0.86/0.85x (4x4), 0.84/0.64x (5x5), 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's
+// kernel 18.4), at two samples of 6x6 and 7x7 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3
+// and 4 samples 0.75-0.99/0.55-0.79x, at 8 0.95-1.26x, at 16 1.01-1.13x. Bit-identical results.
+constexpr int64_t kPlaneRunSamples = 4;
+template <typename T>
+static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t C, int64_t hw,
+                             const acc_t<T>* center, const acc_t<T>* scale,
+                             const acc_t<T>* shift, bool low_nans) {
+  using A = acc_t<T>;
+  using K = Chunk<T>;
+  using V = typename K::V;
+  TORCH_INTERNAL_ASSERT(hw >= K::size);
+  // the element of the chunk each lane holds, in the chunks' lane order
+  alignas(64) A lane_elem[K::size];
+  for (int64_t k = 0; k < K::size; ++k) lane_elem[k] = static_cast<A>(K::lane_element(k, K::size));
+  V elem_lo = V::loadu(lane_elem), elem_hi = V::loadu(lane_elem + V::size());
+  const int64_t begin = p0 * hw, n = p1 * hw;
+  int64_t c = p0 % C, plane_end = begin + hw;  // the channel of element i, where its plane ends
+  // coefficient k of element i's channel in lanes before `left`, of the next channel after
+  const auto coeffs = [&](int64_t left, const A* k, V& lo, V& hi) {
+    const int64_t next = c + 1 == C ? 0 : c + 1;
+    const V here(k[c]), there(k[next]), cut(static_cast<A>(left));
+    lo = V::blendv(there, here, elem_lo < cut);
+    hi = V::blendv(there, here, elem_hi < cut);
+  };
+  const auto chunk = [&](int64_t i, auto&& io) {
+    if (i >= plane_end) {  // at most one plane a chunk: hw >= K::size
+      c = c + 1 == C ? 0 : c + 1;
+      plane_end += hw;
+    }
+    V ce_lo, ce_hi, sc_lo, sc_hi, sh_lo, sh_hi;
+    coeffs(plane_end - i, center, ce_lo, ce_hi);
+    coeffs(plane_end - i, scale, sc_lo, sc_hi);
+    coeffs(plane_end - i, shift, sh_lo, sh_hi);
+    io([&](const V& a, const V& b, V& ya, V& yb) {
+      ya = at::vec::fmadd(a - ce_lo, sc_lo, sh_lo);
+      yb = at::vec::fmadd(b - ce_hi, sc_hi, sh_hi);
+    });
+  };
+  int64_t i = begin;
+  with_low_nans<T>(low_nans, [&](auto low) {
+    for (; i + K::size <= n; i += K::size) {
+      chunk(i, [&](auto&& affine) {
+        V a, b, ya, yb;
+        K::load_lanes(xp + i, a, b);
+        affine(a, b, ya, yb);
+        K::put_lanes(yp + i, ya, yb, /*stream=*/false, low.value);
+      });
+    }
+  });
+  if (i < n) {  // the natural order of a masked chunk: lane k holds element k
+    for (int64_t k = 0; k < K::size; ++k) lane_elem[k] = static_cast<A>(k);
+    elem_lo = V::loadu(lane_elem);
+    elem_hi = V::loadu(lane_elem + V::size());
+    chunk(i, [&](auto&& affine) {
+      V a, b, ya, yb;
+      K::load_first(xp + i, n - i, a, b);
+      affine(a, b, ya, yb);
+      K::store_first(yp + i, n - i, ya, yb);
+    });
+  }
+}
+
 // y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order.
 // after_stats: the statistics pass has just read channels_last x, split over the threads in the
 // same proportions, so each thread walks its rows back to front (for_rows_back_to_front).
@@ -171,7 +243,12 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
                            bool low_nans) {
   const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)),
                                     Pass::kForward);
-  if (ShortPlanes<T>::applies(s, /*elementwise=*/true)) {
+  if (!s.channels_last && s.HW >= Chunk<T>::size && s.HW < kShortPlane &&
+      s.N <= kPlaneRunSamples) {
+    at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+      plane_run_affine(xp, yp, begin, end, s.C, s.HW, center, scale, shift, low_nans);
+    });
+  } else if (ShortPlanes<T>::applies(s, /*elementwise=*/true)) {
     short_planes_affine(xp, yp, s, center, scale, shift, low_nans);
   } else if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
