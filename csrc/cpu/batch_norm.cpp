@@ -79,8 +79,8 @@ struct ShortPlanes {
   // arrays out costs about what a sample's pass does, or more (three arrays for an elementwise
   // pass, five or six for the training passes, each put in lane order for bf16 under AVX2),
   // where a plane walk costs its masked ends, less of them on longer planes. Zen 3 guest, 512
-  // channels, each pass paired in one process against blocks at every N (time ratios, fp32/bf16):
-  // (Inference on planes of a chunk or more takes plane_run_affine first, for up to four samples.)
+  // channels, each pass paired in one process against blocks at every N (time ratios, fp32/bf16;
+  // inference on planes of a chunk or more now takes plane_run_affine first, up to 4 samples):
   //   N = 1, inference: 2x2 0.89/0.94x, 3x3 0.82/0.79x, 5x5 0.76/0.64x, 7x7 0.63/0.49x (bf16
   //     1x512x7x7 30.1 -> 14.6 us; ATen's kernel 13.5); training forward and backward at 6x6
   //     and 7x7: 0.63-1.02x (7x7 bf16 forward 57.6 -> 36.1 us), at 5x5 and below 0.84-1.47x
@@ -178,13 +178,14 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
 // contiguous in memory, walked as one run of chunks rather than plane by plane: planes of a
 // chunk or more (hw >= Chunk<T>::size) put at most two channels in a chunk, so its coefficients
 // are one channel's, blended with the next one's from the lane that holds the next plane's
-// first element. No masked plane ends (a 7x7 bf16 plane under AVX2 is one chunk, a masked head
-// and a masked tail, most planes starting misaligned) and no per-element arrays (ShortPlanes),
-// for the few samples over which those do not pay: up to kPlaneRunSamples. Zen 3 guest, 512
-// channels, inference paired in one process (time ratios, fp32/bf16): against the plane walk at
-// one sample 0.86/0.85x (4x4), 0.84/0.64x (5x5), 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's
-// kernel 18.4), at two samples of 6x6 and 7x7 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3
-// and 4 samples 0.75-0.99/0.55-0.79x, at 8 0.95-1.26x, at 16 1.01-1.13x. Bit-identical results.
+// first element. No masked plane ends (walked alone, a 7x7 bf16 plane under AVX2 is three or
+// four chunks, one or two of them masked: most planes start misaligned) and no per-element
+// arrays (ShortPlanes), for the few samples over which those do not pay: up to
+// kPlaneRunSamples. Zen 3 guest, 512 channels, inference paired in one process (time ratios,
+// fp32/bf16): against the plane walk at one sample 0.86/0.85x (4x4), 0.84/0.64x (5x5),
+// 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's kernel 18.4), at two samples of 6x6 and 7x7
+// 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3 and 4 samples 0.75-0.99/0.55-0.79x, at 8
+// 0.95-1.26x, at 16 1.01-1.13x. Bit-identical results.
 constexpr int64_t kPlaneRunSamples = 4;
 template <typename T>
 static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t C, int64_t hw,
