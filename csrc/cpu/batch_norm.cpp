@@ -201,22 +201,24 @@ static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t
   V elem_lo = V::loadu(lane_elem), elem_hi = V::loadu(lane_elem + V::size());
   const int64_t begin = p0 * hw, n = p1 * hw;
   int64_t c = p0 % C, plane_end = begin + hw;  // the channel of element i, where its plane ends
-  // coefficient k of element i's channel in lanes before `left`, of the next channel after
-  const auto coeffs = [&](int64_t left, const A* k, V& lo, V& hi) {
-    const int64_t next = c + 1 == C ? 0 : c + 1;
-    const V here(k[c]), there(k[next]), cut(static_cast<A>(left));
-    lo = V::blendv(there, here, elem_lo < cut);
-    hi = V::blendv(there, here, elem_hi < cut);
-  };
   const auto chunk = [&](int64_t i, auto&& io) {
     if (i >= plane_end) {  // at most one plane a chunk: hw >= K::size
       c = c + 1 == C ? 0 : c + 1;
       plane_end += hw;
     }
+    // lanes before the plane's end take channel c's coefficients, the others the next one's
+    const int64_t next = c + 1 == C ? 0 : c + 1;
+    const V cut(static_cast<A>(plane_end - i));
+    const V here_lo = elem_lo < cut, here_hi = elem_hi < cut;
+    const auto coeffs = [&](const A* k, V& lo, V& hi) {
+      const V here(k[c]), there(k[next]);
+      lo = V::blendv(there, here, here_lo);
+      hi = V::blendv(there, here, here_hi);
+    };
     V ce_lo, ce_hi, sc_lo, sc_hi, sh_lo, sh_hi;
-    coeffs(plane_end - i, center, ce_lo, ce_hi);
-    coeffs(plane_end - i, scale, sc_lo, sc_hi);
-    coeffs(plane_end - i, shift, sh_lo, sh_hi);
+    coeffs(center, ce_lo, ce_hi);
+    coeffs(scale, sc_lo, sc_hi);
+    coeffs(shift, sh_lo, sh_hi);
     io([&](const V& a, const V& b, V& ya, V& yb) {
       ya = at::vec::fmadd(a - ce_lo, sc_lo, sh_lo);
       yb = at::vec::fmadd(b - ce_hi, sc_hi, sh_hi);

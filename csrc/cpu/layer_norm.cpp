@@ -26,8 +26,8 @@ inline namespace CPU_CAPABILITY {
 // input's own type (PT), widened in registers.
 template <typename TX, typename T, typename PT>
 static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> mean,
-                                        acc_t<T> rstd, const PT* w, const PT* b, bool low_nans,
-                                        bool stream) {
+                                        acc_t<T> rstd, const PT* w, const PT* b, bool stream,
+                                        bool low_nans) {
   using A = acc_t<T>;
   using C = Chunk<T>;
   using CX = Chunk<TX>;
@@ -138,7 +138,7 @@ constexpr int64_t kSweepRows = kRows;
 template <typename T, typename PT>
 static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const PT* w,
                                 const PT* b, acc_t<T> eps, bool rms, acc_t<T>* mp, acc_t<T>* rp,
-                                bool low_nans, bool stream) {
+                                bool stream, bool low_nans) {
   using A = acc_t<T>;
   constexpr bool widened = Chunk<T>::widened;
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
@@ -160,9 +160,9 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
       }
       const A rs = A(1) / std::sqrt(var + eps);
       if (!row.empty()) {
-        layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, w, b, low_nans, stream);
+        layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, w, b, stream, low_nans);
       } else {
-        layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, low_nans, stream);
+        layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, stream, low_nans);
       }
       if (mp != nullptr) mp[r] = mu;
       rp[r] = rs;
@@ -195,11 +195,11 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
     if (b != nullptr) to_lanes<T>(b, wide.data() + N, N);
     layer_norm_fwd_rows<T, A>(xp, yp, M, N, w != nullptr ? wide.data() : nullptr,
                               b != nullptr ? wide.data() + N : nullptr, static_cast<A>(eps), rms,
-                              mp, rp, low_nans, stream);
+                              mp, rp, stream, low_nans);
     return;
   }
-  layer_norm_fwd_rows<T, PT>(xp, yp, M, N, w, b, static_cast<A>(eps), rms, mp, rp, low_nans,
-                             stream);
+  layer_norm_fwd_rows<T, PT>(xp, yp, M, N, w, b, static_cast<A>(eps), rms, mp, rp, stream,
+                             low_nans);
 }
 
 void layer_norm_fwd(const at::Tensor& x, int64_t N, const at::Tensor& weight,
