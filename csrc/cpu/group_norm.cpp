@@ -44,11 +44,14 @@ struct GroupView {
 template <typename A>
 static void group_affine_coeffs(const GroupView<A>& v, int64_t n, int64_t c0, int64_t c1,
                                 const A* mean, const A* rstd, A* center, A* scale, A* shift) {
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t ng = n * v.G + c / v.D;
-    center[c - c0] = mean[ng];
-    scale[c - c0] = rstd[ng] * v.wt(c);
-    shift[c - c0] = v.bs(c);
+  // group by group: an integer division per channel cost more than the rest of the loop
+  for (int64_t g = c0 / v.D; g * v.D < c1; ++g) {
+    const int64_t ng = n * v.G + g;
+    for (int64_t c = std::max(c0, g * v.D); c < std::min(c1, (g + 1) * v.D); ++c) {
+      center[c - c0] = mean[ng];
+      scale[c - c0] = rstd[ng] * v.wt(c);
+      shift[c - c0] = v.bs(c);
+    }
   }
 }
 
@@ -326,15 +329,16 @@ static void group_param_grads(const GroupView<A>& v, const A* rstd, const A* sum
                               const A* sum_dy_xc, at::Tensor& dweight, at::Tensor& dbias) {
   A* dw = dweight.defined() ? dweight.data_ptr<A>() : nullptr;
   A* db = dbias.defined() ? dbias.data_ptr<A>() : nullptr;
-  for (int64_t c = 0; c < v.C; ++c) {
-    A sw = 0, sb = 0;
-    for (int64_t n = 0; n < v.N; ++n) {
-      sw += sum_dy_xc[n * v.C + c] * rstd[n * v.G + c / v.D];
-      sb += sum_dy[n * v.C + c];
+  for (int64_t g = 0; g < v.G; ++g)  // (no division per channel: see group_affine_coeffs)
+    for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
+      A sw = 0, sb = 0;
+      for (int64_t n = 0; n < v.N; ++n) {
+        sw += sum_dy_xc[n * v.C + c] * rstd[n * v.G + g];
+        sb += sum_dy[n * v.C + c];
+      }
+      if (dw != nullptr) dw[c] = sw;
+      if (db != nullptr) db[c] = sb;
     }
-    if (dw != nullptr) dw[c] = sw;
-    if (db != nullptr) db[c] = sb;
-  }
 }
 
 template <typename T>
@@ -387,11 +391,14 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     });
   } else {
     center.resize(v.N * v.C);
-    for (int64_t nc = 0; nc < v.N * v.C; ++nc) center[nc] = mean[nc / v.D];
+    for (int64_t ng = 0; ng < v.N * G; ++ng)  // (no division per channel: see group_affine_coeffs)
+      std::fill_n(center.data() + ng * v.D, v.D, mean[ng]);
     // Stripes as the forward's, of dy and x together: sums, coefficients and dx per stripe, dy
     // and x read back from L2 (768 KB of them measured better than 512 KB, which left
     // 2x1280x16x16 at stripes narrower than 1 KB: its bf16 backward 0.177 -> 0.155 ms, fp32
-    // 0.205 -> 0.167 ms).
+    // 0.205 -> 0.167 ms). dx by register tiles (columns_grad_input): from L2 the row walk is
+    // bound by its coefficient loads; paired in one process, fp32 2x1280x16x16 backward 0.83x
+    // the time, 2x1280x8x8 0.86x, bf16 2x1280x16x16 0.97x.
     const GroupStripes stripes(v.N, v.HW, G, v.D, sizeof(T), 2, int64_t{768} << 10);
     if (dxp != nullptr && stripes.count > 0) {
       at::parallel_for(0, v.N * stripes.count, stripes.grain(), [&](int64_t begin, int64_t end) {
@@ -404,9 +411,9 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
           for (int64_t g = g0; g < g1; ++g)
             group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
                               k_dy.data(), k_x.data(), k_0.data());
-          rows_grad_input(gp + off, xp + off, dxp + off, 0, v.HW, c1 - c0, v.C,
-                          center.data() + nc0, k_dy.data() + nc0, k_x.data() + nc0,
-                          k_0.data() + nc0, stream, low_nans);
+          columns_grad_input(gp + off, xp + off, dxp + off, 0, v.HW, c1 - c0, v.C,
+                             center.data() + nc0, k_dy.data() + nc0, k_x.data() + nc0,
+                             k_0.data() + nc0, stream, low_nans);
         }
       });
       dx_done = true;
@@ -445,10 +452,11 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t blk = 0; blk < nb; ++blk) {
             const int64_t t = (n - n0) * nb + blk;
-            for (int64_t j = 0; j < W; ++j) {
-              sum_dy[n * v.C + j % v.C] += part_dy[t * W + j];
-              sum_dy_xc[n * v.C + j % v.C] += part_dyx[t * W + j];
-            }
+            for (int64_t j0 = 0; j0 < W; j0 += v.C)  // (pixel by pixel: no j % C)
+              for (int64_t c = 0; c < v.C; ++c) {
+                sum_dy[n * v.C + c] += part_dy[t * W + j0 + c];
+                sum_dy_xc[n * v.C + c] += part_dyx[t * W + j0 + c];
+              }
           }
         if (dxp == nullptr) return;
         for (int64_t n = n0; n < n1; ++n) {
