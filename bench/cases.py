@@ -167,8 +167,9 @@ def wide_suite(dtypes: List[torch.dtype]) -> List[Case]:
     """Shapes beyond issue 5's suite, where a kernel tuned on the suite can still lose to torch:
     short and long layer-norm rows, 3-D inputs, ResNet-50's 1024- and 2048-channel stages at
     batch 32 and 64 (tensors past the last-level cache, 14x14 and 7x7 planes) and 7x7 inference
-    at batch 1 and 2, 2-D batch norm, group norm with few groups or few channels, 3-channel
-    instance norm. CPU sizes; run with python -m bench --wide."""
+    at batch 1 and 2, 2-D batch norm, group norm with few groups or few channels and at a
+    diffusion UNet's 8x8 stage, 3-channel instance norm. CPU sizes; run with python -m bench
+    --wide."""
     cases: List[Case] = []
 
     def add(family, shape, layouts=("contiguous",), modes=("fwd", "fwdbwd"), groups=32):
@@ -183,8 +184,9 @@ def wide_suite(dtypes: List[torch.dtype]) -> List[Case]:
         add("layer_norm", s)
     for s in [(4096, 128), (8192, 768), (2, 2048, 2048)]:
         add("rms_norm", s)
+    # (2, 1280, 8, 8): a Stable Diffusion UNet's lowest resolution (64x64 latents) at batch 2
     for s, g in [((8, 64, 32, 32), 32), ((4, 256, 16, 16), 8), ((1, 512, 64, 64), 32),
-                 ((8, 32, 32, 32), 1), ((16, 512, 8, 8), 32)]:
+                 ((8, 32, 32, 32), 1), ((16, 512, 8, 8), 32), ((2, 1280, 8, 8), 32)]:
         add("group_norm", s, both, groups=g)
     for s in [(64, 2048, 7, 7), (32, 1024, 14, 14), (8, 64, 112, 112)]:
         add("batch_norm", s, both, ("fwd", "fwdbwd", "infer"))
