@@ -565,24 +565,31 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     // After the sums pass over the same rows when it ran (need_sums), back to front, so the
     // first rows a segment reads are still in L2; from there the row walk is bound by its loads,
     // eight of the four coefficients a chunk of dx, which the register tiles of
-    // columns_grad_input load once per kTileRows rows. Paired in one process, Zen 3 guest:
-    // 16x64x56x56 backward 0.89x the time in fp32, 0.92x in bf16, 8x32x56x56 fp32 0.82x,
-    // 4x256x28x28 fp32 0.91x; 28x28 to 7x7 at 16 samples and 32x64x56x56 0.96-1.03x. (The
-    // forward's normalize pass, three coefficients to one input, stays on the row walk: tiled,
-    // fp32 16x64x56x56 and 16x128x28x28 took 1.15x the time.)
+    // columns_grad_input load once per kTileRows rows. Only on rows of 512 bytes or less, whose
+    // tile of kTileRows rows is one run of memory: on wider rows a tile reads four runs a row
+    // apart (for three tensors), and from memory that lost: 32x1024x14x14 backward (4 KB rows)
+    // 1.75x the time in fp32, 1.40x in bf16. Paired in one process, Zen 3 guest: 16x64x56x56
+    // 0.85-0.89x the time in fp32, 0.92-0.96x in bf16, 16x128x28x28 0.92x / 0.96x,
+    // 8x32x56x56 fp32 0.68-0.82x, 32x64x56x56 fp32 0.99-1.04x. (The forward's normalize pass,
+    // three coefficients to one input, stays on the row walk: tiled, fp32 16x64x56x56 and
+    // 16x128x28x28 took 1.15x the time.)
+    const bool tiled = s.C * static_cast<int64_t>(sizeof(T)) <= 512;
     at::parallel_for(0, count, grain_for(s.C), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      if (need_sums) {
-        for_rows_back_to_front(begin, end, 2 * s.C * static_cast<int64_t>(sizeof(T)),
-                               [&](int64_t r0, int64_t r1) {
-                                 columns_grad_input(gp, xp, dxp, r0, r1, s.C, s.C, mean,
-                                                    k_dy.data(), k_x.data(), k_0.data(), stream,
-                                                    low_nans);
-                               });
-      } else {
+      const auto grad_input = [&](int64_t r0, int64_t r1) {
+        if (tiled) {
+          columns_grad_input(gp, xp, dxp, r0, r1, s.C, s.C, mean, k_dy.data(), k_x.data(),
+                             k_0.data(), stream, low_nans);
+        } else {
+          rows_grad_input(gp, xp, dxp, r0, r1, s.C, s.C, mean, k_dy.data(), k_x.data(),
+                          k_0.data(), stream, low_nans);
+        }
+      };
+      if (need_sums)
+        for_rows_back_to_front(begin, end, 2 * s.C * static_cast<int64_t>(sizeof(T)), grad_input);
+      else
         rows_grad_input(gp, xp, dxp, begin, end, s.C, s.C, mean, k_dy.data(), k_x.data(),
                         k_0.data(), stream, low_nans);
-      }
     });
   }
 }
