@@ -564,7 +564,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   } else {
     // After the sums pass over the same rows when it ran (need_sums), back to front, so the
     // first rows a segment reads are still in L2; from there the row walk is bound by its loads,
-    // eight of the four coefficients a chunk of dx, which the register tiles of
+    // eight a chunk of dx for its four coefficients, which the register tiles of
     // columns_grad_input load once per kTileRows rows. Only on rows of 512 bytes or less, whose
     // tile of kTileRows rows is one run of memory: on wider rows a tile reads four runs a row
     // apart (for three tensors), and from memory that lost: 32x1024x14x14 backward (4 KB rows)
