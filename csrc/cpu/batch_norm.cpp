@@ -573,7 +573,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     // 8x32x56x56 fp32 0.68-0.82x, 32x64x56x56 fp32 0.99-1.04x. (The forward's normalize pass,
     // three coefficients to one input, stays on the row walk: tiled, fp32 16x64x56x56 and
     // 16x128x28x28 took 1.15x the time.)
-    const bool tiled = s.C * static_cast<int64_t>(sizeof(T)) <= 512;
+    const bool tiled = need_sums && s.C * static_cast<int64_t>(sizeof(T)) <= 512;
     at::parallel_for(0, count, grain_for(s.C), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       const auto grad_input = [&](int64_t r0, int64_t r1) {
@@ -588,8 +588,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       if (need_sums)
         for_rows_back_to_front(begin, end, 2 * s.C * static_cast<int64_t>(sizeof(T)), grad_input);
       else
-        rows_grad_input(gp, xp, dxp, begin, end, s.C, s.C, mean, k_dy.data(), k_x.data(),
-                        k_0.data(), stream, low_nans);
+        grad_input(begin, end);
     });
   }
 }
