@@ -29,8 +29,13 @@ BACKENDS = ("auto", "cpp", "triton")
 _state = {"name": "auto"}
 
 
+# Looked up once: check_runnable asks on every CUDA call, and torch.compile cannot trace
+# importlib (a graph break, which fullgraph=True turns into an error: seen on an H200).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreter() -> bool:

@@ -111,6 +111,26 @@ def test_no_graph_break():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_cuda_checks_trace_without_graph_break(monkeypatch):
+    """Every functional call on a CUDA tensor asks whether Triton is installed
+    (backend.check_runnable); under torch.compile(fullgraph=True) that question must trace. With
+    torch 2.11 it did not on an H200: its dynamo refuses to trace importlib.util.find_spec, so
+    compiling any model of ours raised (torch 2.13's traces it). Hence the answer is looked up
+    once, at import, never per call; here, with no GPU, the question alone."""
+    import importlib.util
+
+    from normkernels.backend import triton_installed
+
+    with monkeypatch.context() as patch:  # (torch.compile itself calls find_spec)
+        patch.setattr(importlib.util, "find_spec",
+                      lambda *a, **k: pytest.fail("importlib.util.find_spec called per call"))
+        triton_installed()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x + 1 if triton_installed() else x - 1, fullgraph=True, backend="eager")
+    expected = 1.0 if triton_installed() else -1.0
+    torch.testing.assert_close(fn(torch.zeros(2)), torch.full((2,), expected))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_no_aten_norm_op_runs(dtype, channels_last):
