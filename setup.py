@@ -27,7 +27,7 @@ CAPABILITY_FLAGS = {
 
 
 class BuildWithCapabilities(BuildExtension):
-    """BuildExtension that adds per-file SIMD flags and compiles files in parallel."""
+    """BuildExtension that adds per-file SIMD flags and compiles the files in parallel."""
 
     def finalize_options(self):
         super().finalize_options()
@@ -63,7 +63,33 @@ class BuildWithCapabilities(BuildExtension):
             return compile_one(obj, src, ext, cc_args, list(extra_postargs) + extra, pp_opts)
 
         self.compiler._compile = _compile
+        self._compile_sources_in_parallel()
         super().build_extensions()
+
+    def _compile_sources_in_parallel(self):
+        """distutils compiles an extension's sources one after another (its --parallel builds
+        whole extensions side by side, and there is one here), and each capability unit takes a
+        minute or more: compile all the sources at once, `parallel` at a time (threads, each
+        waiting on its compiler process)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        compiler, jobs = self.compiler, max(1, int(self.parallel or 1))
+
+        def compile_all(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                        extra_preargs=None, extra_postargs=None, depends=None):
+            macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+                output_dir, macros, include_dirs, sources, depends, extra_postargs)
+            cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+
+            def one(obj):
+                src, ext = build[obj]
+                compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                list(pool.map(one, [obj for obj in objects if obj in build]))
+            return objects
+
+        compiler.compile = compile_all
 
 
 sources = sorted(glob.glob("csrc/*.cpp") + ["csrc/cpu/register.cpp", "csrc/cpu/output_pool.cpp",
