@@ -136,9 +136,10 @@ def all_case_params():
     return params
 
 
-def make_input(shape, layout: str, dtype, scale=1.0, shift=0.0) -> torch.Tensor:
+def make_input(shape, layout: str, dtype, scale=1.0, shift=0.0, device="cpu") -> torch.Tensor:
     """A random tensor of `shape` in the given memory layout: contiguous, channels_last(_3d), or
-    strided (a transposed view for 3+ dims, every other element of a wider tensor otherwise)."""
+    strided (a transposed view for 3+ dims, every other element of a wider tensor otherwise).
+    Drawn on the CPU (the same values on any device), then viewed on `device`."""
     shape = tuple(shape)
     view = lambda b: b  # noqa: E731
     base_shape = shape
@@ -148,7 +149,7 @@ def make_input(shape, layout: str, dtype, scale=1.0, shift=0.0) -> torch.Tensor:
     elif layout == "strided":
         base_shape = shape[:-1] + (2 * shape[-1],)
         view = lambda b: b[..., ::2]  # noqa: E731
-    base = (torch.randn(base_shape, dtype=torch.float64) * scale + shift).to(dtype)
+    base = (torch.randn(base_shape, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
     x = view(base)
     if layout == "channels_last":
         fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
@@ -170,12 +171,13 @@ def randomize_(module: nn.Module) -> nn.Module:
     return module
 
 
-def triple(case: Case, dtype) -> Dict[str, nn.Module]:
-    """torch's module at dtype, our converted twin at dtype, and torch's at fp64 (the reference)."""
+def triple(case: Case, dtype, device="cpu") -> Dict[str, nn.Module]:
+    """torch's module at dtype, our converted twin at dtype, and torch's at fp64 (the reference),
+    all on `device`."""
     base = randomize_(case.make())
-    torch_m = copy.deepcopy(base).to(dtype)
-    ours = normkernels.convert(copy.deepcopy(base).to(dtype))
-    ref = copy.deepcopy(base).double()
+    torch_m = copy.deepcopy(base).to(device=device, dtype=dtype)
+    ours = normkernels.convert(copy.deepcopy(base).to(device=device, dtype=dtype))
+    ref = copy.deepcopy(base).to(device=device, dtype=torch.float64)
     return {"torch": torch_m, "ours": ours, "ref": ref}
 
 

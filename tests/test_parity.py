@@ -18,13 +18,13 @@ def _run(module, x, dy):
     return y, grads
 
 
-def _incoming_grad(shape, step, dtype, layout):
+def _incoming_grad(shape, step, dtype, layout, device="cpu"):
     if step == 0:
         if layout == "strided":
-            return make_input(shape, "strided", dtype)  # a strided dy as well
-        return torch.randn(shape, dtype=torch.float64).to(dtype)
+            return make_input(shape, "strided", dtype, device=device)  # a strided dy as well
+        return torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
     # an expanded gradient (stride 0 on every dim but the last), as `(y * w).sum()` produces
-    return torch.randn(shape[-1], dtype=torch.float64).to(dtype).expand(shape)
+    return torch.randn(shape[-1], dtype=torch.float64).to(device=device, dtype=dtype).expand(shape)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -33,13 +33,26 @@ def test_module_matches_torch(case, layout, dtype, backend_name):
     _check_matches_torch(triple(case, dtype), case, layout, dtype)
 
 
-def _check_matches_torch(mods, case, layout, dtype):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case,layout", all_case_params())
+def test_module_matches_torch_on_cuda(case, layout, dtype):
+    """The same checks on CUDA tensors, against torch's CUDA kernels: the Triton kernels compiled
+    for the GPU (the interpreter runs them on CPU tensors elsewhere), and they did run."""
+    from normkernels.triton import LAUNCHES
+
+    before = sum(LAUNCHES.values())
+    _check_matches_torch(triple(case, dtype, "cuda"), case, layout, dtype, "cuda")
+    assert sum(LAUNCHES.values()) > before
+
+
+def _check_matches_torch(mods, case, layout, dtype, device="cpu"):
     for mode in ("train", "eval"):
         for m in mods.values():
             m.train(mode == "train")
         for step in range(2):
-            x = make_input(case.shape, layout, dtype, scale=2.0, shift=0.5)
-            dy = _incoming_grad(case.shape, step, dtype, layout)
+            x = make_input(case.shape, layout, dtype, scale=2.0, shift=0.5, device=device)
+            dy = _incoming_grad(case.shape, step, dtype, layout, device)
             x_t = x.detach().requires_grad_()
             try:
                 y_t, g_t = _run(mods["torch"], x_t, dy)
@@ -56,9 +69,10 @@ def _check_matches_torch(mods, case, layout, dtype):
             assert_close_like_torch(y_o, y_t, y_r, f"output ({where})")
             if layout == "channels_last":
                 fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-                if case.name.startswith("InstanceNorm"):
+                if case.name.startswith("InstanceNorm") or device == "cuda":
                     # Deliberate: torch's instance norm reshapes through batch norm and returns a
-                    # contiguous tensor; ours keeps the input's channels_last (no hidden copy).
+                    # contiguous tensor, as its CUDA group norm does (it makes the input
+                    # contiguous). Ours keeps the input's channels_last (no hidden copy).
                     assert y_o.is_contiguous(memory_format=fmt)
                 else:
                     assert y_o.is_contiguous(memory_format=fmt) == y_t.is_contiguous(memory_format=fmt)

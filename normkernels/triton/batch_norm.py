@@ -3,10 +3,12 @@ and 2-D inputs.
 
     forward (train): per-channel Welford partials over [BLOCK_C x BLOCK_K] tiles of (channels x
                      N*HW positions), split over N*HW so that few channels still fill the GPU;
-                     merge (Chan, fixed order); one elementwise normalize in memory order.
-    inference      : the same elementwise normalize with the running statistics.
-    backward       : per-(n, channel) sums of dy and dy * (x - mean) (split over HW), summed in
-                     a fixed order; then dx = dy * k_dy + (x - mean) * k_x + k_0 elementwise.
+                     merge (Chan, fixed order); one elementwise normalize in memory order that
+                     reads mean, invstd, weight and bias itself (3 launches).
+    inference      : the same elementwise normalize, invstd from the running variance (1 launch).
+    backward       : per-(n, channel) partial sums of dy and dy * (x - mean) (split over HW); one
+                     kernel sums them per channel in a fixed order and writes dweight, dbias and
+                     dx's coefficients; then dx elementwise (3 launches).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import triton.language as tl
 from . import heuristics as H
 from ._shape import walk
 from .checks import check_dy, check_nc, check_param, stats_arg
-from .common import channel_affine, channel_grad_sums, chan_merge, grad_mask, moments_merge_kernel
+from .common import (chan_merge, channel_grad_sums, grad_mask, moments_merge_kernel, norm_affine,
+                     split_eps)
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -52,10 +55,38 @@ def batch_moments_partial_kernel(X, PCount, PMean, PM2, C, HW, R, sN, sC, sHW, r
     tl.store(PM2 + out, m2, mask=cmask)
 
 
-def _params(weight, bias, C, sdt, device):
-    wt = weight.to(sdt).contiguous() if weight is not None else torch.ones(C, dtype=sdt, device=device)
-    bs = bias.to(sdt).contiguous() if bias is not None else torch.zeros(C, dtype=sdt, device=device)
-    return wt, bs
+@triton.jit
+def batch_grad_coeffs_kernel(PSumDy, PSumDyX, Invstd, W, DW, DB, KX, K0, C, rows, count,
+                             HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+                             HAS_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                             ACC: tl.constexpr):
+    """Per channel: sums the [rows, C] partials (rows = splits * N) in row order; writes dweight
+    (sum dy * xhat), dbias (sum dy) and, in training, dx's k_x and k_0."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    s_dy = tl.zeros([BLOCK_C], ACC)
+    s_dyx = tl.zeros([BLOCK_C], ACC)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        m = (r < rows)[:, None] & cmask[None, :]
+        off = r.to(tl.int64)[:, None] * C + c[None, :]
+        s_dy += tl.sum(tl.load(PSumDy + off, mask=m, other=0.0), axis=0)
+        s_dyx += tl.sum(tl.load(PSumDyX + off, mask=m, other=0.0), axis=0)
+    invstd = tl.load(Invstd + c, mask=cmask, other=0.0)
+    if HAS_DW:
+        tl.store(DW + c, (s_dyx * invstd).to(DW.dtype.element_ty), mask=cmask)
+    if HAS_DB:
+        tl.store(DB + c, s_dy.to(DB.dtype.element_ty), mask=cmask)
+    if HAS_K:
+        k_dy = invstd
+        if HAS_W:
+            k_dy = invstd * tl.load(W + c, mask=cmask, other=0.0).to(ACC)
+        tl.store(KX + c, -k_dy * invstd * invstd * s_dyx / count, mask=cmask)
+        tl.store(K0 + c, -k_dy * s_dy / count, mask=cmask)
+
+
+def _flat(p):
+    return p.contiguous() if p is not None else None
 
 
 def batch_norm_fwd(x, weight, bias, eps):
@@ -66,26 +97,28 @@ def batch_norm_fwd(x, weight, bias, eps):
     N, C, HW = w.N, w.C, w.HW
     sdt = acc_dtype(x)
     R = N * HW
-    mean = torch.zeros((C,), dtype=sdt, device=x.device)
-    var = torch.zeros((C,), dtype=sdt, device=x.device)
-    invstd = torch.full((C,), 1.0 / (eps ** 0.5), dtype=sdt, device=x.device)
     y = w.empty()
-    if C > 0 and R > 0:
-        block_c, block_k = H.tile_2d(C, w.channels_last)
-        cblocks = triton.cdiv(C, block_c)
-        splits = H.split_count(cblocks, R * block_c, x.device)
-        rows_per = triton.cdiv(R, splits)
-        splits = triton.cdiv(R, rows_per)
-        parts = [torch.empty((splits, C), dtype=sdt, device=x.device) for _ in range(3)]
-        count_launch("batch_moments_partial")
-        batch_moments_partial_kernel[(cblocks, splits)](
-            w.x, *parts, C, HW, R, w.sN, w.sC, w.sHW, rows_per, BLOCK_C=block_c, BLOCK_K=block_k,
-            ACC=tl_acc(x))
-        count_launch("moments_merge")
-        moments_merge_kernel[(C,)](*parts, mean, var, invstd, splits, 1, C, eps,
-                                   BLOCK_P=H.next_pow2(splits))
-        wt, bs = _params(weight, bias, C, sdt, x.device)
-        channel_affine(w, y, mean, invstd * wt, bs)
+    if C == 0 or R == 0:  # no values: torch's statistics of nothing
+        return (y, torch.zeros((C,), dtype=sdt, device=x.device),
+                torch.full((C,), 1.0 / (eps ** 0.5), dtype=sdt, device=x.device),
+                torch.zeros((C,), dtype=sdt, device=x.device))
+    # (three tensors, not views of one: outputs of an op share no storage, nor autograd's
+    # version counter)
+    mean, invstd, var = (torch.empty((C,), dtype=sdt, device=x.device) for _ in range(3))
+    block_c, block_k = H.tile_2d(C, w.channels_last)
+    cblocks = triton.cdiv(C, block_c)
+    splits = H.split_count(cblocks, R * block_c, x.device)
+    rows_per = triton.cdiv(R, splits)
+    splits = triton.cdiv(R, rows_per)
+    parts = torch.empty((3, splits, C), dtype=sdt, device=x.device)
+    count_launch("batch_moments_partial")
+    batch_moments_partial_kernel[(cblocks, splits)](
+        w.x, parts[0], parts[1], parts[2], C, HW, R, w.sN, w.sC, w.sHW, rows_per,
+        BLOCK_C=block_c, BLOCK_K=block_k, ACC=tl_acc(x))
+    count_launch("moments_merge")
+    moments_merge_kernel[(C,)](parts[0], parts[1], parts[2], mean, var, invstd, splits, 1, C,
+                               *split_eps(eps), HAS_VAR=True, BLOCK_P=H.next_pow2(splits))
+    norm_affine(w, y, mean, invstd, _flat(weight), _flat(bias))
     return y, mean, invstd, var
 
 
@@ -96,11 +129,8 @@ def batch_norm_infer(x, mean, var, weight, bias, eps):
     check_param(weight, (x.shape[1],), x, "batch_norm", "weight")
     check_param(bias, (x.shape[1],), x, "batch_norm", "bias")
     w = walk(x, rows_2d=True)
-    sdt = acc_dtype(x)
     y = w.empty()
-    wt, bs = _params(weight, bias, w.C, sdt, x.device)
-    invstd = torch.rsqrt(var + eps)
-    channel_affine(w, y, mean, (invstd * wt).contiguous(), bs)
+    norm_affine(w, y, mean, var, _flat(weight), _flat(bias), eps=eps)
     return y
 
 
@@ -116,24 +146,26 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, train, output_mask):
     want_dx, want_dw, want_db = grad_mask(output_mask, weight)
     pdtype = weight.dtype if weight is not None else x.dtype
     dyc = w.like(dy)
-    count = N * HW
-    sum_dy = torch.zeros((C,), dtype=sdt, device=x.device)
-    sum_dyx = torch.zeros((C,), dtype=sdt, device=x.device)
-    if train or want_dw or want_db:  # inference dx alone needs no reduction
-        per_sample_dy, per_sample_dyx = channel_grad_sums(w, dyc, mean, sdt)
-        sum_dy, sum_dyx = per_sample_dy.sum(0), per_sample_dyx.sum(0)
-    dwt = (sum_dyx * invstd).to(pdtype) if want_dw else x.new_empty((0,))
-    dbs = sum_dy.to(pdtype) if want_db else x.new_empty((0,))
+    wt = _flat(weight)
+    dwt = torch.empty((C,), dtype=pdtype, device=x.device) if want_dw else x.new_empty((0,))
+    dbs = torch.empty((C,), dtype=pdtype, device=x.device) if want_db else x.new_empty((0,))
+    with_k = want_dx and train and N * HW > 0  # inference dx needs no reduction
+    k_x = k_0 = None
+    if with_k or want_dw or want_db:
+        p_dy, p_dyx = channel_grad_sums(w, dyc, mean, sdt)
+        if with_k:
+            k_x = torch.empty((C,), dtype=sdt, device=x.device)
+            k_0 = torch.empty((C,), dtype=sdt, device=x.device)
+        if C > 0:
+            block_c = min(H.next_pow2(C), 64)
+            count_launch("batch_grad_coeffs")
+            batch_grad_coeffs_kernel[(triton.cdiv(C, block_c),)](
+                p_dy, p_dyx, invstd, wt, dwt if want_dw else None, dbs if want_db else None,
+                k_x, k_0, C, p_dy.shape[0] * p_dy.shape[1], max(N * HW, 1), HAS_W=wt is not None,
+                HAS_DW=want_dw, HAS_DB=want_db, HAS_K=with_k, BLOCK_R=2048 // block_c,
+                BLOCK_C=block_c, ACC=tl_acc(x))
     if not want_dx:
         return x.new_empty((0,)), dwt, dbs
     dx = w.empty()
-    wt, _ = _params(weight, None, C, sdt, x.device)
-    k_dy = invstd * wt
-    if train and count > 0:
-        k_x = -k_dy * invstd * invstd * sum_dyx / count
-        k_0 = -k_dy * sum_dy / count
-    else:
-        k_x = torch.zeros_like(k_dy)
-        k_0 = torch.zeros_like(k_dy)
-    channel_affine(w, dx, mean, k_x.contiguous(), k_0.contiguous(), k_dy.contiguous(), dyc)
+    norm_affine(w, dx, mean, invstd, wt, None, k_x=k_x, k_0=k_0, dy=dyc)
     return dx, dwt, dbs

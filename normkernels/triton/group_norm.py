@@ -1,11 +1,13 @@
 """Group norm (and instance norm: one channel per group), Triton, NCHW and channels_last.
 
     forward : per-(n, group) Welford partials, each group split over several programs so that
-              small batches fill the GPU; a merge kernel (Chan, fixed order); then one
-              elementwise normalize in the input's own memory order.
-    backward: per-(n, channel) sums of dy and dy * (x - mean) (split over HW, partials summed in
-              a fixed order), per-group coefficients on [N, C]-sized tensors, then one
-              elementwise dx = dy * k_dy + (x - mean) * k_x + k_0.
+              small batches fill the GPU; a merge kernel (Chan, fixed order) writes mean and
+              rstd; then one elementwise normalize in the input's own memory order, reading
+              mean[n, g], rstd[n, g], weight[c] and bias[c] itself (3 launches).
+    backward: per-(n, channel) partial sums of dy and dy * (x - mean) (split over HW); one
+              program per (n, group) sums them, writes the group's dx coefficients and each
+              channel's dweight/dbias share of sample n; the shares are summed over samples in
+              a fixed order; one elementwise dx (at most 5 launches).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import triton.language as tl
 from . import heuristics as H
 from ._shape import walk
 from .checks import check_dy, check_groups, check_param, stats_arg
-from .common import channel_affine, channel_grad_sums, chan_merge, grad_mask, moments_merge_kernel
+from .common import (chan_merge, channel_grad_sums, grad_mask, moments_merge_kernel, norm_affine,
+                     split_eps, sum_rows)
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -57,9 +60,42 @@ def group_moments_partial_kernel(X, PCount, PMean, PM2, HW, G, D, sN, sC, sHW, k
     tl.store(PM2 + out, m2)
 
 
-def _per_channel(stat: torch.Tensor, N: int, G: int, D: int) -> torch.Tensor:
-    """[N, G] -> [N, C] contiguous, each group's value repeated over its D channels."""
-    return stat.view(N, G, 1).expand(N, G, D).reshape(N, G * D).contiguous()
+@triton.jit
+def group_grad_coeffs_kernel(PSumDy, PSumDyX, Rstd, W, KX, K0, DWPart, DBPart, C, G, D, count,
+                             num_splits, HAS_W: tl.constexpr, HAS_DW: tl.constexpr,
+                             HAS_DB: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """One program per (n, g): sums the group's channels' partials over the HW splits; writes
+    k_x = -rstd^3 * mean(g * (x - mean)) and k_0 = -rstd * mean(g), g = dy * w, for dx, and each
+    channel's dweight (sum dy * xhat) and dbias (sum dy) shares of sample n."""
+    s = tl.program_id(0).to(tl.int64)
+    n = s // G
+    g = s % G
+    rstd = tl.load(Rstd + s)
+    NC = (tl.num_programs(0) // G).to(tl.int64) * C  # (the partials' split stride, N * C)
+    sum_g = tl.sum(tl.zeros([1], ACC), axis=0)
+    sum_gx = tl.sum(tl.zeros([1], ACC), axis=0)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = d < D
+        c = g * D + d
+        off = n * C + c
+        s_dy = tl.zeros([BLOCK_D], ACC)
+        s_dyx = tl.zeros([BLOCK_D], ACC)
+        for p in range(num_splits):
+            s_dy += tl.load(PSumDy + p * NC + off, mask=m, other=0.0)
+            s_dyx += tl.load(PSumDyX + p * NC + off, mask=m, other=0.0)
+        if HAS_DW:
+            tl.store(DWPart + off, s_dyx * rstd, mask=m)
+        if HAS_DB:
+            tl.store(DBPart + off, s_dy, mask=m)
+        if HAS_W:
+            wt = tl.load(W + c, mask=m, other=0.0).to(ACC)
+            s_dy = s_dy * wt
+            s_dyx = s_dyx * wt
+        sum_g += tl.sum(s_dy, axis=0)
+        sum_gx += tl.sum(s_dyx, axis=0)
+    tl.store(KX + s, -rstd * rstd * rstd * (sum_gx / count))
+    tl.store(K0 + s, -rstd * (sum_g / count))
 
 
 def group_norm_fwd(x, num_groups, weight, bias, eps):
@@ -72,27 +108,29 @@ def group_norm_fwd(x, num_groups, weight, bias, eps):
     sdt = acc_dtype(x)
     y = w.empty()
     S, K = N * G, D * HW
-    mean = torch.zeros((S,), dtype=sdt, device=x.device)
-    var = torch.zeros((S,), dtype=sdt, device=x.device)
-    rstd = torch.full((S,), 1.0 / (eps ** 0.5), dtype=sdt, device=x.device)
-    if S > 0 and K > 0:
-        splits = H.split_count(S, K, x.device)
-        k_per = triton.cdiv(K, splits)
-        splits = triton.cdiv(K, k_per)
-        parts = [torch.empty((S, splits), dtype=sdt, device=x.device) for _ in range(3)]
-        count_launch("group_moments_partial")
-        group_moments_partial_kernel[(S, splits)](
-            w.x, *parts, HW, G, D, w.sN, w.sC, w.sHW, k_per, CHANNELS_LAST=w.channels_last,
-            BLOCK=H.ELEMENTWISE_BLOCK, ACC=tl_acc(x))
-        count_launch("moments_merge")
-        moments_merge_kernel[(S,)](*parts, mean, var, rstd, splits, splits, 1, eps,
-                                   BLOCK_P=H.next_pow2(splits))
-        wt = weight.to(sdt) if weight is not None else torch.ones(C, dtype=sdt, device=x.device)
-        center = _per_channel(mean, N, G, D)
-        k_x = _per_channel(rstd, N, G, D) * wt
-        k_0 = (bias.to(sdt) if bias is not None else torch.zeros(C, dtype=sdt, device=x.device)).expand(N, C).contiguous()
-        channel_affine(w, y, center, k_x.contiguous(), k_0)
+    if S == 0 or K == 0:  # no values: torch's statistics of nothing
+        mean = torch.zeros((S,), dtype=sdt, device=x.device)
+        rstd = torch.full((S,), 1.0 / (eps ** 0.5), dtype=sdt, device=x.device)
+        return y, mean.view(N, G), rstd.view(N, G)
+    mean = torch.empty((S,), dtype=sdt, device=x.device)
+    rstd = torch.empty((S,), dtype=sdt, device=x.device)
+    splits = H.split_count(S, K, x.device)
+    k_per = triton.cdiv(K, splits)
+    splits = triton.cdiv(K, k_per)
+    parts = torch.empty((3, S, splits), dtype=sdt, device=x.device)
+    count_launch("group_moments_partial")
+    group_moments_partial_kernel[(S, splits)](
+        w.x, parts[0], parts[1], parts[2], HW, G, D, w.sN, w.sC, w.sHW, k_per,
+        CHANNELS_LAST=w.channels_last, BLOCK=H.ELEMENTWISE_BLOCK, ACC=tl_acc(x))
+    count_launch("moments_merge")
+    moments_merge_kernel[(S,)](parts[0], parts[1], parts[2], mean, None, rstd, splits, splits, 1,
+                               *split_eps(eps), HAS_VAR=False, BLOCK_P=H.next_pow2(splits))
+    norm_affine(w, y, mean, rstd, _flat(weight), _flat(bias), stats_per_n=G, D=D)
     return y, mean.view(N, G), rstd.view(N, G)
+
+
+def _flat(p):
+    return p.contiguous() if p is not None else None
 
 
 def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
@@ -108,22 +146,22 @@ def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
     want_dx, want_dw, want_db = grad_mask(output_mask, weight)
     pdtype = weight.dtype if weight is not None else x.dtype
     dyc = w.like(dy)
-    mean2, rstd2 = mean.view(N, G), rstd.view(N, G)
-    center = _per_channel(mean2, N, G, D)
-    sum_dy, sum_dyx = channel_grad_sums(w, dyc, center, sdt)
-    rstd_c = _per_channel(rstd2, N, G, D)
-    dwt = (sum_dyx * rstd_c).sum(0).to(pdtype) if want_dw else x.new_empty((0,))
-    dbs = sum_dy.sum(0).to(pdtype) if want_db else x.new_empty((0,))
+    wt = _flat(weight)
+    p_dy, p_dyx = channel_grad_sums(w, dyc, mean, sdt, stats_per_n=G, D=D)
+    k_x = torch.empty((N * G,), dtype=sdt, device=x.device)
+    k_0 = torch.empty((N * G,), dtype=sdt, device=x.device)
+    dw_part = torch.empty((N, C), dtype=sdt, device=x.device) if want_dw else None
+    db_part = torch.empty((N, C), dtype=sdt, device=x.device) if want_db else None
+    if N * G > 0:
+        count_launch("group_grad_coeffs")
+        group_grad_coeffs_kernel[(N * G,)](
+            p_dy, p_dyx, rstd, wt, k_x, k_0, dw_part, db_part, C, G, D, max(D * HW, 1),
+            p_dy.shape[0], HAS_W=wt is not None, HAS_DW=want_dw, HAS_DB=want_db,
+            BLOCK_D=min(H.next_pow2(D), 1024), ACC=tl_acc(x))
+    dwt = sum_rows(dw_part, pdtype) if want_dw else x.new_empty((0,))
+    dbs = sum_rows(db_part, pdtype) if want_db else x.new_empty((0,))
     if not want_dx:
         return x.new_empty((0,)), dwt, dbs
     dx = w.empty()
-    if x.numel() > 0:
-        wt = weight.to(sdt) if weight is not None else torch.ones(C, dtype=sdt, device=x.device)
-        inv_count = 1.0 / (D * HW)
-        mean_g = (sum_dy * wt).view(N, G, D).sum(-1) * inv_count  # mean of g = dy * w
-        mean_gxhat = (sum_dyx * wt).view(N, G, D).sum(-1) * rstd2 * inv_count
-        k_dy = (rstd_c * wt).contiguous()
-        k_x = _per_channel(-rstd2 * rstd2 * mean_gxhat, N, G, D)
-        k_0 = _per_channel(-rstd2 * mean_g, N, G, D)
-        channel_affine(w, dx, center, k_x, k_0, k_dy, dyc)
+    norm_affine(w, dx, mean, rstd, wt, None, stats_per_n=G, D=D, k_x=k_x, k_0=k_0, dy=dyc)
     return dx, dwt, dbs

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import heuristics as H
 from .checks import check_dy, check_param, check_rows, stats_arg
-from .common import sum_parts_kernel
+from .common import plus_eps, split_eps, sum_rows
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -24,7 +24,7 @@ def _zero_scalar(ACC: tl.constexpr):
 
 
 @triton.jit
-def layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, N, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
+def layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, N, eps_hi, eps_lo, RMS: tl.constexpr, HAS_W: tl.constexpr,
                           HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
                           ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -39,7 +39,7 @@ def layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, N, eps, RMS: tl.constexpr, HAS
         else:
             mean = tl.sum(x, axis=0) / N
         d = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        rstd = 1.0 / tl.sqrt(plus_eps(tl.sum(d * d, axis=0) / N, eps_hi, eps_lo))
         y = d * rstd
         if HAS_W:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
@@ -60,7 +60,7 @@ def layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, N, eps, RMS: tl.constexpr, HAS
             mask = cols < N
             d = tl.where(mask, tl.load(x_row + cols, mask=mask, other=0.0).to(ACC) - mean, 0.0)
             acc2 += d * d
-        rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / N + eps)
+        rstd = 1.0 / tl.sqrt(plus_eps(tl.sum(acc2, axis=0) / N, eps_hi, eps_lo))
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
@@ -183,7 +183,7 @@ def layer_norm_fwd(x, normalized_ndim, weight, bias, eps, rms):
         b = bias.contiguous() if bias is not None else None
         count_launch("layer_norm_fwd")
         layer_norm_fwd_kernel[(M,)](
-            xc, y, w, b, mean if not rms else rstd, rstd, N, eps, RMS=rms, HAS_W=w is not None,
+            xc, y, w, b, mean if not rms else rstd, rstd, N, *split_eps(eps), RMS=rms, HAS_W=w is not None,
             HAS_B=b is not None, BLOCK_N=block, SINGLE=N <= block, ACC=tl_acc(x),
             num_warps=H.row_warps(block))
     return y, mean, rstd
@@ -206,9 +206,12 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else x.new_empty((0,))
     P = H.programs_for_rows(M, x.device)
     block = H.row_block(N)
-    dw_part = torch.zeros((P, N), dtype=sdt, device=x.device) if want_dw else None
-    db_part = torch.zeros((P, N), dtype=sdt, device=x.device) if want_db else None
-    if M > 0 and N > 0 and (want_dx or want_dw or want_db):
+    launch = M > 0 and N > 0 and (want_dx or want_dw or want_db)
+    # Rows that fit one block store every program's partials whole; longer rows add into them.
+    alloc = torch.empty if launch and N <= block else torch.zeros
+    dw_part = alloc((P, N), dtype=sdt, device=x.device) if want_dw else None
+    db_part = alloc((P, N), dtype=sdt, device=x.device) if want_db else None
+    if launch:
         count_launch("layer_norm_bwd")
         layer_norm_bwd_kernel[(P,)](
             dyc, xc, weight.contiguous() if weight is not None else None,
@@ -217,13 +220,6 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask)
             HAS_DW=want_dw, HAS_DB=want_db, BLOCK_N=block, SINGLE=N <= block, ACC=tl_acc(x),
             num_warps=H.row_warps(block))
     pdtype = weight.dtype if weight is not None else x.dtype
-
-    def reduce(part):
-        out = torch.empty((N,), dtype=pdtype, device=x.device)
-        count_launch("sum_parts")
-        sum_parts_kernel[(triton.cdiv(N, H.ELEMENTWISE_BLOCK),)](part, out, P, N, BLOCK=H.ELEMENTWISE_BLOCK)
-        return out.view(pshape)
-
-    dw = reduce(dw_part) if want_dw else x.new_empty((0,))
-    db = reduce(db_part) if want_db else x.new_empty((0,))
+    dw = sum_rows(dw_part, pdtype).view(pshape) if want_dw else x.new_empty((0,))
+    db = sum_rows(db_part, pdtype).view(pshape) if want_db else x.new_empty((0,))
     return dx, dw, db
