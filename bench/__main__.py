@@ -32,6 +32,8 @@ def machine(device: str) -> dict:
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+        # "in cache" on a GPU: the working set fits its L2 (the whole of it serves this run)
+        info["l2_bytes"] = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
         try:
             import triton
 
@@ -163,7 +165,8 @@ def run(args) -> dict:
             "ours_GBps": ours_gbs,
             "copy_GBps_same_size": copy_gbs_case,
             "pct_copy_bw": 100 * ours_gbs / copy_gbs_case,
-            "fits_cache": case.working_set_bytes() <= info.get("private_cache_bytes", 0),
+            "fits_cache": case.working_set_bytes() <= info.get(
+                "l2_bytes" if device == "cuda" else "private_cache_bytes", 0),
             "mmap_output": info["malloc"] == "default" and device == "cpu"
             and x_bytes >= MALLOC_MMAP_BYTES,
         }
@@ -235,7 +238,8 @@ def markdown(result: dict) -> str:
         + ") over the GB/s of copying x's bytes into an existing tensor, timed "
         "in the same round robin as the providers (for tensors that fit the last-level cache, "
         "that copy runs at cache speed); % 256 MB copy: the same over the 256 MB copy above, "
-        "which goes to memory. In cache: the working set fits this run's private L2 caches."
+        "which goes to memory. In cache: the working set fits "
+        + ("the GPU's L2." if info["device"] == "cuda" else "this run's private L2 caches.")
         + (" Memory: glibc kept from returning freed memory to the OS for the whole run (--malloc "
            "steady), so no provider page-faults on reused output memory: kernels are compared, not "
            "page faults." if info.get("malloc") == "steady" else "")

@@ -30,6 +30,10 @@ def test_run_reports_paired_speedups():
     assert result["machine"]["start"] == "warm" and "--start warm" in md
     assert result["machine"]["warm_ms"] == 0.5 and "after 0.5 ms of untimed calls" in md
     assert "paired (IQR)" in md and f"{paired['median']:.2f}x (" in md
+    # "in cache" judges by the CPU's private L2 here, by the GPU's L2 on CUDA
+    assert "fits this run's private L2 caches" in md
+    on_gpu = dict(result, machine=dict(result["machine"], device="cuda", gpu="a GPU", l2_bytes=1 << 20))
+    assert "fits the GPU's L2" in markdown(on_gpu)
 
 
 @pytest.fixture
