@@ -88,6 +88,8 @@ def test_heuristics():
     assert H.split_count(10_000, 1 << 20, cpu) == 1
     assert H.split_count(2, 100, cpu) == 1  # never splits below min_elems per program
     assert H.programs_for_rows(3, cpu) == 3
+    # runs of equal length, the last shorter, none empty
+    assert [H.split_range(10, k) for k in (1, 3, 4, 20)] == [(10, 1), (4, 3), (3, 4), (1, 10)]
     bc, bk = H.tile_2d(320, channels_last=True)
     assert bc == 64 and bc * bk >= 2048
     assert H.tile_2d(320, channels_last=False)[0] <= 4

@@ -19,8 +19,7 @@ import triton.language as tl
 from . import heuristics as H
 from ._shape import walk
 from .checks import check_dy, check_nc, check_param, stats_arg
-from .common import (chan_merge, channel_grad_sums, grad_mask, moments_merge_kernel, norm_affine,
-                     split_eps)
+from .common import chan_merge, channel_grad_sums, grad_mask, merge_moments, norm_affine
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -107,17 +106,13 @@ def batch_norm_fwd(x, weight, bias, eps):
     mean, invstd, var = (torch.empty((C,), dtype=sdt, device=x.device) for _ in range(3))
     block_c, block_k = H.tile_2d(C, w.channels_last)
     cblocks = triton.cdiv(C, block_c)
-    splits = H.split_count(cblocks, R * block_c, x.device)
-    rows_per = triton.cdiv(R, splits)
-    splits = triton.cdiv(R, rows_per)
+    rows_per, splits = H.split_range(R, H.split_count(cblocks, R * block_c, x.device))
     parts = torch.empty((3, splits, C), dtype=sdt, device=x.device)
     count_launch("batch_moments_partial")
     batch_moments_partial_kernel[(cblocks, splits)](
         w.x, parts[0], parts[1], parts[2], C, HW, R, w.sN, w.sC, w.sHW, rows_per,
         BLOCK_C=block_c, BLOCK_K=block_k, ACC=tl_acc(x))
-    count_launch("moments_merge")
-    moments_merge_kernel[(C,)](parts[0], parts[1], parts[2], mean, var, invstd, splits, 1, C,
-                               *split_eps(eps), HAS_VAR=True, BLOCK_P=H.next_pow2(splits))
+    merge_moments(parts, mean, var, invstd, splits, 1, C, eps)
     norm_affine(w, y, mean, invstd, _flat(weight), _flat(bias))
     return y, mean, invstd, var
 

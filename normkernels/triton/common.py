@@ -169,6 +169,15 @@ def norm_affine(w, out, mean, rstd, weight, bias, stats_per_n=0, D=1, k_x=None, 
         RSTD_FROM_VAR=eps is not None, ACC=tl_acc(w.x), BLOCK=H.ELEMENTWISE_BLOCK)
 
 
+def merge_moments(parts, mean, var, rstd, splits, stride_stat, stride_part, eps) -> None:
+    """mean, var (optional) and rstd of each statistic from its `splits` (count, mean, M2)
+    partials, parts[0..2] at stat * stride_stat + part * stride_part."""
+    count_launch("moments_merge")
+    moments_merge_kernel[(mean.numel(),)](
+        parts[0], parts[1], parts[2], mean, var, rstd, splits, stride_stat, stride_part,
+        *split_eps(eps), HAS_VAR=var is not None, BLOCK_P=H.next_pow2(splits))
+
+
 def channel_grad_sums(w, dy, mean, dtype, stats_per_n=0, D=1):
     """Partial sums of dy and dy * (x - mean[s]) per (n, c), as two [splits, N, C] tensors:
     HW is split over programs when N * C alone would not fill the GPU."""
@@ -177,9 +186,8 @@ def channel_grad_sums(w, dy, mean, dtype, stats_per_n=0, D=1):
         zeros = torch.zeros((1, N, C), dtype=dtype, device=w.x.device)
         return zeros, zeros.clone()
     block_c, block_k = H.tile_2d(C, w.channels_last)
-    splits = H.split_count(N * triton.cdiv(C, block_c), HW, w.x.device, min_elems=block_k)
-    hw_per = triton.cdiv(HW, splits)
-    splits = triton.cdiv(HW, hw_per)
+    hw_per, splits = H.split_range(
+        HW, H.split_count(N * triton.cdiv(C, block_c), HW, w.x.device, min_elems=block_k))
     p_dy = torch.empty((splits, N, C), dtype=dtype, device=w.x.device)
     p_dyx = torch.empty((splits, N, C), dtype=dtype, device=w.x.device)
     count_launch("channel_grad_sums")

@@ -18,8 +18,7 @@ import triton.language as tl
 from . import heuristics as H
 from ._shape import walk
 from .checks import check_dy, check_groups, check_param, stats_arg
-from .common import (chan_merge, channel_grad_sums, grad_mask, moments_merge_kernel, norm_affine,
-                     split_eps, sum_rows)
+from .common import chan_merge, channel_grad_sums, grad_mask, merge_moments, norm_affine, sum_rows
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -114,17 +113,13 @@ def group_norm_fwd(x, num_groups, weight, bias, eps):
         return y, mean.view(N, G), rstd.view(N, G)
     mean = torch.empty((S,), dtype=sdt, device=x.device)
     rstd = torch.empty((S,), dtype=sdt, device=x.device)
-    splits = H.split_count(S, K, x.device)
-    k_per = triton.cdiv(K, splits)
-    splits = triton.cdiv(K, k_per)
+    k_per, splits = H.split_range(K, H.split_count(S, K, x.device))
     parts = torch.empty((3, S, splits), dtype=sdt, device=x.device)
     count_launch("group_moments_partial")
     group_moments_partial_kernel[(S, splits)](
         w.x, parts[0], parts[1], parts[2], HW, G, D, w.sN, w.sC, w.sHW, k_per,
         CHANNELS_LAST=w.channels_last, BLOCK=H.ELEMENTWISE_BLOCK, ACC=tl_acc(x))
-    count_launch("moments_merge")
-    moments_merge_kernel[(S,)](parts[0], parts[1], parts[2], mean, None, rstd, splits, splits, 1,
-                               *split_eps(eps), HAS_VAR=False, BLOCK_P=H.next_pow2(splits))
+    merge_moments(parts, mean, None, rstd, splits, splits, 1, eps)
     norm_affine(w, y, mean, rstd, _flat(weight), _flat(bias), stats_per_n=G, D=D)
     return y, mean.view(N, G), rstd.view(N, G)
 

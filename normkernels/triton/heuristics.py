@@ -48,6 +48,13 @@ def split_count(num_stats: int, elems_per_stat: int, device: torch.device, min_e
     return max(1, min(want, most, 1024))
 
 
+def split_range(length: int, splits: int) -> tuple:
+    """(per, splits): `length` cut into runs of `per` (the last one shorter), about `splits` of
+    them and none empty."""
+    per = -(-length // max(splits, 1))
+    return per, -(-length // max(per, 1))
+
+
 def tile_2d(n_channels: int, channels_last: bool) -> tuple:
     """(BLOCK_C, BLOCK_K) for the [channels x reduced elements] tiles of batch/group norm:
     wide along whichever axis is contiguous in memory."""
