@@ -19,7 +19,7 @@ import triton.language as tl
 from . import heuristics as H
 from ._shape import walk
 from .checks import check_dy, check_nc, check_param, stats_arg
-from .common import chan_merge, channel_grad_sums, grad_mask, merge_moments, norm_affine
+from .common import chan_merge, channel_grad_sums, flat, grad_mask, merge_moments, norm_affine
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -84,10 +84,6 @@ def batch_grad_coeffs_kernel(PSumDy, PSumDyX, Invstd, W, DW, DB, KX, K0, C, rows
         tl.store(K0 + c, -k_dy * s_dy / count, mask=cmask)
 
 
-def _flat(p):
-    return p.contiguous() if p is not None else None
-
-
 def batch_norm_fwd(x, weight, bias, eps):
     check_nc(x, "batch_norm")
     check_param(weight, (x.shape[1],), x, "batch_norm", "weight")
@@ -113,7 +109,7 @@ def batch_norm_fwd(x, weight, bias, eps):
         w.x, parts[0], parts[1], parts[2], C, HW, R, w.sN, w.sC, w.sHW, rows_per,
         BLOCK_C=block_c, BLOCK_K=block_k, ACC=tl_acc(x))
     merge_moments(parts, mean, var, invstd, splits, 1, C, eps)
-    norm_affine(w, y, mean, invstd, _flat(weight), _flat(bias))
+    norm_affine(w, y, mean, invstd, flat(weight), flat(bias))
     return y, mean, invstd, var
 
 
@@ -125,7 +121,7 @@ def batch_norm_infer(x, mean, var, weight, bias, eps):
     check_param(bias, (x.shape[1],), x, "batch_norm", "bias")
     w = walk(x, rows_2d=True)
     y = w.empty()
-    norm_affine(w, y, mean, var, _flat(weight), _flat(bias), eps=eps)
+    norm_affine(w, y, mean, var, flat(weight), flat(bias), eps=eps)
     return y
 
 
@@ -141,7 +137,7 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, train, output_mask):
     want_dx, want_dw, want_db = grad_mask(output_mask, weight)
     pdtype = weight.dtype if weight is not None else x.dtype
     dyc = w.like(dy)
-    wt = _flat(weight)
+    wt = flat(weight)
     dwt = torch.empty((C,), dtype=pdtype, device=x.device) if want_dw else x.new_empty((0,))
     dbs = torch.empty((C,), dtype=pdtype, device=x.device) if want_db else x.new_empty((0,))
     with_k = want_dx and train and N * HW > 0  # inference dx needs no reduction

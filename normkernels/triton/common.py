@@ -208,6 +208,11 @@ def sum_rows(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def flat(p):
+    """An optional parameter as the kernels read it: contiguous, or None."""
+    return p.contiguous() if p is not None else None
+
+
 def grad_mask(output_mask, weight):
     """(want dx, want dweight, want dbias) from a backward op's output mask."""
     return bool(output_mask[0]), bool(output_mask[1]) and weight is not None, bool(output_mask[2])

@@ -18,7 +18,8 @@ import triton.language as tl
 from . import heuristics as H
 from ._shape import walk
 from .checks import check_dy, check_groups, check_param, stats_arg
-from .common import chan_merge, channel_grad_sums, grad_mask, merge_moments, norm_affine, sum_rows
+from .common import (chan_merge, channel_grad_sums, flat, grad_mask, merge_moments, norm_affine,
+                     sum_rows)
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -120,12 +121,8 @@ def group_norm_fwd(x, num_groups, weight, bias, eps):
         w.x, parts[0], parts[1], parts[2], HW, G, D, w.sN, w.sC, w.sHW, k_per,
         CHANNELS_LAST=w.channels_last, BLOCK=H.ELEMENTWISE_BLOCK, ACC=tl_acc(x))
     merge_moments(parts, mean, None, rstd, splits, splits, 1, eps)
-    norm_affine(w, y, mean, rstd, _flat(weight), _flat(bias), stats_per_n=G, D=D)
+    norm_affine(w, y, mean, rstd, flat(weight), flat(bias), stats_per_n=G, D=D)
     return y, mean.view(N, G), rstd.view(N, G)
-
-
-def _flat(p):
-    return p.contiguous() if p is not None else None
 
 
 def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
@@ -141,7 +138,7 @@ def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
     want_dx, want_dw, want_db = grad_mask(output_mask, weight)
     pdtype = weight.dtype if weight is not None else x.dtype
     dyc = w.like(dy)
-    wt = _flat(weight)
+    wt = flat(weight)
     p_dy, p_dyx = channel_grad_sums(w, dyc, mean, sdt, stats_per_n=G, D=D)
     k_x = torch.empty((N * G,), dtype=sdt, device=x.device)
     k_0 = torch.empty((N * G,), dtype=sdt, device=x.device)
