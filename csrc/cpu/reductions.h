@@ -1160,32 +1160,36 @@ inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t
 // passes of rows sized to stay in L2 between tiles: keeping the running statistics in memory
 // instead (a load and a store of both per element) made this pass store-bound at half the
 // speed of the normalize pass after it.
+// The frame of the per-column statistics walks below: body(lane_mean, lane_m2) accumulates into
+// mean and m2 (length C) zeroed, in bf16's lane order where kLanes asks for it (LaneColumns:
+// zeros in lane order, or mean and m2 zeroed in place); they are written back in column order
+// either way.
+template <bool kLanes, typename T, typename F>
+inline void with_column_moments(int64_t C, acc_t<T>* mean, acc_t<T>* m2, F&& body) {
+  LaneColumns<T, kLanes> lanes(C, 2);
+  body(lanes.zeros(0, mean), lanes.zeros(1, m2));
+  lanes.out(0, mean);
+  lanes.out(1, m2);
+}
+
 template <bool kLanes = true, typename T>
 inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                             acc_t<T>* mean, acc_t<T>* m2) {
   using A = acc_t<T>;
-  LaneColumns<T, kLanes> lanes(C, 2);
-  // zeros in lane order, or mean and m2 zeroed in place; out() writes them back either way
-  A* lane_mean = lanes.zeros(0, mean);
-  A* lane_m2 = lanes.zeros(1, m2);
-  if (r1 <= r0) {
-    lanes.out(0, mean);
-    lanes.out(1, m2);
-    return;
-  }
-  const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T)));
-  const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
-  Scratch<A> inv_count(std::min(pass_rows, r1 - r0));
-  for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
-    const int64_t p1 = std::min(r1, p0 + pass_rows);
-    for (int64_t r = p0; r < p1; ++r) inv_count[r - p0] = A(1) / static_cast<A>(r - r0 + 1);
-    for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
-      welford_tile<T, K.value, masked.value, kLanes>(x, p0, p1, ld, c, width, inv_count.data(),
-                                                     lane_mean, lane_m2);
-    });
-  }
-  lanes.out(0, mean);
-  lanes.out(1, m2);
+  with_column_moments<kLanes, T>(C, mean, m2, [&](A* lane_mean, A* lane_m2) {
+    if (r1 <= r0) return;
+    const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T)));
+    const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
+    Scratch<A> inv_count(std::min(pass_rows, r1 - r0));
+    for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
+      const int64_t p1 = std::min(r1, p0 + pass_rows);
+      for (int64_t r = p0; r < p1; ++r) inv_count[r - p0] = A(1) / static_cast<A>(r - r0 + 1);
+      for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
+        welford_tile<T, K.value, masked.value, kLanes>(x, p0, p1, ld, c, width,
+                                                       inv_count.data(), lane_mean, lane_m2);
+      });
+    }
+  });
 }
 
 // Adds rows [r, r + R) of the columns [c, c + width) (one chunk, masked where partial) to the
@@ -1241,33 +1245,24 @@ inline void columns_row_groups(const T* x, int64_t r0, int64_t r1, int64_t C, in
   using A = acc_t<T>;
   constexpr int64_t S = Chunk<T>::size;
   constexpr int kGroupRows = 8;
-  LaneColumns<T, kLanes> lanes(C, 2);
-  // zeros in lane order, or mean and m2 zeroed in place; out() writes them back either way
-  A* lane_mean = lanes.zeros(0, mean);
-  A* lane_m2 = lanes.zeros(1, m2);
-  if (r1 <= r0) {
-    lanes.out(0, mean);
-    lanes.out(1, m2);
-    return;
-  }
-  int64_t seen = 0;
-  auto add_rows = [&](auto rows, int64_t r) {
-    constexpr int R = decltype(rows)::value;
-    const A n_seen = static_cast<A>(seen), n_new = static_cast<A>(R);
-    const A w_new = n_new / (n_seen + n_new), w_cross = n_seen * w_new;
-    int64_t c = 0;
-    for (; c + S <= C; c += S)
-      row_group_tile<R, false, kLanes>(x, r, ld, c, S, w_new, w_cross, lane_mean, lane_m2);
-    if (c < C)
-      row_group_tile<R, true, kLanes>(x, r, ld, c, C - c, w_new, w_cross, lane_mean, lane_m2);
-    seen += R;
-  };
-  int64_t r = r0;
-  for (; r + kGroupRows <= r1; r += kGroupRows)
-    add_rows(std::integral_constant<int, kGroupRows>(), r);
-  for (; r < r1; ++r) add_rows(std::integral_constant<int, 1>(), r);
-  lanes.out(0, mean);
-  lanes.out(1, m2);
+  with_column_moments<kLanes, T>(C, mean, m2, [&](A* lane_mean, A* lane_m2) {
+    int64_t seen = 0;
+    auto add_rows = [&](auto rows, int64_t r) {
+      constexpr int R = decltype(rows)::value;
+      const A n_seen = static_cast<A>(seen), n_new = static_cast<A>(R);
+      const A w_new = n_new / (n_seen + n_new), w_cross = n_seen * w_new;
+      int64_t c = 0;
+      for (; c + S <= C; c += S)
+        row_group_tile<R, false, kLanes>(x, r, ld, c, S, w_new, w_cross, lane_mean, lane_m2);
+      if (c < C)
+        row_group_tile<R, true, kLanes>(x, r, ld, c, C - c, w_new, w_cross, lane_mean, lane_m2);
+      seen += R;
+    };
+    int64_t r = r0;
+    for (; r + kGroupRows <= r1; r += kGroupRows)
+      add_rows(std::integral_constant<int, kGroupRows>(), r);
+    for (; r < r1; ++r) add_rows(std::integral_constant<int, 1>(), r);
+  });
 }
 
 // Merge per-block column statistics (block b: count[b] rows, means part_mean[b * C + c] and
