@@ -72,8 +72,11 @@ struct ShortPlanes {
   // per-element arrays out once and uses them for every sample, which pays over enough samples:
   // see plane_walk_samples. elementwise: the pass applies given coefficients (inference).
   static bool applies(const NormShape& s, bool elementwise) {
-    return !s.channels_last && s.HW > 0 && s.HW < kShortPlane &&
-           s.N > plane_walk_samples(s.HW, elementwise);
+    return short_nchw(s) && s.N > plane_walk_samples(s.HW, elementwise);
+  }
+  // NCHW planes short enough for the blocks at all (given samples enough)
+  static bool short_nchw(const NormShape& s) {
+    return !s.channels_last && s.HW > 0 && s.HW < kShortPlane;
   }
   // Samples up to which short planes are walked one by one all the same: laying a block's
   // arrays out costs about what a sample's pass does, or more (three arrays for an elementwise
@@ -264,7 +267,7 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
                            bool low_nans) {
   const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)),
                                     Pass::kForward);
-  if (!s.channels_last && s.HW >= Chunk<T>::size && s.HW < kShortPlane &&
+  if (ShortPlanes<T>::short_nchw(s) && s.HW >= Chunk<T>::size &&
       (s.N <= kPlaneRunSamples || (stream && sizeof(T) == sizeof(acc_t<T>)))) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
