@@ -97,7 +97,8 @@ def norm_affine_kernel(X, DY, Out, Mean, Rstd, W, B, KX, K0, numel, C, HW, D, st
         if HAS_K:
             x = tl.load(X + i, mask=mask, other=0.0).to(ACC)
             mean = tl.load(Mean + s, mask=mask, other=0.0).to(ACC)
-            out += (x - mean) * tl.load(KX + s, mask=mask, other=0.0) + tl.load(K0 + s, mask=mask, other=0.0)
+            k_x = tl.load(KX + s, mask=mask, other=0.0)
+            out += (x - mean) * k_x + tl.load(K0 + s, mask=mask, other=0.0)
     else:
         x = tl.load(X + i, mask=mask, other=0.0).to(ACC)
         out = (x - tl.load(Mean + s, mask=mask, other=0.0).to(ACC)) * scale
@@ -144,7 +145,8 @@ def sum_rows_kernel(Parts, Out, num_rows, n, BLOCK_R: tl.constexpr, BLOCK_N: tl.
     for r0 in range(0, num_rows, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         m = (r < num_rows)[:, None] & cmask[None, :]
-        acc += tl.sum(tl.load(Parts + r.to(tl.int64)[:, None] * n + cols[None, :], mask=m, other=0.0), axis=0)
+        tile = tl.load(Parts + r.to(tl.int64)[:, None] * n + cols[None, :], mask=m, other=0.0)
+        acc += tl.sum(tile, axis=0)
     tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=cmask)
 
 
@@ -160,7 +162,7 @@ def norm_affine(w, out, mean, rstd, weight, bias, stats_per_n=0, D=1, k_x=None, 
     numel = w.x.numel()
     if numel == 0:
         return
-    eps_hi, eps_lo = split_eps(eps if eps is not None else 0.0)
+    eps_hi, eps_lo = split_eps(eps) if eps is not None else (0.0, 0.0)  # (unread without eps)
     count_launch("norm_affine")
     norm_affine_kernel[(triton.cdiv(numel, H.ELEMENTWISE_BLOCK),)](
         w.x, dy, out, mean, rstd, weight, bias, k_x, k_0, numel, w.C, w.HW, D, stats_per_n,

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import heuristics as H
 from .checks import check_dy, check_param, check_rows, stats_arg
-from .common import plus_eps, split_eps, sum_rows
+from .common import flat, plus_eps, split_eps, sum_rows
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -24,9 +24,9 @@ def _zero_scalar(ACC: tl.constexpr):
 
 
 @triton.jit
-def layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, N, eps_hi, eps_lo, RMS: tl.constexpr, HAS_W: tl.constexpr,
-                          HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
-                          ACC: tl.constexpr):
+def layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, N, eps_hi, eps_lo, RMS: tl.constexpr,
+                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SINGLE: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * N
     y_row = Y + row * N
@@ -179,13 +179,12 @@ def layer_norm_fwd(x, normalized_ndim, weight, bias, eps, rms):
     rstd = torch.empty((M,), dtype=sdt, device=x.device)
     if M > 0 and N > 0:
         block = H.row_block(N)
-        w = weight.contiguous() if weight is not None else None
-        b = bias.contiguous() if bias is not None else None
+        w, b = flat(weight), flat(bias)
         count_launch("layer_norm_fwd")
         layer_norm_fwd_kernel[(M,)](
-            xc, y, w, b, mean if not rms else rstd, rstd, N, *split_eps(eps), RMS=rms, HAS_W=w is not None,
-            HAS_B=b is not None, BLOCK_N=block, SINGLE=N <= block, ACC=tl_acc(x),
-            num_warps=H.row_warps(block))
+            xc, y, w, b, mean if not rms else rstd, rstd, N, *split_eps(eps), RMS=rms,
+            HAS_W=w is not None, HAS_B=b is not None, BLOCK_N=block, SINGLE=N <= block,
+            ACC=tl_acc(x), num_warps=H.row_warps(block))
     return y, mean, rstd
 
 
@@ -214,7 +213,7 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask)
     if launch:
         count_launch("layer_norm_bwd")
         layer_norm_bwd_kernel[(P,)](
-            dyc, xc, weight.contiguous() if weight is not None else None,
+            dyc, xc, flat(weight),
             mean if not rms else rstd, rstd, dx if want_dx else None, dw_part, db_part, M, N,
             triton.cdiv(M, P), RMS=rms, HAS_W=weight is not None, HAS_DX=want_dx,
             HAS_DW=want_dw, HAS_DB=want_db, BLOCK_N=block, SINGLE=N <= block, ACC=tl_acc(x),
