@@ -1155,11 +1155,6 @@ inline void welford_tile(const T* x, int64_t p0, int64_t p1, int64_t ld, int64_t
   tile_store_columns<kMasked, K>(s, m2, c, width);
 }
 
-// Per-column Welford over rows [r0, r1). mean/m2 (length C) are overwritten; every column sees
-// the same count, so one reciprocal per row serves all columns. Register tiles of columns sweep
-// passes of rows sized to stay in L2 between tiles: keeping the running statistics in memory
-// instead (a load and a store of both per element) made this pass store-bound at half the
-// speed of the normalize pass after it.
 // The frame of the per-column statistics walks below: body(lane_mean, lane_m2) accumulates into
 // mean and m2 (length C) zeroed, in bf16's lane order where kLanes asks for it (LaneColumns:
 // zeros in lane order, or mean and m2 zeroed in place); they are written back in column order
@@ -1172,6 +1167,11 @@ inline void with_column_moments(int64_t C, acc_t<T>* mean, acc_t<T>* m2, F&& bod
   lanes.out(1, m2);
 }
 
+// Per-column Welford over rows [r0, r1). mean/m2 (length C) are overwritten; every column sees
+// the same count, so one reciprocal per row serves all columns. Register tiles of columns sweep
+// passes of rows sized to stay in L2 between tiles: keeping the running statistics in memory
+// instead (a load and a store of both per element) made this pass store-bound at half the
+// speed of the normalize pass after it.
 template <bool kLanes = true, typename T>
 inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                             acc_t<T>* mean, acc_t<T>* m2) {
