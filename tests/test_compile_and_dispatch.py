@@ -58,6 +58,29 @@ def test_compile_fullgraph_forward_backward(backend):
     torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
 
 
+def test_inductor_runs_our_ops_not_their_decompositions():
+    """Our ops have decompositions registered (for exporters, normkernels/_decompositions.py);
+    inductor's code must still call the ops, forward and backward, in training and eval."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    _, ours = _pair()
+    x = torch.randn(4, 3, 8, 8)
+    compiled = torch.compile(ours, fullgraph=True, backend="inductor")
+    _, code = run_and_get_code(lambda: compiled(x).sum().backward())
+    called = set(re.findall(r"normkernels\.(\w+)", "\n".join(code)))
+    assert called == {"layer_norm_fwd", "layer_norm_bwd", "group_norm_fwd", "group_norm_bwd",
+                      "batch_norm_fwd", "batch_norm_bwd"}, called
+    ours.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="inductor")
+    _, code = run_and_get_code(lambda: compiled(x))
+    called = set(re.findall(r"normkernels\.(\w+)", "\n".join(code)))
+    assert called == {"layer_norm_fwd", "group_norm_fwd", "batch_norm_infer"}, called
+
+
 _DYNAMIC_CASES = {
     "LayerNorm": (lambda nn: nn.LayerNorm(16), lambda n: torch.randn(n, n + 3, 16)),
     "RMSNorm": (lambda nn: nn.RMSNorm(16), lambda n: torch.randn(n, n + 1, 16)),
@@ -169,6 +192,12 @@ def test_torch_export(training):
     called = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert any(c.startswith("normkernels.") for c in called), called
     assert not [c for c in called if c.startswith("aten.") and any(op in c for op in ATEN_NORM_OPS)]
+    # torch.export's own lowering keeps our ops (their decompositions are for exporters to
+    # other runtimes, normkernels/_decompositions.py)
+    lowered = program.run_decompositions()
+    assert {str(node.target) for node in lowered.graph.nodes if node.op == "call_function"
+            and str(node.target).startswith("normkernels.")} == {
+        c for c in called if c.startswith("normkernels.")}
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     buffer.seek(0)

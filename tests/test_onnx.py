@@ -1,6 +1,7 @@
-"""ONNX export of converted models (normkernels.onnx): every norm module, exported through
-torch.onnx's torch.export-based exporter with our ops' translations, run by ONNX Runtime,
-against torch's module on the same input; the exported graph holds standard ONNX operators only."""
+"""ONNX export of converted models: every norm module, exported by plain torch.onnx.export (the
+torch.export-based exporter, which decomposes our ops by their registered decompositions), run
+by ONNX Runtime, against torch's module on the same input; the exported graph holds standard
+ONNX operators only."""
 import copy
 import io
 import warnings
@@ -36,7 +37,7 @@ DTYPES = [torch.float32, torch.float16]
 def _export(model, x, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own chatter (training mode, deprecations)
-        program = normkernels.onnx.export(model, (x,), verbose=False, **kwargs)
+        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, **kwargs)
     buf = io.BytesIO()
     program.save(buf)
     return program, buf.getvalue()
@@ -61,7 +62,7 @@ def test_exported_model_matches_torch(name, make, shape, mode, dtype):
     got = _run(onnx_bytes, x)
     expected = torch_m(x).detach()
     assert got.dtype == expected.dtype and got.shape == expected.shape
-    # ONNX Runtime computes our translation in fp32 and rounds once, as our kernels do
+    # ONNX Runtime computes our decomposition in fp32 and rounds once, as our kernels do
     tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
@@ -78,29 +79,18 @@ def test_dynamic_batch_exports_once_and_runs_at_any_batch():
         torch.testing.assert_close(_run(onnx_bytes, x), model(x).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_callers_translations_win_and_the_legacy_exporter_is_refused():
+def test_normkernels_onnx_export_is_torch_onnx_export():
+    """normkernels.onnx, from when our ops needed translations of their own: export() still
+    exports, refuses the legacy exporter, and translation_table() is empty (deprecated)."""
     model = normkernels.convert(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))).eval()
     x = torch.randn(2, 4)
-    ours = normkernels.onnx.translation_table()[torch.ops.normkernels.layer_norm_fwd.default]
-    calls = []
-
-    def layer_norm_fwd(*args, **kwargs):  # a caller's own entry for one of our ops
-        calls.append(args)
-        return ours(*args, **kwargs)
-
-    table = {torch.ops.normkernels.layer_norm_fwd.default: layer_norm_fwd}
-    program, onnx_bytes = _export(model, x, custom_translation_table=table)
-    assert calls, "the caller's translation was not used"
-    torch.testing.assert_close(_run(onnx_bytes, x), model(x).detach(), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = normkernels.onnx.export(model, (x,), verbose=False)
+    buf = io.BytesIO()
+    program.save(buf)
+    torch.testing.assert_close(_run(buf.getvalue(), x), model(x).detach(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="dynamo=True"):
         normkernels.onnx.export(model, (x,), dynamo=False)
-
-
-def test_translation_table_covers_every_forward_op():
-    """Each op of ours but the backward ones (ONNX graphs are inference graphs) is translated."""
-    ours = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
-            if name.startswith("normkernels::")}
-    forward_ops = {name for name in ours if not name.endswith("_bwd")}
-    assert forward_ops, ours
-    table = normkernels.onnx.translation_table()
-    assert {op.name().split("::")[1] for op in table} == forward_ops
+    with pytest.warns(DeprecationWarning, match="no longer needed"):
+        assert normkernels.onnx.translation_table() == {}
