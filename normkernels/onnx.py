@@ -2,11 +2,11 @@
 
 Plain ``torch.onnx.export(model, args, "model.onnx")`` works (its default, torch.export-based
 exporter, ``dynamo=True`` — the default from torch 2.9 on): each of our forward ops has a
-decomposition into elementary ATen ops in torch's table (normkernels/_decompositions.py), which
-the exporter applies to any op it has no ONNX function for, then translates into standard ONNX
-operators (ReduceMean, Sub, Mul, Sqrt, ...). The file needs nothing of normkernels to run.
-Statistics are computed in fp32 for fp16/bf16 inputs (fp64 for fp64), variances two-pass, as
-our kernels do.
+decomposition into ATen ops in torch's table (normkernels/_decompositions.py), which the
+exporter applies to any op it has no ONNX function for, then translates as it does torch's own
+modules: a converted model exports to the same normalization operators (LayerNormalization,
+InstanceNormalization, BatchNormalization) as the torch.nn one. The file needs nothing of
+normkernels to run.
 
 The legacy TorchScript-based exporter (``dynamo=False``, the default before torch 2.9) knows no
 decompositions and is not supported: ``normkernels.revert(model)`` gives a model it exports.

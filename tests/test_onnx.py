@@ -67,6 +67,28 @@ def test_exported_model_matches_torch(name, make, shape, mode, dtype):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+def _norm_ops(program):
+    """The graph's normalization operators, and whether it computes statistics itself."""
+    types = [node.op_type for node in program.model_proto.graph.node]
+    return sorted(t for t in types if t.endswith("Normalization")), "ReduceMean" in types
+
+
+@pytest.mark.parametrize("name,make,shape", [m for m in MODULES if m[0] != "RMSNorm"],
+                         ids=[m[0] for m in MODULES if m[0] != "RMSNorm"])
+def test_inference_graph_uses_the_runtimes_norm_operators(name, make, shape):
+    """In eval, a converted module exports to the ONNX normalization operators torch's module
+    exports to (LayerNormalization, InstanceNormalization, BatchNormalization: what runtimes
+    run fused), not to elementary statistics. (The glue around them may differ: torch's
+    InstanceNorm2d with running statistics reshapes around BatchNormalization, ours does not;
+    torch's affine InstanceNorm2d gives InstanceNormalization its weight, ours multiplies after.
+    RMSNorm: torch's exports elementary ops too.)"""
+    base = make().apply(randomize_).eval()
+    x = torch.randn(shape)
+    torch_program, _ = _export(base, x)
+    ours_program, _ = _export(normkernels.convert(copy.deepcopy(base)), x)
+    assert _norm_ops(ours_program) == _norm_ops(torch_program)
+
+
 def test_dynamic_batch_exports_once_and_runs_at_any_batch():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GroupNorm(2, 8),
                           nn.InstanceNorm2d(8), nn.Flatten(2), nn.LayerNorm(64), nn.RMSNorm(64))
