@@ -9,7 +9,8 @@ TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
-"$PY" -m pip install -q numpy pytest pytest-benchmark scikit-learn matplotlib setuptools wheel
+"$PY" -m pip install -q numpy pytest pytest-xdist pytest-benchmark scikit-learn matplotlib setuptools \
+  wheel
 # ONNX export (normkernels.onnx) and its tests: the exporter's packages and a runtime to check
 # with. Optional: where they cannot be fetched (a GPU machine with no network), the ONNX tests skip.
 "$PY" -m pip install -q onnx onnxscript onnxruntime \
