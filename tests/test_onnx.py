@@ -34,10 +34,10 @@ MODULES = [
 DTYPES = [torch.float32, torch.float16]
 
 
-def _export(model, x, **kwargs):
+def _export(model, x, exporter=torch.onnx.export, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own chatter (training mode, deprecations)
-        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, **kwargs)
+        program = exporter(model, (x,), dynamo=True, verbose=False, **kwargs)
     buf = io.BytesIO()
     program.save(buf)
     return program, buf.getvalue()
@@ -107,12 +107,8 @@ def test_normkernels_onnx_export_is_torch_onnx_export():
     exports, refuses the legacy exporter, and translation_table() is empty (deprecated)."""
     model = normkernels.convert(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))).eval()
     x = torch.randn(2, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = normkernels.onnx.export(model, (x,), verbose=False)
-    buf = io.BytesIO()
-    program.save(buf)
-    torch.testing.assert_close(_run(buf.getvalue(), x), model(x).detach(), rtol=1e-5, atol=1e-5)
+    _, onnx_bytes = _export(model, x, exporter=normkernels.onnx.export)
+    torch.testing.assert_close(_run(onnx_bytes, x), model(x).detach(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="dynamo=True"):
         normkernels.onnx.export(model, (x,), dynamo=False)
     with pytest.warns(DeprecationWarning, match="no longer needed"):
