@@ -16,7 +16,7 @@ import normkernels
 
 from . import providers as P
 from .cases import suite
-from .timing import CopyBandwidth, copy_step, paired_ratios, round_robin, steady_malloc
+from .timing import CopyBandwidth, copy_step, paired_ratios, quartiles, round_robin, steady_malloc
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MALLOC_MMAP_BYTES = 32 << 20  # glibc mmaps (and page-faults) fresh allocations this large
@@ -100,6 +100,13 @@ def private_cache_bytes() -> int:
     return l2[0] * torch.get_num_threads() if l2 else 0
 
 
+def pct_paired(traffic_bytes: int, ours_rounds_ms, copy_rounds_gbps) -> dict:
+    """Ours' achieved GB/s as a percentage of the copy's GB/s of the same round: the median and
+    quartiles over the rounds."""
+    return quartiles([100 * traffic_bytes / (ms / 1e3) / 1e9 / copy_gbps
+                      for ms, copy_gbps in zip(ours_rounds_ms, copy_rounds_gbps)])
+
+
 def geomean(xs):
     xs = [x for x in xs if x and x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
@@ -131,8 +138,8 @@ def run(args) -> dict:
     for n in notes:
         print(f"# {n}", file=sys.stderr)
     dram_copy = CopyBandwidth(device)
-    print(f"# device-to-device copy (256 MB): {dram_copy.sample(15):.1f} GB/s now; sampled again "
-          "after every case", file=sys.stderr)
+    print(f"# device-to-device copy (256 MB): {dram_copy.sample(15):.1f} GB/s now; timed again "
+          "in every round of every case", file=sys.stderr)
     rows = []
     t_start = time.time()
     for i, case in enumerate(cases):
@@ -145,8 +152,13 @@ def run(args) -> dict:
         # same cache and machine conditions as the providers).
         x_bytes = case.numel * torch.empty((), dtype=case.dtype).element_size()
         fns["copy"] = copy_step(device, x_bytes)
+        # The memory-bandwidth reference, a 256 MB copy, timed once a round among the providers:
+        # its GB/s round by round pairs with ours' (a slow phase of the machine that slows both
+        # cancels out of their ratio, as in the paired speedup).
         res = round_robin(fns, device, rounds=args.rounds, sample_s=10e-3 if device == "cpu" else 20e-3,
-                          start=args.start, warm_s=args.warm_ms / 1e3)
+                          start=args.start, warm_s=args.warm_ms / 1e3,
+                          references={"copy 256 MB": dram_copy.step})
+        dram_rounds = dram_copy.add_rounds(res.pop("copy 256 MB")["rounds_ms"])
         t = {k: v["median_ms"] for k, v in res.items()}
         ours_gbs = case.traffic_bytes() / (t["ours"] / 1e3) / 1e9
         copy_gbs_case = 2 * x_bytes / (t["copy"] / 1e3) / 1e9
@@ -165,6 +177,9 @@ def run(args) -> dict:
             "ours_GBps": ours_gbs,
             "copy_GBps_same_size": copy_gbs_case,
             "pct_copy_bw": 100 * ours_gbs / copy_gbs_case,
+            # ours' GB/s over the 256 MB copy's, round by round (median and quartiles)
+            "pct_dram_copy_bw_paired": pct_paired(case.traffic_bytes(), res["ours"]["rounds_ms"],
+                                                  dram_rounds),
             "fits_cache": case.working_set_bytes() <= info.get(
                 "l2_bytes" if device == "cuda" else "private_cache_bytes", 0),
             "mmap_output": info["malloc"] == "default" and device == "cpu"
@@ -174,7 +189,6 @@ def run(args) -> dict:
             if peer in t:
                 row[f"speedup_vs_{peer}"] = t[peer] / t["ours"]
         rows.append(row)
-        dram_copy.sample()
         elapsed = time.time() - t_start
         print(f"[{i + 1}/{len(cases)}] {case.name}: torch {t['torch']:.3f} ms, ours {t['ours']:.3f} ms "
               f"({row['speedup_vs_torch']:.2f}x)  {elapsed:.0f}s", file=sys.stderr)
@@ -202,6 +216,8 @@ def run(args) -> dict:
     summary["out_of_cache_below_70pct_copy_bw"] = [r["case"] for r in out_of_cache if r["pct_copy_bw"] < 70]
     summary["out_of_cache_below_70pct_dram_copy_bw"] = [
         r["case"] for r in out_of_cache if r["pct_dram_copy_bw"] < 70]
+    summary["out_of_cache_below_70pct_dram_copy_bw_paired"] = [
+        r["case"] for r in out_of_cache if r["pct_dram_copy_bw_paired"]["median"] < 70]
     return {"machine": info, "summary": summary, "rows": rows, "args": vars(args)}
 
 
@@ -221,7 +237,7 @@ def markdown(result: dict) -> str:
         f"# normkernels benchmark — {head}",
         "",
         f"Copy bandwidth (device-to-device, 256 MB, same run): {info['copy_GBps']:.1f} GB/s, the "
-        f"median of {info.get('copy_samples', 1)} samples taken between the cases"
+        f"median of {info.get('copy_samples', 1)} samples taken through the run"
         + (f" (range {info['copy_GBps_range'][0]:.1f}–{info['copy_GBps_range'][1]:.1f})"
            if "copy_GBps_range" in info else "") + ". "
         "Times are medians of round-robin samples"
@@ -238,7 +254,9 @@ def markdown(result: dict) -> str:
         + ") over the GB/s of copying x's bytes into an existing tensor, timed "
         "in the same round robin as the providers (for tensors that fit the last-level cache, "
         "that copy runs at cache speed); % 256 MB copy: the same over the 256 MB copy above, "
-        "which goes to memory. In cache: the working set fits "
+        "which goes to memory; paired: over the 256 MB copy timed in the same round (one in every "
+        "round of every case, among the providers), the median and quartiles over the rounds, so a "
+        "slow phase of the machine that slows both cancels out. In cache: the working set fits "
         + ("the GPU's L2." if info["device"] == "cuda" else "this run's private L2 caches.")
         + (" Memory: glibc kept from returning freed memory to the OS for the whole run (--malloc "
            "steady), so no provider page-faults on reused output memory: kernels are compared, not "
@@ -249,9 +267,9 @@ def markdown(result: dict) -> str:
         "",
         "| case | torch ms | " + ("compile ms | " if has_compile else "") + ("liger ms | " if has_liger else "")
         + "ours ms | vs torch | paired (IQR) | " + ("vs compile | " if has_compile else "") + ("vs liger | " if has_liger else "")
-        + "ours GB/s | % copy BW | % 256 MB copy | in cache | control |",
+        + "ours GB/s | % copy BW | % 256 MB copy | paired (IQR) | in cache | control |",
         "|---|---:|" + ("---:|" if has_compile else "") + ("---:|" if has_liger else "") + "---:|---:|---:|"
-        + ("---:|" if has_compile else "") + ("---:|" if has_liger else "") + "---:|---:|---:|:-:|---:|",
+        + ("---:|" if has_compile else "") + ("---:|" if has_liger else "") + "---:|---:|---:|---:|:-:|---:|",
     ]
     for r in rows:
         t = r["ms"]
@@ -267,7 +285,9 @@ def markdown(result: dict) -> str:
             cells.append(f"{r.get('speedup_vs_torch.compile', float('nan')):.2f}x")
         if has_liger:
             cells.append(f"{r['speedup_vs_liger']:.2f}x" if "speedup_vs_liger" in r else "—")
+        dp = r.get("pct_dram_copy_bw_paired")
         cells += [f"{r['ours_GBps']:.1f}", f"{r['pct_copy_bw']:.0f}%", f"{r['pct_dram_copy_bw']:.0f}%",
+                  f"{dp['median']:.0f}% ({dp['q1']:.0f}–{dp['q3']:.0f})" if dp else "—",
                   "yes" if r["fits_cache"] else "no",
                   f"{r['control_ratio']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -290,7 +310,10 @@ def markdown(result: dict) -> str:
         f"{s['control_ratio_range'][0]:.2f}–{s['control_ratio_range'][1]:.2f}: the noise floor of this run.",
         f"Out-of-cache cases below 70% of the same-size copy: {len(s['out_of_cache_below_70pct_copy_bw'])} of "
         f"{s['out_of_cache_cases']}; below 70% of the 256 MB copy: "
-        f"{len(s['out_of_cache_below_70pct_dram_copy_bw'])}.",
+        f"{len(s['out_of_cache_below_70pct_dram_copy_bw'])}"
+        + (f"; below 70% of the 256 MB copy of the same round (paired median): "
+           f"{len(s['out_of_cache_below_70pct_dram_copy_bw_paired'])}"
+           if "out_of_cache_below_70pct_dram_copy_bw_paired" in s else "") + ".",
     ] + (["‡ output of 32 MB or more: glibc mmaps (and page-faults) each fresh allocation this large."]
          if any(r["mmap_output"] for r in rows) else []) + [f"Note: {n}." for n in s["notes"]]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ import ctypes.util
 import random
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -52,7 +52,8 @@ def warm_up(fn: Callable, device: str, seconds: float) -> int:
 
 
 def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: float = 2e-3,
-                seed: int = 0, start: str = "warm", warm_s: float = 0.0) -> Dict[str, Dict[str, float]]:
+                seed: int = 0, start: str = "warm", warm_s: float = 0.0,
+                references: Optional[Dict[str, Callable]] = None) -> Dict[str, Dict[str, float]]:
     """{provider: {median_ms, min_ms, samples, calls, rounds_ms}} timed side by side.
 
     Every provider's sample times the same number of back-to-back calls, enough for the slowest
@@ -62,6 +63,11 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
     forward timed side by side, the first calibrated (a one-off 3.4 ms single call) timed
     0.83 ms, the others 0.32. Equal counts, and the median of three single calls to calibrate,
     put every provider in the same mix of calls.
+
+    references: timed in the same rounds (shuffled in among the providers, warmed as they are),
+      one call a sample, and left out of setting the providers' calls a sample: the 256 MB
+      copy, whose ~10 ms call would otherwise cut every provider's sample to one call. Their
+      rounds_ms pair with the providers' round by round.
 
     start: what a sample starts from.
       "warm" (the default): untimed calls of the same provider just before its sample (one,
@@ -100,23 +106,24 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
         single[name] = statistics.median(time_once(fn, 1, device) for _ in range(3))
         last = name
     calls = max(1, min(1000, int(sample_s / max(max(single.values()), 1e-7))))
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    order = list(fns)
+    timed = dict(fns, **(references or {}))
+    samples: Dict[str, List[float]] = {name: [] for name in timed}
+    order = list(timed)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
             # warm: the untimed calls, unless this provider's own call just ran (a lone provider,
             # such as the 256 MB copy, or one that ended the last round and starts this one)
             if start == "warm" and name != last:
-                warm_up(fns[name], device, warm_s)
-            samples[name].append(time_once(fns[name], calls, device))
+                warm_up(timed[name], device, warm_s)
+            samples[name].append(time_once(timed[name], 1 if name not in fns else calls, device))
             last = name
     return {
         name: {
             "median_ms": statistics.median(s) * 1e3,
             "min_ms": min(s) * 1e3,
             "samples": len(s),
-            "calls": calls,
+            "calls": calls if name in fns else 1,
             "rounds_ms": [x * 1e3 for x in s],  # one sample a round, in round order
         }
         for name, s in samples.items()
@@ -128,12 +135,16 @@ def paired_ratios(rounds_a: List[float], rounds_b: List[float]) -> Dict[str, flo
     moment of the machine, so a slow phase that spans a round cancels out of its ratio. Returns
     the median and quartiles of those ratios and the rounds in which a was faster (ratio < 1)."""
     ratios = [a / b for a, b in zip(rounds_a, rounds_b)]
-    if len(ratios) >= 2:
-        q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return dict(quartiles(ratios), rounds_below_1=sum(x < 1 for x in ratios))
+
+
+def quartiles(values: List[float]) -> Dict[str, float]:
+    """{median, q1, q3, rounds} of per-round values."""
+    if len(values) >= 2:
+        q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
     else:  # quantiles needs two points
-        q1 = q2 = q3 = ratios[0] if ratios else float("nan")
-    return {"median": q2, "q1": q1, "q3": q3, "rounds_below_1": sum(x < 1 for x in ratios),
-            "rounds": len(ratios)}
+        q1 = q2 = q3 = values[0] if values else float("nan")
+    return {"median": q2, "q1": q1, "q3": q3, "rounds": len(values)}
 
 
 def copy_step(device: str, nbytes: int) -> Callable[[], object]:
@@ -149,18 +160,30 @@ class CopyBandwidth:
     sampled through the whole run rather than once. The machine's memory bandwidth moves with
     what else shares it (measured here: 30.5 and 35.6 GB/s at the start of two runs minutes
     apart), so one snapshot taken before the cases can sit well off the conditions they ran
-    under; the median of samples taken between cases does not."""
+    under; the median of samples taken through the run does not, and a copy timed in each
+    round of a case (add_rounds) pairs with that round's samples."""
 
     def __init__(self, device: str, nbytes: int = 256 << 20):
         self.device, self.nbytes = device, max(nbytes, 4)
         self.step = copy_step(device, nbytes)
         self.samples: List[float] = []
 
+    def gbps(self, ms: float) -> float:
+        """GB/s of one copy that took `ms` milliseconds (read + write of nbytes)."""
+        return 2 * self.nbytes / (ms / 1e3) / 1e9
+
     def sample(self, rounds: int = 3) -> float:
         """Times `rounds` copies now; returns their median GB/s (and keeps it)."""
         res = round_robin({"copy": self.step}, self.device, rounds)
-        gbs = 2 * self.nbytes / (res["copy"]["median_ms"] / 1e3) / 1e9
+        gbs = self.gbps(res["copy"]["median_ms"])
         self.samples.append(gbs)
+        return gbs
+
+    def add_rounds(self, rounds_ms: List[float]) -> List[float]:
+        """Keeps the copies a case's round robin timed as its reference (one a round); returns
+        their GB/s, round by round."""
+        gbs = [self.gbps(ms) for ms in rounds_ms]
+        self.samples.extend(gbs)
         return gbs
 
     def median(self) -> float:

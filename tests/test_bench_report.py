@@ -26,7 +26,13 @@ def test_run_reports_paired_speedups():
     assert paired["rounds"] == 3
     assert paired["q1"] <= paired["median"] <= paired["q3"]
     assert "slower_than_torch_paired_q3" in result["summary"]
+    # ours' GB/s over the 256 MB copy timed in the same round, round by round
+    dram = row["pct_dram_copy_bw_paired"]
+    assert dram["rounds"] == 3 and dram["q1"] <= dram["median"] <= dram["q3"]
+    assert result["machine"]["copy_samples"] == 1 + 3  # one at the start, then one a round
+    assert "out_of_cache_below_70pct_dram_copy_bw_paired" in result["summary"]
     md = markdown(result)
+    assert f"{dram['median']:.0f}% ({dram['q1']:.0f}–{dram['q3']:.0f})" in md
     assert result["machine"]["start"] == "warm" and "--start warm" in md
     assert result["machine"]["warm_ms"] == 0.5 and "after 0.5 ms of untimed calls" in md
     assert "paired (IQR)" in md and f"{paired['median']:.2f}x (" in md
@@ -84,6 +90,37 @@ def test_round_robin_start(call_log, start, providers):
         assert not untimed  # a lone provider always follows itself
     else:
         assert untimed
+
+
+def test_round_robin_times_references_once_a_round(call_log, monkeypatch):
+    # a reference (the 256 MB copy) is timed one call a sample in every round, shuffled in
+    # among the providers and warmed as they are, and does not set the providers' calls a
+    # sample: the slow reference would otherwise cut every provider's sample to one call.
+    # The clock is a fake one that each call moves on by its own time.
+    import bench.timing as timing
+
+    log = call_log
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def call(name, ms):
+        clock[0] += ms * 1e-3
+        log.append(name)
+
+    fns = {"a": lambda: call("a", 1.0), "b": lambda: call("b", 1.0)}
+    rounds = 5
+    res = round_robin(fns, "cpu", rounds, sample_s=4.5e-3, start="warm",
+                      references={"ref": lambda: call("ref", 100.0)})
+    assert res["a"]["calls"] == res["b"]["calls"] == 4  # 4 ms of 1 ms calls, not 1
+    assert res["ref"]["calls"] == 1 and res["ref"]["samples"] == rounds
+    assert res["ref"]["rounds_ms"] == [pytest.approx(100.0)] * rounds
+    assert "ref" not in log[:len(fns) * (2 + 2 * 3)]  # no calibration calls
+    timed = [log[i + 1] for i, e in enumerate(log) if e == "timed" and i >= len(fns) * 8]
+    for r in range(rounds):
+        assert sorted(timed[3 * r:3 * r + 3]) == ["a", "b", "ref"]
+    for i, e in enumerate(log):  # warmed: a timed call follows one of its own
+        if e == "timed" and i >= len(fns) * 8:
+            assert log[i - 1] == log[i + 1]
 
 
 def test_round_robin_rejects_unknown_start():
