@@ -43,6 +43,11 @@ def machine(device: str) -> dict:
     else:
         info["cpu"] = cpu_name()
         info["cpu_capability"] = normkernels.cpu_capability()
+        # torch's own CPU kernels' SIMD level (ATEN_CPU_CAPABILITY caps both; ours alone is
+        # capped by NORMKERNELS_CPU_CAPABILITY): a run standing in for an AVX2 machine says so
+        get_aten = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+        if get_aten is not None:
+            info["torch_cpu_capability"] = get_aten()
         info["llc_bytes"] = last_level_cache_bytes()
         info["private_cache_bytes"] = private_cache_bytes()
     return info
@@ -232,7 +237,10 @@ def markdown(result: dict) -> str:
     if "triton" in info:
         head += f", Triton {info['triton']}"
     if "cpu_capability" in info:
-        head += f", kernels {info['cpu_capability']}, {info['threads']} threads"
+        head += f", kernels {info['cpu_capability']}"
+        if "torch_cpu_capability" in info:
+            head += f" (torch's {info['torch_cpu_capability']})"
+        head += f", {info['threads']} threads"
     lines = [
         f"# normkernels benchmark — {head}",
         "",

@@ -21,6 +21,7 @@ def summarize(path: str) -> str:
     lines = [
         f"{info.get('gpu') or info.get('cpu')}, torch {info['torch']}, {info['threads']} threads"
         + (f", kernels {info['cpu_capability']}" if "cpu_capability" in info else "")
+        + (f" (torch's {info['torch_cpu_capability']})" if "torch_cpu_capability" in info else "")
         + f"; copy bandwidth {info['copy_GBps']:.1f} GB/s"
         + (f" (median through the run, range {info['copy_GBps_range'][0]:.1f}–"
            f"{info['copy_GBps_range'][1]:.1f})" if "copy_GBps_range" in info else "")

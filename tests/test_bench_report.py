@@ -38,6 +38,12 @@ def test_run_reports_paired_speedups():
     assert "paired (IQR)" in md and f"{paired['median']:.2f}x (" in md
     # "in cache" judges by the CPU's private L2 here, by the GPU's L2 on CUDA
     assert "fits this run's private L2 caches" in md
+    # both SIMD levels in the title: ours and torch's own kernels'
+    import torch
+    import normkernels
+
+    title = f"kernels {normkernels.cpu_capability()} (torch's {torch.backends.cpu.get_cpu_capability()})"
+    assert title in md.splitlines()[0]
     on_gpu = dict(result, machine=dict(result["machine"], device="cuda", gpu="a GPU", l2_bytes=1 << 20))
     assert "fits the GPU's L2" in markdown(on_gpu)
 
