@@ -97,6 +97,9 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
         torch's and 2.78 ms just after its own."""
     if start not in ("warm", "after-others"):
         raise ValueError(f"round_robin: start must be 'warm' or 'after-others', not {start!r}")
+    if set(references or {}) & set(fns):
+        raise ValueError(f"round_robin: references {sorted(set(references) & set(fns))} are "
+                         "also providers")
     rng = random.Random(seed)
     single = {}
     last = None  # the provider whose call ran last

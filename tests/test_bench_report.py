@@ -132,6 +132,8 @@ def test_round_robin_times_references_once_a_round(call_log, monkeypatch):
 def test_round_robin_rejects_unknown_start():
     with pytest.raises(ValueError, match="start"):
         round_robin({"a": lambda: None}, "cpu", 1, start="cold")
+    with pytest.raises(ValueError, match="also providers"):  # a reference named as a provider
+        round_robin({"a": lambda: None}, "cpu", 1, references={"a": lambda: None})
 
 
 def test_round_robin_warms_for_warm_s(call_log, monkeypatch):
