@@ -110,6 +110,7 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
         last = name
     calls = max(1, min(1000, int(sample_s / max(max(single.values()), 1e-7))))
     timed = dict(fns, **(references or {}))
+    sample_calls = {name: calls if name in fns else 1 for name in timed}  # references: one
     samples: Dict[str, List[float]] = {name: [] for name in timed}
     order = list(timed)
     for _ in range(rounds):
@@ -119,14 +120,14 @@ def round_robin(fns: Dict[str, Callable], device: str, rounds: int, sample_s: fl
             # such as the 256 MB copy, or one that ended the last round and starts this one)
             if start == "warm" and name != last:
                 warm_up(timed[name], device, warm_s)
-            samples[name].append(time_once(timed[name], 1 if name not in fns else calls, device))
+            samples[name].append(time_once(timed[name], sample_calls[name], device))
             last = name
     return {
         name: {
             "median_ms": statistics.median(s) * 1e3,
             "min_ms": min(s) * 1e3,
             "samples": len(s),
-            "calls": calls if name in fns else 1,
+            "calls": sample_calls[name],
             "rounds_ms": [x * 1e3 for x in s],  # one sample a round, in round order
         }
         for name, s in samples.items()

@@ -28,6 +28,7 @@ Backward ops have none: exported graphs are inference graphs.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -69,9 +70,7 @@ def layer_norm_fwd(x: Tensor, normalized_ndim: int, weight: Optional[Tensor],
 def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float):
     n, c = x.shape[0], x.shape[1]
-    hw = 1
-    for d in x.shape[2:]:
-        hw = hw * d
+    hw = math.prod(x.shape[2:])
     # ATen's kernel takes x dense in its memory format (as F.group_norm hands it over)
     dense = x.contiguous(memory_format=walk_format(x, rows_2d=False))
     y, mean, rstd = aten.native_group_norm(dense, _param(weight, x), _param(bias, x), n, c, hw,
