@@ -113,6 +113,34 @@ def test_blocked_statistics_of_long_groups_and_planes_like_torch(dtype):
         torch.testing.assert_close(rv.double(), xr.var((0, 2, 3)), atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_short_planes_from_inputs_off_their_outputs_alignment_like_torch(dtype):
+    # Short NCHW planes take a masked head tile per block where the outputs' spans share one
+    # alignment (ShortPlanes::head, set by y or dx); here x and dy are contiguous views one
+    # element into their storage, so every load of the aligned tiles is off a vector boundary.
+    from samples import assert_close_like_torch
+    shape = (6, 64, 7, 7)
+    n = torch.Size(shape).numel()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + 1, generator=g, dtype=torch.float64)[1:].view(shape).to(dtype)
+    dy = torch.randn(n + 1, generator=g, dtype=torch.float64)[1:].view(shape).to(dtype)
+    if dtype != torch.float64:  # .to() copied them: make them views one element in again
+        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(shape)
+        dy = torch.cat([dy.new_zeros(1), dy.flatten()])[1:].view(shape)
+    assert x.storage_offset() == 1 and dy.storage_offset() == 1 and x.is_contiguous()
+    w = (torch.rand(64, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    rm, rv = torch.randn(64, dtype=torch.float64).to(dtype), (torch.rand(64, dtype=torch.float64) + 0.5).to(dtype)
+    results = []
+    for fn, cast in ((NF.batch_norm, dtype), (TF.batch_norm, dtype), (TF.batch_norm, torch.float64)):
+        xc, wc = x.to(cast), w.to(cast)  # x itself (one element in) where cast is its dtype
+        xg, wg = xc.detach().requires_grad_(), wc.detach().requires_grad_()
+        y = fn(xg, None, None, wg, wg, True)
+        results.append((y.detach(), *torch.autograd.grad(y, (xg, wg), dy.to(cast)),
+                        fn(xc, rm.to(cast), rv.to(cast), wc, wc, False)))
+    for what, ours, theirs, ref in zip(("y", "dx", "dweight", "inference y"), *results):
+        assert_close_like_torch(ours, theirs, ref, what)
+
+
 def test_nan_stays_in_its_row_group_and_channel(backend_name):
     x = torch.randn(4, 6, 5)
     x[1, 2, 3] = float("nan")

@@ -90,11 +90,11 @@ def _check_matches_torch(mods, case, layout, dtype, device="cpu"):
                     assert_close_like_torch(buf, buffers_t[name], buffers_r[name], f"{name} ({where})")
 
 
-# channels_last shapes whose second pass (normalize, dx) a thread walks back to front in several
-# segments, some crossing an image boundary (for_rows_back_to_front: 256 KB of input a segment,
-# here 256-1024 rows of 1728 by dtype), and folded rows of few channels: the C++ kernels only,
-# too big for the Triton interpreter.
-SEGMENT_CASES = [
+# Shapes for the C++ kernels only, too big for the Triton interpreter: channels_last shapes whose
+# second pass (normalize, dx) a thread walks back to front in several segments, some crossing an
+# image boundary (for_rows_back_to_front: 256 KB of input a segment, here 256-1024 rows of 1728 by
+# dtype), folded rows of few channels, and short planes of many channels.
+CPP_CASES = [
     Case("GroupNorm-segments", lambda: nn.GroupNorm(4, 128), (3, 128, 24, 24), ["channels_last"]),
     Case("InstanceNorm-segments", lambda: nn.InstanceNorm2d(128, affine=True), (3, 128, 24, 24),
          ["channels_last"]),
@@ -105,14 +105,21 @@ SEGMENT_CASES = [
     Case("InstanceNorm-pixelrows", lambda: nn.InstanceNorm2d(3, affine=True), (2, 3, 64, 128),
          ["channels_last"]),
     Case("GroupNorm-pixelrows", lambda: nn.GroupNorm(3, 6), (3, 6, 50, 50), ["channels_last"]),
+    # short NCHW planes whose samples' spans share one alignment (64 channels of 7x7: every
+    # sample 3136 values apart): blocks of 20 channels (10 in the backward) start mid-vector, so
+    # each walks a masked head tile before its aligned whole tiles (ShortPlanes::head), in every
+    # dtype; strided: x and dy made contiguous by the kernels' callers
+    Case("BatchNorm-shortplanes-aligned", lambda: nn.BatchNorm2d(64), (6, 64, 7, 7),
+         ["contiguous", "strided"]),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: c.name)
-def test_back_to_front_segments_match_torch(case, dtype):
+@pytest.mark.parametrize("case,layout", [(c, layout) for c in CPP_CASES for layout in c.layouts],
+                         ids=lambda v: v.name if isinstance(v, Case) else v)
+def test_cpp_kernels_match_torch_at_larger_shapes(case, layout, dtype):
     with normkernels.backend("cpp"):
-        _check_matches_torch(triple(case, dtype), case, "channels_last", dtype)
+        _check_matches_torch(triple(case, dtype), case, layout, dtype)
 
 
 # torch.jit.script compiles every torch.nn norm module but SyncBatchNorm (torch.distributed is not

@@ -1117,11 +1117,17 @@ inline void prefetch_ahead(const T* p, int64_t r, int64_t r_end, int64_t ld, int
 
 // Calls tile(c, width) over the columns [0, C) in tiles of two chunks, then one chunk, then the
 // masked rest: tile is a generic lambda taking std::integral_constant<int, K> and a bool_constant
-// for masked.
+// for masked. head (less than a chunk): columns taken first as a masked tile of their own, so the
+// whole tiles start at column head (where the caller's rows are aligned; see ShortPlanes::head).
+// Only for walks in natural order: the lane order (LaneColumns) is set by chunks from column 0.
 template <typename T, typename Tile>
-inline void for_column_tiles(int64_t C, Tile&& tile) {
+inline void for_column_tiles(int64_t C, Tile&& tile, int64_t head = 0) {
   constexpr int64_t S = Chunk<T>::size;
   int64_t c = 0;
+  if (head > 0 && head < C) {
+    tile(std::integral_constant<int, 2>(), std::true_type(), c, head);
+    c = head;
+  }
   for (; c + 2 * S <= C; c += 2 * S)
     tile(std::integral_constant<int, 4>(), std::false_type(), c, 2 * S);
   for (; c + S <= C; c += S) tile(std::integral_constant<int, 2>(), std::false_type(), c, S);
@@ -1174,7 +1180,7 @@ inline void with_column_moments(int64_t C, acc_t<T>* mean, acc_t<T>* m2, F&& bod
 // speed of the normalize pass after it.
 template <bool kLanes = true, typename T>
 inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
-                            acc_t<T>* mean, acc_t<T>* m2) {
+                            acc_t<T>* mean, acc_t<T>* m2, int64_t head = 0) {
   using A = acc_t<T>;
   with_column_moments<kLanes, T>(C, mean, m2, [&](A* lane_mean, A* lane_m2) {
     if (r1 <= r0) return;
@@ -1187,7 +1193,7 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64
       for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
         welford_tile<T, K.value, masked.value, kLanes>(x, p0, p1, ld, c, width,
                                                        inv_count.data(), lane_mean, lane_m2);
-      });
+      }, head);
     }
   });
 }
@@ -1388,7 +1394,7 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
 template <bool kLanes = true, typename T>
 inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, int64_t C,
                               int64_t ld, const acc_t<T>* shift, acc_t<T>* sum_dy,
-                              acc_t<T>* sum_dy_xc) {
+                              acc_t<T>* sum_dy_xc, int64_t head = 0) {
   if (r1 <= r0) return;
   LaneColumns<T, kLanes> lanes(C, 3);
   const acc_t<T>* lane_shift = lanes.in(0, shift);
@@ -1401,7 +1407,7 @@ inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, i
     for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
       grad_sums_tile<T, K.value, masked.value, kLanes>(dy, x, p0, p1, ld, c, width, lane_shift,
                                                        lane_sum_dy, lane_sum_dy_xc);
-    });
+    }, head);
   }
   lanes.out(1, sum_dy);
   lanes.out(2, sum_dy_xc);
@@ -1507,7 +1513,7 @@ constexpr int64_t kTileRows = 4;
 template <bool kLanes = true, typename T>
 inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                            const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift,
-                           bool stream, bool low_nans) {
+                           bool stream, bool low_nans, int64_t head = 0) {
   LaneColumns<T, kLanes> lanes(C, 3);
   center = lanes.in(0, center);
   scale = lanes.in(1, scale);
@@ -1518,7 +1524,7 @@ inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, 
       for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
         affine_tile<T, K.value, masked.value, kLanes, low.value>(x, y, g0, g1, r1, ld, c, width,
                                                                  center, scale, shift, stream);
-      });
+      }, head);
     }
   });
 }
@@ -1611,7 +1617,7 @@ template <bool kLanes = true, typename T>
 inline void columns_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1,
                                int64_t C, int64_t ld, const acc_t<T>* center,
                                const acc_t<T>* k_dy, const acc_t<T>* k_x, const acc_t<T>* k_0,
-                               bool stream, bool low_nans) {
+                               bool stream, bool low_nans, int64_t head = 0) {
   constexpr int64_t S = Chunk<T>::size;
   LaneColumns<T, kLanes> lanes(C, 4);
   center = lanes.in(0, center);
@@ -1622,6 +1628,11 @@ inline void columns_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64
     for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
       const int64_t g1 = std::min(r1, g0 + kTileRows);
       int64_t c = 0;
+      if (head > 0 && head < C) {
+        grad_input_tile<T, true, kLanes, low.value>(dy, x, dx, g0, g1, r1, ld, 0, head, center,
+                                                    k_dy, k_x, k_0, stream);
+        c = head;
+      }
       for (; c + S <= C; c += S)
         grad_input_tile<T, false, kLanes, low.value>(dy, x, dx, g0, g1, r1, ld, c, S, center,
                                                      k_dy, k_x, k_0, stream);
