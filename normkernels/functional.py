@@ -254,9 +254,13 @@ def group_norm(
         _check_param(bias, "bias", (channels,), "group_norm", "one per channel")
         _check_param_dtypes(input, (weight, bias), "group_norm")
         check_runnable(input, "group_norm")
-    if input.dim() >= 2 and num_groups > 0:  # (under TorchScript the op explains other input)
-        _verify_batch_size(
-            [input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:]))
+    elif input.dim() < 2:  # as torch's F.group_norm (the channel count below needs dim 1)
+        raise RuntimeError(
+            f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    # Unguarded, as in torch's F.group_norm: scripted, a guard around it (an If whose branch only
+    # computes the check) failed the TorchScript-based ONNX exporter
+    _verify_batch_size(
+        [input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:]))
     return _ops_ns.group_norm_fwd(input, num_groups, weight, bias, eps)[0]
 
 

@@ -1,7 +1,8 @@
 """ONNX export of converted models: every norm module, exported by plain torch.onnx.export (the
-torch.export-based exporter, which decomposes our ops by their registered decompositions), run
-by ONNX Runtime, against torch's module on the same input; the exported graph holds standard
-ONNX operators only."""
+torch.export-based exporter, which decomposes our ops by their registered decompositions) and by
+the legacy TorchScript-based one (dynamo=False: our ops' registered symbolics), run by ONNX
+Runtime, against torch's module on the same input; the exported graph holds standard ONNX
+operators only."""
 import copy
 import io
 import warnings
@@ -104,12 +105,94 @@ def test_dynamic_batch_exports_once_and_runs_at_any_batch():
 
 def test_normkernels_onnx_export_is_torch_onnx_export():
     """normkernels.onnx, from when our ops needed translations of their own: export() still
-    exports, refuses the legacy exporter, and translation_table() is empty (deprecated)."""
+    exports (dynamo=True unless told otherwise), and translation_table() is empty (deprecated)."""
     model = normkernels.convert(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))).eval()
     x = torch.randn(2, 4)
     _, onnx_bytes = _export(model, x, exporter=normkernels.onnx.export)
     torch.testing.assert_close(_run(onnx_bytes, x), model(x).detach(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="dynamo=True"):
-        normkernels.onnx.export(model, (x,), dynamo=False)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        normkernels.onnx.export(model, (x,), buf, dynamo=False)
+    torch.testing.assert_close(_run(buf.getvalue(), x), model(x).detach(), rtol=1e-5, atol=1e-5)
     with pytest.warns(DeprecationWarning, match="no longer needed"):
         assert normkernels.onnx.translation_table() == {}
+
+
+# ------------------------------------------------------- the legacy (TorchScript-based) exporter
+
+
+def _export_legacy(model, x, **kwargs):
+    """torch.onnx.export(..., dynamo=False): the file's bytes and its ONNX model."""
+    import onnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation of this exporter, training-mode notes
+        torch.onnx.export(model, (x,), buf, dynamo=False, **kwargs)
+    return buf.getvalue(), onnx.load_from_string(buf.getvalue())
+
+
+def _legacy_norm_ops(proto):
+    return sorted(n.op_type for n in proto.graph.node if n.op_type.endswith("Normalization"))
+
+
+# opsets whose operators differ: ReduceMean's axes an attribute (9), LayerNormalization (17),
+# ReduceMean's axes an input (18); None: the exporter's default
+LEGACY_OPSETS = [9, 17, 18, None]
+
+
+@pytest.mark.parametrize("opset", LEGACY_OPSETS, ids=lambda o: f"opset{o or 'default'}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name,make,shape", MODULES, ids=[m[0] for m in MODULES])
+def test_legacy_exported_model_matches_torch(name, make, shape, mode, dtype, opset):
+    """Traced by the legacy exporter (its default: the model in eval mode; train: exported as
+    TrainingMode.TRAINING, batch statistics), run by ONNX Runtime, against torch's module."""
+    base = make().apply(randomize_).train(mode == "train")
+    torch_m = copy.deepcopy(base).to(dtype)
+    ours = normkernels.convert(copy.deepcopy(base).to(dtype))
+    x = torch.randn(shape).to(dtype)
+    kwargs = {} if opset is None else {"opset_version": opset}
+    if mode == "train":
+        kwargs["training"] = torch.onnx.TrainingMode.TRAINING
+    onnx_bytes, proto = _export_legacy(ours, x, **kwargs)
+    domains = {node.domain for node in proto.graph.node}
+    assert domains <= {""}, f"non-standard ONNX domains in the graph: {domains}"
+    got = _run(onnx_bytes, x)
+    expected = torch_m(x).detach()
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name,make,shape", [m for m in MODULES if m[0] != "RMSNorm"],
+                         ids=[m[0] for m in MODULES if m[0] != "RMSNorm"])
+def test_legacy_inference_graph_uses_the_runtimes_norm_operators(name, make, shape):
+    """In eval, the legacy exporter gives a converted module the ONNX normalization operators it
+    gives torch's (torch's RMSNorm does not export with it at all: ours, elementary operators)."""
+    base = make().apply(randomize_).eval()
+    x = torch.randn(shape)
+    _, torch_proto = _export_legacy(base, x)
+    _, ours_proto = _export_legacy(normkernels.convert(copy.deepcopy(base)), x)
+    assert _legacy_norm_ops(ours_proto) == _legacy_norm_ops(torch_proto)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.")
+def test_legacy_export_of_scripted_and_dynamic_batch_models():
+    """A model of every norm, traced with a dynamic batch (run at other batches) and scripted
+    (torch.jit.script: the scripted functionals' graphs, exported without tracing)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GroupNorm(2, 8),
+                          nn.InstanceNorm2d(8), nn.Flatten(2), nn.LayerNorm(64), nn.RMSNorm(64))
+    model.apply(randomize_).eval()
+    ours = normkernels.convert(copy.deepcopy(model))
+    onnx_bytes, proto = _export_legacy(ours, torch.randn(2, 3, 8, 8), input_names=["x"],
+                                       dynamic_axes={"x": {0: "batch"}})
+    assert _legacy_norm_ops(proto) == ["BatchNormalization", "InstanceNormalization",
+                                       "InstanceNormalization", "LayerNormalization"]
+    for n in (1, 5, 17):
+        x = torch.randn(n, 3, 8, 8)
+        torch.testing.assert_close(_run(onnx_bytes, x), model(x).detach(), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 3, 8, 8)
+    onnx_bytes, _ = _export_legacy(torch.jit.script(ours), x)
+    torch.testing.assert_close(_run(onnx_bytes, x), model(x).detach(), rtol=1e-5, atol=1e-5)
