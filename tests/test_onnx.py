@@ -49,16 +49,16 @@ def _run(onnx_bytes, x):
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("name,make,shape", MODULES, ids=[m[0] for m in MODULES])
-def test_exported_model_matches_torch(name, make, shape, mode, dtype):
+def _check_export_matches_torch(make, shape, mode, dtype, export):
+    """Converts make()'s module (randomized, in mode, in dtype), exports it by export(model, x)
+    -> (the file's bytes, its ONNX graph), and runs the file in ONNX Runtime against torch's
+    module on the same input; the graph must hold standard ONNX operators only."""
     base = make().apply(randomize_).train(mode == "train")
     torch_m = copy.deepcopy(base).to(dtype)
     ours = normkernels.convert(copy.deepcopy(base).to(dtype))
     x = torch.randn(shape).to(dtype)
-    program, onnx_bytes = _export(ours, x)
-    domains = {node.domain for node in program.model_proto.graph.node}
+    onnx_bytes, graph = export(ours, x)
+    domains = {node.domain for node in graph.node}
     assert domains <= {""}, f"non-standard ONNX domains in the graph: {domains}"
     got = _run(onnx_bytes, x)
     expected = torch_m(x).detach()
@@ -67,6 +67,17 @@ def test_exported_model_matches_torch(name, make, shape, mode, dtype):
     # or, for RMSNorm and training batch norm, in fp32 rounded once: fp16 within its rounding
     tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name,make,shape", MODULES, ids=[m[0] for m in MODULES])
+def test_exported_model_matches_torch(name, make, shape, mode, dtype):
+    def export(model, x):
+        program, onnx_bytes = _export(model, x)
+        return onnx_bytes, program.model_proto.graph
+
+    _check_export_matches_torch(make, shape, mode, dtype, export)
 
 
 def _norm_ops(program):
@@ -149,21 +160,15 @@ LEGACY_OPSETS = [9, 17, 18, None]
 def test_legacy_exported_model_matches_torch(name, make, shape, mode, dtype, opset):
     """Traced by the legacy exporter (its default: the model in eval mode; train: exported as
     TrainingMode.TRAINING, batch statistics), run by ONNX Runtime, against torch's module."""
-    base = make().apply(randomize_).train(mode == "train")
-    torch_m = copy.deepcopy(base).to(dtype)
-    ours = normkernels.convert(copy.deepcopy(base).to(dtype))
-    x = torch.randn(shape).to(dtype)
     kwargs = {} if opset is None else {"opset_version": opset}
     if mode == "train":
         kwargs["training"] = torch.onnx.TrainingMode.TRAINING
-    onnx_bytes, proto = _export_legacy(ours, x, **kwargs)
-    domains = {node.domain for node in proto.graph.node}
-    assert domains <= {""}, f"non-standard ONNX domains in the graph: {domains}"
-    got = _run(onnx_bytes, x)
-    expected = torch_m(x).detach()
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+    def export(model, x):
+        onnx_bytes, proto = _export_legacy(model, x, **kwargs)
+        return onnx_bytes, proto.graph
+
+    _check_export_matches_torch(make, shape, mode, dtype, export)
 
 
 @pytest.mark.parametrize("name,make,shape", [m for m in MODULES if m[0] != "RMSNorm"],
