@@ -13,12 +13,12 @@ or scripted graph. This module registers one for each of our forward ops (at imp
 normkernels), built on torch's own symbolics of the ATen ops a torch.nn module's graph holds
 (``group_norm``, ``batch_norm``) or written as those give them, so the output is what the
 torch.nn model's export would be: LayerNormalization from opset 17 on (elementary before, as
-torch's), InstanceNormalization inside group norm's reshapes, BatchNormalization. What torch has no symbolic for is written in elementary operators:
-RMSNorm (torch's own RMSNorm does not export with this exporter), batch norm's training forward,
-and the statistics outputs of every op (fp32, fp64 for fp64 inputs; inference graphs read none,
-and the exporter drops what nothing reads). Parameters and running statistics go in in the
-input's dtype, as the other exporter's decompositions give them. Backward ops have none:
-exported graphs are inference graphs.
+torch's), InstanceNormalization inside group norm's reshapes, BatchNormalization. What torch has
+no symbolic for is written in elementary operators: RMSNorm (torch's own RMSNorm does not export
+with this exporter), batch norm's training forward, and the statistics outputs of every op (fp32,
+fp64 for fp64 inputs; inference graphs read none, and the exporter drops what nothing reads).
+Parameters and running statistics go in in the input's dtype, as the other exporter's
+decompositions give them. Backward ops have none: exported graphs are inference graphs.
 
 ``export`` and ``translation_table`` remain from when our ops needed translations of their own;
 neither is needed now.
@@ -105,8 +105,8 @@ def _reduce_mean(g, v, axes: List[int], opset: int):
 
 
 def _moments(g, xa, axes: List[int], eps: float, dtype: torch.dtype, opset: int, center=True):
-    """(mean, rstd, var) of xa over axes, dimensions kept, two-pass: the variance of the centered
-    values (no mean for RMSNorm: center=False gives mean None and the mean of squares)."""
+    """(mean, rstd, var, xc) of xa over axes, dimensions kept, two-pass: var the mean square of
+    the centered values xc. center=False (RMSNorm): mean None, xc = xa, var its mean square."""
     mean = _reduce_mean(g, xa, axes, opset) if center else None
     xc = g.op("Sub", xa, mean) if center else xa
     var = _reduce_mean(g, g.op("Mul", xc, xc), axes, opset)

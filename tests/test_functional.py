@@ -129,9 +129,11 @@ def test_short_planes_from_inputs_off_their_outputs_alignment_like_torch(dtype):
         dy = torch.cat([dy.new_zeros(1), dy.flatten()])[1:].view(shape)
     assert x.storage_offset() == 1 and dy.storage_offset() == 1 and x.is_contiguous()
     w = (torch.rand(64, generator=g, dtype=torch.float64) + 0.5).to(dtype)
-    rm, rv = torch.randn(64, dtype=torch.float64).to(dtype), (torch.rand(64, dtype=torch.float64) + 0.5).to(dtype)
+    rm = torch.randn(64, generator=g, dtype=torch.float64).to(dtype)
+    rv = (torch.rand(64, generator=g, dtype=torch.float64) + 0.5).to(dtype)
     results = []
-    for fn, cast in ((NF.batch_norm, dtype), (TF.batch_norm, dtype), (TF.batch_norm, torch.float64)):
+    runs = ((NF.batch_norm, dtype), (TF.batch_norm, dtype), (TF.batch_norm, torch.float64))
+    for fn, cast in runs:
         xc, wc = x.to(cast), w.to(cast)  # x itself (one element in) where cast is its dtype
         xg, wg = xc.detach().requires_grad_(), wc.detach().requires_grad_()
         y = fn(xg, None, None, wg, wg, True)
