@@ -370,43 +370,10 @@ struct Chunk {
   static constexpr bool widened = !std::is_same_v<T, A>;
 
   static inline void load(const T* p, V& lo, V& hi) {
-    // bf16 and fp16: each half widened straight from memory (bf16: the load folded into the
-    // zero-extend, then the shift; fp16: into the conversion), where ATen's conversion loads the
-    // whole vector and extracts its upper half first: one instruction less a half.
-    // Bit-identical. Zen 4, paired in one process, the short-plane BatchNorm 16x512x7x7 (its
-    // natural-order tiles): bf16 training forward 0.96x the time, backward 0.94x,
-    // forward+backward 0.96x (capped to AVX2: backward 0.91x, forward+backward 0.94x); fp16
-    // forward 0.94x, backward 0.95x, forward+backward 0.95x (AVX2: 0.86x).
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      const auto* q = reinterpret_cast<const __m256i*>(p);
-      const auto widen = [](__m256i h) {  // bf16 bits in the upper half of each fp32 lane
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      };
-      lo = V(widen(_mm256_loadu_si256(q)));
-      hi = V(widen(_mm256_loadu_si256(q + 1)));
-      return;
-    }
-    if constexpr (std::is_same_v<T, at::Half>) {
-      const auto* q = reinterpret_cast<const __m256i*>(p);
-      lo = V(_mm512_cvtph_ps(_mm256_loadu_si256(q)));
-      hi = V(_mm512_cvtph_ps(_mm256_loadu_si256(q + 1)));
-      return;
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      const auto* q = reinterpret_cast<const __m128i*>(p);
-      const auto widen = [](__m128i h) {
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-      };
-      lo = V(widen(_mm_loadu_si128(q)));
-      hi = V(widen(_mm_loadu_si128(q + 1)));
-      return;
-    }
-    if constexpr (std::is_same_v<T, at::Half>) {
-      const auto* q = reinterpret_cast<const __m128i*>(p);
-      lo = V(_mm256_cvtph_ps(_mm_loadu_si128(q)));
-      hi = V(_mm256_cvtph_ps(_mm_loadu_si128(q + 1)));
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+      lo = widen_half_chunk(p);
+      hi = widen_half_chunk(p + V::size());
       return;
     }
 #endif
@@ -417,6 +384,33 @@ struct Chunk {
       hi = V::loadu(p + V::size());
     }
   }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // V::size() bf16 or fp16 values at p as fp32, widened straight from memory (bf16: the load
+  // folded into the zero-extend, then the shift into the upper half of each lane; fp16: into the
+  // conversion), where ATen's conversion of a chunk loads the whole vector and extracts its
+  // upper half first: one instruction less a half. Bit-identical. Zen 4, paired in one process,
+  // the short-plane BatchNorm 16x512x7x7 (its natural-order tiles): bf16 training forward 0.96x
+  // the time, backward 0.94x, forward+backward 0.96x (capped to AVX2: backward 0.91x,
+  // forward+backward 0.94x); fp16 forward 0.94x, backward 0.95x, forward+backward 0.95x
+  // (AVX2: 0.86x).
+  static inline V widen_half_chunk(const T* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      return V(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    } else {
+      return V(_mm512_cvtph_ps(h));
+    }
+#else
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      return V(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    } else {
+      return V(_mm256_cvtph_ps(h));
+    }
+#endif
+  }
+#endif
   static inline void store(T* p, const V& lo, const V& hi) {
     if constexpr (widened) {
       narrow<T>(lo, hi).store(p);
