@@ -16,7 +16,8 @@ import normkernels
 
 from . import providers as P
 from .cases import suite
-from .timing import CopyBandwidth, copy_step, paired_ratios, quartiles, round_robin, steady_malloc
+from .timing import (CopyBandwidth, copy_step, gbps, paired_ratios, quartiles, round_robin,
+                     steady_malloc)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MALLOC_MMAP_BYTES = 32 << 20  # glibc mmaps (and page-faults) fresh allocations this large
@@ -108,7 +109,7 @@ def private_cache_bytes() -> int:
 def pct_paired(traffic_bytes: int, ours_rounds_ms, copy_rounds_gbps) -> dict:
     """Ours' achieved GB/s as a percentage of the copy's GB/s of the same round: the median and
     quartiles over the rounds."""
-    return quartiles([100 * traffic_bytes / (ms / 1e3) / 1e9 / copy_gbps
+    return quartiles([100 * gbps(traffic_bytes, ms) / copy_gbps
                       for ms, copy_gbps in zip(ours_rounds_ms, copy_rounds_gbps)])
 
 
@@ -165,8 +166,8 @@ def run(args) -> dict:
                           references={"copy 256 MB": dram_copy.step})
         dram_rounds = dram_copy.add_rounds(res.pop("copy 256 MB")["rounds_ms"])
         t = {k: v["median_ms"] for k, v in res.items()}
-        ours_gbs = case.traffic_bytes() / (t["ours"] / 1e3) / 1e9
-        copy_gbs_case = 2 * x_bytes / (t["copy"] / 1e3) / 1e9
+        ours_gbs = gbps(case.traffic_bytes(), t["ours"])
+        copy_gbs_case = gbps(2 * x_bytes, t["copy"])
         row = {
             "case": case.name,
             "family": case.family,

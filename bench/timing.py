@@ -151,6 +151,11 @@ def quartiles(values: List[float]) -> Dict[str, float]:
     return {"median": q2, "q1": q1, "q3": q3, "rounds": len(values)}
 
 
+def gbps(nbytes: float, ms: float) -> float:
+    """GB/s of moving `nbytes` bytes in `ms` milliseconds."""
+    return nbytes / (ms / 1e3) / 1e9
+
+
 def copy_step(device: str, nbytes: int) -> Callable[[], object]:
     """One plain device-to-device copy of `nbytes` into an existing tensor: the bandwidth
     baseline (read + write of nbytes each)."""
@@ -174,7 +179,7 @@ class CopyBandwidth:
 
     def gbps(self, ms: float) -> float:
         """GB/s of one copy that took `ms` milliseconds (read + write of nbytes)."""
-        return 2 * self.nbytes / (ms / 1e3) / 1e9
+        return gbps(2 * self.nbytes, ms)
 
     def sample(self, rounds: int = 3) -> float:
         """Times `rounds` copies now; returns their median GB/s (and keeps it)."""
