@@ -143,6 +143,31 @@ def test_short_planes_from_inputs_off_their_outputs_alignment_like_torch(dtype):
         assert_close_like_torch(ours, theirs, ref, what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_short_plane_inference_far_from_zero_within_the_rounding_of_x(dtype):
+    # Inference on short NCHW planes folds the running mean into the shift once per channel
+    # (y = x * scale + (shift - mean * scale), as ATen's CPU batch norm does). Its extra error is
+    # at most half an ulp of mean * scale: the size of x's own rounding where x is near the
+    # mean, here 1e3 times the spread (16 samples of 7x7: ShortPlanes' blocks, a partial one).
+    g = torch.Generator().manual_seed(0)
+    shape, offset = (16, 40, 7, 7), 1e3
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) + offset).to(dtype)
+    rm = offset + 0.1 * torch.randn(40, generator=g, dtype=torch.float64)
+    rv = torch.rand(40, generator=g, dtype=torch.float64) + 0.5
+    w = torch.rand(40, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(40, generator=g, dtype=torch.float64)
+    with normkernels.backend("cpp"):
+        y = NF.batch_norm(x, rm.to(dtype), rv.to(dtype), w.to(dtype), b.to(dtype), False)
+    # the reference from the same (rounded) statistics and parameters, in float64
+    ref = TF.batch_norm(x.double(), *(t.to(dtype).double() for t in (rm, rv, w, b)), False)
+    scale = (w / (rv + 1e-5).sqrt()).max().item()
+    eps = torch.finfo(dtype).eps
+    err = (y.double() - ref).abs()
+    # x's rounding near the offset, carried by the scale; then y's own rounding
+    bound = eps * offset * scale + eps * ref.abs()
+    assert (err <= bound).all(), (err - bound).max().item()
+
+
 def test_nan_stays_in_its_row_group_and_channel(backend_name):
     x = torch.randn(4, 6, 5)
     x[1, 2, 3] = float("nan")

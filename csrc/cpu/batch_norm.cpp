@@ -19,6 +19,7 @@
 #include <ATen/Dispatch.h>
 
 #include <array>
+#include <cmath>
 #include <type_traits>
 
 namespace normkernels {
@@ -183,24 +184,35 @@ constexpr int64_t kShortPlaneBackwardLanesFrom = 32;
 constexpr int64_t kPlaneCost = 64;
 inline int64_t channel_grain(const NormShape& s) { return grain_for(s.N * (s.HW + kPlaneCost)); }
 
-// channel_affine on short NCHW planes.
+// channel_affine on short NCHW planes, as y = x * scale + (shift - center * scale): the center
+// is folded into the shift once per channel (one rounding, by fma), so a block lays out and
+// loads two per-element arrays instead of three and spends no subtraction an element. ATen's
+// CPU batch norm applies the same fold; its extra error is at most half an ulp of
+// center * scale, the size of x's own rounding where x is near the center (and small against
+// y where it is not). Only for these elementwise passes with given coefficients (inference,
+// InstanceNorm with running statistics, SyncBatchNorm's elementwise op); the training forward
+// keeps x - mean, whose channels can be constant (x == mean, where the fold's rounding would
+// show against y == shift). Zen 4, 16x512x7x7 inference paired in one process against the
+// three arrays: fp32 0.89x the time (0.0325 -> 0.0290 ms), bf16 0.91x (0.024 -> 0.023 ms),
+// capped to AVX2 fp32 0.89x, bf16 0.96x (its lane-order copies of the arrays remain).
 template <typename T>
 static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
                                 const acc_t<T>* scale, const acc_t<T>* shift, bool low_nans) {
   using A = acc_t<T>;
   const ShortPlanes<T> sp(s, 1024);
+  Scratch<A> folded_shift(s.C);
+  for (int64_t c = 0; c < s.C; ++c) folded_shift[c] = std::fma(-center[c], scale[c], shift[c]);
   at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
     Scratch<A> storage;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t head = sp.template head<kShortPlaneForwardLanes>(yp, blk);
-      const auto [ce, sc, sh] = sp.template scratch<3>(storage, head);
-      sp.spread(blk, center, ce);
+      const auto [sc, sh] = sp.template scratch<2>(storage, head);
       sp.spread(blk, scale, sc);
-      sp.spread(blk, shift, sh);
+      sp.spread(blk, folded_shift.data(), sh);
       const int64_t off = sp.c0(blk) * s.HW;
       columns_affine<kShortPlaneForwardLanes>(xp + off, yp + off, 0, s.N, sp.span(blk),
-                                              sp.ld(), ce, sc, sh, /*stream=*/false, low_nans,
-                                              head);
+                                              sp.ld(), /*center=*/nullptr, sc, sh,
+                                              /*stream=*/false, low_nans, head);
     }
   });
 }

@@ -360,6 +360,16 @@ inline void with_low_nans(bool low_nans, F&& fn) {
   }
 }
 
+// fn(std::bool_constant<flag>): a runtime flag as a compile-time one, one copy of fn each way.
+template <typename F>
+inline void with_flag(bool flag, F&& fn) {
+  if (flag) {
+    fn(std::true_type());
+  } else {
+    fn(std::false_type());
+  }
+}
+
 // A chunk is two accumulator vectors: exactly one Vectorized<Half/BFloat16> widened to fp32,
 // or two plain fp32/fp64 vectors. Loops step one chunk at a time and finish with a scalar tail.
 template <typename T>
@@ -1515,21 +1525,27 @@ inline void tile_put_row(T* p, int64_t width, const typename Chunk<T>::V* v, boo
 }
 
 // rows_affine over the columns [c, c + width), the tile's coefficients held in registers for
-// the whole sweep of rows.
-template <typename T, int K, bool kMasked, bool kLanes, bool kLowNans>
+// the whole sweep of rows. kCentered false: no center (y = x * scale + shift; center unread).
+template <typename T, int K, bool kMasked, bool kLanes, bool kLowNans, bool kCentered = true>
 inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t r_end, int64_t ld,
                         int64_t c, int64_t width, const acc_t<T>* center, const acc_t<T>* scale,
                         const acc_t<T>* shift, bool stream) {
   using V = typename Chunk<T>::V;
   V ce[K], sc[K], sh[K];
-  tile_load_columns<kMasked, K>(center, c, width, ce);
+  if constexpr (kCentered) tile_load_columns<kMasked, K>(center, c, width, ce);
   tile_load_columns<kMasked, K>(scale, c, width, sc);
   tile_load_columns<kMasked, K>(shift, c, width, sh);
   for (int64_t r = r0; r < r1; ++r) {
     V a[K];
     prefetch_ahead<K>(x, r, r_end, ld, c);
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, a);
-    for (int k = 0; k < K; ++k) a[k] = at::vec::fmadd(a[k] - ce[k], sc[k], sh[k]);
+    for (int k = 0; k < K; ++k) {
+      if constexpr (kCentered) {
+        a[k] = at::vec::fmadd(a[k] - ce[k], sc[k], sh[k]);
+      } else {
+        a[k] = at::vec::fmadd(a[k], sc[k], sh[k]);
+      }
+    }
     tile_put_row<kMasked, K, kLanes, kLowNans>(y + r * ld + c, width, a, stream);
   }
 }
@@ -1544,22 +1560,26 @@ constexpr int64_t kTileRows = 4;
 // coefficients are loaded once a tile instead of once a row (three loads per chunk of x, which
 // bound the row-by-row walk when x comes from L1/L2: a 7x7 bf16 batch-norm forward 8-14%
 // faster). For blocks of short NCHW planes, and for every 16-bit rows_affine (see there).
+// center nullptr: y = x * scale + shift (a center already folded into the shift).
 template <bool kLanes = true, typename T>
 inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                            const acc_t<T>* center, const acc_t<T>* scale, const acc_t<T>* shift,
                            bool stream, bool low_nans, int64_t head = 0) {
   LaneColumns<T, kLanes> lanes(C, 3);
-  center = lanes.in(0, center);
+  const bool centered = center != nullptr;
+  if (centered) center = lanes.in(0, center);
   scale = lanes.in(1, scale);
   shift = lanes.in(2, shift);
   with_low_nans<T>(low_nans, [&](auto low) {
-    for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
-      const int64_t g1 = std::min(r1, g0 + kTileRows);
-      for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
-        affine_tile<T, K.value, masked.value, kLanes, low.value>(x, y, g0, g1, r1, ld, c, width,
-                                                                 center, scale, shift, stream);
-      }, head);
-    }
+    with_flag(centered, [&](auto kCentered) {
+      for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
+        const int64_t g1 = std::min(r1, g0 + kTileRows);
+        for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
+          affine_tile<T, K.value, masked.value, kLanes, low.value, kCentered.value>(
+              x, y, g0, g1, r1, ld, c, width, center, scale, shift, stream);
+        }, head);
+      }
+    });
   });
 }
 
