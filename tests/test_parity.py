@@ -99,12 +99,19 @@ CPP_CASES = [
     Case("InstanceNorm-segments", lambda: nn.InstanceNorm2d(128, affine=True), (3, 128, 24, 24),
          ["channels_last"]),
     Case("BatchNorm-segments", lambda: nn.BatchNorm2d(128), (3, 128, 24, 24), ["channels_last"]),
-    # channels_last pixels of few channels, walked several to a row (PixelRows): 3 channels of
-    # 64x128 go 256 pixels (768 values) a row, 32 rows an image in three blocks; 6 channels in 3
-    # groups of 50x50 go 125 pixels a row, each group's statistics merged from 250 positions
+    # channels_last pixels of few channels, walked several to a row (PixelRows; counts for
+    # AVX-512 fp32, whose rows take 64 values or more): 3 channels of 64x128 go 32 pixels (96
+    # values) a row, 256 rows an image in four blocks; 6 channels in 3 groups of 50x50 go 20
+    # pixels a row, each group's statistics merged from 40 positions
     Case("InstanceNorm-pixelrows", lambda: nn.InstanceNorm2d(3, affine=True), (2, 3, 64, 128),
          ["channels_last"]),
     Case("GroupNorm-pixelrows", lambda: nn.GroupNorm(3, 6), (3, 6, 50, 50), ["channels_last"]),
+    # batches of small channels_last images, one task per image for both passes (ImageTasks,
+    # with two threads): one group of 32 channels, 512 rows an image in four blocks; 3 channels,
+    # 128 rows in two blocks
+    Case("GroupNorm-imagetasks", lambda: nn.GroupNorm(1, 32), (8, 32, 32, 32), ["channels_last"]),
+    Case("InstanceNorm-imagetasks", lambda: nn.InstanceNorm2d(3, affine=True), (8, 3, 64, 64),
+         ["channels_last"]),
     # short NCHW planes whose samples' spans share one alignment (64 channels of 7x7: every
     # sample 3136 values apart): blocks of 20 channels (10 in the backward) start mid-vector, so
     # each walks a masked head tile before its aligned whole tiles (ShortPlanes::head), in every

@@ -11,14 +11,16 @@
 //                  along C, split over HW so that batch 1 still uses every thread), merged
 //                  exactly per block and then per group; the normalize pass walks rows of C,
 //                  each thread its rows back to front (for_rows_back_to_front); both passes a
-//                  chunk of images at a time (ImageChunks). Pixels of few channels go several
-//                  to a row (PixelRows).
+//                  chunk of images at a time (ImageChunks), or, for batches of images that fit
+//                  in L2, one task per image runs both (ImageTasks). Pixels of few channels go
+//                  several to a row (PixelRows).
 //   backward     : per-(n, channel) sums of dy and dy * (x - mean), then
 //                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0; for NCHW both in one task per
 //                  (n, group), the second pass reading the group from L2 (last plane first:
 //                  the planes the first pass read last are the ones still there); for
-//                  channels_last by stripes as the forward where they fit, else two passes a
-//                  chunk of images at a time, the second back to front;
+//                  channels_last by stripes as the forward where they fit, else one task per
+//                  image (ImageTasks) or two passes a chunk of images at a time, the second
+//                  back to front;
 //                  dweight/dbias from the same sums, reduced over n in a fixed order.
 // Included by capability/*.cpp, never compiled on its own.
 #include "kernels.h"
@@ -114,21 +116,54 @@ struct ImageChunks {
   }
 };
 
+// channels_last where stripes do not apply, for batches of small images: one task per image
+// runs both passes (statistics or sums, then y or dx) while the image is in L2, in one parallel
+// region, with its merges on its own thread. ImageChunks' walk instead runs the first pass of
+// a chunk of images in blocks of rows over the threads, merges every image on the calling
+// thread, then runs the second pass: at a batch of eight 32x32 images of 32 channels (GroupNorm
+// with one group, 128 KB an image) the serial merges and two parallel regions made its forward
+// 0.70x torch's speed. Bit-identical to that walk (the same blocks, merged in the same order).
+// Zen 4, paired in one process against it (with its rows of up to 1024 elements, before
+// PixelRows' shorter rows): GroupNorm with one group 8x32x32x32 fp32 forward 0.56x the time
+// (0.084 -> 0.047 ms), forward+backward 0.67x, bf16 0.54x and 0.66x, 8x8x64x64 bf16 forward
+// 0.74x; 4x256x16x16 with 8 groups bf16 0.83x and 0.93x; InstanceNorm forward+backward
+// 8x64x32x32 fp32 0.91x, 8x3x64x64 bf16 0.81x. apply: two images a thread at least (for
+// balance), each image's inputs within budget.
+struct ImageTasks {
+  static bool apply(int64_t N, int64_t input_bytes, int64_t budget) {
+    return N >= 2 * at::get_num_threads() && input_bytes <= budget;
+  }
+};
+// The L2 share of an image's inputs (x; dy and x), as GroupStripes' budgets.
+constexpr int64_t kImageTaskBudget = int64_t{512} << 10;
+constexpr int64_t kImageTaskBackwardBudget = int64_t{768} << 10;
+
 // channels_last where stripes do not apply, walked as rows of `width` = k * C elements, k pixels
-// a row: k = 1 unless a pixel is narrower than two chunks, where k is the largest divisor of HW
-// that keeps a row within 1024 elements. A pixel of a 3-channel instance norm is 6 bytes of
-// bf16: walked pixel by pixel, every pass was one masked chunk per pixel (1x3x256x256 bf16
-// forward 0.40 ms against torch's 0.17, which transposes to NCHW and back). Position j of a row
-// is channel j % C; its statistics count HW / k pixels.
+// a row: k = 1 unless a pixel is narrower than two chunks, where k is the smallest divisor of HW
+// that makes a row two chunks or more within 1024 elements (else the largest divisor within
+// 1024 elements). A pixel of a 3-channel instance norm is 6 bytes of bf16: walked pixel by
+// pixel, every pass was one masked chunk per pixel (1x3x256x256 bf16 forward 0.40 ms against
+// torch's 0.17, which transposes to NCHW and back). Rows of up to 1024 elements came next; the
+// shortest rows of whole chunks beat them, as the per-position statistics and coefficients
+// (W values each, merged per block and per image) cost less: Zen 4, paired in one process
+// against the longest rows, InstanceNorm 1x3x256x256 bf16 forward 0.67x the time, forward+
+// backward 0.81x, 8x3x64x64 0.64x; GroupNorm with one group 8x32x32x32 fp32 forward 0.77x,
+// forward+backward 0.86x, bf16 0.82x, 8x8x64x64 bf16 forward 0.63x, 1x32x128x128 fp32 0.93x;
+// 2x16x128x128 with 4 groups bf16 forward 0.71x. Position j of a row is channel j % C; its
+// statistics count HW / k pixels.
 struct PixelRows {
   int64_t C, k = 1, width, rows;  // rows: an image's
   PixelRows(int64_t HW, int64_t C_, int64_t chunk) : C(C_) {
     if (C > 0 && C < 2 * chunk) {
-      for (int64_t d = std::max<int64_t>(1, 1024 / C); d > 1; --d) {
-        if (HW % d == 0) {
+      const int64_t most = std::max<int64_t>(1, 1024 / C);  // pixels a row at most
+      for (int64_t d = 1; d <= most; ++d) {
+        if (HW % d == 0 && d * C >= 2 * chunk) {
           k = d;
           break;
         }
+      }
+      for (int64_t d = most; k == 1 && d > 1; --d) {  // no row of two chunks: the longest
+        if (HW % d == 0) k = d;
       }
     }
     width = k * C;
@@ -231,61 +266,85 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     return;
   }
 
-  // channels_last: per-(n, block of rows) Welford along the rows (PixelRows), then the normalize
-  // pass, a chunk of images at a time (ImageChunks).
+  // channels_last: per-(n, block of rows) Welford along the rows (PixelRows), merged per image,
+  // then the normalize pass: one task per image (ImageTasks) or a chunk of images at a time
+  // (ImageChunks).
   const PixelRows pr(v.HW, v.C, Chunk<T>::size);
   const int64_t W = pr.width, R = pr.rows;
   const Blocks blocks(R, std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)));
   const int64_t nb = blocks.count;
-  const ImageChunks chunks(v.N, v.HW * v.C * static_cast<int64_t>(sizeof(T)));
-  Scratch<A> bmean(chunks.per_chunk * nb * W), bm2(chunks.per_chunk * nb * W);
-  Scratch<A> block_count(nb), pos_mean(W), pos_m2(W), group_mean(pr.k * v.D), group_m2(pr.k * v.D);
+  Scratch<A> block_count(nb);
   for (int64_t blk = 0; blk < nb; ++blk)
     block_count[blk] = static_cast<A>(blocks.end(blk) - blocks.begin(blk));
   Scratch<A> center(v.N * W), scale(v.N * W), shift(v.N * W);
+  // the statistics of image n's block of rows blk, per position of a row
+  const auto block_stats = [&](int64_t n, int64_t blk, A* block_mean, A* block_m2) {
+    const T* xn = xp + n * v.HW * v.C;
+    if constexpr (sizeof(T) == sizeof(A)) {  // rows in order (see columns_row_groups)
+      columns_row_groups(xn, blocks.begin(blk), blocks.end(blk), W, W, block_mean, block_m2);
+    } else {
+      columns_welford(xn, blocks.begin(blk), blocks.end(blk), W, W, block_mean, block_m2);
+    }
+  };
+  // image n's group statistics from its nb blocks' (bmean, bm2: nb * W each) and its
+  // coefficients: blocks -> per-position statistics over R rows (columns_merge) -> per group
+  // over its k * D positions of R rows each (merge_equal_parts). work: 2 * W + 2 * k * D values.
+  const auto image_coeffs = [&](int64_t n, const A* bmean, const A* bm2, A* work) {
+    A* pos_mean = work;
+    A* pos_m2 = pos_mean + W;
+    A* group_mean = pos_m2 + W;
+    A* group_m2 = group_mean + pr.k * v.D;
+    columns_merge(block_count.data(), nb, bmean, bm2, W, pos_mean, pos_m2);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t i = 0; i < pr.k; ++i) {
+        std::copy_n(pos_mean + i * v.C + g * v.D, v.D, group_mean + i * v.D);
+        std::copy_n(pos_m2 + i * v.C + g * v.D, v.D, group_m2 + i * v.D);
+      }
+      const int64_t ng = n * G + g;
+      const A m2 = merge_equal_parts(group_mean, group_m2, pr.k * v.D, static_cast<A>(R),
+                                     mean + ng);
+      rstd[ng] = A(1) / std::sqrt(m2 * inv_group_size + a_eps);
+    }
+    A* ce = center.data() + n * W;
+    A* sc = scale.data() + n * W;
+    A* sh = shift.data() + n * W;
+    group_affine_coeffs(v, n, 0, v.C, mean, rstd, ce, sc, sh);
+    pr.repeat(ce);
+    pr.repeat(sc);
+    pr.repeat(sh);
+  };
+  const int64_t work_values = 2 * W + 2 * pr.k * v.D;
+  const auto image_affine = [&](int64_t n, int64_t r0, int64_t r1) {
+    rows_affine(xp, yp, r0, r1, W, W, center.data() + n * W, scale.data() + n * W,
+                shift.data() + n * W, stream, low_nans);
+  };
+  const int64_t image_bytes = v.HW * v.C * static_cast<int64_t>(sizeof(T));
+  if (ImageTasks::apply(v.N, image_bytes, kImageTaskBudget)) {
+    at::parallel_for(0, v.N, 1, [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
+      Scratch<A> bmean(nb * W), bm2(nb * W), work(work_values);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t blk = 0; blk < nb; ++blk)
+          block_stats(n, blk, bmean.data() + blk * W, bm2.data() + blk * W);
+        image_coeffs(n, bmean.data(), bm2.data(), work.data());
+        image_affine(n, n * R, (n + 1) * R);
+      }
+    });
+    return;
+  }
+  const ImageChunks chunks(v.N, image_bytes);
+  Scratch<A> bmean(chunks.per_chunk * nb * W), bm2(chunks.per_chunk * nb * W), work(work_values);
   chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
     at::parallel_for(0, (n1 - n0) * nb, blocks.grain(W), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = n0 + t / nb, blk = t % nb;
-        const T* xn = xp + n * v.HW * v.C;
-        A* block_mean = bmean.data() + t * W;
-        A* block_m2 = bm2.data() + t * W;
-        if constexpr (sizeof(T) == sizeof(A)) {  // rows in order (see columns_row_groups)
-          columns_row_groups(xn, blocks.begin(blk), blocks.end(blk), W, W, block_mean, block_m2);
-        } else {
-          columns_welford(xn, blocks.begin(blk), blocks.end(blk), W, W, block_mean, block_m2);
-        }
-      }
+      for (int64_t t = begin; t < end; ++t)
+        block_stats(n0 + t / nb, t % nb, bmean.data() + t * W, bm2.data() + t * W);
     });
-    // blocks -> per-(n, position) statistics over R rows (columns_merge) -> per-(n, g) over the
-    // group's k * D positions of R rows each (merge_equal_parts).
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t t0 = (n - n0) * nb;
-      columns_merge(block_count.data(), nb, bmean.data() + t0 * W, bm2.data() + t0 * W, W,
-                    pos_mean.data(), pos_m2.data());
-      for (int64_t g = 0; g < G; ++g) {
-        for (int64_t i = 0; i < pr.k; ++i) {
-          std::copy_n(pos_mean.data() + i * v.C + g * v.D, v.D, group_mean.data() + i * v.D);
-          std::copy_n(pos_m2.data() + i * v.C + g * v.D, v.D, group_m2.data() + i * v.D);
-        }
-        const int64_t ng = n * G + g;
-        const A m2 = merge_equal_parts(group_mean.data(), group_m2.data(), pr.k * v.D,
-                                       static_cast<A>(R), mean + ng);
-        rstd[ng] = A(1) / std::sqrt(m2 * inv_group_size + a_eps);
-      }
-      A* ce = center.data() + n * W;
-      A* sc = scale.data() + n * W;
-      A* sh = shift.data() + n * W;
-      group_affine_coeffs(v, n, 0, v.C, mean, rstd, ce, sc, sh);
-      pr.repeat(ce);
-      pr.repeat(sc);
-      pr.repeat(sh);
+      image_coeffs(n, bmean.data() + t0 * W, bm2.data() + t0 * W, work.data());
     }
     const int64_t row_bytes = W * static_cast<int64_t>(sizeof(T));
-    for_image_rows(n0, n1, R, W, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
-      rows_affine(xp, yp, r0, r1, W, W, center.data() + n * W, scale.data() + n * W,
-                  shift.data() + n * W, stream, low_nans);
-    });
+    for_image_rows(n0, n1, R, W, row_bytes, stream, image_affine);
   });
 }
 
@@ -419,7 +478,8 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       dx_done = true;
     } else {
       // A group's channels are strided through every row: blocks of rows (PixelRows), columns
-      // along them; the sums and then dx a chunk of images at a time (ImageChunks).
+      // along them; the sums and then dx one task per image (ImageTasks) or a chunk of images
+      // at a time (ImageChunks).
       const PixelRows pr(v.HW, v.C, Chunk<T>::size);
       const int64_t W = pr.width, R = pr.rows;
       Scratch<A> center_w(v.N * W);
@@ -427,53 +487,72 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         pr.spread(center.data() + n * v.C, center_w.data() + n * W);
       const Blocks blocks(R, std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)));
       const int64_t nb = blocks.count;
-      const ImageChunks chunks(v.N, 2 * v.HW * v.C * static_cast<int64_t>(sizeof(T)));
-      Scratch<A> part_dy(chunks.per_chunk * nb * W), part_dyx(chunks.per_chunk * nb * W);
       Scratch<A> k_dy_w, k_x_w, k_0_w;
       if (dxp != nullptr) {
         k_dy_w.resize(v.N * W);
         k_x_w.resize(v.N * W);
         k_0_w.resize(v.N * W);
       }
-      chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
-        at::parallel_for(0, (n1 - n0) * nb, blocks.grain(W), [&](int64_t begin, int64_t end) {
-          for (int64_t t = begin; t < end; ++t) {
-            const int64_t n = n0 + t / nb, blk = t % nb;
-            const int64_t off = n * v.HW * v.C;
-            // columns_grad_sums adds to its sums, and the previous chunk left its own here
-            std::fill_n(part_dy.data() + t * W, W, A(0));
-            std::fill_n(part_dyx.data() + t * W, W, A(0));
-            columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), W, W,
-                              center_w.data() + n * W, part_dy.data() + t * W,
-                              part_dyx.data() + t * W);
-          }
-        });
-        // per block, per position j of a row (channel j % C), in a fixed order
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t blk = 0; blk < nb; ++blk) {
-            const int64_t t = (n - n0) * nb + blk;
-            for (int64_t j0 = 0; j0 < W; j0 += v.C)  // (pixel by pixel: no j % C)
-              for (int64_t c = 0; c < v.C; ++c) {
-                sum_dy[n * v.C + c] += part_dy[t * W + j0 + c];
-                sum_dy_xc[n * v.C + c] += part_dyx[t * W + j0 + c];
-              }
-          }
+      // image n's block of rows blk: its sums per position of a row
+      const auto block_sums = [&](int64_t n, int64_t blk, A* part_dy, A* part_dyx) {
+        const int64_t off = n * v.HW * v.C;
+        // columns_grad_sums adds to its sums, and an earlier block left its own here
+        std::fill_n(part_dy, W, A(0));
+        std::fill_n(part_dyx, W, A(0));
+        columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), W, W,
+                          center_w.data() + n * W, part_dy, part_dyx);
+      };
+      // image n's per-channel sums from its nb blocks' (position j of a row is channel j % C),
+      // in a fixed order, then (with dx) its coefficients
+      const auto image_coeffs = [&](int64_t n, const A* part_dy, const A* part_dyx) {
+        for (int64_t blk = 0; blk < nb; ++blk)
+          for (int64_t j0 = 0; j0 < W; j0 += v.C)  // (pixel by pixel: no j % C)
+            for (int64_t c = 0; c < v.C; ++c) {
+              sum_dy[n * v.C + c] += part_dy[blk * W + j0 + c];
+              sum_dy_xc[n * v.C + c] += part_dyx[blk * W + j0 + c];
+            }
         if (dxp == nullptr) return;
-        for (int64_t n = n0; n < n1; ++n) {
-          for (int64_t g = 0; g < G; ++g)
-            group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
-                              k_x.data(), k_0.data());
-          pr.spread(k_dy.data() + n * v.C, k_dy_w.data() + n * W);
-          pr.spread(k_x.data() + n * v.C, k_x_w.data() + n * W);
-          pr.spread(k_0.data() + n * v.C, k_0_w.data() + n * W);
-        }
-        const int64_t row_bytes = 2 * W * static_cast<int64_t>(sizeof(T));  // x and dy
-        for_image_rows(n0, n1, R, W, row_bytes, stream, [&](int64_t n, int64_t r0, int64_t r1) {
-          rows_grad_input(gp, xp, dxp, r0, r1, W, W, center_w.data() + n * W,
-                          k_dy_w.data() + n * W, k_x_w.data() + n * W, k_0_w.data() + n * W,
-                          stream, low_nans);
+        for (int64_t g = 0; g < G; ++g)
+          group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
+                            k_x.data(), k_0.data());
+        pr.spread(k_dy.data() + n * v.C, k_dy_w.data() + n * W);
+        pr.spread(k_x.data() + n * v.C, k_x_w.data() + n * W);
+        pr.spread(k_0.data() + n * v.C, k_0_w.data() + n * W);
+      };
+      const auto image_grad_input = [&](int64_t n, int64_t r0, int64_t r1) {
+        rows_grad_input(gp, xp, dxp, r0, r1, W, W, center_w.data() + n * W,
+                        k_dy_w.data() + n * W, k_x_w.data() + n * W, k_0_w.data() + n * W,
+                        stream, low_nans);
+      };
+      const int64_t image_bytes = 2 * v.HW * v.C * static_cast<int64_t>(sizeof(T));  // x, dy
+      if (dxp != nullptr && ImageTasks::apply(v.N, image_bytes, kImageTaskBackwardBudget)) {
+        at::parallel_for(0, v.N, 1, [&](int64_t begin, int64_t end) {
+          const StreamFence fence(stream);
+          Scratch<A> part_dy(nb * W), part_dyx(nb * W);
+          for (int64_t n = begin; n < end; ++n) {
+            for (int64_t blk = 0; blk < nb; ++blk)
+              block_sums(n, blk, part_dy.data() + blk * W, part_dyx.data() + blk * W);
+            image_coeffs(n, part_dy.data(), part_dyx.data());
+            image_grad_input(n, n * R, (n + 1) * R);
+          }
         });
-      });
+      } else {
+        const ImageChunks chunks(v.N, image_bytes);
+        Scratch<A> part_dy(chunks.per_chunk * nb * W), part_dyx(chunks.per_chunk * nb * W);
+        chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
+          at::parallel_for(0, (n1 - n0) * nb, blocks.grain(W), [&](int64_t begin, int64_t end) {
+            for (int64_t t = begin; t < end; ++t)
+              block_sums(n0 + t / nb, t % nb, part_dy.data() + t * W, part_dyx.data() + t * W);
+          });
+          for (int64_t n = n0; n < n1; ++n) {
+            const int64_t t0 = (n - n0) * nb;
+            image_coeffs(n, part_dy.data() + t0 * W, part_dyx.data() + t0 * W);
+          }
+          if (dxp == nullptr) return;
+          const int64_t row_bytes = 2 * W * static_cast<int64_t>(sizeof(T));  // x and dy
+          for_image_rows(n0, n1, R, W, row_bytes, stream, image_grad_input);
+        });
+      }
       dx_done = true;
     }
   }
