@@ -701,7 +701,8 @@ struct VecSum {
 // forward 0.82-0.88x the time, forward+backward 0.81-0.91x, 4096x1024 forward+backward
 // 0.74-0.77x; the other first passes (RMSNorm, NCHW GroupNorm/BatchNorm/InstanceNorm)
 // 0.87-1.04x, within the noise where they fit the L3. Past the end of a thread's range (or of
-// the tensor) the requests are wasted, never faults: a prefetch does not fault.
+// the tensor) the requests are wasted, never faults: a prefetch does not fault. (BatchNorm's
+// NCHW inference, one pass, did better without: see channel_affine.)
 constexpr int64_t kStreamAheadBytes = 8192;
 
 // Asks for the lines at q, q + 64, ... below q + kBytes, into L1 (prefetcht0 on x86).
@@ -920,9 +921,9 @@ inline bool whole_line_chunk(const T* p, int64_t i, int64_t i0, int64_t n) {
 
 // y = (x - center) * scale + shift over a segment. Centering first (rather than folding the
 // mean into the shift) keeps every digit when |mean| >> std, and gives exact zeros for
-// constant input. kAhead: x comes from memory (stream_ahead). low_nans: some operand may be a
-// low_nan, as in this and every elementwise pass below.
-template <bool kAhead = false, typename T>
+// constant input. low_nans: some operand may be a low_nan, as in this and every elementwise
+// pass below.
+template <typename T>
 inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T> scale,
                            acc_t<T> shift, bool stream, bool low_nans) {
   using C = Chunk<T>;
@@ -937,7 +938,6 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
   with_low_nans<T>(low_nans, [&](auto low) {
     for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
       V a, b;
-      if constexpr (kAhead) stream_ahead(x + i);
       C::load_lanes(x + i, a, b);
       C::put_lanes(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb),
                    stream && whole_line_chunk(y + i, i, i0, n), low.value);
