@@ -203,6 +203,49 @@ static void for_image_rows(int64_t n0, int64_t n1, int64_t rows, int64_t width,
   });
 }
 
+// The two passes of a channels_last walk by blocks of rows (PixelRows: R rows of W values an
+// image, blocks.count blocks of them): first(n, blk, a, b) fills two W-value arrays for image
+// n's block blk; merge(n, a, b, work) turns an image's arrays (block by block, blocks.count * W
+// values each) into its coefficients, with work_values of scratch; second(n, r0, r1) is the
+// second pass over rows [r0, r1) of image n, run unless second_pass is false. One task per image
+// runs all three where ImageTasks applies (image_bytes of inputs an image, within budget), else
+// a chunk of images at a time (ImageChunks): the first pass split over the threads, the merges
+// on the calling thread, the second pass back to front (for_image_rows; row_bytes of inputs a
+// row). The same blocks merged in the same order either way, so the same results.
+template <typename A, typename First, typename Merge, typename Second>
+static void image_passes(int64_t N, int64_t R, int64_t W, const Blocks& blocks,
+                         int64_t image_bytes, int64_t budget, int64_t work_values,
+                         bool second_pass, int64_t row_bytes, bool stream, First&& first,
+                         Merge&& merge, Second&& second) {
+  const int64_t nb = blocks.count;
+  if (second_pass && ImageTasks::apply(N, image_bytes, budget)) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
+      Scratch<A> a(nb * W), b(nb * W), work(work_values);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t blk = 0; blk < nb; ++blk)
+          first(n, blk, a.data() + blk * W, b.data() + blk * W);
+        merge(n, a.data(), b.data(), work.data());
+        second(n, n * R, (n + 1) * R);
+      }
+    });
+    return;
+  }
+  const ImageChunks chunks(N, image_bytes);
+  Scratch<A> a(chunks.per_chunk * nb * W), b(chunks.per_chunk * nb * W), work(work_values);
+  chunks.for_each(N, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, (n1 - n0) * nb, blocks.grain(W), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        first(n0 + t / nb, t % nb, a.data() + t * W, b.data() + t * W);
+    });
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t t0 = (n - n0) * nb;
+      merge(n, a.data() + t0 * W, b.data() + t0 * W, work.data());
+    }
+    if (second_pass) for_image_rows(n0, n1, R, W, row_bytes, stream, second);
+  });
+}
+
 template <typename T>
 static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_t G,
                                  const at::Tensor& weight, const at::Tensor& bias, double eps,
@@ -313,39 +356,14 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
     pr.repeat(sc);
     pr.repeat(sh);
   };
-  const int64_t work_values = 2 * W + 2 * pr.k * v.D;
   const auto image_affine = [&](int64_t n, int64_t r0, int64_t r1) {
     rows_affine(xp, yp, r0, r1, W, W, center.data() + n * W, scale.data() + n * W,
                 shift.data() + n * W, stream, low_nans);
   };
-  const int64_t image_bytes = v.HW * v.C * static_cast<int64_t>(sizeof(T));
-  if (ImageTasks::apply(v.N, image_bytes, kImageTaskBudget)) {
-    at::parallel_for(0, v.N, 1, [&](int64_t begin, int64_t end) {
-      const StreamFence fence(stream);
-      Scratch<A> bmean(nb * W), bm2(nb * W), work(work_values);
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t blk = 0; blk < nb; ++blk)
-          block_stats(n, blk, bmean.data() + blk * W, bm2.data() + blk * W);
-        image_coeffs(n, bmean.data(), bm2.data(), work.data());
-        image_affine(n, n * R, (n + 1) * R);
-      }
-    });
-    return;
-  }
-  const ImageChunks chunks(v.N, image_bytes);
-  Scratch<A> bmean(chunks.per_chunk * nb * W), bm2(chunks.per_chunk * nb * W), work(work_values);
-  chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
-    at::parallel_for(0, (n1 - n0) * nb, blocks.grain(W), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        block_stats(n0 + t / nb, t % nb, bmean.data() + t * W, bm2.data() + t * W);
-    });
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t t0 = (n - n0) * nb;
-      image_coeffs(n, bmean.data() + t0 * W, bm2.data() + t0 * W, work.data());
-    }
-    const int64_t row_bytes = W * static_cast<int64_t>(sizeof(T));
-    for_image_rows(n0, n1, R, W, row_bytes, stream, image_affine);
-  });
+  image_passes<A>(v.N, R, W, blocks, v.HW * v.C * static_cast<int64_t>(sizeof(T)),
+                  kImageTaskBudget, 2 * W + 2 * pr.k * v.D, /*second_pass=*/true,
+                  W * static_cast<int64_t>(sizeof(T)), stream, block_stats, image_coeffs,
+                  image_affine);
 }
 
 void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
@@ -504,7 +522,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       };
       // image n's per-channel sums from its nb blocks' (position j of a row is channel j % C),
       // in a fixed order, then (with dx) its coefficients
-      const auto image_coeffs = [&](int64_t n, const A* part_dy, const A* part_dyx) {
+      const auto image_coeffs = [&](int64_t n, const A* part_dy, const A* part_dyx, A*) {
         for (int64_t blk = 0; blk < nb; ++blk)
           for (int64_t j0 = 0; j0 < W; j0 += v.C)  // (pixel by pixel: no j % C)
             for (int64_t c = 0; c < v.C; ++c) {
@@ -524,35 +542,10 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                         k_dy_w.data() + n * W, k_x_w.data() + n * W, k_0_w.data() + n * W,
                         stream, low_nans);
       };
-      const int64_t image_bytes = 2 * v.HW * v.C * static_cast<int64_t>(sizeof(T));  // x, dy
-      if (dxp != nullptr && ImageTasks::apply(v.N, image_bytes, kImageTaskBackwardBudget)) {
-        at::parallel_for(0, v.N, 1, [&](int64_t begin, int64_t end) {
-          const StreamFence fence(stream);
-          Scratch<A> part_dy(nb * W), part_dyx(nb * W);
-          for (int64_t n = begin; n < end; ++n) {
-            for (int64_t blk = 0; blk < nb; ++blk)
-              block_sums(n, blk, part_dy.data() + blk * W, part_dyx.data() + blk * W);
-            image_coeffs(n, part_dy.data(), part_dyx.data());
-            image_grad_input(n, n * R, (n + 1) * R);
-          }
-        });
-      } else {
-        const ImageChunks chunks(v.N, image_bytes);
-        Scratch<A> part_dy(chunks.per_chunk * nb * W), part_dyx(chunks.per_chunk * nb * W);
-        chunks.for_each(v.N, [&](int64_t n0, int64_t n1) {
-          at::parallel_for(0, (n1 - n0) * nb, blocks.grain(W), [&](int64_t begin, int64_t end) {
-            for (int64_t t = begin; t < end; ++t)
-              block_sums(n0 + t / nb, t % nb, part_dy.data() + t * W, part_dyx.data() + t * W);
-          });
-          for (int64_t n = n0; n < n1; ++n) {
-            const int64_t t0 = (n - n0) * nb;
-            image_coeffs(n, part_dy.data() + t0 * W, part_dyx.data() + t0 * W);
-          }
-          if (dxp == nullptr) return;
-          const int64_t row_bytes = 2 * W * static_cast<int64_t>(sizeof(T));  // x and dy
-          for_image_rows(n0, n1, R, W, row_bytes, stream, image_grad_input);
-        });
-      }
+      const int64_t elem_bytes = static_cast<int64_t>(sizeof(T));
+      image_passes<A>(v.N, R, W, blocks, 2 * v.HW * v.C * elem_bytes, kImageTaskBackwardBudget,
+                      0, /*second_pass=*/dxp != nullptr, 2 * W * elem_bytes, stream, block_sums,
+                      image_coeffs, image_grad_input);  // (x and dy: two inputs)
       dx_done = true;
     }
   }
