@@ -559,11 +559,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       });
     };
     if constexpr (kShortPlaneForwardLanes) {  // only those builds compile the lane-order walk
-      if (s.N >= kShortPlaneBackwardLanesFrom) {
-        run(std::true_type());
-      } else {
-        run(std::false_type());
-      }
+      with_flag(s.N >= kShortPlaneBackwardLanesFrom, run);
     } else {
       run(std::false_type());
     }

@@ -345,21 +345,6 @@ inline bool any_low_nan(std::initializer_list<const at::Tensor*> tensors) {
   }
 }
 
-// fn(std::bool_constant<low_nans>): a loop storing T through put_lanes gets its flag as a
-// constant, one copy of the loop each way where T is rounded by bits, one copy elsewhere (left
-// a runtime flag, the compiler branched around the NaN test inside the loop, and a LayerNorm
-// bf16 forward lost 4-7%).
-template <typename T, typename F>
-inline void with_low_nans(bool low_nans, F&& fn) {
-  if constexpr (!kRoundsByBits<T>) {
-    fn(std::false_type());  // put_lanes has no NaN test to skip
-  } else if (low_nans) {
-    fn(std::true_type());
-  } else {
-    fn(std::false_type());
-  }
-}
-
 // fn(std::bool_constant<flag>): a runtime flag as a compile-time one, one copy of fn each way.
 template <typename F>
 inline void with_flag(bool flag, F&& fn) {
@@ -367,6 +352,19 @@ inline void with_flag(bool flag, F&& fn) {
     fn(std::true_type());
   } else {
     fn(std::false_type());
+  }
+}
+
+// fn(std::bool_constant<low_nans>): a loop storing T through put_lanes gets its flag as a
+// constant, one copy of the loop each way where T is rounded by bits, one copy elsewhere (left
+// a runtime flag, the compiler branched around the NaN test inside the loop, and a LayerNorm
+// bf16 forward lost 4-7%).
+template <typename T, typename F>
+inline void with_low_nans(bool low_nans, F&& fn) {
+  if constexpr (kRoundsByBits<T>) {
+    with_flag(low_nans, fn);
+  } else {
+    fn(std::false_type());  // put_lanes has no NaN test to skip
   }
 }
 
