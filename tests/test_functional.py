@@ -168,6 +168,38 @@ def test_short_plane_inference_far_from_zero_within_the_rounding_of_x(dtype):
     assert (err <= bound).all(), (err - bound).max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_planes_same_bits_whichever_thread_takes_a_block(dtype):
+    # The short-plane passes hand their blocks of channels out as the threads run
+    # (parallel_blocks: a thread done with its share takes the others' last blocks). A block's
+    # result must not depend on the thread that takes it: with 128 channels of 7x7 the blocks
+    # (20 channels forward and inference, 10 backward) are the same for 1 and for 8 threads, and
+    # 8 threads on this machine's cores run at uneven speeds, so blocks change hands.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 128, 7, 7, generator=g).to(dtype)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    w = (torch.rand(128, generator=g) + 0.5).to(dtype)
+    rm, rv = torch.randn(128, generator=g).to(dtype), (torch.rand(128, generator=g) + 0.5).to(dtype)
+
+    def run():
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with normkernels.backend("cpp"):
+            y = NF.batch_norm(xg, None, None, wg, wg, True)
+            grads = torch.autograd.grad(y, (xg, wg), dy)
+            return (y.detach(), *grads, NF.batch_norm(x, rm, rv, w, w, False))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = run()
+        torch.set_num_threads(8)
+        for _ in range(20):
+            for what, ours, one_thread in zip(("y", "dx", "dweight", "inference y"), run(), ref):
+                assert torch.equal(ours, one_thread), what
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_nan_stays_in_its_row_group_and_channel(backend_name):
     x = torch.randn(4, 6, 5)
     x[1, 2, 3] = float("nan")
