@@ -202,9 +202,9 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
   const ShortPlanes<T> sp(s, 1024);
   Scratch<A> folded_shift(s.C);
   for (int64_t c = 0; c < s.C; ++c) folded_shift[c] = std::fma(-center[c], scale[c], shift[c]);
-  parallel_blocks(sp.count, sp.grain, [&](const auto& next_block) {
+  at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
     Scratch<A> storage;
-    for (int64_t blk; (blk = next_block()) >= 0;) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t head = sp.template head<kShortPlaneForwardLanes>(yp, blk);
       const auto [sc, sh] = sp.template scratch<2>(storage, head);
       sp.spread(blk, scale, sc);
@@ -365,9 +365,9 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     // Per block of channels: Welford statistics of every position over the N samples, merged
     // per channel exactly, then the normalize pass while the block is in L2.
     const ShortPlanes<T> sp(s, 1024);
-    parallel_blocks(sp.count, sp.grain, [&](const auto& next_block) {
+    at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
       Scratch<A> storage;
-      for (int64_t blk; (blk = next_block()) >= 0;) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t head = sp.template head<kShortPlaneForwardLanes>(yp, blk);
         const auto [pos_mean, pos_m2, ce, sc, sh] = sp.template scratch<5>(storage, head);
         const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
@@ -534,9 +534,9 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     // kLanes: the column helpers' order for T's chunks (see kShortPlaneBackwardLanesFrom)
     const auto run = [&](auto lanes) {
       constexpr bool kLanes = decltype(lanes)::value;
-      parallel_blocks(sp.count, sp.grain, [&](const auto& next_block) {
+      at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
         Scratch<A> storage;
-        for (int64_t blk; (blk = next_block()) >= 0;) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t head = sp.template head<kLanes>(dxp, blk);
           const auto [ce, sg, sd, kd, kx, k0] = sp.template scratch<6>(storage, head);
           const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);

@@ -27,9 +27,6 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
-#include <climits>
-#include <memory>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -1730,73 +1727,6 @@ inline void for_rows_back_to_front(int64_t begin, int64_t end, int64_t row_bytes
     fn(start, stop);
     stop = start;
   }
-}
-
-// Runs body(next) on each thread of an at::parallel_for over the blocks [0, count), `grain`
-// blocks a thread at least, where next() gives the block the thread does next, -1 when none is
-// left. The blocks must be independent (each writes only its own outputs): which thread does a
-// block never changes its result. Each thread first takes its own share front to back (the
-// contiguous share at::parallel_for's static split would give it, so a tensor's part stays in
-// the cache of the core that had it in the last call); one done early then takes the blocks
-// the others have not started, from the back of their shares. Why: on a shared guest one vCPU
-// runs at times far slower than the other (Zen 4 guest, the short-plane bf16 BatchNorm
-// 16x512x7x7 forward: 55 us on one thread against 37 us on the other in some phases, 38/37 in
-// others), and the static split waits for the slower thread's whole share. Where the threads
-// run alike it costs nothing measurable (a CAS a block of about 2 us; paired in one process
-// against the static split, 16x512x7x7 bf16 forward+backward 0.99-1.00x the time).
-template <typename Body>
-inline void parallel_blocks(int64_t count, int64_t grain, const Body& body) {
-  const int64_t shares =
-      count <= 0 ? 0
-                 : std::min<int64_t>(at::get_num_threads(),
-                                     (count + std::max<int64_t>(grain, 1) - 1) /
-                                         std::max<int64_t>(grain, 1));
-  if (shares <= 1 || at::in_parallel_region() || count > INT32_MAX) {
-    // one thread, or blocks too many to pack: the static split
-    at::parallel_for(0, count, std::max<int64_t>(grain, 1), [&](int64_t b0, int64_t b1) {
-      int64_t blk = b0;
-      body([&]() { return blk < b1 ? blk++ : int64_t{-1}; });
-    });
-    return;
-  }
-  // A share's blocks not yet taken, [front, back): front in the low 32 bits, back in the high,
-  // one word so that its owner (taking the front) and a thief (taking the back) agree by CAS.
-  struct alignas(64) Share {
-    std::atomic<uint64_t> range;
-  };
-  const auto pack = [](int64_t front, int64_t back) {
-    return static_cast<uint64_t>(front) | (static_cast<uint64_t>(back) << 32);
-  };
-  const auto take = [](Share& sh, bool from_front) -> int64_t {
-    uint64_t r = sh.range.load(std::memory_order_relaxed);
-    for (;;) {
-      const int64_t front = static_cast<int64_t>(r & 0xffffffffu);
-      const int64_t back = static_cast<int64_t>(r >> 32);
-      if (front >= back) return -1;
-      const uint64_t taken = from_front ? r + 1 : r - (uint64_t{1} << 32);
-      if (sh.range.compare_exchange_weak(r, taken, std::memory_order_relaxed))
-        return from_front ? front : back - 1;
-    }
-  };
-  constexpr int64_t kLocalShares = 8;
-  Share local[kLocalShares];
-  std::unique_ptr<Share[]> heap;
-  if (shares > kLocalShares) heap.reset(new Share[shares]);
-  Share* share = heap ? heap.get() : local;
-  for (int64_t t = 0; t < shares; ++t)
-    share[t].range.store(pack(count * t / shares, count * (t + 1) / shares),
-                         std::memory_order_relaxed);
-  at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
-    int64_t own = t0, visited = 1;
-    body([&]() -> int64_t {
-      for (; own < t1; ++own)
-        if (const int64_t blk = take(share[own], true); blk >= 0) return blk;
-      for (; visited < shares; ++visited)
-        if (const int64_t blk = take(share[(t1 - 1 + visited) % shares], false); blk >= 0)
-          return blk;
-      return -1;
-    });
-  });
 }
 
 // Split [0, n) into a fixed number of contiguous blocks that depends only on n and the thread
