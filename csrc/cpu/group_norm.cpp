@@ -173,6 +173,11 @@ struct PixelRows {
     width = k * C;
     rows = k > 0 ? HW / k : 0;
   }
+  // An image's rows in blocks of 8192 values or more (Blocks: at most four a thread), the
+  // blocks of both passes, forward and backward.
+  Blocks blocks() const {
+    return Blocks(rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1)));
+  }
   // p[i * C + c] = p[c] for the row's other pixels i (the first C values given)
   template <typename A>
   void repeat(A* p) const {
@@ -214,14 +219,15 @@ static void for_image_rows(int64_t n0, int64_t n1, int64_t rows, int64_t width,
 // second pass over rows [r0, r1) of image n, run unless second_pass is false. One task per image
 // runs all three where ImageTasks applies (image_bytes of inputs an image, within budget), else
 // a chunk of images at a time (ImageChunks): the first pass split over the threads, the merges
-// on the calling thread, the second pass back to front (for_image_rows; row_bytes of inputs a
-// row). The same blocks merged in the same order either way, so the same results.
+// on the calling thread, the second pass back to front (for_image_rows). The same blocks merged
+// in the same order either way, so the same results.
 template <typename A, typename First, typename Merge, typename Second>
 static void image_passes(int64_t N, int64_t R, int64_t W, const Blocks& blocks,
                          int64_t image_bytes, int64_t budget, int64_t work_values,
-                         bool second_pass, int64_t row_bytes, bool stream, First&& first,
-                         Merge&& merge, Second&& second) {
+                         bool second_pass, bool stream, First&& first, Merge&& merge,
+                         Second&& second) {
   const int64_t nb = blocks.count;
+  const int64_t row_bytes = image_bytes / std::max<int64_t>(R, 1);  // of inputs, a row
   if (second_pass && ImageTasks::apply(N, image_bytes, budget)) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
@@ -318,7 +324,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   // (ImageChunks).
   const PixelRows pr(v.HW, v.C, Chunk<T>::size);
   const int64_t W = pr.width, R = pr.rows;
-  const Blocks blocks(R, std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)));
+  const Blocks blocks = pr.blocks();
   const int64_t nb = blocks.count;
   Scratch<A> block_count(nb);
   for (int64_t blk = 0; blk < nb; ++blk)
@@ -365,9 +371,8 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
                 shift.data() + n * W, stream, low_nans);
   };
   image_passes<A>(v.N, R, W, blocks, v.HW * v.C * static_cast<int64_t>(sizeof(T)),
-                  kImageTaskBudget, 2 * W + 2 * pr.k * v.D, /*second_pass=*/true,
-                  W * static_cast<int64_t>(sizeof(T)), stream, block_stats, image_coeffs,
-                  image_affine);
+                  kImageTaskBudget, 2 * W + 2 * pr.k * v.D, /*second_pass=*/true, stream,
+                  block_stats, image_coeffs, image_affine);
 }
 
 void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
@@ -507,7 +512,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       Scratch<A> center_w(v.N * W);
       for (int64_t n = 0; n < v.N; ++n)
         pr.spread(center.data() + n * v.C, center_w.data() + n * W);
-      const Blocks blocks(R, std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)));
+      const Blocks blocks = pr.blocks();
       const int64_t nb = blocks.count;
       Scratch<A> k_dy_w, k_x_w, k_0_w;
       if (dxp != nullptr) {
@@ -548,8 +553,8 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       };
       const int64_t elem_bytes = static_cast<int64_t>(sizeof(T));
       image_passes<A>(v.N, R, W, blocks, 2 * v.HW * v.C * elem_bytes, kImageTaskBackwardBudget,
-                      0, /*second_pass=*/dxp != nullptr, 2 * W * elem_bytes, stream, block_sums,
-                      image_coeffs, image_grad_input);  // (x and dy: two inputs)
+                      0, /*second_pass=*/dxp != nullptr, stream, block_sums, image_coeffs,
+                      image_grad_input);  // (x and dy: two inputs)
       dx_done = true;
     }
   }
