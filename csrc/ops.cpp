@@ -20,7 +20,8 @@ int add_python_entries(PyObject* module);  // python_entry.cpp
 
 TORCH_LIBRARY(normkernels, m) {
   // Layer norm over the last `normalized_ndim` dims; rms=True is RMSNorm (no centering; mean
-  // comes back empty). Returns (y, mean, rstd) with statistics shaped [prod(leading dims)].
+  // comes back empty). Returns (y, mean, rstd), the statistics shaped as torch's native_layer_norm
+  // shapes them: x's leading dims, then a 1 for each normalized dim.
   m.def(
       "layer_norm_fwd(Tensor x, int normalized_ndim, Tensor? weight, Tensor? bias, float eps, "
       "bool rms) -> (Tensor, Tensor, Tensor)");

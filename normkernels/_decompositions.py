@@ -56,14 +56,14 @@ def layer_norm_fwd(x: Tensor, normalized_ndim: int, weight: Optional[Tensor],
     if not rms:
         shape = x.shape[x.dim() - normalized_ndim:]
         y, mean, rstd = aten.native_layer_norm(x, shape, _param(weight, x), _param(bias, x), eps)
-        return y, _stats(mean, x, -1), _stats(rstd, x, -1)
+        return y, mean.to(stats_dtype(x)), rstd.to(stats_dtype(x))  # shaped as ours
     xa = x.to(stats_dtype(x))
     dims = list(range(x.dim() - normalized_ndim, x.dim()))
     rstd = torch.rsqrt((xa * xa).mean(dims, keepdim=True) + eps)
     y = xa * rstd
     if weight is not None:
         y = y * weight.to(y.dtype)
-    return y.to(x.dtype), xa.new_empty((0,)), rstd.reshape(-1)
+    return y.to(x.dtype), xa.new_empty((0,)), rstd
 
 
 @register_decomposition(ops.group_norm_fwd.default)

@@ -47,16 +47,21 @@ def _param_grad(x, weight, shape, wanted):
 # ------------------------------------------------------------------------------- fake kernels
 
 
+def layer_norm_stats_shape(x: torch.Tensor, normalized_ndim: int) -> tuple:
+    """Layer norm's mean and rstd, shaped as torch's native_layer_norm shapes them: x's leading
+    dims, then a 1 for each normalized dim (so a DTensor sharded along a leading dim of x shards
+    them along the same dim)."""
+    lead = x.dim() - normalized_ndim
+    return (*x.shape[:lead], *([1] * normalized_ndim))
+
+
 @torch.library.register_fake("normkernels::layer_norm_fwd")
 def _layer_norm_fwd_fake(x, normalized_ndim, weight, bias, eps, rms):
-    rows = 1
-    for d in x.shape[: x.dim() - normalized_ndim]:
-        rows *= d
+    sshape = layer_norm_stats_shape(x, normalized_ndim)
     sdt = stats_dtype(x)
-    mean = x.new_empty((0,) if rms else (rows,), dtype=sdt)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, x.new_empty(
-        (rows,), dtype=sdt
-    )
+    mean = x.new_empty((0,) if rms else sshape, dtype=sdt)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), mean,
+            x.new_empty(sshape, dtype=sdt))
 
 
 @torch.library.register_fake("normkernels::layer_norm_bwd")

@@ -74,9 +74,7 @@ def _layer_norm_fwd_vmap(info, in_dims, x, normalized_ndim, weight, bias, eps, r
     if affine_apart:  # rounded once more for half inputs: y, then y * weight + bias
         y = _affine(y, weight, wdim, bias, bdim, size, trailing=0)
     mean_dim = None if rms else 0  # RMS norm's mean is an empty tensor
-    if not rms:
-        mean = mean.view(size, -1)
-    return (y, mean, rstd.view(size, -1)), (0, mean_dim, 0)
+    return (y, mean, rstd), (0, mean_dim, 0)  # statistics: x's leading dims, the vmapped first
 
 
 def _group_norm_fwd_vmap(info, in_dims, x, num_groups, weight, bias, eps):

@@ -144,9 +144,9 @@ def _layer_norm_fwd(opset: int):
             if not _is_none(bias):
                 y = g.op("Add", y, _cast(g, bias, acc_type))
             y = _cast(g, y, x_type)
-        mean_out = (g.op("Constant", value_t=torch.zeros(0, dtype=acc_dtype)) if rms
-                    else _flat(g, mean))
-        return y, mean_out, _flat(g, rstd)
+        # statistics with their dims kept, as the op returns them (x's leading dims, then ones)
+        mean_out = g.op("Constant", value_t=torch.zeros(0, dtype=acc_dtype)) if rms else mean
+        return y, mean_out, rstd
 
     return symbolic
 

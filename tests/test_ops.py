@@ -165,6 +165,23 @@ def test_statistics_are_fp32_for_half_inputs(backend_name):
     assert mean.dtype == invstd.dtype == var.dtype == torch.float64
 
 
+@pytest.mark.parametrize("shape,ndim", [((2, 3, 8), 1), ((2, 3, 4, 5), 2), ((7,), 1), ((3, 0), 1),
+                                        ((0, 4), 1)])
+def test_layer_norm_statistics_as_torchs(shape, ndim, backend_name):
+    """mean and rstd shaped as native_layer_norm's (x's leading dims, then ones: a DTensor split
+    along a leading dim splits them along it too), with its values, rows of no values included
+    (mean 0, rstd nan); RMS norm's rstd shaped the same."""
+    x = torch.randn(shape, dtype=torch.float64)
+    _, mean, rstd = ops.layer_norm_fwd(x, ndim, None, None, 1e-5, False)
+    _, want_mean, want_rstd = torch.ops.aten.native_layer_norm(x, shape[len(shape) - ndim:], None,
+                                                              None, 1e-5)
+    assert mean.shape == want_mean.shape and rstd.shape == want_rstd.shape
+    torch.testing.assert_close(mean, want_mean, equal_nan=True)
+    torch.testing.assert_close(rstd, want_rstd, equal_nan=True)
+    _, rms_mean, rms_rstd = ops.layer_norm_fwd(x, ndim, None, None, 1e-5, True)
+    assert rms_mean.numel() == 0 and rms_rstd.shape == want_rstd.shape
+
+
 def _ggc(fn, *inputs):
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4,
                                         check_fwd_over_rev=True, check_batched_grad=True)

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "kernels.h"
@@ -229,11 +230,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_param(bias, pshape, "layer_norm", "bias");
   const at::Tensor xc = x.contiguous();
   const int64_t N = c10::multiply_integers(pshape);  // values a row
-  const int64_t M = N == 0 ? 0 : x.numel() / N;
   at::Tensor y = cpu::empty_output(x.sizes(), x.options());
   const auto sopt = x.options().dtype(acc_type(x));
-  at::Tensor mean = rms ? at::empty({0}, sopt) : at::empty({M}, sopt);
-  at::Tensor rstd = at::empty({M}, sopt);
+  // statistics shaped as torch's native_layer_norm shapes them: x's leading dims, then ones
+  std::vector<int64_t> sshape(x.sizes().begin(), x.sizes().end() - normalized_ndim);
+  sshape.resize(x.dim(), 1);
+  at::Tensor mean = rms ? at::empty({0}, sopt) : at::empty(sshape, sopt);
+  at::Tensor rstd = at::empty(sshape, sopt);
+  if (N == 0) {  // rows of no values: torch's statistics (mean 0, rstd nan), nothing to normalize
+    if (!rms) mean.zero_();
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
+  const int64_t M = x.numel() / N;  // rows
   at::Tensor mean_arg = rms ? at::Tensor() : mean;
   // With few rows, half-type parameters are read as they are: converting them to fp32 tensors
   // would cost more than the rows themselves (a one-token decode step). With many rows the
@@ -262,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   const at::IntArrayRef pshape = x.sizes().slice(x.dim() - normalized_ndim);
   check_param(weight, pshape, "layer_norm_bwd", "weight");
   const int64_t N = c10::multiply_integers(pshape);  // values a row
-  const int64_t M = N == 0 ? 0 : x.numel() / N;
+  const int64_t M = c10::multiply_integers(x.sizes().slice(0, x.dim() - normalized_ndim));
   // RMS norm has no mean (the forward returns an empty one; the kernel never reads it)
   const at::Tensor mean_c = rms ? mean : stats_arg(mean, M, x, "layer_norm_bwd", "mean");
   const at::Tensor rstd_c = stats_arg(rstd, M, x, "layer_norm_bwd", "rstd");

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -15,7 +17,7 @@ import triton.language as tl
 from . import heuristics as H
 from .checks import check_dy, check_param, check_rows, stats_arg
 from .common import flat, plus_eps, split_eps, sum_rows
-from .launch import acc_dtype, count_launch, tl_acc
+from .launch import acc_dtype, count_launch, stats_shape, tl_acc
 
 
 @triton.jit
@@ -160,10 +162,9 @@ def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DWPart, DBPart, M, N, rows_p
 
 
 def _rows(x: torch.Tensor, normalized_ndim: int):
-    n = 1
-    for d in x.shape[x.dim() - normalized_ndim:]:
-        n *= d
-    return (x.numel() // n if n else 0), n
+    """(rows, values a row): the leading dims' product and the normalized dims'."""
+    lead = x.dim() - normalized_ndim
+    return math.prod(x.shape[:lead]), math.prod(x.shape[lead:])
 
 
 def layer_norm_fwd(x, normalized_ndim, weight, bias, eps, rms):
@@ -175,9 +176,13 @@ def layer_norm_fwd(x, normalized_ndim, weight, bias, eps, rms):
     M, N = _rows(x, normalized_ndim)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     sdt = acc_dtype(x)
-    mean = torch.empty((0,) if rms else (M,), dtype=sdt, device=x.device)
-    rstd = torch.empty((M,), dtype=sdt, device=x.device)
-    if M > 0 and N > 0:
+    sshape = stats_shape(x, normalized_ndim)
+    mean = torch.empty((0,) if rms else sshape, dtype=sdt, device=x.device)
+    rstd = torch.empty(sshape, dtype=sdt, device=x.device)
+    if N == 0:  # rows of no values: torch's statistics (mean 0, rstd nan)
+        mean.zero_()
+        rstd.fill_(math.nan)
+    elif M > 0:
         block = H.row_block(N)
         w, b = flat(weight), flat(bias)
         count_launch("layer_norm_fwd")
