@@ -28,9 +28,3 @@ def walk_format(x: torch.Tensor, rows_2d: bool) -> torch.memory_format:
 
     return fmt(x, rows_2d)
 
-
-def stats_shape(x: torch.Tensor, normalized_ndim: int) -> tuple:
-    """Layer norm's statistics' shape, the op layer's (and the C++ path's)."""
-    from .._ops import layer_norm_stats_shape
-
-    return layer_norm_stats_shape(x, normalized_ndim)
