@@ -26,7 +26,7 @@ def revert(model: nn.Module) -> nn.Module:
     """The inverse of ``convert``: every normkernels module inside ``model`` back to the torch.nn
     class it replaces, in place, state kept; returns ``model``. For tools that match torch's
     classes by exact type or know nothing of our ops (``torch.ao.quantization.fuse_modules``,
-    the legacy TorchScript-based ONNX exporter, DTensor's sharding rules)."""
+    the legacy TorchScript-based ONNX exporter)."""
     return _swap(model, _TORCH_OF)
 
 

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _C, _ops
-from .backend import check_runnable
+from . import _C, _ops, _sharding
+from .backend import check_runnable as _check_backend
 
 # The ops are called through the namespace (torch.ops.normkernels.<op>), which TorchScript
 # resolves; it costs ~0.2 us a call more than a bound OpOverload, which TorchScript does not.
@@ -34,6 +34,21 @@ _ops_ns = _ops.ops
 # the dispatcher at C cost, or returns None and the Python path below handles (and explains)
 # everything else. Dynamo cannot trace into C, so under torch.compile the Python path is used.
 _is_compiling = torch.compiler.is_compiling
+
+
+def _sharding_rules_for(x: Tensor) -> None:
+    """Where x is a DTensor, our ops' sharding rules registered before an op sees it
+    (normkernels/_sharding.py: registered lazily, as registering imports DTensor)."""
+    if not _is_compiling():
+        _sharding.register_if_needed(x)
+
+
+def _runnable(x: Tensor, op: str) -> None:
+    """The Python path's checks of x's device (no kernel of the chosen backend runs it: raise)
+    and of DTensor's sharding rules."""
+    _check_backend(x, op)
+    _sharding_rules_for(x)
+
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "sync_batch_norm"]
 
@@ -120,7 +135,7 @@ def _rowwise_errors(input, shape, weight, bias, op) -> int:
     k = _check_normalized(input, shape, op)
     _check_param(weight, "weight", shape, op, "normalized_shape")
     _check_param(bias, "bias", shape, op, "normalized_shape")
-    check_runnable(input, op)
+    _runnable(input, op)
     return k
 
 
@@ -185,6 +200,7 @@ def _row_norm_args(input, normalized_shape, weight, bias, rms: bool, op: str):
     shape = _normalized(normalized_shape)
     if not _rowwise_ok(input, shape, weight, bias):
         _rowwise_errors(input, shape, weight, bias, op)
+    _sharding_rules_for(input)
     if not rms:
         _check_param_dtypes(input, (weight, bias), op)
     return input, weight, bias, len(shape)
@@ -253,7 +269,7 @@ def group_norm(
         _check_param(weight, "weight", (channels,), "group_norm", "one per channel")
         _check_param(bias, "bias", (channels,), "group_norm", "one per channel")
         _check_param_dtypes(input, (weight, bias), "group_norm")
-        check_runnable(input, "group_norm")
+        _runnable(input, "group_norm")
     elif input.dim() < 2:  # as torch's F.group_norm (the channel count below needs dim 1)
         raise RuntimeError(
             f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
@@ -376,7 +392,7 @@ def batch_norm(
                 eps=eps)
         _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
         _check_param_dtypes(input, (weight, bias, running_mean, running_var), "batch_norm")
-        check_runnable(input, "batch_norm")
+        _runnable(input, "batch_norm")
     if not training:
         return _normalize_with_running_stats(
             input, running_mean, running_var, weight, bias, eps,
@@ -410,7 +426,7 @@ def instance_norm(
         _check_channel_args(input, running_mean, running_var, weight, bias, "instance_norm")
         # torch ignores the running statistics' dtype here (it updates them out of place)
         _check_param_dtypes(input, (weight, bias), "instance_norm")
-        check_runnable(input, "instance_norm")
+        _runnable(input, "instance_norm")
     elif input.dim() < 2:  # (the channel count below needs dim 1)
         raise RuntimeError(
             f"instance_norm: expected at least 2 dimensions for input tensor but received "
@@ -509,7 +525,7 @@ def sync_batch_norm(
     import torch.distributed as dist
 
     _check_channel_args(input, running_mean, running_var, weight, bias, "sync_batch_norm")
-    check_runnable(input, "sync_batch_norm")
+    _runnable(input, "sync_batch_norm")
     group = process_group or dist.group.WORLD
     world_size = dist.get_world_size(group)
     y, mean, var, n = _SyncBatchNorm.apply(input, weight, bias, eps, group, world_size)
