@@ -138,6 +138,34 @@ def _worker(rank, port):
         x = rnd(2, 6, 8)
         y = ln(distribute_tensor(x, mesh, [Shard(1)]))
         torch.testing.assert_close(y.full_tensor(), ref(x).detach())
+        # sequence parallelism (torch's tensor-parallel API) on a converted model: each rank
+        # holds its part of the sequence, the norms' parameters replicated
+        from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+        model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.RMSNorm(8)).double()
+        ref = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.RMSNorm(8)).double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(rnd(*p.shape))
+        ref.load_state_dict(model.state_dict())
+        normkernels.convert(model)
+        parallelize_module(model, mesh, {"0": SequenceParallel(), "1": SequenceParallel()})
+        part = slice(0, 3) if rank == 0 else slice(3, 5)  # 5 positions: 3 and 2
+        x = rnd(2, 5, 8)
+        xl = x[:, part].clone().requires_grad_()
+        with _OpsSeen() as mode:
+            y = model(xl)
+            y.to_local().sum().backward()
+        _ours_ran(mode.names, "layer_norm_fwd", "layer_norm_bwd")
+        xr = x.clone().requires_grad_()
+        ref(xr).sum().backward()
+        torch.testing.assert_close(y.to_local(), ref(x)[:, part].detach())
+        torch.testing.assert_close(xl.grad, xr.grad[:, part])
+        for ours, theirs in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(ours.grad.full_tensor(), theirs.grad)
+        # every rank done communicating before either tears down (gloo aborted the process now
+        # and then when one rank destroyed its group while the other was still in a collective)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -50,6 +50,7 @@ def _worker(rank, port, layout, results):
         for t in (gw, gb):
             dist.all_reduce(t)  # what DDP would do with the local parameter gradients (sum)
         results[rank] = (y.detach(), gx, gw, gb, module.running_mean.clone(), module.running_var.clone())
+        dist.barrier()  # both ranks done before either tears down (see tests/test_dtensor.py)
     finally:
         dist.destroy_process_group()
 
