@@ -38,8 +38,9 @@ _is_compiling = torch.compiler.is_compiling
 
 def _sharding_rules_for(x: Tensor) -> None:
     """Where x is a DTensor, our ops' sharding rules registered before an op sees it
-    (normkernels/_sharding.py: registered lazily, as registering imports DTensor)."""
-    if not _is_compiling():
+    (normkernels/_sharding.py: registered lazily, as registering imports DTensor). A plain
+    tensor costs one type test: this is on every call of the Python path (CUDA's included)."""
+    if type(x) is not Tensor and not _is_compiling():
         _sharding.register_if_needed(x)
 
 

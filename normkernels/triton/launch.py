@@ -27,4 +27,3 @@ def walk_format(x: torch.Tensor, rows_2d: bool) -> torch.memory_format:
     from .._ops import walk_format as fmt
 
     return fmt(x, rows_2d)
-
