@@ -51,7 +51,6 @@ def register() -> bool:
         from torch.distributed.tensor.experimental import register_sharding
     except ImportError:  # torch built without distributed, or older than 2.5
         return False
-    _registered = True
     R, P = Replicate(), Partial()
 
     def param(t, placement=R):
@@ -117,6 +116,7 @@ def register() -> bool:
         return [([R, R, R], [R, R, R, R, param(weight), None, None]),
                 ([Shard(1), C, C], [Shard(1), Shard(1), C, C, param(weight, C), None, None])]
 
+    _registered = True
     return True
 
 
