@@ -178,3 +178,29 @@ def test_dtensor_runs_our_kernels_on_local_shards():
     except ImportError:
         pytest.skip("this torch has no torch.distributed.tensor.experimental.register_sharding")
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_rules_registered_when_dtensor_is_imported_after_us():
+    """normkernels first, torch.distributed.tensor later (as a tensor-parallel script does): the
+    rules are there before any of our calls, so a direct op call (or a compiled model's first
+    call, which never runs functional's eager check) runs our kernel, not the decomposition.
+    In a fresh interpreter: this one has imported DTensor already."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    code = (
+        "import sys, torch, normkernels\n"
+        "from normkernels import _sharding\n"
+        "assert not _sharding._registered and 'torch.distributed.tensor' not in sys.modules\n"
+        "import torch.distributed.tensor as dt\n"
+        "assert _sharding._registered\n"
+        "funcs = dt.DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs\n"
+        "ops = torch.ops.normkernels\n"
+        "names = ['layer_norm_fwd', 'layer_norm_bwd', 'group_norm_fwd', 'group_norm_bwd',\n"
+        "         'batch_norm_fwd', 'batch_norm_infer', 'batch_norm_bwd']\n"
+        "assert all(getattr(ops, n).default in funcs for n in names)\n"
+        "assert not any(type(f).__name__ == '_RegisterAfterImport' for f in sys.meta_path)\n"
+    )
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
