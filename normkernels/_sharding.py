@@ -35,13 +35,14 @@ import torch
 
 from ._ops import ops
 
+_DTENSOR = "torch.distributed.tensor"
 _registered = False
 
 
-def register_if_needed(x: torch.Tensor) -> None:
-    """Registers the rules once DTensor is in use: x is not a plain tensor (a DTensor, say) and
-    torch.distributed.tensor has been imported. A flag test on every other call."""
-    if not _registered and type(x) is not torch.Tensor and "torch.distributed.tensor" in sys.modules:
+def register_if_needed() -> None:
+    """Registers the rules if torch.distributed.tensor has been imported (for a caller that
+    holds a tensor subclass, which may be a DTensor). A flag test once they are."""
+    if not _registered and _DTENSOR in sys.modules:
         register()
 
 
@@ -129,10 +130,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     its loader run it, then registers the rules, and leaves sys.meta_path. Any other module, or
     one the path finder cannot find, it leaves to the other finders (and register_if_needed)."""
 
-    _NAME = "torch.distributed.tensor"
-
     def find_spec(self, fullname, path, target=None):
-        if fullname != self._NAME:
+        if fullname != _DTENSOR:
             return None
         self._leave()
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
@@ -154,7 +153,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             sys.meta_path.remove(self)
 
 
-if "torch.distributed.tensor" in sys.modules:  # already in use: DTensors may come at any call
+if _DTENSOR in sys.modules:  # already in use: DTensors may come at any call
     register()
 elif torch.distributed.is_available():
     sys.meta_path.insert(0, _RegisterAfterImport())

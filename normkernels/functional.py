@@ -41,7 +41,7 @@ def _sharding_rules_for(x: Tensor) -> None:
     (normkernels/_sharding.py: registered lazily, as registering imports DTensor). A plain
     tensor costs one type test: this is on every call of the Python path (CUDA's included)."""
     if type(x) is not Tensor and not _is_compiling():
-        _sharding.register_if_needed(x)
+        _sharding.register_if_needed()
 
 
 def _runnable(x: Tensor, op: str) -> None:

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _ops  # (names looked up at call time: _ops imports this package as it loads)
 from . import heuristics as H
 from .checks import check_dy, check_param, check_rows, stats_arg
 from .common import flat, plus_eps, split_eps, sum_rows
@@ -176,8 +177,7 @@ def layer_norm_fwd(x, normalized_ndim, weight, bias, eps, rms):
     M, N = _rows(x, normalized_ndim)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     sdt = acc_dtype(x)
-    # x's leading dims, then ones: as _ops.layer_norm_stats_shape (not called: an import a call)
-    sshape = (*x.shape[:x.dim() - normalized_ndim], *([1] * normalized_ndim))
+    sshape = _ops.layer_norm_stats_shape(x, normalized_ndim)
     mean = torch.empty((0,) if rms else sshape, dtype=sdt, device=x.device)
     rstd = torch.empty(sshape, dtype=sdt, device=x.device)
     if N == 0:  # rows of no values: torch's statistics (mean 0, rstd nan)
