@@ -111,7 +111,7 @@ setup(
             # The kernel files and headers are #included by the capability units, so they must
             # be declared: otherwise editing them does not trigger a rebuild.
             depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/cpu/*.cpp")),
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fno-math-errno"] + OPENMP},
+            extra_compile_args={"cxx": ["-O3", "-fno-math-errno"] + OPENMP},
             extra_link_args=OPENMP,
         )
     ],
