@@ -209,3 +209,27 @@ def test_torch_export(training):
         buffers = dict(exported.named_buffers())
         for name, b in ref.named_buffers():
             torch.testing.assert_close(buffers[name], b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_aot_inductor_package_runs_our_ops(tmp_path):
+    # AOTInductor (serving without Python's tracing): a converted model's exported program
+    # compiled into a package, loaded back and run at two batch sizes; the compiled model calls
+    # our ops (through the dispatcher, so `import normkernels` must precede loading it), not
+    # their decompositions or ATen's norm ops
+    ref, ours = _pair()
+    ref.eval()
+    ours.eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(ours, (torch.randn(4, 3, 8, 8),),
+                                  dynamic_shapes={"x": {0: batch}})
+    path = torch._inductor.aoti_compile_and_package(program,
+                                                    package_path=str(tmp_path / "model.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    for n in (4, 7):
+        x = torch.randn(n, 3, 8, 8)
+        with OpRecorder() as recorder:
+            y = runner(x)
+        torch.testing.assert_close(y, ref(x), atol=1e-4, rtol=1e-4)
+        assert recorder.ours() > 0, recorder.names
+        assert not [c for c in recorder.names
+                    if c.startswith("aten.") and any(op in c for op in ATEN_NORM_OPS)]
