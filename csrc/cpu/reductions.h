@@ -911,9 +911,12 @@ inline bool whole_line_chunk(const T* p, int64_t i, int64_t i0, int64_t n) {
   constexpr int64_t kBytes = Chunk<T>::size * static_cast<int64_t>(sizeof(T));
   if constexpr (kBytes >= 64) {
     return true;
-  } else {
-    static_assert(2 * kBytes == 64, "a chunk is half a line");
+  } else if constexpr (2 * kBytes == 64) {
     return reinterpret_cast<uintptr_t>(p) % 64 == 0 ? i + 2 * Chunk<T>::size <= n : i > i0;
+  } else {
+    // a quarter of a line or less: 16-bit chunks of 128-bit vectors (the portable build on
+    // Arm, whose stream_vec is a plain store anyway)
+    return false;
   }
 }
 
