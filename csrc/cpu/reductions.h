@@ -1248,7 +1248,7 @@ inline void columns_welford(const T* x, int64_t r0, int64_t r1, int64_t C, int64
 // deviations by two passes over registers, then Chan's merge, with w_new = R / (seen + R) and
 // w_cross = seen * R / (seen + R):
 //   delta = mean_R - mean,  mean += delta * w_new,  m2 += m2_R + delta^2 * w_cross.
-template <int R, bool kMasked, bool kLanes, typename T>
+template <int R, bool kMasked, typename T>
 inline void row_group_tile(const T* x, int64_t r, int64_t ld, int64_t c, int64_t width,
                            acc_t<T> w_new, acc_t<T> w_cross, acc_t<T>* mean, acc_t<T>* m2) {
   using A = acc_t<T>;
@@ -1309,9 +1309,9 @@ inline void columns_row_groups(const T* x, int64_t r0, int64_t r1, int64_t C, in
       const A w_new = n_new / (n_seen + n_new), w_cross = n_seen * w_new;
       int64_t c = 0;
       for (; c + S <= C; c += S)
-        row_group_tile<R, false, kLanes>(x, r, ld, c, S, w_new, w_cross, lane_mean, lane_m2);
+        row_group_tile<R, false>(x, r, ld, c, S, w_new, w_cross, lane_mean, lane_m2);
       if (c < C)
-        row_group_tile<R, true, kLanes>(x, r, ld, c, C - c, w_new, w_cross, lane_mean, lane_m2);
+        row_group_tile<R, true>(x, r, ld, c, C - c, w_new, w_cross, lane_mean, lane_m2);
       seen += R;
     };
     int64_t r = r0;
