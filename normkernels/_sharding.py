@@ -46,16 +46,16 @@ def register_if_needed() -> None:
         register()
 
 
-def register() -> bool:
-    """Registers the sharding rules of every op; False where this torch has no register_sharding."""
+def register() -> None:
+    """Registers the sharding rules of every op (none where this torch has no register_sharding)."""
     global _registered
     if _registered:
-        return True
+        return
     try:
         from torch.distributed.tensor import Partial, Replicate, Shard
         from torch.distributed.tensor.experimental import register_sharding
     except ImportError:  # torch built without distributed, or older than 2.5
-        return False
+        return
     R, P = Replicate(), Partial()
 
     def param(t, placement=R):
@@ -122,7 +122,6 @@ def register() -> bool:
                 ([Shard(1), C, C], [Shard(1), Shard(1), C, C, param(weight, C), None, None])]
 
     _registered = True
-    return True
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):

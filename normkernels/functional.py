@@ -136,7 +136,7 @@ def _rowwise_errors(input, shape, weight, bias, op) -> int:
     k = _check_normalized(input, shape, op)
     _check_param(weight, "weight", shape, op, "normalized_shape")
     _check_param(bias, "bias", shape, op, "normalized_shape")
-    _runnable(input, op)
+    _check_backend(input, op)  # (its one caller, _row_norm_args, checks the sharding rules)
     return k
 
 
