@@ -21,6 +21,7 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
 
 from . import _ops  # noqa: F401,E402  (fake kernels and autograd of the ops)
 from . import _decompositions  # noqa: F401,E402  (the ops in ATen ops, for exporters)
+from . import _inductor  # noqa: F401,E402  (inductor keeps those ops as calls, also under CI=1)
 from . import _vmap  # noqa: F401,E402  (torch.vmap batching rules of the forward ops)
 from . import functional, nn, onnx  # noqa: E402
 from .backend import backend  # noqa: E402

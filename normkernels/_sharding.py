@@ -20,19 +20,18 @@ no communication inside the op:
 
 Registered when torch.distributed.tensor is imported (registering imports it, which would add
 about half a second to ``import normkernels``): at our import if it already is, else right
-after it is (``_RegisterAfterImport``), so a compiled model's first call or a direct op call
+after it is (_after_import.py), so a compiled model's first call or a direct op call
 finds the rules too; the first functional call that sees a tensor subclass checks once more
 (``register_if_needed``), for an import the hook did not see. Needs
 ``torch.distributed.tensor.experimental.register_sharding`` (torch 2.5 and later).
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import sys
 
 import torch
 
+from ._after_import import call_after_import
 from ._ops import ops
 
 _DTENSOR = "torch.distributed.tensor"
@@ -124,35 +123,5 @@ def register() -> None:
     _registered = True
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """An import hook for torch.distributed.tensor alone: finds it as the path finder does, lets
-    its loader run it, then registers the rules, and leaves sys.meta_path. Any other module, or
-    one the path finder cannot find, it leaves to the other finders (and register_if_needed)."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _DTENSOR:
-            return None
-        self._leave()
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        self._loader = spec.loader
-        spec.loader = self
-        return spec
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        register()
-
-    def _leave(self):
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-
-
-if _DTENSOR in sys.modules:  # already in use: DTensors may come at any call
-    register()
-elif torch.distributed.is_available():
-    sys.meta_path.insert(0, _RegisterAfterImport())
+if torch.distributed.is_available():  # (DTensors may come at any call once it is imported)
+    call_after_import(_DTENSOR, lambda module: register())

@@ -1,6 +1,9 @@
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch  # (imports no Triton)
@@ -12,6 +15,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Inductor keeps compiled graphs across runs (under /tmp); a cached graph skips lowering, where
+# inductor checks the ops it is given, so a test could pass on a machine's warm cache and fail
+# on a fresh one (it did: a CI-only check). Each run compiles into a cache of its own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="normkernels-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
 
 import normkernels  # noqa: E402,F401  (loads the ops)
 

@@ -233,3 +233,46 @@ def test_aot_inductor_package_runs_our_ops(tmp_path):
         assert recorder.ours() > 0, recorder.names
         assert not [c for c in recorder.names
                     if c.startswith("aten.") and any(op in c for op in ATEN_NORM_OPS)]
+
+
+_COMPILE_UNDER_CI = """
+import torch
+{first}
+import normkernels
+from torch import nn
+
+torch.manual_seed(0)
+ref = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GroupNorm(2, 8), nn.Flatten(2),
+                    nn.LayerNorm(36))
+ours = normkernels.convert(__import__("copy").deepcopy(ref))
+compiled = torch.compile(ours, fullgraph=True, backend="inductor")
+x = torch.randn(2, 3, 8, 8)
+with torch.no_grad():
+    for train in (True, False):  # batch_norm_fwd, then batch_norm_infer
+        ref.train(train)
+        ours.train(train)
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
+from torch._inductor.lowering import lowerings
+assert all(op in lowerings for op in (torch.ops.normkernels.layer_norm_fwd.default,
+                                      torch.ops.normkernels.group_norm_fwd.default,
+                                      torch.ops.normkernels.batch_norm_fwd.default,
+                                      torch.ops.normkernels.batch_norm_infer.default))
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("inductor_first", [False, True], ids=["inductor-after", "inductor-first"])
+def test_inductor_keeps_our_ops_where_ci_is_set(tmp_path, inductor_first):
+    """Where the environment sets CI (CI services do), inductor refuses to call an op that has a
+    decomposition (ours have, for exporters) unless the op is registered as a fallback;
+    normkernels registers its ops when inductor's lowering module loads (or at import, if it
+    has). A fresh process and a fresh inductor cache: a cached graph skips lowering."""
+    import os
+    import subprocess
+    import sys
+
+    code = _COMPILE_UNDER_CI.format(first="import torch._inductor.lowering" if inductor_first else "")
+    env = dict(os.environ, CI="1", TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
