@@ -219,6 +219,13 @@ struct GradOutputs {
 
 // ---------------------------------------------------------------- layer norm
 
+// x as layer norm's rows: {rows (its leading dims), values a row (its last normalized_ndim)}
+std::pair<int64_t, int64_t> rows_and_width(const at::Tensor& x, int64_t normalized_ndim) {
+  const int64_t lead = x.dim() - normalized_ndim;
+  return {c10::multiply_integers(x.sizes().slice(0, lead)),
+          c10::multiply_integers(x.sizes().slice(lead))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& x, int64_t normalized_ndim, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms) {
@@ -229,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_param(weight, pshape, "layer_norm", "weight");
   check_param(bias, pshape, "layer_norm", "bias");
   const at::Tensor xc = x.contiguous();
-  const int64_t N = c10::multiply_integers(pshape);  // values a row
+  const auto [M, N] = rows_and_width(x, normalized_ndim);
   at::Tensor y = cpu::empty_output(x.sizes(), x.options());
   const auto sopt = x.options().dtype(acc_type(x));
   // statistics shaped as torch's native_layer_norm shapes them: x's leading dims, then ones
@@ -242,7 +249,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     rstd.fill_(std::numeric_limits<double>::quiet_NaN());
     return {y, mean, rstd};
   }
-  const int64_t M = x.numel() / N;  // rows
   at::Tensor mean_arg = rms ? at::Tensor() : mean;
   // With few rows, half-type parameters are read as they are: converting them to fp32 tensors
   // would cost more than the rows themselves (a one-token decode step). With many rows the
@@ -270,8 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   TORCH_CHECK(dy.sizes() == x.sizes(), "layer_norm_bwd: dy and x differ in shape");
   const at::IntArrayRef pshape = x.sizes().slice(x.dim() - normalized_ndim);
   check_param(weight, pshape, "layer_norm_bwd", "weight");
-  const int64_t N = c10::multiply_integers(pshape);  // values a row
-  const int64_t M = c10::multiply_integers(x.sizes().slice(0, x.dim() - normalized_ndim));
+  const auto [M, N] = rows_and_width(x, normalized_ndim);
   // RMS norm has no mean (the forward returns an empty one; the kernel never reads it)
   const at::Tensor mean_c = rms ? mean : stats_arg(mean, M, x, "layer_norm_bwd", "mean");
   const at::Tensor rstd_c = stats_arg(rstd, M, x, "layer_norm_bwd", "rstd");
