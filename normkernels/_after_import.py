@@ -39,9 +39,12 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             spec = importlib.util.find_spec(fullname)
         finally:
             self.searching = False
-        if spec is None or not hasattr(spec.loader, "exec_module"):
+        loader = None if spec is None else spec.loader
+        if loader is None or isinstance(loader, type) or not hasattr(loader, "exec_module"):
             return None  # left to the other finders, without the call
-        run_module = spec.loader.exec_module  # (this spec's own loader object)
+        # the source file's loader is an object of this spec's own (not a class shared by every
+        # builtin or frozen module), so its exec_module can be wrapped
+        run_module = loader.exec_module
 
         def exec_module(module):
             run_module(module)
@@ -49,5 +52,5 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                 sys.meta_path.remove(self)
             self.function(module)
 
-        spec.loader.exec_module = exec_module
+        loader.exec_module = exec_module
         return spec

@@ -6,7 +6,14 @@ import sys
 import tempfile
 
 import pytest
-import torch  # (imports no Triton)
+
+# The checks torch keeps for CI services, on in every run of the suite, so that it means the same
+# here as in CI: set before torch is imported (some of torch's defaults read it then), e.g.
+# inductor refusing an implicit fallback for an op with a decomposition (normkernels/_inductor.py)
+# and AOTAutograd erroring on a custom op whose output aliases an input.
+os.environ.setdefault("CI", "1")
+
+import torch  # noqa: E402  (imports no Triton)
 
 # Without a GPU, the Triton kernels run under Triton's interpreter; it must be chosen before
 # Triton is first imported. (Asked of torch, not of /dev/nvidia0: a sandboxed GPU machine need

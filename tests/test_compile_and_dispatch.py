@@ -236,6 +236,8 @@ def test_aot_inductor_package_runs_our_ops(tmp_path):
 
 
 _COMPILE_UNDER_CI = """
+import copy
+
 import torch
 {first}
 import normkernels
@@ -244,7 +246,7 @@ from torch import nn
 torch.manual_seed(0)
 ref = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GroupNorm(2, 8), nn.Flatten(2),
                     nn.LayerNorm(36))
-ours = normkernels.convert(__import__("copy").deepcopy(ref))
+ours = normkernels.convert(copy.deepcopy(ref))
 compiled = torch.compile(ours, fullgraph=True, backend="inductor")
 x = torch.randn(2, 3, 8, 8)
 with torch.no_grad():
