@@ -1295,13 +1295,14 @@ inline void row_group_tile(const T* x, int64_t r, int64_t ld, int64_t c, int64_t
 // (24 and 32 vectors of rows alone) up to 1.08x slower. One chunk a step, not for_column_tiles'
 // two: eight rows of two chunks would be 32 vectors. 16-bit x stays with columns_welford's tiles
 // (this walk: 0.97-1.06x there), as does channels_last BatchNorm (0.94-1.10x, no gain).
-template <bool kLanes = true, typename T>
+template <typename T>
 inline void columns_row_groups(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t ld,
                                acc_t<T>* mean, acc_t<T>* m2) {
   using A = acc_t<T>;
   constexpr int64_t S = Chunk<T>::size;
   constexpr int kGroupRows = 8;
-  with_column_moments<kLanes, T>(C, mean, m2, [&](A* lane_mean, A* lane_m2) {
+  // natural column order: fp32/fp64 rows only, whose vectors are read as they are
+  with_column_moments</*kLanes=*/false, T>(C, mean, m2, [&](A* lane_mean, A* lane_m2) {
     int64_t seen = 0;
     auto add_rows = [&](auto rows, int64_t r) {
       constexpr int R = decltype(rows)::value;
