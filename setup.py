@@ -1,4 +1,7 @@
-"""Builds normkernels and its C++ extension normkernels._C against the installed torch.
+"""Builds normkernels and its C++ parts against the installed torch: the library of the ops
+(normkernels/libnormkernels_ops.so: schemas, CPU kernels, autograd; libtorch only, no Python, so
+a C++ process such as AOTInductor's package loader can load it) and the Python module
+normkernels._C, which links against it.
 
 The CPU kernels are compiled once per SIMD capability (csrc/cpu/capability/*.cpp), each with its
 own flags, and the best one the CPU supports is chosen when the library loads, as ATen does.
@@ -50,6 +53,26 @@ class BuildWithCapabilities(BuildExtension):
             except Exception:  # distutils' CompileError, or a compiler that is not there
                 return False
 
+    def get_ext_filename(self, fullname):
+        # The ops library is a plain shared library (lib*.so), not a Python module. (distutils
+        # asks with the full dotted name, and with its last part alone.)
+        if fullname in (OPS_LIBRARY, OPS_LIBRARY.split(".")[-1]):
+            return os.path.join(*fullname.split(".")) + ".so"
+        return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext):
+        if ext.name == OPS_LIBRARY:
+            # Without libtorch_python (CppExtension adds it), whose symbols only a Python
+            # process has; the soname is what the module records as its dependency.
+            ext.libraries = [lib for lib in ext.libraries if lib != "torch_python"]
+            ext.extra_link_args = ext.extra_link_args + [
+                "-Wl,-soname," + os.path.basename(self.get_ext_filename(OPS_LIBRARY))]
+        elif ext.name == "normkernels._C":
+            # Linked against the ops library built just before it, found beside it at run time.
+            ext.extra_link_args = ext.extra_link_args + [
+                self.get_ext_fullpath(OPS_LIBRARY), "-Wl,-rpath,$ORIGIN"]
+        super().build_extension(ext)
+
     def build_extensions(self):
         # AVX512_BF16 (one-instruction fp32 -> bf16) where the compiler has it; the kernels
         # check the CPU for it at run time (csrc/cpu/reductions.h).
@@ -64,6 +87,9 @@ class BuildWithCapabilities(BuildExtension):
 
         self.compiler._compile = _compile
         self._compile_sources_in_parallel()
+        # One extension after the other (each compiles its sources in parallel): the module
+        # links against the ops library, which must be built first.
+        self.parallel = 0
         super().build_extensions()
 
     def _compile_sources_in_parallel(self):
@@ -92,9 +118,15 @@ class BuildWithCapabilities(BuildExtension):
         compiler.compile = compile_all
 
 
-sources = sorted(glob.glob("csrc/*.cpp") + ["csrc/cpu/register.cpp", "csrc/cpu/output_pool.cpp",
-                                            "csrc/cpu/stream_stores.cpp"]
-                 + glob.glob("csrc/cpu/capability/*.cpp"))
+OPS_LIBRARY = "normkernels.libnormkernels_ops"
+ops_sources = sorted(glob.glob("csrc/*.cpp") + ["csrc/cpu/register.cpp", "csrc/cpu/output_pool.cpp",
+                                                "csrc/cpu/stream_stores.cpp"]
+                     + glob.glob("csrc/cpu/capability/*.cpp"))
+ops_sources.remove("csrc/python_entry.cpp")
+# The kernel files and headers are #included by the capability units, so they must be declared:
+# otherwise editing them does not trigger a rebuild.
+depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/cpu/*.cpp"))
+compile_args = {"cxx": ["-O3", "-fno-math-errno"] + OPENMP}
 
 setup(
     name="normkernels",
@@ -105,15 +137,10 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.6"],
     ext_modules=[
-        CppExtension(
-            "normkernels._C",
-            sources,
-            # The kernel files and headers are #included by the capability units, so they must
-            # be declared: otherwise editing them does not trigger a rebuild.
-            depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/cpu/*.cpp")),
-            extra_compile_args={"cxx": ["-O3", "-fno-math-errno"] + OPENMP},
-            extra_link_args=OPENMP,
-        )
+        CppExtension(OPS_LIBRARY, ops_sources, depends=depends, extra_compile_args=compile_args,
+                     extra_link_args=OPENMP),
+        CppExtension("normkernels._C", ["csrc/python_entry.cpp"], depends=depends,
+                     extra_compile_args=compile_args),
     ],
     cmdclass={"build_ext": BuildWithCapabilities.with_options(use_ninja=False)},
     zip_safe=False,

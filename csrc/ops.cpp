@@ -4,19 +4,11 @@
 // Statistics are fp32 (fp64 for fp64 inputs). Backward ops take an output mask and return an
 // empty tensor for every output not asked for.
 //
-// Also the Python module normkernels._C itself: importing it loads this library (and so these
-// registrations); it exposes cpu_capability(), the output pool's controls and the eager fast
-// path of normkernels.functional (csrc/python_entry.cpp).
-#include <Python.h>
+// This file and the kernels (csrc/cpu/, csrc/autograd.cpp) make the library of the ops,
+// normkernels/libnormkernels_ops.so, which needs libtorch and nothing of Python: a process
+// without Python (AOTInductor's C++ package loader) loads it to run our ops. The Python module
+// normkernels._C (csrc/python_entry.cpp) links against it.
 #include <torch/library.h>
-
-#include "cpu/kernels.h"
-#include "cpu/output_pool.h"
-
-namespace normkernels {
-const char* cpu_capability_name();     // register.cpp
-int add_python_entries(PyObject* module);  // python_entry.cpp
-}
 
 TORCH_LIBRARY(normkernels, m) {
   // Layer norm over the last `normalized_ndim` dims; rms=True is RMSNorm (no centering; mean
@@ -50,38 +42,4 @@ TORCH_LIBRARY(normkernels, m) {
   m.def(
       "batch_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
       "bool train, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-}
-
-static PyObject* nk_cpu_capability(PyObject*, PyObject*) {
-  return PyUnicode_FromString(normkernels::cpu_capability_name());
-}
-
-static PyObject* nk_empty_cpu_cache(PyObject*, PyObject*) {
-  size_t freed = 0;
-  Py_BEGIN_ALLOW_THREADS freed = normkernels::cpu::empty_cpu_cache();
-  Py_END_ALLOW_THREADS return PyLong_FromSize_t(freed);
-}
-
-static PyObject* nk_cached_cpu_bytes(PyObject*, PyObject*) {
-  return PyLong_FromSize_t(normkernels::cpu::cached_cpu_bytes());
-}
-
-static PyMethodDef nk_methods[] = {
-    {"cpu_capability", nk_cpu_capability, METH_NOARGS,
-     "The SIMD build of the CPU kernels chosen for this CPU: DEFAULT, AVX2 or AVX512."},
-    {"empty_cpu_cache", nk_empty_cpu_cache, METH_NOARGS,
-     "Frees the idle blocks of the CPU output pool; returns the bytes given back."},
-    {"cached_cpu_bytes", nk_cached_cpu_bytes, METH_NOARGS,
-     "Bytes of freed outputs the CPU pool holds for reuse."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static struct PyModuleDef nk_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nk_methods};
-
-PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* module = PyModule_Create(&nk_module);
-  if (module != nullptr && normkernels::add_python_entries(module) != 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
 }

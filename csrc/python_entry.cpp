@@ -1,4 +1,8 @@
-// The eager per-call fast path of normkernels.functional: C entry points that validate a call
+// The Python module normkernels._C: cpu_capability(), the output pool's controls, and the eager
+// per-call fast path of normkernels.functional. It links against the library of the ops
+// (normkernels/libnormkernels_ops.so, csrc/ops.cpp), so importing it registers them.
+//
+// The fast path: C entry points that validate a call
 // and run the op through the full dispatcher (so autograd, dispatch modes and every backend still
 // apply), skipping the Python-side argument handling and torch.ops' Python wrapper.
 //
@@ -17,9 +21,12 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include "cpu/output_pool.h"
 #include "op_handles.h"
 
 namespace normkernels {
+const char* cpu_capability_name();  // cpu/register.cpp
+
 namespace {
 
 using at::Tensor;
@@ -254,10 +261,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "Fast path of functional.batch_norm; None: take the Python path."},
     {nullptr, nullptr, 0, nullptr}};
 
-}  // namespace
-
-// Adds the entry points to the module; called from PyInit__C.
-int add_python_entries(PyObject* module) {
+// Adds the fast-path entry points to the module.
+int add_fast_paths(PyObject* module) {
   PyObject* torch = PyImport_ImportModule("torch");
   if (torch == nullptr) return -1;
   PyObject* tensor = PyObject_GetAttrString(torch, "Tensor");
@@ -276,4 +281,39 @@ int add_python_entries(PyObject* module) {
   return PyModule_AddFunctions(module, methods);
 }
 
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(cpu_capability_name());
+}
+
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  size_t freed = 0;
+  Py_BEGIN_ALLOW_THREADS freed = cpu::empty_cpu_cache();
+  Py_END_ALLOW_THREADS return PyLong_FromSize_t(freed);
+}
+
+PyObject* cached_cpu_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(cpu::cached_cpu_bytes());
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The SIMD build of the CPU kernels chosen for this CPU: DEFAULT, AVX2 or AVX512."},
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
+     "Frees the idle blocks of the CPU output pool; returns the bytes given back."},
+    {"cached_cpu_bytes", cached_cpu_bytes, METH_NOARGS,
+     "Bytes of freed outputs the CPU pool holds for reuse."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
+
+}  // namespace
 }  // namespace normkernels
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&normkernels::module_def);
+  if (module != nullptr && normkernels::add_fast_paths(module) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -9,6 +9,8 @@
 
 CPU tensors run the C++ kernels (csrc/), CUDA tensors the Triton kernels (normkernels/triton/).
 """
+import os
+
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 try:
@@ -35,5 +37,13 @@ cpu_capability = _C.cpu_capability
 empty_cpu_cache = _C.empty_cpu_cache
 cached_cpu_bytes = _C.cached_cpu_bytes
 
+
+def ops_library_path():
+    """The path of libnormkernels_ops.so, the library of our ops (schemas, CPU kernels, autograd)
+    that needs libtorch and not Python. Importing normkernels loads it; a C++ process, such as
+    one serving an AOTInductor package of a converted model, loads it with dlopen before
+    running the package (the package calls our ops through the dispatcher)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "libnormkernels_ops.so")
+
 __all__ = ["functional", "nn", "onnx", "backend", "convert", "revert", "cpu_capability",
-           "empty_cpu_cache", "cached_cpu_bytes"]
+           "empty_cpu_cache", "cached_cpu_bytes", "ops_library_path"]

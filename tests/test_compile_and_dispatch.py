@@ -1,6 +1,9 @@
 """torch.compile(fullgraph=True) traces forward and backward through our ops with no graph
 break, and no ATen norm op ever runs inside our modules."""
 import copy
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,19 +214,25 @@ def test_torch_export(training):
             torch.testing.assert_close(buffers[name], b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_aot_inductor_package_runs_our_ops(tmp_path):
-    # AOTInductor (serving without Python's tracing): a converted model's exported program
-    # compiled into a package, loaded back and run at two batch sizes; the compiled model calls
-    # our ops (through the dispatcher, so `import normkernels` must precede loading it), not
-    # their decompositions or ATen's norm ops
+@pytest.fixture(scope="module")
+def aoti_package(tmp_path_factory):
+    """A converted model (every norm) in eval, exported with a dynamic batch and compiled into an
+    AOTInductor package; with torch's model to compare against."""
     ref, ours = _pair()
     ref.eval()
     ours.eval()
     batch = torch.export.Dim("batch", min=2, max=64)
-    program = torch.export.export(ours, (torch.randn(4, 3, 8, 8),),
-                                  dynamic_shapes={"x": {0: batch}})
-    path = torch._inductor.aoti_compile_and_package(program,
-                                                    package_path=str(tmp_path / "model.pt2"))
+    program = torch.export.export(ours, (torch.randn(4, 3, 8, 8),), dynamic_shapes=({0: batch},))
+    path = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path_factory.mktemp("aoti") / "model.pt2"))
+    return ref, path
+
+
+def test_aot_inductor_package_runs_our_ops(aoti_package):
+    # AOTInductor (serving without Python's tracing): the package loaded back and run at two
+    # batch sizes; the compiled model calls our ops (through the dispatcher, so `import
+    # normkernels` must precede loading it), not their decompositions or ATen's norm ops
+    ref, path = aoti_package
     runner = torch._inductor.aoti_load_package(path)
     for n in (4, 7):
         x = torch.randn(n, 3, 8, 8)
@@ -233,6 +242,53 @@ def test_aot_inductor_package_runs_our_ops(tmp_path):
         assert recorder.ours() > 0, recorder.names
         assert not [c for c in recorder.names
                     if c.startswith("aten.") and any(op in c for op in ATEN_NORM_OPS)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the runner is built for Linux")
+def test_aot_inductor_package_runs_without_python(aoti_package, tmp_path):
+    """The same package in a C++ process without Python (tests/cpp/aoti_runner.cpp, built here
+    against the installed torch): with normkernels' ops library loaded it matches torch's model;
+    without it the package cannot find our ops, so what ran was ours. The process has no Python
+    symbols, and dlopen resolves all of the library's at once (RTLD_NOW), so the library needs no
+    libpython or libtorch_python."""
+    import shutil
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    ref, path = aoti_package
+    torch_lib = cpp_extension.library_paths()[0]
+    runner = tmp_path / "aoti_runner"
+    build = subprocess.run(
+        [compiler, "-std=c++20", "-O0",
+         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+         *[f"-I{p}" for p in cpp_extension.include_paths()],
+         str(Path(__file__).parent / "cpp" / "aoti_runner.cpp"), "-o", str(runner),
+         f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-ldl"],
+        capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    library = normkernels.ops_library_path()
+    x = torch.randn(5, 3, 8, 8)
+    torch.save(x, tmp_path / "x.pt")
+    # no Python variables; libtorch found as a deployment finds it (torch 2.6's compiled package
+    # needs libtorch.so, which the runner's own run path does not give the libraries it dlopens)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [torch_lib,
+                                                           env.get("LD_LIBRARY_PATH")]))
+
+    def run(ops_library):
+        return subprocess.run([str(runner), ops_library, path, str(tmp_path / "x.pt"),
+                               str(tmp_path / "y.pt")], env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    with_ops = run(library)
+    assert with_ops.returncode == 0, with_ops.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ref(x), atol=1e-4, rtol=1e-4)
+    without = run("-")
+    assert without.returncode != 0 and "normkernels::" in without.stderr, without.stderr[-3000:]
 
 
 _COMPILE_UNDER_CI = """
