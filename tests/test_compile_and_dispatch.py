@@ -244,33 +244,47 @@ def test_aot_inductor_package_runs_our_ops(aoti_package):
                     if c.startswith("aten.") and any(op in c for op in ATEN_NORM_OPS)]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the runner is built for Linux")
-def test_aot_inductor_package_runs_without_python(aoti_package, tmp_path):
-    """The same package in a C++ process without Python (tests/cpp/aoti_runner.cpp, built here
-    against the installed torch): with normkernels' ops library loaded it matches torch's model;
-    without it the package cannot find our ops, so what ran was ours. The process has no Python
-    symbols, and dlopen resolves all of the library's at once (RTLD_NOW), so the library needs no
-    libpython or libtorch_python."""
+@pytest.fixture(scope="module")
+def cpp_runner(tmp_path_factory):
+    """tests/cpp/runner.cpp built against the installed torch: a process without Python that
+    runs an AOTInductor package or a TorchScript file."""
     import shutil
     import subprocess
 
     from torch.utils import cpp_extension
 
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the runner is built for Linux")
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    ref, path = aoti_package
     torch_lib = cpp_extension.library_paths()[0]
-    runner = tmp_path / "aoti_runner"
+    runner = tmp_path_factory.mktemp("runner") / "runner"
     build = subprocess.run(
         [compiler, "-std=c++20", "-O0",
          f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
          *[f"-I{p}" for p in cpp_extension.include_paths()],
-         str(Path(__file__).parent / "cpp" / "aoti_runner.cpp"), "-o", str(runner),
+         str(Path(__file__).parent / "cpp" / "runner.cpp"), "-o", str(runner),
          f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-ldl"],
         capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
-    library = normkernels.ops_library_path()
+    return runner, torch_lib
+
+
+@pytest.mark.parametrize("kind", ["aot_inductor", "torchscript"])
+def test_exported_model_runs_without_python(kind, cpp_runner, aoti_package, tmp_path):
+    """A converted model served by a C++ process without Python (tests/cpp/runner.cpp): with
+    normkernels' ops library loaded it matches torch's model; without it the model cannot find
+    our ops, so what ran was ours. The process has no Python symbols, and dlopen resolves all of
+    the library's at once (RTLD_NOW), so the library needs no libpython or libtorch_python."""
+    import subprocess
+
+    runner, torch_lib = cpp_runner
+    ref, model = aoti_package
+    if kind == "torchscript":
+        ours = normkernels.convert(copy.deepcopy(ref))
+        model = str(tmp_path / "model.ts")
+        torch.jit.save(torch.jit.script(ours), model)
     x = torch.randn(5, 3, 8, 8)
     torch.save(x, tmp_path / "x.pt")
     # no Python variables; libtorch found as a deployment finds it (torch 2.6's compiled package
@@ -278,13 +292,14 @@ def test_aot_inductor_package_runs_without_python(aoti_package, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [torch_lib,
                                                            env.get("LD_LIBRARY_PATH")]))
+    env["TMPDIR"] = str(tmp_path)  # where the loader unpacks a package (it leaves it there)
 
     def run(ops_library):
-        return subprocess.run([str(runner), ops_library, path, str(tmp_path / "x.pt"),
+        return subprocess.run([str(runner), ops_library, model, str(tmp_path / "x.pt"),
                                str(tmp_path / "y.pt")], env=env, capture_output=True, text=True,
                               timeout=600)
 
-    with_ops = run(library)
+    with_ops = run(normkernels.ops_library_path())
     assert with_ops.returncode == 0, with_ops.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ref(x), atol=1e-4, rtol=1e-4)
     without = run("-")
