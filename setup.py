@@ -15,10 +15,11 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+LINUX = platform.system() == "Linux"
 # at::parallel_for is an inline template that only runs in parallel when the including file is
 # compiled with OpenMP; the libgomp we link resolves to the one torch already loaded (same
 # SONAME), so torch.set_num_threads governs our kernels too.
-OPENMP = ["-fopenmp"] if platform.system() == "Linux" else []
+OPENMP = ["-fopenmp"] if LINUX else []
 
 # Extra flags for the per-capability translation units, keyed by file name.
 CAPABILITY_FLAGS = {
@@ -63,12 +64,16 @@ class BuildWithCapabilities(BuildExtension):
     def build_extension(self, ext):
         if ext.name == OPS_LIBRARY:
             # Without libtorch_python (CppExtension adds it), whose symbols only a Python
-            # process has; the soname is what the module records as its dependency.
+            # process has.
             ext.libraries = [lib for lib in ext.libraries if lib != "torch_python"]
-            ext.extra_link_args = ext.extra_link_args + [
-                "-Wl,-soname," + os.path.basename(self.get_ext_filename(OPS_LIBRARY))]
-        elif ext.name == "normkernels._C":
+            if LINUX:  # the soname is what the module records as its dependency
+                ext.extra_link_args = ext.extra_link_args + [
+                    "-Wl,-soname," + os.path.basename(self.get_ext_filename(OPS_LIBRARY))]
+        elif ext.name == "normkernels._C" and LINUX:
             # Linked against the ops library built just before it, found beside it at run time.
+            # (Elsewhere, e.g. macOS, where extensions are bundles that cannot be linked against,
+            # the module leaves the library's symbols to the dynamic loader and
+            # normkernels/__init__.py loads the library first, with RTLD_GLOBAL.)
             ext.extra_link_args = ext.extra_link_args + [
                 self.get_ext_fullpath(OPS_LIBRARY), "-Wl,-rpath,$ORIGIN"]
         super().build_extension(ext)

@@ -9,13 +9,28 @@
 
 CPU tensors run the C++ kernels (csrc/), CUDA tensors the Triton kernels (normkernels/triton/).
 """
+import ctypes
 import os
+import sys
 
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
+
+def ops_library_path():
+    """The path of libnormkernels_ops.so, the library of our ops (schemas, CPU kernels, autograd)
+    that needs libtorch and not Python. Importing normkernels loads it; a C++ process, such as
+    one serving an AOTInductor package or a TorchScript file of a converted model, loads it with
+    dlopen before running the model (the model calls our ops through the dispatcher)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "libnormkernels_ops.so")
+
+
 try:
+    if not sys.platform.startswith("linux"):
+        # Only on Linux does _C name the library as a dependency (setup.py); elsewhere its
+        # symbols are found among those loaded globally.
+        ctypes.CDLL(ops_library_path(), mode=ctypes.RTLD_GLOBAL)
     from . import _C
-except ImportError as e:  # pragma: no cover - only when the extension was not built
+except (ImportError, OSError) as e:  # pragma: no cover - only when the extension was not built
     raise ImportError(
         "normkernels._C (the C++ extension) is not built: install with "
         "`pip install --no-build-isolation .` in the source tree"
@@ -37,13 +52,6 @@ cpu_capability = _C.cpu_capability
 empty_cpu_cache = _C.empty_cpu_cache
 cached_cpu_bytes = _C.cached_cpu_bytes
 
-
-def ops_library_path():
-    """The path of libnormkernels_ops.so, the library of our ops (schemas, CPU kernels, autograd)
-    that needs libtorch and not Python. Importing normkernels loads it; a C++ process, such as
-    one serving an AOTInductor package of a converted model, loads it with dlopen before
-    running the package (the package calls our ops through the dispatcher)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "libnormkernels_ops.so")
 
 __all__ = ["functional", "nn", "onnx", "backend", "convert", "revert", "cpu_capability",
            "empty_cpu_cache", "cached_cpu_bytes", "ops_library_path"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The portable (Arm) build checked on an x86-64 Debian machine, by cross-compiling and emulating:
-# Debian's aarch64 cross compiler builds normkernels._C against PyPI's aarch64 CPU wheel of torch
+# Debian's aarch64 cross compiler builds the C++ parts against PyPI's aarch64 CPU wheel of torch
 # (its headers and libraries, unpacked, not installed), and Debian's aarch64 Python runs the
 # tests under qemu-user with it. ATen's DEFAULT vectors are NEON's there (four fp32 lanes, where
 # x86-64's DEFAULT build has eight), so this is the one place the 128-bit paths are exercised.
@@ -39,28 +39,34 @@ SITE="$WORK/site"
 "$PY" -m pip install -q --target "$SITE" typing_extensions sympy networkx jinja2 fsspec filelock \
   pytest
 
-# normkernels._C, cross-compiled as setup.py compiles it (every source; the x86-64 capability
-# units compile to stubs there)
+# The ops library and normkernels._C, cross-compiled as setup.py compiles them (every source; the
+# x86-64 capability units compile to stubs there): the library from all but python_entry.cpp,
+# without libtorch_python, and the module linked against it
 TI="$SITE/torch/include"
 FLAGS=(-O3 -fno-math-errno -fopenmp -fPIC -Wall -I"$TI" -I"$TI/torch/csrc/api/include"
        -I"$WORK/root/usr/include/python3.11" -I"$WORK/root/usr/include"
-       -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H)
+       -DTORCH_API_INCLUDE_EXTENSION_H)
 # the standard torch's own builder would pick (as setup.py leaves it to)
 STD=$(grep -o "cpp_flag_prefix + 'c++[0-9]*'" "$SITE/torch/utils/cpp_extension.py" | grep -o "c++[0-9]*" | head -1)
 objects=()
 for src in csrc/*.cpp csrc/cpu/register.cpp csrc/cpu/output_pool.cpp csrc/cpu/stream_stores.cpp \
            csrc/cpu/capability/*.cpp; do
   obj="$WORK/build/$(echo "$src" | tr / _).o"
-  aarch64-linux-gnu-g++ -std="$STD" "${FLAGS[@]}" -c "$src" -o "$obj" &
-  objects+=("$obj")
+  name=libnormkernels_ops
+  [ "$src" = csrc/python_entry.cpp ] && name=_C
+  aarch64-linux-gnu-g++ -std="$STD" "${FLAGS[@]}" -DTORCH_EXTENSION_NAME=$name -c "$src" -o "$obj" &
+  [ "$src" = csrc/python_entry.cpp ] || objects+=("$obj")
 done
 wait
 PKG="$WORK/pkg"
 rm -rf "$PKG" && mkdir -p "$PKG"
 cp -r normkernels tests "$PKG/"
-rm -f "$PKG"/normkernels/_C.*.so
-aarch64-linux-gnu-g++ -shared -fopenmp "${objects[@]}" -L"$SITE/torch/lib" -lc10 -ltorch \
-  -ltorch_cpu -ltorch_python -o "$PKG/normkernels/_C.cpython-311-aarch64-linux-gnu.so"
+rm -f "$PKG"/normkernels/*.so
+aarch64-linux-gnu-g++ -shared -fopenmp "${objects[@]}" -L"$SITE/torch/lib" -lc10 -ltorch_cpu \
+  -Wl,-soname,libnormkernels_ops.so -o "$PKG/normkernels/libnormkernels_ops.so"
+aarch64-linux-gnu-g++ -shared "$WORK/build/csrc_python_entry.cpp.o" -L"$SITE/torch/lib" -lc10 \
+  -ltorch -ltorch_cpu -ltorch_python "$PKG/normkernels/libnormkernels_ops.so" '-Wl,-rpath,$ORIGIN' \
+  -o "$PKG/normkernels/_C.cpython-311-aarch64-linux-gnu.so"
 
 # Some tests start sys.executable in a subprocess: have the kernel run aarch64 ELF files through
 # qemu (binfmt_misc) where it does not yet; QEMU_LD_PREFIX points every such run at the sysroot.
