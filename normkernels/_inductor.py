@@ -28,7 +28,7 @@ _LOWERING = "torch._inductor.lowering"
 def _layout_constraint(lowering, op):
     """The constraint on input strides that inductor's implicit fallback gives a custom op."""
     tag_to_constraint = getattr(lowering, "tag_to_layout_constraint", None)
-    if tag_to_constraint is None:  # torch 2.6: contiguous inputs, the op untagged
+    if tag_to_constraint is None:  # torch 2.6 and 2.7: contiguous inputs, the op untagged
         return lowering.require_contiguous
     from torch._library.utils import get_layout_constraint_tag
 
