@@ -52,6 +52,5 @@ cpu_capability = _C.cpu_capability
 empty_cpu_cache = _C.empty_cpu_cache
 cached_cpu_bytes = _C.cached_cpu_bytes
 
-
 __all__ = ["functional", "nn", "onnx", "backend", "convert", "revert", "cpu_capability",
            "empty_cpu_cache", "cached_cpu_bytes", "ops_library_path"]
