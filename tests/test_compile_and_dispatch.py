@@ -215,12 +215,17 @@ def test_torch_export(training):
 
 
 @pytest.fixture(scope="module")
-def aoti_package(tmp_path_factory):
-    """A converted model (every norm) in eval, exported with a dynamic batch and compiled into an
-    AOTInductor package; with torch's model to compare against."""
+def eval_pair():
+    """torch's every-norm model and its converted copy, in eval."""
     ref, ours = _pair()
-    ref.eval()
-    ours.eval()
+    return ref.eval(), ours.eval()
+
+
+@pytest.fixture(scope="module")
+def aoti_package(eval_pair, tmp_path_factory):
+    """The converted model exported with a dynamic batch and compiled into an AOTInductor
+    package; with torch's model to compare against."""
+    ref, ours = eval_pair
     batch = torch.export.Dim("batch", min=2, max=64)
     program = torch.export.export(ours, (torch.randn(4, 3, 8, 8),), dynamic_shapes=({0: batch},))
     path = torch._inductor.aoti_compile_and_package(
@@ -272,7 +277,7 @@ def cpp_runner(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["aot_inductor", "torchscript"])
-def test_exported_model_runs_without_python(kind, cpp_runner, aoti_package, tmp_path):
+def test_exported_model_runs_without_python(kind, cpp_runner, eval_pair, request, tmp_path):
     """A converted model served by a C++ process without Python (tests/cpp/runner.cpp): with
     normkernels' ops library loaded it matches torch's model; without it the model cannot find
     our ops, so what ran was ours. The process has no Python symbols, and dlopen resolves all of
@@ -280,9 +285,10 @@ def test_exported_model_runs_without_python(kind, cpp_runner, aoti_package, tmp_
     import subprocess
 
     runner, torch_lib = cpp_runner
-    ref, model = aoti_package
-    if kind == "torchscript":
-        ours = normkernels.convert(copy.deepcopy(ref))
+    ref, ours = eval_pair
+    if kind == "aot_inductor":
+        model = request.getfixturevalue("aoti_package")[1]
+    else:
         model = str(tmp_path / "model.ts")
         torch.jit.save(torch.jit.script(ours), model)
     x = torch.randn(5, 3, 8, 8)
@@ -340,9 +346,7 @@ def test_inductor_keeps_our_ops_where_ci_is_set(tmp_path, inductor_first):
     decomposition (ours have, for exporters) unless the op is registered as a fallback;
     normkernels registers its ops when inductor's lowering module loads (or at import, if it
     has). A fresh process and a fresh inductor cache: a cached graph skips lowering."""
-    import os
     import subprocess
-    import sys
 
     code = _COMPILE_UNDER_CI.format(first="import torch._inductor.lowering" if inductor_first else "")
     env = dict(os.environ, CI="1", TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
