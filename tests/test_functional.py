@@ -394,8 +394,10 @@ def _assert_layer_norm_rows_like_torch(dtype, rows, n, param_dtype, rms):
     "rows, n, param_dtype, rms",
     [
         (3, 100, torch.float32, False),  # fp32 parameters, copied into the kernel's lane order
-        (3, 100, torch.bfloat16, False),  # few rows: bf16 parameters widened in registers
-        (6, 100, torch.bfloat16, False),  # enough rows: bf16 parameters widened once
+        (3, 100, torch.bfloat16, False),  # bf16 parameters widened in registers, in that order
+        # as many rows as a thread's fp16 parameters are copied from: bf16 ones still widen in
+        # registers
+        (6, 100, torch.bfloat16, False),
         (6, 100, torch.bfloat16, True),
         (2, 16384 + 35, torch.bfloat16, False),  # rows too long to widen into a scratch row
         (2, 16384 + 35, torch.float32, True),
@@ -406,6 +408,43 @@ def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, r
     # bf16 rows are loaded even/odd under AVX-512 and AVX2; every way the parameters reach
     # the kernel must meet them in the same order (a mismatch shuffles the affine transform)
     _assert_layer_norm_rows_like_torch(torch.bfloat16, rows, n, param_dtype, rms)
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float16, torch.float16),
+                                                (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)])
+def test_layer_norm_threads_copy_their_own_parameters_like_torch(dtype, param_dtype):
+    # Each thread widens or reorders weight and bias into a copy of its own where it copies them
+    # at all (params_copied in layer_norm.cpp: fp16 ones from 4 rows a thread, fp32 ones for
+    # bf16's lane order), and the backward's threads zero the partial sums they add into. 700
+    # rows of 100 are one task on one thread and three on eight: y and dx, row by row, must be
+    # the same bits either way; dweight and dbias (summed in blocks set by the thread count, as
+    # torch's) the same bits from run to run, and like torch's.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(700, 100, generator=g).to(dtype)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    w = (torch.rand(100, generator=g) + 0.5).to(param_dtype)
+    b = torch.randn(100, generator=g).to(param_dtype)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        with normkernels.backend("cpp"):
+            y = NF.layer_norm(leaves[0], (100,), leaves[1], leaves[2])
+            return (y.detach(), *torch.autograd.grad(y, leaves, dy))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = run()
+        torch.set_num_threads(8)
+        first = run()
+        for what, ours, one_thread in zip(("y", "dx"), first, ref):
+            assert torch.equal(ours, one_thread), what
+        for what, ours, again in zip(("dweight", "dbias"), first[2:], run()[2:]):
+            assert torch.equal(ours, again), what
+        _assert_layer_norm_rows_like_torch(dtype, 700, 100, param_dtype, rms=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,7 +6,7 @@
 //             writing dx; the per-block partials are then summed in a fixed order
 //             (deterministic, no atomics).
 // Rows, weight and bias are read in the lane order of the chunks (Chunk::load_lanes): even/odd
-// for bf16 under AVX-512, the natural order otherwise.
+// for bf16 under AVX-512 and AVX2, the natural order otherwise.
 // RMS norm is the same kernel with the centering (and bias) switched off.
 // Included by capability/*.cpp, never compiled on its own.
 #include "kernels.h"
@@ -114,8 +114,6 @@ static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
 // (Chunk::even_odd): that conversion is two instructions, cheaper than storing and re-reading a
 // copy twice the size (512x8192 bf16 forward, side by side with the copy and in-order loads:
 // 0.87-1.04 -> 0.51-0.56 ms).
-// With at least kWidenParamsRows rows, half-precision weight and bias are widened once per
-// call, not once per row.
 constexpr int64_t kWidenRowMax = 4096;
 constexpr int64_t kWidenParamsRows = 4;
 // Rows of a backward block at least: its dweight/dbias partials are summed once per block.
@@ -135,6 +133,29 @@ constexpr int64_t kSweepRows = 2;
 constexpr int64_t kSweepRows = kRows;
 #endif
 
+// Whether a thread's rows read weight and bias (of type PT) from a copy of the thread's own,
+// widened to the accumulation type in the lane order of T's chunks, rather than as they are:
+// always for accumulation-type ones where that order is not the natural one (bf16's
+// even/odd); for half-precision ones from kWidenParamsRows rows a thread on, except bf16 ones
+// loaded even/odd, which widen into that order as cheaply as a copy loads (one thread, 4-32
+// rows of 4096 and 8192: 0.78-0.86x the time of reading a copy).
+// The copy was once made by the calling thread before the parallel region, from 4 rows on,
+// and the other thread read it out of that thread's cache: on two threads that cost more than
+// the rows. Zen 4, 2 threads, forward paired in one process against it (time ratios): bf16
+// weights 16x4096 0.59 (12.7 -> 7.7 us; torch's 16.2), 32x4096 0.68, 16x8192 0.54; fp32 weights
+// of a bf16 x 16x4096 0.70, 16x8192 0.66; fp16 16x4096 0.74, 16x8192 0.68; 64x768 0.92-0.93;
+// 256x768 and 1024x1024 0.96-1.00; capped to AVX2 0.65-0.93 at the same sizes; on one thread
+// 0.88-1.03 (bf16 weights, AVX-512: 0.78-0.86, as above). (In slow phases of this guest the
+// old way took 27-42 us at 16x4096, twice torch's time.)
+template <typename T, typename PT>
+static bool params_copied(int64_t rows) {
+  if constexpr (std::is_same_v<PT, acc_t<T>>) {
+    return Chunk<T>::even_odd;
+  } else {
+    return !Chunk<T>::even_odd && rows >= kWidenParamsRows;
+  }
+}
+
 template <typename T, typename PT>
 static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const PT* w,
                                 const PT* b, acc_t<T> eps, bool rms, acc_t<T>* mp, acc_t<T>* rp,
@@ -144,28 +165,39 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
     Scratch<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xp + r * N;
-      // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
-      A mu, var;
-      if (!row.empty()) {
-        const A sum = widen_and_sum(xr, N, row.data());
-        mu = rms ? A(0) : sum / static_cast<A>(N);
-        var = segment_sq_dev(row.data(), N, mu) / static_cast<A>(N);
-      } else {
-        // the first pass reads the row from memory (rms: the squares' pass)
-        mu = rms ? A(0) : segment_sum<true>(xr, N) / static_cast<A>(N);
-        var = (rms ? segment_sq_dev<true>(xr, N, mu) : segment_sq_dev(xr, N, mu)) /
-              static_cast<A>(N);
+    // the rows [begin, end) with weight and bias wr, br (of PT, or copied to A)
+    const auto rows = [&](const auto* wr, const auto* br) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* xr = xp + r * N;
+        // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
+        A mu, var;
+        if (!row.empty()) {
+          const A sum = widen_and_sum(xr, N, row.data());
+          mu = rms ? A(0) : sum / static_cast<A>(N);
+          var = segment_sq_dev(row.data(), N, mu) / static_cast<A>(N);
+        } else {
+          // the first pass reads the row from memory (rms: the squares' pass)
+          mu = rms ? A(0) : segment_sum<true>(xr, N) / static_cast<A>(N);
+          var = (rms ? segment_sq_dev<true>(xr, N, mu) : segment_sq_dev(xr, N, mu)) /
+                static_cast<A>(N);
+        }
+        const A rs = A(1) / std::sqrt(var + eps);
+        if (!row.empty()) {
+          layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, wr, br, stream, low_nans);
+        } else {
+          layer_norm_row_apply(xr, yp + r * N, N, mu, rs, wr, br, stream, low_nans);
+        }
+        if (mp != nullptr) mp[r] = mu;
+        rp[r] = rs;
       }
-      const A rs = A(1) / std::sqrt(var + eps);
-      if (!row.empty()) {
-        layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, w, b, stream, low_nans);
-      } else {
-        layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, stream, low_nans);
-      }
-      if (mp != nullptr) mp[r] = mu;
-      rp[r] = rs;
+    };
+    if (params_copied<T, PT>(end - begin) && (w != nullptr || b != nullptr)) {
+      LineBuffer<A> params(2 * N);
+      if (w != nullptr) to_lanes<T>(w, params.data(), N);
+      if (b != nullptr) to_lanes<T>(b, params.data() + N, N);
+      rows(w != nullptr ? params.data() : nullptr, b != nullptr ? params.data() + N : nullptr);
+    } else {
+      rows(w, b);
     }
   });
 }
@@ -185,19 +217,8 @@ static void layer_norm_fwd_typed(const at::Tensor& x, int64_t N, const at::Tenso
   const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
   // the row statistics come from x; so every coefficient is clean unless these are (low_nan)
   const bool low_nans = any_low_nan<T>({&weight, &bias});
-  // The kernel reads weight and bias in the lane order of T's chunks. Half-precision ones are
-  // widened in registers, already in that order, or, where there are enough rows to repay it,
-  // once per call; fp32 ones are copied into that order where it is not the natural one.
-  const bool copy_params = std::is_same_v<PT, A> ? Chunk<T>::even_odd : M >= kWidenParamsRows;
-  if (copy_params && (w != nullptr || b != nullptr)) {
-    Scratch<A> wide(2 * N);
-    if (w != nullptr) to_lanes<T>(w, wide.data(), N);
-    if (b != nullptr) to_lanes<T>(b, wide.data() + N, N);
-    layer_norm_fwd_rows<T, A>(xp, yp, M, N, w != nullptr ? wide.data() : nullptr,
-                              b != nullptr ? wide.data() + N : nullptr, static_cast<A>(eps), rms,
-                              mp, rp, stream, low_nans);
-    return;
-  }
+  // The kernel reads weight and bias in the lane order of T's chunks: as they are, widened in
+  // registers, or from a copy each thread makes (params_copied).
   layer_norm_fwd_rows<T, PT>(xp, yp, M, N, w, b, static_cast<A>(eps), rms, mp, rp, stream,
                              low_nans);
 }
@@ -364,20 +385,17 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const T* gp = dy.const_data_ptr<T>();
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
   // w as the passes read it: the accumulation type in the lane order of T's chunks, widened
-  // and reordered here from a weight of either dtype (a weight of x's own dtype spares the
-  // caller a converted copy: a fifth of a one-row bf16 backward).
+  // and reordered from a weight of either dtype (a weight of x's own dtype spares the caller a
+  // converted copy: a fifth of a one-row bf16 backward) by each thread for itself, and each
+  // block's partial sums zeroed by the thread that adds into them, not by the calling thread
+  // before the parallel region (see params_copied). Zen 4, 2 threads, backward paired in one
+  // process against that: 16x4096, 32x4096 and 16x8192 0.89-0.93x the time in bf16 and fp16,
+  // 0.93-0.96x in fp32; other sizes 0.99-1.02x, capped to AVX2 too (16x4096 0.93-0.97x).
   const bool w_of_x_dtype =
       !std::is_same_v<T, A> && weight.defined() && weight.scalar_type() == x.scalar_type();
-  const A* w = weight.defined() && !w_of_x_dtype ? weight.const_data_ptr<A>() : nullptr;
-  Scratch<A> w_lanes(weight.defined() && (Chunk<T>::even_odd || w_of_x_dtype) ? N : 0);
-  if (!w_lanes.empty()) {
-    if (w_of_x_dtype) {
-      to_lanes<T>(weight.const_data_ptr<T>(), w_lanes.data(), N);
-    } else {
-      to_lanes<T>(w, w_lanes.data(), N);
-    }
-    w = w_lanes.data();
-  }
+  const A* w_acc = weight.defined() && !w_of_x_dtype ? weight.const_data_ptr<A>() : nullptr;
+  const T* w_x = w_of_x_dtype ? weight.const_data_ptr<T>() : nullptr;
+  const bool w_to_lanes = weight.defined() && (Chunk<T>::even_odd || w_of_x_dtype);
   // dx's coefficients come from these, x and dy (see low_nan)
   const bool low_nans = any_low_nan<T>({&weight, &mean, &rstd});
   const A* mp = rms ? nullptr : mean.const_data_ptr<A>();
@@ -390,8 +408,8 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const Blocks blocks(M, std::max<int64_t>(kRows, 4096 / std::max<int64_t>(N, 1)));
   constexpr int64_t line = kCacheLineBytes / sizeof(A);
   const int64_t part_ld = (N + line - 1) / line * line;
-  Scratch<A> part_dw(want_dw ? blocks.count * part_ld : 0, A(0));
-  Scratch<A> part_db(want_db ? blocks.count * part_ld : 0, A(0));
+  LineBuffer<A> part_dw(want_dw ? blocks.count * part_ld : 0);
+  LineBuffer<A> part_db(want_db ? blocks.count * part_ld : 0);
   // Pass 1 sweeps kSweepRows rows at once where the partials and w outgrow L1: with one row,
   // their loads and stores bound the sweep (1024x4096 bf16 backward, one thread: 1.1-1.3 -> 0.8
   // cycles per element). Shorter rows go one at a time, which keeps consecutive rows one
@@ -402,9 +420,21 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
   at::parallel_for(0, blocks.count, blocks.grain(N), [&](int64_t bb, int64_t be) {
     const StreamFence fence(stream);
+    LineBuffer<A> w_lanes(w_to_lanes ? N : 0);
+    const A* w = w_acc;
+    if (w_to_lanes) {
+      if (w_of_x_dtype) {
+        to_lanes<T>(w_x, w_lanes.data(), N);
+      } else {
+        to_lanes<T>(w_acc, w_lanes.data(), N);
+      }
+      w = w_lanes.data();
+    }
     for (int64_t blk = bb; blk < be; ++blk) {
       A* pdw = want_dw ? part_dw.data() + blk * part_ld : nullptr;
       A* pdb = want_db ? part_db.data() + blk * part_ld : nullptr;
+      if (pdw != nullptr) std::fill(pdw, pdw + part_ld, A(0));
+      if (pdb != nullptr) std::fill(pdb, pdb + part_ld, A(0));
       for (int64_t r0 = blocks.begin(blk); r0 < blocks.end(blk); r0 += group) {
         // pass 1 over the group, then pass 2 row by row while the rows are in cache
         const int64_t rows = std::min(group, blocks.end(blk) - r0);
@@ -435,7 +465,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
     // dweight/dbias, of the accumulation type or of x's own (rounded once, to nearest even, as
     // to() rounds). Column by column in scalar code this was ~2 us of a 1x768 bf16 backward.
     using VA = Vectorized<A>;
-    const auto sum_blocks = [&](Scratch<A>& part) {
+    const auto sum_blocks = [&](LineBuffer<A>& part) {
       at::parallel_for(0, part_ld / VA::size(), std::max<int64_t>(1, 1024 / VA::size()),
                        [&](int64_t vb, int64_t ve) {
                          for (int64_t v = vb; v < ve; ++v) {
@@ -447,7 +477,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
                          }
                        });
     };
-    const auto write_out = [&](const Scratch<A>& sums, at::Tensor& out) {
+    const auto write_out = [&](LineBuffer<A>& sums, at::Tensor& out) {
       if constexpr (!std::is_same_v<T, A>) {
         if (out.scalar_type() == x.scalar_type()) {
           Scratch<A> natural(N);
