@@ -141,18 +141,57 @@ constexpr int64_t kSweepRows = kRows;
 // rows of 4096 and 8192: 0.78-0.86x the time of reading a copy).
 // The copy was once made by the calling thread before the parallel region, from 4 rows on,
 // and the other thread read it out of that thread's cache: on two threads that cost more than
-// the rows. Zen 4, 2 threads, forward paired in one process against it (time ratios): bf16
-// weights 16x4096 0.59 (12.7 -> 7.7 us; torch's 16.2), 32x4096 0.68, 16x8192 0.54; fp32 weights
-// of a bf16 x 16x4096 0.70, 16x8192 0.66; fp16 16x4096 0.74, 16x8192 0.68; 64x768 0.92-0.93;
-// 256x768 and 1024x1024 0.96-1.00; capped to AVX2 0.65-0.93 at the same sizes; on one thread
-// 0.88-1.03 (bf16 weights, AVX-512: 0.78-0.86, as above). (In slow phases of this guest the
-// old way took 27-42 us at 16x4096, twice torch's time.)
+// the rows. Zen 4, 2 threads, forward against it (time ratios, alternated processes): bf16
+// weights 16x4096 0.59 (13.1 -> 7.7 us; torch's 16.3), 32x4096 0.68, 16x8192 0.53, 64x768 0.87;
+// fp32 weights of a bf16 x 16x4096 0.69, 16x8192 0.63; fp16 16x4096 0.70 (15.1 -> 10.6 us;
+// torch's 14.1), 16x8192 0.66; 256x768 and 1024x1024 0.93-1.00; the same paired in one process,
+// and capped to AVX2 0.65-0.93; on one thread 0.88-1.03 (bf16 weights, AVX-512: 0.78-0.86, as
+// above). (In slow phases of this guest the old way took 27-42 us at 16x4096, twice torch's.)
 template <typename T, typename PT>
 static bool params_copied(int64_t rows) {
   if constexpr (std::is_same_v<PT, acc_t<T>>) {
     return Chunk<T>::even_odd;
   } else {
     return !Chunk<T>::even_odd && rows >= kWidenParamsRows;
+  }
+}
+
+// Forward over rows [begin, end) with weight and bias w, b as the rows read them (see
+// params_copied); row: scratch for a widened row (N values), or null where rows are read in
+// place. Forced inline into the parallel loop's body: called out of line (once per task, with
+// both weight types a half dtype can take), short rows lost to the loop it came from, in one
+// process 4096x64 fp32 forward 1.17x the time, 32768x32 1.19x; inlined, against the build
+// before it in alternated processes, 4096x64 fp32 0.62-0.85x, 32768x32 0.80-0.87x, bf16
+// 0.89-0.93x, 8192x768 and 4096x1024 bf16 0.97-1.01x.
+template <typename T, typename PT>
+static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_t begin,
+                                                      int64_t end, int64_t N, const PT* w,
+                                                      const PT* b, acc_t<T> eps, bool rms,
+                                                      acc_t<T>* mp, acc_t<T>* rp, acc_t<T>* row,
+                                                      bool stream, bool low_nans) {
+  using A = acc_t<T>;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* xr = xp + r * N;
+    // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
+    A mu, var;
+    if (row != nullptr) {
+      const A sum = widen_and_sum(xr, N, row);
+      mu = rms ? A(0) : sum / static_cast<A>(N);
+      var = segment_sq_dev(row, N, mu) / static_cast<A>(N);
+    } else {
+      // the first pass reads the row from memory (rms: the squares' pass)
+      mu = rms ? A(0) : segment_sum<true>(xr, N) / static_cast<A>(N);
+      var = (rms ? segment_sq_dev<true>(xr, N, mu) : segment_sq_dev(xr, N, mu)) /
+            static_cast<A>(N);
+    }
+    const A rs = A(1) / std::sqrt(var + eps);
+    if (row != nullptr) {
+      layer_norm_row_apply(row, yp + r * N, N, mu, rs, w, b, stream, low_nans);
+    } else {
+      layer_norm_row_apply(xr, yp + r * N, N, mu, rs, w, b, stream, low_nans);
+    }
+    if (mp != nullptr) mp[r] = mu;
+    rp[r] = rs;
   }
 }
 
@@ -165,39 +204,18 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
     Scratch<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
-    // the rows [begin, end) with weight and bias wr, br (of PT, or copied to A)
-    const auto rows = [&](const auto* wr, const auto* br) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* xr = xp + r * N;
-        // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
-        A mu, var;
-        if (!row.empty()) {
-          const A sum = widen_and_sum(xr, N, row.data());
-          mu = rms ? A(0) : sum / static_cast<A>(N);
-          var = segment_sq_dev(row.data(), N, mu) / static_cast<A>(N);
-        } else {
-          // the first pass reads the row from memory (rms: the squares' pass)
-          mu = rms ? A(0) : segment_sum<true>(xr, N) / static_cast<A>(N);
-          var = (rms ? segment_sq_dev<true>(xr, N, mu) : segment_sq_dev(xr, N, mu)) /
-                static_cast<A>(N);
-        }
-        const A rs = A(1) / std::sqrt(var + eps);
-        if (!row.empty()) {
-          layer_norm_row_apply(row.data(), yp + r * N, N, mu, rs, wr, br, stream, low_nans);
-        } else {
-          layer_norm_row_apply(xr, yp + r * N, N, mu, rs, wr, br, stream, low_nans);
-        }
-        if (mp != nullptr) mp[r] = mu;
-        rp[r] = rs;
-      }
-    };
+    A* row_data = row.empty() ? nullptr : row.data();
     if (params_copied<T, PT>(end - begin) && (w != nullptr || b != nullptr)) {
       LineBuffer<A> params(2 * N);
       if (w != nullptr) to_lanes<T>(w, params.data(), N);
       if (b != nullptr) to_lanes<T>(b, params.data() + N, N);
-      rows(w != nullptr ? params.data() : nullptr, b != nullptr ? params.data() + N : nullptr);
+      layer_norm_fwd_row_range<T, A>(xp, yp, begin, end, N,
+                                     w != nullptr ? params.data() : nullptr,
+                                     b != nullptr ? params.data() + N : nullptr, eps, rms, mp, rp,
+                                     row_data, stream, low_nans);
     } else {
-      rows(w, b);
+      layer_norm_fwd_row_range<T, PT>(xp, yp, begin, end, N, w, b, eps, rms, mp, rp, row_data,
+                                      stream, low_nans);
     }
   });
 }
