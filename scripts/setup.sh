@@ -16,9 +16,9 @@ fi
 ONNX_PACKAGES=(onnx onnxscript onnxruntime)
 # torch 2.6's exporter was written against onnxscript 0.2: with 0.3-0.6 its version-converter
 # pass fails, with 0.7 its translation of an inference batch norm (torch's own BatchNorm2d as
-# ours); and onnxscript 0.2 writes boolean attributes that protobuf 6 and the onnx built on it
-# refuse. So that torch gets the stack of its time: with it all 243 ONNX tests pass there, with
-# the newest 13 failed.
+# ours); and onnxscript 0.2 writes boolean attributes that protobuf 7 (beside onnx 1.23) refuses,
+# while onnx 1.23, generated for protobuf 6, does not load under protobuf 5. So that torch gets
+# the stack of its time: with it all 243 ONNX tests pass there, with the newest 13 failed.
 if "$PY" -c "import sys, torch
 sys.exit(tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]) >= (2, 7))"; then
   ONNX_PACKAGES=(onnx==1.17.0 onnxscript==0.2.7 "protobuf<6" onnxruntime)
