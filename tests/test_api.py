@@ -468,13 +468,15 @@ def _norm_in_child():
         torch.testing.assert_close(NF.layer_norm(x, (1024,)), torch.nn.functional.layer_norm(x, (1024,)))
 
 
-def test_streaming_stores_match_torch():
+def test_streaming_stores_match_torch(tmp_path):
     """Outputs of passes that do not fit the last-level cache (forward) or half of it (backward)
     are written with streaming stores. Forced on (NORMKERNELS_STREAM_STORES=1), that path must
     pass the CPU parity suite (every family, dtype and layout, misaligned rows falling back to
     plain stores) and match torch, forward and backward, on rows and planes of whole aligned
-    chunks and on ones that end inside a cache line (bf16 rows of 1000, 14x14 and 7x7 planes),
-    whose shared lines take plain stores (whole_line_chunk)."""
+    chunks and on ones that end inside a cache line (bf16 rows of 1000, 14x14, 23x23 and 7x7
+    planes), whose shared lines take plain stores (whole_line_chunk). NCHW batch-norm inference
+    walks its planes as one run whose stores stream across their boundaries
+    (plane_run_affine): the same bits as the plain walk, at every split over the threads."""
     import os
     import subprocess
     import sys
@@ -506,7 +508,7 @@ def check(name, fn_ours, fn_torch, x, params):
     for i, (a, b, r) in enumerate(zip(*runs)):
         assert_close_like_torch(a, b, r, f"{name} {x.dtype} {'output' if i == 0 else i}")
 
-DY = torch.randn(1 << 16, dtype=torch.float64)
+DY = torch.randn(1 << 18, dtype=torch.float64)
 for dt in (torch.float32, torch.bfloat16):
   for n in (1024, 1000):
     x = torch.randn(64, n).to(dt)
@@ -517,7 +519,7 @@ for dt in (torch.float32, torch.bfloat16):
           lambda x: TF.layer_norm(x, (n,)), x, [])
     check("rms_norm", lambda x, w: NF.rms_norm(x, (n,), w),
           lambda x, w: TF.rms_norm(x, (n,), w), x, [w])
-  for hw in (8, 14, 7):
+  for hw in (8, 14, 7, 23):
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(4, 64, hw, hw).to(dt).contiguous(memory_format=fmt)
         w, b = torch.rand(64).to(dt) + 0.5, torch.randn(64).to(dt)
@@ -533,3 +535,37 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+    # NCHW inference, streamed (one run of planes) and plain (plane by plane, or one run up to
+    # kPlaneRunSamples samples of short planes), on planes of 7x7 to 23x23, channel counts that
+    # wrap inside a run, 1 to 3 threads. (Past that many samples short planes take the blocks,
+    # which fold the shift: other bits, as close to torch's.)
+    infer = r"""
+import sys
+import torch
+import normkernels.functional as NF
+torch.manual_seed(0)
+outs = {}
+for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for shape in ((6, 5, 14, 14), (3, 7, 23, 23), (3, 9, 7, 7), (2, 11, 9, 9), (5, 13, 10, 10)):
+        C = shape[1]
+        x = torch.randn(shape).to(dt)
+        rm, rv = torch.randn(C).to(dt), (torch.rand(C) + 0.5).to(dt)
+        w, b = torch.randn(C).to(dt), torch.randn(C).to(dt)
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs[f"{dt} {shape} {threads}"] = NF.batch_norm(x, rm, rv, w, b, False)
+torch.save(outs, sys.argv[1])
+"""
+    results = []
+    for mode in ("1", "0"):
+        path = os.path.join(str(tmp_path), f"stream{mode}.pt")
+        out = subprocess.run([sys.executable, "-c", infer, path],
+                             env=dict(os.environ, NORMKERNELS_STREAM_STORES=mode),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        results.append(torch.load(path))
+    streamed, plain = results
+    assert streamed.keys() == plain.keys()
+    for key in streamed:
+        assert torch.equal(streamed[key], plain[key]), key

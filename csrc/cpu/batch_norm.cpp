@@ -218,23 +218,30 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
 }
 
 // channel_affine on NCHW planes [p0, p1) of C channels each sample (plane p is channel p % C),
-// contiguous in memory, walked as one run of chunks rather than plane by plane: planes of a
-// chunk or more (hw >= Chunk<T>::size) put at most two channels in a chunk, so its coefficients
-// are one channel's, blended with the next one's from the lane that holds the next plane's
-// first element. No masked plane ends (walked alone, a 7x7 bf16 plane under AVX2 is three or
-// four chunks, one or two of them masked: most planes start misaligned) and no per-element
-// arrays (ShortPlanes), for the few samples over which those do not pay: up to
-// kPlaneRunSamples. Zen 3 guest, 512 channels, inference paired in one process (time ratios,
-// fp32/bf16): against the plane walk at one sample 0.86/0.85x (4x4), 0.84/0.64x (5x5),
-// 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's kernel 18.4), at two samples of 6x6 and 7x7
-// 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3 and 4 samples 0.75-0.99/0.55-0.79x, at 8
-// 0.95-1.26x, at 16 1.01-1.13x. Bit-identical results.
-// Also for fp32/fp64 tensors that stream from memory (stream_stores) at any batch: there the
+// contiguous in memory, walked as one run of chunks rather than plane by plane: the chunks
+// inside a plane take its channel's coefficients, and the one chunk across a boundary (planes
+// hold a chunk or more: hw >= Chunk<T>::size) its channel's, blended with the next one's from
+// the lane that holds the next plane's first element. Only the run's ends are masked, and its
+// stores, aligned from the first, stream as whole lines across the planes' boundaries.
+// Walked alone, a 7x7 bf16 plane under AVX2 is three or four chunks, one or two of them masked
+// (most planes start misaligned); so for the few samples over which per-element arrays
+// (ShortPlanes) do not pay, up to kPlaneRunSamples. Zen 3 guest, 512 channels, inference paired
+// in one process (time ratios, fp32/bf16), with every chunk blended: against the plane walk at
+// one sample 0.86/0.85x (4x4), 0.84/0.64x (5x5), 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's
+// kernel 18.4), at two samples of 6x6 and 7x7 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3
+// and 4 samples 0.75-0.99/0.55-0.79x, at 8 0.95-1.26x, at 16 1.01-1.13x. Blending only the
+// boundary's chunk, Zen 4 guest: 1x512x7x7 and 2x2048x7x7 0.89-0.96x the time again (AVX2 build
+// 0.71-0.75x), the rest 0.99-1.00x. Bit-identical to the plane walk.
+// Also for tensors that stream from memory (stream_stores): there the plane walk stores each
+// plane's partial first and last lines plainly (only whole lines stream, whole_line_chunk), a
+// read for ownership of a line written around the cache, and short planes are mostly such lines
+// (a 14x14 bf16 plane is 392 bytes). Paired in one process on the Zen 4 guest, inference
+// against the plane walk: 64x1024x14x14 bf16 0.42x the time (2.47 -> 1.00 ms; ATen's kernel
+// 1.33), fp32 0.83x, 32x1024x14x14 fp32 0.89x, 112x112 planes 1.00x. For short planes the
 // blocks' walk, a short run of every sample's planes in turn (80 KB apart at 2048 channels of
-// 7x7 fp32), loses to one sequential stream (its stores streaming where aligned): paired in one
-// process, 64x2048x7x7 fp32 inference 0.68-0.75x the time (1.86 -> 1.28 ms; ATen's kernel
-// 2.08), 128x1024x7x7 0.71x. 16-bit tensors keep the blocks: their blends cost twice as much a
-// byte, and 96x2048x7x7 / 160x1024x7x7 bf16 took 1.00x / 1.08x the time.
+// 7x7 fp32), loses to it in fp32 (Zen 3: 64x2048x7x7 inference 0.68-0.75x the time, 1.86 ->
+// 1.28 ms, ATen's kernel 2.08; 128x1024x7x7 0.71x); 16-bit tensors keep the blocks there: their
+// blends cost twice as much a byte (96x2048x7x7 bf16 1.25x the time).
 constexpr int64_t kPlaneRunSamples = 4;
 template <typename T>
 static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t C, int64_t hw,
@@ -247,54 +254,59 @@ static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t
   // the element of the chunk each lane holds, in the chunks' lane order
   alignas(64) A lane_elem[K::size];
   for (int64_t k = 0; k < K::size; ++k) lane_elem[k] = static_cast<A>(K::lane_element(k, K::size));
-  V elem_lo = V::loadu(lane_elem), elem_hi = V::loadu(lane_elem + V::size());
-  const int64_t begin = p0 * hw, n = p1 * hw;
-  int64_t c = p0 % C, plane_end = begin + hw;  // the channel of element i, where its plane ends
-  const auto chunk = [&](int64_t i, auto&& io) {
-    if (i >= plane_end) {  // at most one plane a chunk: hw >= K::size
-      c = c + 1 == C ? 0 : c + 1;
-      plane_end += hw;
-    }
-    // lanes before the plane's end take channel c's coefficients, the others the next one's
-    const int64_t next = c + 1 == C ? 0 : c + 1;
-    const V cut(static_cast<A>(plane_end - i));
-    const V here_lo = elem_lo < cut, here_hi = elem_hi < cut;
-    const auto coeffs = [&](const A* k, V& lo, V& hi) {
-      const V here(k[c]), there(k[next]);
-      lo = V::blendv(there, here, here_lo);
-      hi = V::blendv(there, here, here_hi);
-    };
-    V ce_lo, ce_hi, sc_lo, sc_hi, sh_lo, sh_hi;
-    coeffs(center, ce_lo, ce_hi);
-    coeffs(scale, sc_lo, sc_hi);
-    coeffs(shift, sh_lo, sh_hi);
-    io([&](const V& a, const V& b, V& ya, V& yb) {
-      ya = at::vec::fmadd(a - ce_lo, sc_lo, sh_lo);
-      yb = at::vec::fmadd(b - ce_hi, sc_hi, sh_hi);
-    });
+  const V elem_lo = V::loadu(lane_elem), elem_hi = V::loadu(lane_elem + V::size());
+  const int64_t n = p1 * hw;
+  int64_t i = p0 * hw, c = p0 % C, plane_end = i + hw;
+  // the masked chunk of m elements at i, all of channel c's plane (natural lane order)
+  const auto masked = [&](int64_t m) {
+    const V ce(center[c]), sc(scale[c]), sh(shift[c]);
+    V a, b;
+    K::load_first(xp + i, m, a, b);
+    K::store_first(yp + i, m, at::vec::fmadd(a - ce, sc, sh), at::vec::fmadd(b - ce, sc, sh));
   };
-  int64_t i = begin;
+  // up to the first aligned store: fewer elements than a chunk, so within the first plane
+  if (const int64_t head = aligned_start(yp + i, n - i); head > 0) {
+    masked(head);
+    i += head;
+  }
+  const int64_t i0 = i;
   with_low_nans<T>(low_nans, [&](auto low) {
-    for (; i + K::size <= n; i += K::size) {
-      chunk(i, [&](auto&& affine) {
-        V a, b, ya, yb;
+    for (;; plane_end += hw) {
+      {
+        const V ce(center[c]), sc(scale[c]), sh(shift[c]);
+        for (; i + K::size <= plane_end; i += K::size) {
+          V a, b;
+          K::load_lanes(xp + i, a, b);
+          K::put_lanes(yp + i, at::vec::fmadd(a - ce, sc, sh), at::vec::fmadd(b - ce, sc, sh),
+                       stream && whole_line_chunk(yp + i, i, i0, n), low.value);
+        }
+      }
+      if (plane_end >= n) break;
+      const int64_t next = c + 1 == C ? 0 : c + 1;
+      if (i < plane_end) {
+        // one chunk across the boundary, whole: the next plane holds a chunk or more. Its lanes
+        // before the boundary take channel c's coefficients, the others the next channel's.
+        const V cut(static_cast<A>(plane_end - i));
+        const V here_lo = elem_lo < cut, here_hi = elem_hi < cut;
+        const auto coeffs = [&](const A* k, V& lo, V& hi) {
+          const V here(k[c]), there(k[next]);
+          lo = V::blendv(there, here, here_lo);
+          hi = V::blendv(there, here, here_hi);
+        };
+        V ce_lo, ce_hi, sc_lo, sc_hi, sh_lo, sh_hi, a, b;
+        coeffs(center, ce_lo, ce_hi);
+        coeffs(scale, sc_lo, sc_hi);
+        coeffs(shift, sh_lo, sh_hi);
         K::load_lanes(xp + i, a, b);
-        affine(a, b, ya, yb);
-        K::put_lanes(yp + i, ya, yb, stream, low.value);
-      });
+        K::put_lanes(yp + i, at::vec::fmadd(a - ce_lo, sc_lo, sh_lo),
+                     at::vec::fmadd(b - ce_hi, sc_hi, sh_hi),
+                     stream && whole_line_chunk(yp + i, i, i0, n), low.value);
+        i += K::size;
+      }
+      c = next;
     }
   });
-  if (i < n) {  // the natural order of a masked chunk: lane k holds element k
-    for (int64_t k = 0; k < K::size; ++k) lane_elem[k] = static_cast<A>(k);
-    elem_lo = V::loadu(lane_elem);
-    elem_hi = V::loadu(lane_elem + V::size());
-    chunk(i, [&](auto&& affine) {
-      V a, b, ya, yb;
-      K::load_first(xp + i, n - i, a, b);
-      affine(a, b, ya, yb);
-      K::store_first(yp + i, n - i, ya, yb);
-    });
-  }
+  if (i < n) masked(n - i);  // the last plane's tail
 }
 
 // y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order.
@@ -307,8 +319,12 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
                            bool low_nans) {
   const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)),
                                     Pass::kForward);
-  if (ShortPlanes<T>::short_nchw(s) && s.HW >= Chunk<T>::size &&
-      (s.N <= kPlaneRunSamples || (stream && sizeof(T) == sizeof(acc_t<T>)))) {
+  const bool plane_run =
+      !s.channels_last && s.HW >= Chunk<T>::size &&
+      (ShortPlanes<T>::short_nchw(s)
+           ? s.N <= kPlaneRunSamples || (stream && sizeof(T) == sizeof(acc_t<T>))
+           : stream);
+  if (plane_run) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       plane_run_affine(xp, yp, begin, end, s.C, s.HW, center, scale, shift, stream, low_nans);
