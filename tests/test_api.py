@@ -539,7 +539,8 @@ print("ok")
     # NCHW inference, streamed (one run of planes) and plain (plane by plane, or one run up to
     # kPlaneRunSamples samples of short planes), on planes of 7x7 to 23x23, channel counts that
     # wrap inside a run, 1 to 3 threads. (Past that many samples short planes take the blocks,
-    # which fold the shift: other bits, as close to torch's.)
+    # which fold the shift: other bits, as close to torch's.) Training, streamed or not: the same
+    # bits whatever the threads.
     infer = r"""
 import sys
 import torch
@@ -554,7 +555,15 @@ for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         w, b = torch.randn(C).to(dt), torch.randn(C).to(dt)
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs[f"{dt} {shape} {threads}"] = NF.batch_norm(x, rm, rv, w, b, False)
+            outs[f"eval {dt} {shape} {threads}"] = NF.batch_norm(x, rm, rv, w, b, False)
+            # training: streamed, short planes walk memory in order (short_for_channel_walk)
+            xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+            mean, var = rm.clone(), rv.clone()
+            y = NF.batch_norm(xr, mean, var, wr, br, True)
+            grads = torch.autograd.grad(y, (xr, wr, br), torch.ones_like(y).normal_(
+                generator=torch.Generator().manual_seed(1)))
+            outs[f"train {dt} {shape} {threads}"] = torch.cat(
+                [t.flatten().double() for t in (y, mean, var) + grads])
 torch.save(outs, sys.argv[1])
 """
     results = []
@@ -568,4 +577,8 @@ torch.save(outs, sys.argv[1])
     streamed, plain = results
     assert streamed.keys() == plain.keys()
     for key in streamed:
-        assert torch.equal(streamed[key], plain[key]), key
+        if key.startswith("eval"):
+            assert torch.equal(streamed[key], plain[key]), key
+        elif not key.endswith(" 1"):  # training: the same bits on 1, 2 and 3 threads
+            for run in results:
+                assert torch.equal(run[key], run[key[:-1] + "1"]), key

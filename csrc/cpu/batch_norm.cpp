@@ -31,23 +31,6 @@ static inline A param_or(const A* p, int64_t c, A dflt) {
   return p != nullptr ? p[c] : dflt;
 }
 
-// Whether a pass that walks NCHW one channel at a time (a task per channel, its planes across
-// the batch: the training forward and the backward) may stream its stores, where its size asks
-// for it (stream_stores). A plane's partial first and last lines are shared with the
-// neighbouring channels' planes, which other tasks write long before or after: stored plainly
-// (only whole lines stream, whole_line_chunk), each is read from memory for ownership, and on
-// planes under kStreamPlaneBytes they are an eighth of the plane's lines or more. Zen 4 guest,
-// paired in one process, plain stores against streaming: 32x1024x14x14 bf16 backward 0.64x the
-// time (1.95 -> 1.26 ms; ATen's kernel 2.57), 64x1024x14x14 bf16 forward 0.72x (2.96 -> 2.09
-// ms, ATen's 2.58), backward 0.80x (in a slower phase of the guest, the three 0.91-0.95x);
-// 14x14 fp32 planes (784 bytes) 0.94-1.04x; 28x28 bf16 planes (1568 bytes) 1.24-1.29x, 112x112
-// 1.28-1.50x: those stream. (channel_affine walks NCHW in memory order: plane_run_affine.)
-constexpr int64_t kStreamPlaneBytes = 1024;
-template <typename T>
-static bool channel_walk_streams(const NormShape& s) {
-  return s.channels_last || s.HW * static_cast<int64_t>(sizeof(T)) >= kStreamPlaneBytes;
-}
-
 // NCHW planes shorter than two chunks (7x7 and smaller). Walked plane by plane, such a plane is
 // all masked head and tail (a 7x7 bf16 plane: one chunk and a 17-element tail). Instead a block
 // of channels [c0, c1) is one contiguous span in every sample: an [N, span] matrix whose rows
@@ -234,6 +217,29 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
   });
 }
 
+// The training passes over NCHW walk it one channel at a time (a task per channel, its planes
+// across the batch: statistics, then the normalize pass or dx while the planes are in L2, one
+// read of memory). On planes under kChannelWalkPlaneBytes, tensors that do not fit the cache
+// (stream_stores) lose that way: the channel's planes are short runs of memory far apart, and
+// their partial first and last lines, shared with the neighbouring channels' planes that other
+// tasks write long before or after, are stored plainly (only whole lines stream,
+// whole_line_chunk) and read for ownership from memory. There the passes walk memory in order
+// twice instead: the statistics (or the backward's sums) plane by plane into per-plane
+// results merged per channel in sample order (the same whatever the threads), then one run of
+// planes whose stores stream (plane_run). Zen 4 guest, paired in one process against the
+// channel walk (time ratios, fp32/bf16): 32x1024x14x14 forward 0.63x / (a 26 MB pass, in the
+// cache: unchanged), backward 0.67/0.69x; 64x1024x14x14 forward 0.51/0.72x, backward
+// 0.80/0.53x; 28x28 bf16 planes (1568 bytes) forward 0.64-0.84x, backward 0.72-0.75x. On
+// longer planes the channel walk, which streams them, keeps its single read: 28x28 fp32 (3136
+// bytes) and 56x56 planes took 1.04-1.27x the time in memory order, bar 56x56 bf16 0.90-0.99x.
+// Streaming the channel walk's short planes instead (plain stores against it: 32x1024x14x14
+// bf16 backward 0.64x the time, 64x1024x14x14 bf16 forward 0.72x) did not close the gap.
+constexpr int64_t kChannelWalkPlaneBytes = 2048;
+template <typename T>
+static bool short_for_channel_walk(const NormShape& s) {
+  return !s.channels_last && s.HW * static_cast<int64_t>(sizeof(T)) < kChannelWalkPlaneBytes;
+}
+
 // channel_affine on NCHW planes [p0, p1) of C channels each sample (plane p is channel p % C),
 // contiguous in memory, walked as one run of chunks rather than plane by plane: the chunks
 // inside a plane take its channel's coefficients, and the one chunk across a boundary (planes
@@ -260,10 +266,10 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
 // 1.28 ms, ATen's kernel 2.08; 128x1024x7x7 0.71x); 16-bit tensors keep the blocks there: their
 // blends cost twice as much a byte (96x2048x7x7 bf16 1.25x the time).
 constexpr int64_t kPlaneRunSamples = 4;
-template <typename T>
-static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t C, int64_t hw,
-                             const acc_t<T>* center, const acc_t<T>* scale,
-                             const acc_t<T>* shift, bool stream, bool low_nans) {
+template <typename T, size_t kCoeffs, typename Whole, typename Part>
+static void plane_run(T* out, int64_t p0, int64_t p1, int64_t C, int64_t hw,
+                      const std::array<const acc_t<T>*, kCoeffs>& coeffs, bool stream,
+                      bool low_nans, Whole&& whole, Part&& part) {
   using A = acc_t<T>;
   using K = Chunk<T>;
   using V = typename K::V;
@@ -274,30 +280,22 @@ static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t
   const V elem_lo = V::loadu(lane_elem), elem_hi = V::loadu(lane_elem + V::size());
   const int64_t n = p1 * hw;
   int64_t i = p0 * hw, c = p0 % C, plane_end = i + hw;
-  // the masked chunk of m elements at i, all of channel c's plane (natural lane order)
-  const auto masked = [&](int64_t m) {
-    const V ce(center[c]), sc(scale[c]), sh(shift[c]);
-    V a, b;
-    K::load_first(xp + i, m, a, b);
-    K::store_first(yp + i, m, at::vec::fmadd(a - ce, sc, sh), at::vec::fmadd(b - ce, sc, sh));
+  std::array<V, kCoeffs> lo, hi;  // the chunk's coefficients, lane by lane
+  const auto channel_coeffs = [&] {
+    for (size_t k = 0; k < kCoeffs; ++k) lo[k] = hi[k] = V(coeffs[k][c]);
   };
   // up to the first aligned store: fewer elements than a chunk, so within the first plane
-  if (const int64_t head = aligned_start(yp + i, n - i); head > 0) {
-    masked(head);
+  if (const int64_t head = aligned_start(out + i, n - i); head > 0) {
+    channel_coeffs();
+    part(i, head, lo, hi);
     i += head;
   }
   const int64_t i0 = i;
   with_low_nans<T>(low_nans, [&](auto low) {
     for (;; plane_end += hw) {
-      {
-        const V ce(center[c]), sc(scale[c]), sh(shift[c]);
-        for (; i + K::size <= plane_end; i += K::size) {
-          V a, b;
-          K::load_lanes(xp + i, a, b);
-          K::put_lanes(yp + i, at::vec::fmadd(a - ce, sc, sh), at::vec::fmadd(b - ce, sc, sh),
-                       stream && whole_line_chunk(yp + i, i, i0, n), low.value);
-        }
-      }
+      channel_coeffs();
+      for (; i + K::size <= plane_end; i += K::size)
+        whole(i, lo, hi, stream && whole_line_chunk(out + i, i, i0, n), low);
       if (plane_end >= n) break;
       const int64_t next = c + 1 == C ? 0 : c + 1;
       if (i < plane_end) {
@@ -305,25 +303,74 @@ static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t
         // before the boundary take channel c's coefficients, the others the next channel's.
         const V cut(static_cast<A>(plane_end - i));
         const V here_lo = elem_lo < cut, here_hi = elem_hi < cut;
-        const auto coeffs = [&](const A* k, V& lo, V& hi) {
-          const V here(k[c]), there(k[next]);
-          lo = V::blendv(there, here, here_lo);
-          hi = V::blendv(there, here, here_hi);
-        };
-        V ce_lo, ce_hi, sc_lo, sc_hi, sh_lo, sh_hi, a, b;
-        coeffs(center, ce_lo, ce_hi);
-        coeffs(scale, sc_lo, sc_hi);
-        coeffs(shift, sh_lo, sh_hi);
-        K::load_lanes(xp + i, a, b);
-        K::put_lanes(yp + i, at::vec::fmadd(a - ce_lo, sc_lo, sh_lo),
-                     at::vec::fmadd(b - ce_hi, sc_hi, sh_hi),
-                     stream && whole_line_chunk(yp + i, i, i0, n), low.value);
+        for (size_t k = 0; k < kCoeffs; ++k) {
+          const V here(coeffs[k][c]), there(coeffs[k][next]);
+          lo[k] = V::blendv(there, here, here_lo);
+          hi[k] = V::blendv(there, here, here_hi);
+        }
+        whole(i, lo, hi, stream && whole_line_chunk(out + i, i, i0, n), low);
         i += K::size;
       }
       c = next;
     }
   });
-  if (i < n) masked(n - i);  // the last plane's tail
+  if (i < n) {  // the last plane's tail
+    channel_coeffs();
+    part(i, n - i, lo, hi);
+  }
+}
+
+// y = (x - center[c]) * scale[c] + shift[c] on NCHW planes [p0, p1) (plane_run).
+template <typename T>
+static void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1, int64_t C, int64_t hw,
+                             const acc_t<T>* center, const acc_t<T>* scale,
+                             const acc_t<T>* shift, bool stream, bool low_nans) {
+  using K = Chunk<T>;
+  using V = typename K::V;
+  using Coeffs = std::array<V, 3>;  // center, scale, shift
+  plane_run<T, 3>(
+      yp, p0, p1, C, hw, {center, scale, shift}, stream, low_nans,
+      [&](int64_t i, const Coeffs& lo, const Coeffs& hi, bool st, auto low) {
+        V a, b;
+        K::load_lanes(xp + i, a, b);
+        K::put_lanes(yp + i, at::vec::fmadd(a - lo[0], lo[1], lo[2]),
+                     at::vec::fmadd(b - hi[0], hi[1], hi[2]), st, low.value);
+      },
+      [&](int64_t i, int64_t m, const Coeffs& lo, const Coeffs& hi) {
+        V a, b;
+        K::load_first(xp + i, m, a, b);
+        K::store_first(yp + i, m, at::vec::fmadd(a - lo[0], lo[1], lo[2]),
+                       at::vec::fmadd(b - hi[0], hi[1], hi[2]));
+      });
+}
+
+// dx = k_dy[c] * dy + k_x[c] * (x - center[c]) + k_0[c] on NCHW planes [p0, p1) (plane_run;
+// segment_grad_input's arithmetic).
+template <typename T>
+static void plane_run_grad_input(const T* dy, const T* xp, T* dx, int64_t p0, int64_t p1,
+                                 int64_t C, int64_t hw, const acc_t<T>* center,
+                                 const acc_t<T>* k_dy, const acc_t<T>* k_x, const acc_t<T>* k_0,
+                                 bool stream, bool low_nans) {
+  using K = Chunk<T>;
+  using V = typename K::V;
+  using Coeffs = std::array<V, 4>;  // center, k_dy, k_x, k_0
+  const auto grad = [](const V& g, const V& v, const Coeffs& k) {
+    return at::vec::fmadd(g, k[1], at::vec::fmadd(v - k[0], k[2], k[3]));
+  };
+  plane_run<T, 4>(
+      dx, p0, p1, C, hw, {center, k_dy, k_x, k_0}, stream, low_nans,
+      [&](int64_t i, const Coeffs& lo, const Coeffs& hi, bool st, auto low) {
+        V ga, gb, xa, xb;
+        K::load_lanes(dy + i, ga, gb);
+        K::load_lanes(xp + i, xa, xb);
+        K::put_lanes(dx + i, grad(ga, xa, lo), grad(gb, xb, hi), st, low.value);
+      },
+      [&](int64_t i, int64_t m, const Coeffs& lo, const Coeffs& hi) {
+        V ga, gb, xa, xb;
+        K::load_first(dy + i, m, ga, gb);
+        K::load_first(xp + i, m, xa, xb);
+        K::store_first(dx + i, m, grad(ga, xa, lo), grad(gb, xb, hi));
+      });
 }
 
 // y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order.
@@ -427,11 +474,34 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     return;
   }
 
+  const bool past_cache = stream_stores(2 * x.nbytes(), Pass::kForward);
+  if (past_cache && short_for_channel_walk<T>(s) && !ShortPlanes<T>::short_nchw(s)) {
+    // memory order (short_for_channel_walk); channel c's planes at [c * N, c * N + N)
+    Scratch<A> plane_mean(s.N * s.C), plane_m2(s.N * s.C);
+    at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const auto [mu, m2] = plane_moments<true>(xp + nc * s.HW, 1, s.HW, s.HW);
+        const int64_t at = (nc % s.C) * s.N + nc / s.C;
+        plane_mean[at] = mu;
+        plane_m2[at] = m2;
+      }
+    });
+    merge_equal_runs(plane_mean.data(), plane_m2.data(), s.N, static_cast<A>(s.HW), s.C, mean,
+                     var);  // var holds m2 until divided
+    Scratch<A> scale(s.C), shift(s.C);
+    for (int64_t c = 0; c < s.C; ++c) {
+      var[c] = count > 0 ? var[c] / static_cast<A>(count) : A(0);
+      invstd[c] = A(1) / std::sqrt(var[c] + a_eps);
+      scale[c] = invstd[c] * param_or(w, c, A(1));
+      shift[c] = param_or(b, c, A(0));
+    }
+    channel_affine(xp, yp, s, mean, scale.data(), shift.data(), /*after_stats=*/false, low_nans);
+    return;
+  }
   if (!s.channels_last) {
     // Statistics and normalization in one task per channel, so the second read of a
     // channel's planes comes from cache when they fit.
-    const bool stream =
-        stream_stores(2 * x.nbytes(), Pass::kForward) && channel_walk_streams<T>(s);
+    const bool stream = past_cache && !short_for_channel_walk<T>(s);
     at::parallel_for(0, s.C, channel_grain(s), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) {
@@ -554,15 +624,19 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                          stream, low_nans);
     }
   };
-  const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward) &&
-                      channel_walk_streams<T>(s);
-  // NCHW with a channel per thread at least: one task per channel sums its planes and then
-  // writes their dx while they are in L2 (16 planes of 56x56 are 200 KB of x and of dy), one
-  // pass over memory instead of two.
-  const bool fused = !s.channels_last && dxp != nullptr && s.C >= at::get_num_threads();
+  const bool past_cache = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
+  const bool stream = past_cache && !short_for_channel_walk<T>(s);
   // NCHW planes too short to walk one by one (see ShortPlanes): fused per block of channels.
   const bool short_planes =
       dxp != nullptr && ShortPlanes<T>::applies(s, /*elementwise=*/!need_sums);
+  // memory order on planes too short for the channel walk (short_for_channel_walk)
+  const bool memory_order =
+      past_cache && short_for_channel_walk<T>(s) && !ShortPlanes<T>::short_nchw(s);
+  // NCHW with a channel per thread at least: one task per channel sums its planes and then
+  // writes their dx while they are in L2 (16 planes of 56x56 are 200 KB of x and of dy), one
+  // pass over memory instead of two.
+  const bool fused =
+      !s.channels_last && dxp != nullptr && s.C >= at::get_num_threads() && !memory_order;
 
   if (short_planes) {
     const ShortPlanes<T> sp(s, 512);
@@ -597,6 +671,26 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       with_flag(s.N >= kShortPlaneBackwardLanesFrom, run);
     } else {
       run(std::false_type());
+    }
+  } else if (memory_order) {
+    if (need_sums) {
+      Scratch<A> plane_dy(s.N * s.C), plane_dy_xc(s.N * s.C);  // channel c's: [c * N, c * N + N)
+      at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+        for (int64_t nc = begin; nc < end; ++nc) {
+          const int64_t c = nc % s.C, at = c * s.N + nc / s.C;
+          std::tie(plane_dy[at], plane_dy_xc[at]) =
+              segment_grad_sums<true>(gp + nc * s.HW, xp + nc * s.HW, s.HW, mean[c]);
+        }
+      });
+      for (int64_t c = 0; c < s.C; ++c) {
+        A g = 0, d = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          g += plane_dy[c * s.N + n];
+          d += plane_dy_xc[c * s.N + n];
+        }
+        sum_dy[c] = g;
+        sum_dy_xc[c] = d;
+      }
     }
   } else if (fused) {
     at::parallel_for(0, s.C, channel_grain(s), [&](int64_t begin, int64_t end) {
@@ -638,7 +732,13 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   if (dxp == nullptr || fused || short_planes) return;
 
   for (int64_t c = 0; c < s.C; ++c) grad_coeffs(c);
-  if (!s.channels_last) {
+  if (memory_order) {
+    at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+      const StreamFence fence(true);
+      plane_run_grad_input(gp, xp, dxp, begin, end, s.C, s.HW, mean, k_dy.data(), k_x.data(),
+                           k_0.data(), /*stream=*/true, low_nans);
+    });
+  } else if (!s.channels_last) {
     at::parallel_for(0, s.C, channel_grain(s), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) channel_grad_input(c, stream);
