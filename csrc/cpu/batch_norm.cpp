@@ -218,59 +218,58 @@ static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const ac
 }
 
 // The training passes over NCHW walk the tensor one channel at a time (a task per channel, its
-// planes across the batch: statistics, then the normalize pass or dx while the planes are in
-// L2, one read of memory). On planes under kChannelWalkPlaneBytes, tensors that do not fit the cache
-// (stream_stores) lose that way: the channel's planes are short runs of memory far apart, and
-// their partial first and last lines, shared with the neighbouring channels' planes that other
-// tasks write long before or after, are stored plainly (only whole lines stream,
-// whole_line_chunk) and read for ownership from memory. There the passes walk memory in order
-// twice instead: the statistics (or the backward's sums) plane by plane into per-plane
-// results merged per channel in sample order (the same whatever the threads), then one run of
-// planes whose stores stream (plane_run). Zen 4 guest, paired in one process against the
-// channel walk as it was (streaming whole lines), time ratios fp32/bf16: 32x1024x14x14 forward
-// 0.63-0.78x (1.77 -> 1.36 ms; bf16: a 26 MB pass, in the cache, unchanged), backward
-// 0.67-0.69/0.48x (fp32 3.30 -> 2.32 ms, ATen's kernel 4.27); 64x1024x14x14 forward
-// 0.51-0.68/0.50x, backward 0.79/0.41x; 16x1024x14x14 backward 0.76/0.57x; 28x28 bf16 planes
-// (1568 bytes) forward 0.64-0.89x, backward 0.72-0.87x. On longer planes the channel walk keeps
-// its single read of memory: 28x28 fp32 (3136 bytes) and 56x56 planes took 1.04-1.27x the time
-// in memory order, bar 56x56 bf16 0.90-0.99x. Only not streaming the channel walk's short planes
-// (plain stores against streaming: 32x1024x14x14 bf16 backward 0.64x the time, 64x1024x14x14
-// bf16 forward 0.72x) fell short of this.
+// planes across the batch: statistics, then the normalize pass or dx while the planes are in L2,
+// one read of memory). On planes under kChannelWalkPlaneBytes, tensors that do not fit the cache
+// (stream_stores) lose that way: the channel's planes are short runs of memory far apart, and their
+// partial first and last lines, shared with the neighbouring channels' planes that other tasks
+// write long before or after, are stored plainly (only whole lines stream, whole_line_chunk) and
+// read for ownership from memory. There the passes walk memory in order twice instead: the
+// statistics (or the backward's sums) plane by plane into per-plane results merged per channel in
+// sample order (the same whatever the threads), then one run of planes whose stores stream
+// (plane_run). Zen 4 guest, paired in one process against the channel walk as it was (streaming
+// whole lines), time ratios fp32/bf16: 32x1024x14x14 forward 0.63-0.78x (1.77 -> 1.36 ms; bf16: a
+// 26 MB pass, in the cache, unchanged), backward 0.67-0.69/0.48x (fp32 3.30 -> 2.32 ms, ATen's
+// kernel 4.27); 64x1024x14x14 forward 0.51-0.68/0.50x, backward 0.79/0.41x; 16x1024x14x14 backward
+// 0.76/0.57x; 28x28 bf16 planes (1568 bytes) forward 0.64-0.89x, backward 0.72-0.87x. On longer
+// planes the channel walk keeps its single read of memory: 28x28 fp32 (3136 bytes) and 56x56 planes
+// took 1.04-1.27x the time in memory order, bar 56x56 bf16 0.90-0.99x. Only not streaming the
+// channel walk's short planes (plain stores against streaming: 32x1024x14x14 bf16 backward 0.64x
+// the time, 64x1024x14x14 bf16 forward 0.72x) fell short of this.
 constexpr int64_t kChannelWalkPlaneBytes = 2048;
 template <typename T>
 static bool short_for_channel_walk(const NormShape& s) {
   return !s.channels_last && s.HW * static_cast<int64_t>(sizeof(T)) < kChannelWalkPlaneBytes;
 }
 
-// An elementwise pass with per-channel coefficients (kCoeffs arrays indexed by channel) over
-// NCHW planes [p0, p1) of C channels each sample (plane p is channel p % C), contiguous in
-// memory, walked as one run of chunks rather than plane by plane (channel_affine's y, the
-// backward's dx on short_for_channel_walk planes): the chunks inside a plane take its channel's
-// coefficients, and the one chunk across a boundary (planes hold a chunk or more: hw >=
-// Chunk<T>::size) its channel's, blended with the next one's from the lane that holds the next
-// plane's first element. Only the run's ends are masked, and its stores to `out`, aligned from
-// the first, stream as whole lines across the planes' boundaries. whole(i, lo, hi, stream, low)
-// does the chunk at element i in lane order (coefficient k of its lanes: lo[k], hi[k]; low:
-// with_low_nans' flag), part(i, m, lo, hi) the first m elements at i, in natural order, all of
-// one channel. Walked alone, a 7x7 bf16 plane under AVX2 is three or four chunks, one or two of
-// them masked (most planes start misaligned); so for the few samples over which per-element
-// arrays (ShortPlanes) do not pay, up to kPlaneRunSamples. Zen 3 guest, 512 channels, inference paired
-// in one process (time ratios, fp32/bf16), with every chunk blended: against the plane walk at
-// one sample 0.86/0.85x (4x4), 0.84/0.64x (5x5), 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's
-// kernel 18.4), at two samples of 6x6 and 7x7 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3
-// and 4 samples 0.75-0.99/0.55-0.79x, at 8 0.95-1.26x, at 16 1.01-1.13x. Blending only the
-// boundary's chunk, Zen 4 guest: 1x512x7x7 and 2x2048x7x7 0.89-0.96x the time again (AVX2 build
-// 0.71-0.75x), the rest 0.99-1.00x. Bit-identical to the plane walk (inference).
+// An elementwise pass with per-channel coefficients (kCoeffs arrays indexed by channel) over NCHW
+// planes [p0, p1) of C channels each sample (plane p is channel p % C), contiguous in memory,
+// walked as one run of chunks rather than plane by plane (channel_affine's y, the backward's dx on
+// short_for_channel_walk planes): the chunks inside a plane take its channel's coefficients, and
+// the one chunk across a boundary (planes hold a chunk or more: hw >= Chunk<T>::size) its
+// channel's, blended with the next one's from the lane that holds the next plane's first element.
+// Only the run's ends are masked, and its stores to `out`, aligned from the first, stream as whole
+// lines across the planes' boundaries. whole(i, lo, hi, stream, low) does the chunk at element i in
+// lane order (coefficient k of its lanes: lo[k], hi[k]; low: with_low_nans' flag), part(i, m, lo,
+// hi) the first m elements at i, in natural order, all of one channel. Walked alone, a 7x7 bf16
+// plane under AVX2 is three or four chunks, one or two of them masked (most planes start
+// misaligned); so for the few samples over which per-element arrays (ShortPlanes) do not pay, up to
+// kPlaneRunSamples. Zen 3 guest, 512 channels, inference paired in one process (time ratios,
+// fp32/bf16), with every chunk blended: against the plane walk at one sample 0.86/0.85x (4x4),
+// 0.84/0.64x (5x5), 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's kernel 18.4), at two samples of
+// 6x6 and 7x7 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3 and 4 samples 0.75-0.99/0.55-0.79x,
+// at 8 0.95-1.26x, at 16 1.01-1.13x. Blending only the boundary's chunk, Zen 4 guest: 1x512x7x7 and
+// 2x2048x7x7 0.89-0.96x the time again (AVX2 build 0.71-0.75x), the rest 0.99-1.00x. Bit-identical
+// to the plane walk (inference).
 // Also for tensors that stream from memory (stream_stores): there the plane walk stores each
-// plane's partial first and last lines plainly (only whole lines stream, whole_line_chunk), a
-// read for ownership of a line written around the cache, and short planes are mostly such lines
-// (a 14x14 bf16 plane is 392 bytes). Paired in one process on the Zen 4 guest, inference
-// against the plane walk: 64x1024x14x14 bf16 0.42x the time (2.47 -> 1.00 ms; ATen's kernel
-// 1.33), fp32 0.83x, 32x1024x14x14 fp32 0.89x, 112x112 planes 1.00x. For short planes the
-// blocks' walk, a short run of every sample's planes in turn (80 KB apart at 2048 channels of
-// 7x7 fp32), loses to it in fp32 (Zen 3: 64x2048x7x7 inference 0.68-0.75x the time, 1.86 ->
-// 1.28 ms, ATen's kernel 2.08; 128x1024x7x7 0.71x); 16-bit tensors keep the blocks there: their
-// blends cost twice as much a byte (96x2048x7x7 bf16 1.25x the time).
+// plane's partial first and last lines plainly (only whole lines stream, whole_line_chunk), a read
+// for ownership of a line written around the cache, and short planes are mostly such lines (a 14x14
+// bf16 plane is 392 bytes). Paired in one process on the Zen 4 guest, inference against the plane
+// walk: 64x1024x14x14 bf16 0.42x the time (2.47 -> 1.00 ms; ATen's kernel 1.33), fp32 0.83x,
+// 32x1024x14x14 fp32 0.89x, 112x112 planes 1.00x. For short planes the blocks' walk, a short run of
+// every sample's planes in turn (80 KB apart at 2048 channels of 7x7 fp32), loses to it in fp32
+// (Zen 3: 64x2048x7x7 inference 0.68-0.75x the time, 1.86 -> 1.28 ms, ATen's kernel 2.08;
+// 128x1024x7x7 0.71x); 16-bit tensors keep the blocks there: their blends cost twice as much a byte
+// (96x2048x7x7 bf16 1.25x the time).
 constexpr int64_t kPlaneRunSamples = 4;
 template <typename T, size_t kCoeffs, typename Whole, typename Part>
 static void plane_run(T* out, int64_t p0, int64_t p1, int64_t C, int64_t hw,
