@@ -410,6 +410,31 @@ def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, r
     _assert_layer_norm_rows_like_torch(torch.bfloat16, rows, n, param_dtype, rms)
 
 
+@pytest.mark.parametrize("n", [16, 32, 64, 96, 128, 160])
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32),
+                                                (torch.float64, torch.float64),
+                                                (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_norm_short_rows_in_registers_like_torch(n, dtype, param_dtype, rms):
+    # rows of one to four whole chunks (32 values under AVX-512, 16 under AVX2) are loaded once
+    # into registers (layer_norm_fwd_register_rows); 160 is five, read from memory as before
+    _assert_layer_norm_rows_like_torch(dtype, 37, n, param_dtype, rms)
+
+
+@pytest.mark.parametrize("n", [32, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_bias_without_weight_like_torch(n, dtype):
+    from samples import assert_close_like_torch
+
+    x = torch.randn(9, n).to(dtype)
+    b = torch.randn(n).to(dtype)
+    with normkernels.backend("cpp"):
+        y = NF.layer_norm(x, (n,), None, b)
+    ref = TF.layer_norm(x.double(), (n,), None, b.double())
+    assert_close_like_torch(y, TF.layer_norm(x, (n,), None, b), ref, f"y ({n} {dtype})")
+
+
 @pytest.mark.parametrize("dtype, param_dtype", [(torch.float16, torch.float16),
                                                 (torch.bfloat16, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16)])
