@@ -557,17 +557,18 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
       T* dr = dxp + r * N;
       for (int k = 0; k < K; ++k) {
         const int64_t j = k * Ch::size;
-        V da, db_;
+        V dx_lo, dx_hi;
         if (w == nullptr) {  // segment_grad_input's
-          da = at::vec::fmadd(gs[2 * k], vrs, at::vec::fmadd(xs[2 * k] - vmu, vkx, vk0));
-          db_ = at::vec::fmadd(gs[2 * k + 1], vrs, at::vec::fmadd(xs[2 * k + 1] - vmu, vkx, vk0));
+          dx_lo = at::vec::fmadd(gs[2 * k], vrs, at::vec::fmadd(xs[2 * k] - vmu, vkx, vk0));
+          dx_hi = at::vec::fmadd(gs[2 * k + 1], vrs, at::vec::fmadd(xs[2 * k + 1] - vmu, vkx, vk0));
         } else {
           const V ga = at::vec::fmadd(gs[2 * k] * w_at(2 * k), vrs, vk0);
           const V gb = at::vec::fmadd(gs[2 * k + 1] * w_at(2 * k + 1), vrs, vk0);
-          da = at::vec::fmadd(xs[2 * k] - vmu, vkx, ga);
-          db_ = at::vec::fmadd(xs[2 * k + 1] - vmu, vkx, gb);
+          dx_lo = at::vec::fmadd(xs[2 * k] - vmu, vkx, ga);
+          dx_hi = at::vec::fmadd(xs[2 * k + 1] - vmu, vkx, gb);
         }
-        Ch::put_lanes(dr + j, da, db_, stream && whole_line_chunk(dr + j, j, 0, N), low.value);
+        Ch::put_lanes(dr + j, dx_lo, dx_hi, stream && whole_line_chunk(dr + j, j, 0, N),
+                      low.value);
       }
     }
   });
