@@ -349,14 +349,14 @@ static NK_ALWAYS_INLINE void plane_run_affine(const T* xp, T* yp, int64_t p0, in
       [&](int64_t i, const Coeffs& lo, const Coeffs& hi, bool st, auto low) {
         V a, b;
         K::load_lanes(xp + i, a, b);
-        K::put_lanes(yp + i, at::vec::fmadd(a - lo[0], lo[1], lo[2]),
-                     at::vec::fmadd(b - hi[0], hi[1], hi[2]), st, low.value);
+        K::put_lanes(yp + i, affine_lanes(a, lo[0], lo[1], lo[2]),
+                     affine_lanes(b, hi[0], hi[1], hi[2]), st, low.value);
       },
       [&](int64_t i, int64_t m, const Coeffs& lo, const Coeffs& hi) {
         V a, b;
         K::load_first(xp + i, m, a, b);
-        K::store_first(yp + i, m, at::vec::fmadd(a - lo[0], lo[1], lo[2]),
-                       at::vec::fmadd(b - hi[0], hi[1], hi[2]));
+        K::store_first(yp + i, m, affine_lanes(a, lo[0], lo[1], lo[2]),
+                       affine_lanes(b, hi[0], hi[1], hi[2]));
       });
 }
 
@@ -371,22 +371,21 @@ static NK_ALWAYS_INLINE void plane_run_grad_input(const T* dy, const T* xp, T* d
   using K = Chunk<T>;
   using V = typename K::V;
   using Coeffs = std::array<V, 4>;  // center, k_dy, k_x, k_0
-  const auto grad = [](const V& g, const V& v, const Coeffs& k) {
-    return at::vec::fmadd(g, k[1], at::vec::fmadd(v - k[0], k[2], k[3]));
-  };
   plane_run<T, 4>(
       dx, p0, p1, C, hw, {center, k_dy, k_x, k_0}, stream, low_nans,
       [&](int64_t i, const Coeffs& lo, const Coeffs& hi, bool st, auto low) {
         V ga, gb, xa, xb;
         K::load_lanes(dy + i, ga, gb);
         K::load_lanes(xp + i, xa, xb);
-        K::put_lanes(dx + i, grad(ga, xa, lo), grad(gb, xb, hi), st, low.value);
+        K::put_lanes(dx + i, grad_input_lanes(ga, xa, lo[0], lo[1], lo[2], lo[3]),
+                     grad_input_lanes(gb, xb, hi[0], hi[1], hi[2], hi[3]), st, low.value);
       },
       [&](int64_t i, int64_t m, const Coeffs& lo, const Coeffs& hi) {
         V ga, gb, xa, xb;
         K::load_first(dy + i, m, ga, gb);
         K::load_first(xp + i, m, xa, xb);
-        K::store_first(dx + i, m, grad(ga, xa, lo), grad(gb, xb, hi));
+        K::store_first(dx + i, m, grad_input_lanes(ga, xa, lo[0], lo[1], lo[2], lo[3]),
+                       grad_input_lanes(gb, xb, hi[0], hi[1], hi[2], hi[3]));
       });
 }
 
@@ -491,6 +490,16 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
     return;
   }
 
+  // channel c's mean, biased variance and 1 / std from its mean and sum of squared deviations;
+  // returns the normalize pass's scale (the shift is the bias)
+  const auto set_channel_stats = [&](int64_t c, A mu, A m2) {
+    const A v = count > 0 ? m2 / static_cast<A>(count) : A(0);
+    const A rs = A(1) / std::sqrt(v + a_eps);
+    mean[c] = mu;
+    var[c] = v;
+    invstd[c] = rs;
+    return rs * param_or(w, c, A(1));
+  };
   const bool past_cache = stream_stores(2 * x.nbytes(), Pass::kForward);
   if (past_cache && short_for_channel_walk<T>(s) && !ShortPlanes<T>::short_nchw(s)) {
     // memory order (short_for_channel_walk); channel c's planes at [c * N, c * N + N)
@@ -503,13 +512,11 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
         plane_m2[at] = m2;
       }
     });
-    merge_equal_runs(plane_mean.data(), plane_m2.data(), s.N, static_cast<A>(s.HW), s.C, mean,
-                     var);  // var holds m2 until divided
-    Scratch<A> scale(s.C), shift(s.C);
+    Scratch<A> channel_mean(s.C), channel_m2(s.C), scale(s.C), shift(s.C);
+    merge_equal_runs(plane_mean.data(), plane_m2.data(), s.N, static_cast<A>(s.HW), s.C,
+                     channel_mean.data(), channel_m2.data());
     for (int64_t c = 0; c < s.C; ++c) {
-      var[c] = count > 0 ? var[c] / static_cast<A>(count) : A(0);
-      invstd[c] = A(1) / std::sqrt(var[c] + a_eps);
-      scale[c] = invstd[c] * param_or(w, c, A(1));
+      scale[c] = set_channel_stats(c, channel_mean[c], channel_m2[c]);
       shift[c] = param_or(b, c, A(0));
     }
     channel_affine(xp, yp, s, mean, scale.data(), shift.data(), /*after_stats=*/false, low_nans);
@@ -523,12 +530,7 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
       const StreamFence fence(stream);
       for (int64_t c = begin; c < end; ++c) {
         const auto [mu, m2] = plane_moments<true>(xp + c * s.HW, s.N, s.HW, s.C * s.HW);
-        const A v = count > 0 ? m2 / static_cast<A>(count) : A(0);
-        const A rs = A(1) / std::sqrt(v + a_eps);
-        mean[c] = mu;
-        var[c] = v;
-        invstd[c] = rs;
-        const A sc = rs * param_or(w, c, A(1));
+        const A sc = set_channel_stats(c, mu, m2);
         const A sh = param_or(b, c, A(0));
         // last plane first: the statistics just read them in order (see for_rows_back_to_front)
         for (int64_t n = s.N - 1; n >= 0; --n) {

@@ -920,6 +920,21 @@ inline bool whole_line_chunk(const T* p, int64_t i, int64_t i0, int64_t n) {
   }
 }
 
+// The lanes of the two closed forms the elementwise passes write, defined once so that passes
+// covering the same elements different ways (a segment, a run of planes, rows, register tiles)
+// agree bit for bit:
+//   y  = (x - center) * scale + shift
+//   dx = dy * k_dy + ((x - center) * k_x + k_0)
+template <typename V>
+NK_ALWAYS_INLINE V affine_lanes(const V& x, const V& center, const V& scale, const V& shift) {
+  return at::vec::fmadd(x - center, scale, shift);
+}
+template <typename V>
+NK_ALWAYS_INLINE V grad_input_lanes(const V& dy, const V& x, const V& center, const V& k_dy,
+                                    const V& k_x, const V& k_0) {
+  return at::vec::fmadd(dy, k_dy, at::vec::fmadd(x - center, k_x, k_0));
+}
+
 // y = (x - center) * scale + shift over a segment. Centering first (rather than folding the
 // mean into the shift) keeps every digit when |mean| >> std, and gives exact zeros for
 // constant input. low_nans: some operand may be a low_nan, as in this and every elementwise
@@ -934,20 +949,20 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
   if (i > 0) {  // masked head up to the first aligned store
     V a, b;
     C::load_first(x, i, a, b);
-    C::store_first(y, i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb));
+    C::store_first(y, i, affine_lanes(a, vc, vs, vb), affine_lanes(b, vc, vs, vb));
   }
   with_low_nans<T>(low_nans, [&](auto low) {
     for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
       V a, b;
       C::load_lanes(x + i, a, b);
-      C::put_lanes(y + i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb),
+      C::put_lanes(y + i, affine_lanes(a, vc, vs, vb), affine_lanes(b, vc, vs, vb),
                    stream && whole_line_chunk(y + i, i, i0, n), low.value);
     }
   });
   if (i < n) {
     V a, b;
     C::load_first(x + i, n - i, a, b);
-    C::store_first(y + i, n - i, at::vec::fmadd(a - vc, vs, vb), at::vec::fmadd(b - vc, vs, vb));
+    C::store_first(y + i, n - i, affine_lanes(a, vc, vs, vb), affine_lanes(b, vc, vs, vb));
   }
 }
 
@@ -1017,16 +1032,16 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
     V ga, gb, xa, xb;
     C::load_first(dy, i, ga, gb);
     C::load_first(x, i, xa, xb);
-    C::store_first(dx, i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
-                   at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)));
+    C::store_first(dx, i, grad_input_lanes(ga, xa, vc, vdy, vx, v0),
+                   grad_input_lanes(gb, xb, vc, vdy, vx, v0));
   }
   with_low_nans<T>(low_nans, [&](auto low) {
     for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
       V ga, gb, xa, xb;
       C::load_lanes(dy + i, ga, gb);
       C::load_lanes(x + i, xa, xb);
-      C::put_lanes(dx + i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
-                   at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)),
+      C::put_lanes(dx + i, grad_input_lanes(ga, xa, vc, vdy, vx, v0),
+                   grad_input_lanes(gb, xb, vc, vdy, vx, v0),
                    stream && whole_line_chunk(dx + i, i, i0, n), low.value);
     }
   });
@@ -1034,8 +1049,8 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
     V ga, gb, xa, xb;
     C::load_first(dy + i, n - i, ga, gb);
     C::load_first(x + i, n - i, xa, xb);
-    C::store_first(dx + i, n - i, at::vec::fmadd(ga, vdy, at::vec::fmadd(xa - vc, vx, v0)),
-                   at::vec::fmadd(gb, vdy, at::vec::fmadd(xb - vc, vx, v0)));
+    C::store_first(dx + i, n - i, grad_input_lanes(ga, xa, vc, vdy, vx, v0),
+                   grad_input_lanes(gb, xb, vc, vdy, vx, v0));
   }
 }
 
@@ -1474,8 +1489,6 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
   using CA = Chunk<acc_t<T>>;
   using V = typename Ch::V;
   static_assert(Ch::size == CA::size, "chunks must line up");
-  const auto grad = [](const V& g, const V& v, const V& ce, const V& kd, const V& kx,
-                       const V& k0) { return at::vec::fmadd(g, kd, at::vec::fmadd(v - ce, kx, k0)); };
   LaneColumns<T> lanes(C, 4);
   center = lanes.in(0, center);
   k_dy = lanes.in(1, k_dy);
@@ -1495,8 +1508,8 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
         CA::load(k_dy + c, da, db);
         CA::load(k_x + c, ka, kb);
         CA::load(k_0 + c, za, zb);
-        Ch::put_lanes(dr + c, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb), stream,
-                      low.value);
+        Ch::put_lanes(dr + c, grad_input_lanes(ga, xa, ca, da, ka, za),
+                      grad_input_lanes(gb, xb, cb, db, kb, zb), stream, low.value);
       }
       if (c < C) {
         const int64_t n = C - c;
@@ -1507,7 +1520,8 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
         CA::load_first(k_dy + c, n, da, db);
         CA::load_first(k_x + c, n, ka, kb);
         CA::load_first(k_0 + c, n, za, zb);
-        Ch::store_first(dr + c, n, grad(ga, xa, ca, da, ka, za), grad(gb, xb, cb, db, kb, zb));
+        Ch::store_first(dr + c, n, grad_input_lanes(ga, xa, ca, da, ka, za),
+                        grad_input_lanes(gb, xb, cb, db, kb, zb));
       }
     }
   });
@@ -1548,7 +1562,7 @@ inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t r_end,
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, a);
     for (int k = 0; k < K; ++k) {
       if constexpr (kCentered) {
-        a[k] = at::vec::fmadd(a[k] - ce[k], sc[k], sh[k]);
+        a[k] = affine_lanes(a[k], ce[k], sc[k], sh[k]);
       } else {
         a[k] = at::vec::fmadd(a[k], sc[k], sh[k]);
       }
@@ -1631,7 +1645,7 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int
       CA::load(center + c, ca, cb);
       CA::load(scale + c, sa, sb);
       CA::load(shift + c, ha, hb);
-      Ch::put(yr + c, at::vec::fmadd(a - ca, sa, ha), at::vec::fmadd(b - cb, sb, hb), stream);
+      Ch::put(yr + c, affine_lanes(a, ca, sa, ha), affine_lanes(b, cb, sb, hb), stream);
     }
     if (c < C) {
       const int64_t n = C - c;
@@ -1640,7 +1654,7 @@ inline void rows_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, int
       CA::load_first(center + c, n, ca, cb);
       CA::load_first(scale + c, n, sa, sb);
       CA::load_first(shift + c, n, ha, hb);
-      Ch::store_first(yr + c, n, at::vec::fmadd(a - ca, sa, ha), at::vec::fmadd(b - cb, sb, hb));
+      Ch::store_first(yr + c, n, affine_lanes(a, ca, sa, ha), affine_lanes(b, cb, sb, hb));
     }
   }
 }
@@ -1667,7 +1681,7 @@ inline void grad_input_tile(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
     tile_load_row<kMasked, K, kLanes>(dy + r * ld + c, width, g);
     tile_load_row<kMasked, K, kLanes>(x + r * ld + c, width, v);
     for (int k = 0; k < K; ++k)
-      g[k] = at::vec::fmadd(g[k], kd[k], at::vec::fmadd(v[k] - ce[k], kx[k], k0[k]));
+      g[k] = grad_input_lanes(g[k], v[k], ce[k], kd[k], kx[k], k0[k]);
     tile_put_row<kMasked, K, kLanes, kLowNans>(dx + r * ld + c, width, g, stream);
   }
 }
