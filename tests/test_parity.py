@@ -112,6 +112,10 @@ CPP_CASES = [
     Case("GroupNorm-imagetasks", lambda: nn.GroupNorm(1, 32), (8, 32, 32, 32), ["channels_last"]),
     Case("InstanceNorm-imagetasks", lambda: nn.InstanceNorm2d(3, affine=True), (8, 3, 64, 64),
          ["channels_last"]),
+    # one image a thread past the L2 budget (fp32: 576 KB of x an image, 1.1 MB of x and dy):
+    # one task per image too, its second pass back to front in three segments
+    Case("GroupNorm-imagetasks-past-l2", lambda: nn.GroupNorm(8, 64), (2, 64, 48, 48),
+         ["channels_last"]),
     # short NCHW planes whose samples' spans share one alignment (64 channels of 7x7: every
     # sample 3136 values apart): blocks of 20 channels (10 in the backward) start mid-vector, so
     # each walks a masked head tile before its aligned whole tiles (ShortPlanes::head), in every

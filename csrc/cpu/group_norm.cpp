@@ -102,12 +102,13 @@ struct GroupStripes {
 // one chunk, three times: 8x320x64x64 forward+backward 0.85-0.90x the time in fp32 and
 // 0.85-0.99x in bf16. With 8 MiB, 2x320x64x64 fp32 went either way (forward 0.87x, 0.99x,
 // 1.25x): its 5.2 MB images are then one to a chunk, where at 16 MiB its forward keeps one chunk.
+constexpr int64_t kImageChunkBudget = int64_t{16} << 20;
 struct ImageChunks {
   int64_t per_chunk;
   ImageChunks(int64_t N, int64_t image_bytes) {
-    constexpr int64_t kBudget = int64_t{16} << 20;
     const int64_t images = std::max<int64_t>(N, 1);
-    per_chunk = std::clamp<int64_t>(kBudget / std::max<int64_t>(image_bytes, 1), 1, images);
+    per_chunk =
+        std::clamp<int64_t>(kImageChunkBudget / std::max<int64_t>(image_bytes, 1), 1, images);
   }
   // fn(n0, n1) for each chunk of images [n0, n1) of N, in order.
   template <typename F>
@@ -116,26 +117,35 @@ struct ImageChunks {
   }
 };
 
-// channels_last where stripes do not apply, for batches of small images: one task per image
-// runs both passes (statistics or sums, then y or dx) while the image is in L2, in one parallel
-// region, with its merges on its own thread. ImageChunks' walk instead runs the first pass of
-// a chunk of images in blocks of rows over the threads, merges every image on the calling
-// thread, then runs the second pass: at a batch of eight 32x32 images of 32 channels (GroupNorm
-// with one group, 128 KB an image) the serial merges and two parallel regions made its forward
-// 0.70x torch's speed. Bit-identical to that walk (the same blocks, merged in the same order).
-// Zen 4, paired in one process against it (with its rows of up to 1024 elements, before
-// PixelRows' shorter rows): GroupNorm with one group 8x32x32x32 fp32 forward 0.56x the time
-// (0.084 -> 0.047 ms), forward+backward 0.67x, bf16 0.54x and 0.66x, 8x8x64x64 bf16 forward
-// 0.74x; 4x256x16x16 with 8 groups bf16 0.83x and 0.93x; InstanceNorm forward+backward
-// 8x64x32x32 fp32 0.91x, 8x3x64x64 bf16 0.81x. apply: each image's inputs within budget, and
-// the images even over the threads or two a thread at least (balanced enough): at one image a
-// thread, paired against the chunked walk, GroupNorm 2x32x32x32 one group fp32 forward 0.88x the
-// time, forward+backward 0.93x, 2x256x16x16 8 groups bf16 0.96x, InstanceNorm 2x64x32x32 fp32
-// 0.94x; at three images on two threads 3x32x32x32 one group forward+backward 1.04x.
+// channels_last where stripes do not apply, for batches of small images: one task per image runs
+// both passes (statistics or sums, then y or dx, the second back to front) while the image is in
+// L2, in one parallel region, with its merges on its own thread. ImageChunks' walk instead runs the
+// first pass of a chunk of images in blocks of rows over the threads, merges every image on the
+// calling thread, then runs the second pass: at a batch of eight 32x32 images of 32 channels
+// (GroupNorm with one group, 128 KB an image) the serial merges and two parallel regions made its
+// forward 0.70x torch's speed. Bit-identical to that walk (the same blocks, merged in the same
+// order). Zen 4, paired in one process against it (with its rows of up to 1024 elements, before
+// PixelRows' shorter rows): GroupNorm with one group 8x32x32x32 fp32 forward 0.56x the time (0.084
+// -> 0.047 ms), forward+backward 0.67x, bf16 0.54x and 0.66x, 8x8x64x64 bf16 forward 0.74x;
+// 4x256x16x16 with 8 groups bf16 0.83x and 0.93x; InstanceNorm forward+backward 8x64x32x32 fp32
+// 0.91x, 8x3x64x64 bf16 0.81x. apply: each image's inputs within budget, and the images even over
+// the threads or two a thread at least (balanced enough): at one image a thread, paired against the
+// chunked walk, GroupNorm 2x32x32x32 one group fp32 forward 0.88x the time, forward+backward 0.93x,
+// 2x256x16x16 8 groups bf16 0.96x, InstanceNorm 2x64x32x32 fp32 0.94x; at three images on two
+// threads 3x32x32x32 one group forward+backward 1.04x. Images past the L2 budget take it too where
+// they divide evenly over the threads and a thread's image fits its share of the chunks' L3 budget:
+// the chunked walk then gives each thread whole images in both passes anyway (the same traffic: the
+// second pass back to front, finding the image's end in L2 and the rest in L3), but merges on one
+// thread between two parallel regions. Zen 4, paired in one process against the chunked walk (time
+// ratios): channels_last fp32 GroupNorm 2x640x32x32 forward 0.97-1.01x, 4x320x32x32 0.92x,
+// 2x64x48x48 0.89x, bf16 2x640x32x32 0.93-0.97x, forward+backward 0.95x; InstanceNorm 4x128x64x64
+// fp32 forward+backward 0.95x, bf16 forward 0.92x; 2x320x64x64 (5.2 MB images) 0.96-1.04x.
 struct ImageTasks {
   static bool apply(int64_t N, int64_t input_bytes, int64_t budget) {
     const int64_t threads = at::get_num_threads();
-    return N > 0 && (N % threads == 0 || N >= 2 * threads) && input_bytes <= budget;
+    if (N <= 0) return false;
+    if (N % threads == 0 && threads * input_bytes <= kImageChunkBudget) return true;
+    return (N % threads == 0 || N >= 2 * threads) && input_bytes <= budget;
   }
 };
 // The L2 share of an image's inputs (x; dy and x), as GroupStripes' budgets.
@@ -236,7 +246,8 @@ static void image_passes(int64_t N, int64_t R, int64_t W, const Blocks& blocks,
         for (int64_t blk = 0; blk < nb; ++blk)
           first(n, blk, a.data() + blk * W, b.data() + blk * W);
         merge(n, a.data(), b.data(), work.data());
-        second(n, n * R, (n + 1) * R);
+        for_rows_back_to_front(n * R, (n + 1) * R, row_bytes,
+                               [&](int64_t r0, int64_t r1) { second(n, r0, r1); });
       }
     });
     return;
