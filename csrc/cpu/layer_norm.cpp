@@ -20,6 +20,43 @@ namespace normkernels {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 
+// a * b + c fused, for vectors (at::vec::fmadd) and single values (std::fma) alike: the
+// chunks and the scalar tails after them share one arithmetic, fused where it says so, never
+// where the compiler would choose to contract.
+template <typename V>
+static NK_ALWAYS_INLINE V fused(const V& a, const V& b, const V& c) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return std::fma(a, b, c);
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
+}
+
+// y from x centered (xc = x - mean: (x - mean) * rstd, not x * rstd - mean * rstd, keeps every
+// digit where |mean| >> std), lanes or a single value: (xc * rstd) * w + b fused where both
+// weight and bias are given, xc * rstd + b fused where only the bias is, xc * rstd * w, or
+// xc * rstd. w, b: their values here (ignored where not given).
+template <typename V>
+static NK_ALWAYS_INLINE V affine_row(V xc, V rstd, bool has_w, V w, bool has_b, V b) {
+  if (has_w && has_b) return fused(xc * rstd, w, b);
+  if (has_w) return xc * rstd * w;
+  if (has_b) return fused(xc, rstd, b);
+  return xc * rstd;
+}
+
+// fn(std::integral_constant<int, K>()) for rows of K = chunks whole chunks, K from 1 to 4 (the
+// register rows, forward and backward); false, and nothing called, for any other count.
+template <typename F>
+static NK_ALWAYS_INLINE bool with_register_chunks(int64_t chunks, F&& fn) {
+  switch (chunks) {
+    case 1: fn(std::integral_constant<int, 1>()); return true;
+    case 2: fn(std::integral_constant<int, 2>()); return true;
+    case 3: fn(std::integral_constant<int, 3>()); return true;
+    case 4: fn(std::integral_constant<int, 4>()); return true;
+    default: return false;
+  }
+}
+
 // y = (x - mean) * rstd * w + b over one row; w and b may be null. x is the input's dtype, or
 // the row already widened to the accumulation type (TX = acc_t<T>), in the lane order of T's
 // chunks (Chunk::load_lanes), as are w and b; those are either the accumulation type or the
@@ -46,38 +83,18 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
     for (; j + C::size <= N; j += C::size) {
       V a, c;
       CX::load_lanes(x + j, a, c);
-      // (x - mean) * rstd, not x * rstd - mean * rstd: no cancellation where |mean| >> std
-      a = a - vmean;
-      c = c - vmean;
-      if (w != nullptr && b != nullptr) {
-        V wa, wc, ba, bc;
-        CP::load_lanes(w + j, wa, wc);
-        CP::load_lanes(b + j, ba, bc);
-        a = at::vec::fmadd(a * vrstd, wa, ba);
-        c = at::vec::fmadd(c * vrstd, wc, bc);
-      } else if (w != nullptr) {
-        V wa, wc;
-        CP::load_lanes(w + j, wa, wc);
-        a = a * vrstd * wa;
-        c = c * vrstd * wc;
-      } else if (b != nullptr) {
-        // fused, as the compiler contracted it for some types and not others
-        V ba, bc;
-        CP::load_lanes(b + j, ba, bc);
-        a = at::vec::fmadd(a, vrstd, ba);
-        c = at::vec::fmadd(c, vrstd, bc);
-      } else {
-        a = a * vrstd;
-        c = c * vrstd;
-      }
+      V wa(1), wc(1), ba(0), bc(0);
+      if (w != nullptr) CP::load_lanes(w + j, wa, wc);
+      if (b != nullptr) CP::load_lanes(b + j, ba, bc);
+      a = affine_row(a - vmean, vrstd, w != nullptr, wa, b != nullptr, ba);
+      c = affine_row(c - vmean, vrstd, w != nullptr, wc, b != nullptr, bc);
       C::put_lanes(y + j, a, c, stream && whole_line_chunk(y + j, j, 0, N), low.value);
     }
   });
   for (; j < N; ++j) {
-    A v = (static_cast<A>(x[j]) - mean) * rstd;
-    if (w != nullptr) v *= static_cast<A>(w[j]);
-    if (b != nullptr) v += static_cast<A>(b[j]);
-    y[j] = static_cast<T>(v);
+    y[j] = static_cast<T>(affine_row(static_cast<A>(x[j]) - mean, rstd, w != nullptr,
+                                     w != nullptr ? static_cast<A>(w[j]) : A(1), b != nullptr,
+                                     b != nullptr ? static_cast<A>(b[j]) : A(0)));
   }
 }
 
@@ -221,28 +238,12 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
       const V vrs(rs);
       for (int k = 0; k < K; ++k) {
         const int64_t j = k * C::size;
-        V ya, yb;
-        if (w != nullptr && b != nullptr) {
-          V wa, wb, ba, bb;
-          CP::load_lanes(w + j, wa, wb);
-          CP::load_lanes(b + j, ba, bb);
-          ya = at::vec::fmadd(lo[k] * vrs, wa, ba);
-          yb = at::vec::fmadd(hi[k] * vrs, wb, bb);
-        } else if (w != nullptr) {
-          V wa, wb;
-          CP::load_lanes(w + j, wa, wb);
-          ya = lo[k] * vrs * wa;
-          yb = hi[k] * vrs * wb;
-        } else if (b != nullptr) {
-          V ba, bb;
-          CP::load_lanes(b + j, ba, bb);
-          ya = at::vec::fmadd(lo[k], vrs, ba);
-          yb = at::vec::fmadd(hi[k], vrs, bb);
-        } else {
-          ya = lo[k] * vrs;
-          yb = hi[k] * vrs;
-        }
-        C::put_lanes(yr + j, ya, yb, stream && whole_line_chunk(yr + j, j, 0, N), low.value);
+        V wa(1), wb(1), ba(0), bb(0);
+        if (w != nullptr) CP::load_lanes(w + j, wa, wb);
+        if (b != nullptr) CP::load_lanes(b + j, ba, bb);
+        C::put_lanes(yr + j, affine_row(lo[k], vrs, w != nullptr, wa, b != nullptr, ba),
+                     affine_row(hi[k], vrs, w != nullptr, wb, b != nullptr, bb),
+                     stream && whole_line_chunk(yr + j, j, 0, N), low.value);
       }
       if (mp != nullptr) mp[r] = mu;
       rp[r] = rs;
@@ -266,18 +267,12 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
   using A = acc_t<T>;
   using C = Chunk<T>;
   if (kRegisterRowChunks > 0 && row == nullptr && N % C::size == 0 &&
-      N <= kRegisterRowChunks * C::size) {
-    const auto rows = [&](auto chunks) {
-      layer_norm_fwd_register_rows<decltype(chunks)::value, T, PT>(
-          xp, yp, begin, end, w, b, eps, rms, mp, rp, stream, low_nans);
-    };
-    switch (N / C::size) {
-      case 1: rows(std::integral_constant<int, 1>()); return;
-      case 2: rows(std::integral_constant<int, 2>()); return;
-      case 3: rows(std::integral_constant<int, 3>()); return;
-      case 4: rows(std::integral_constant<int, 4>()); return;
-      default: break;
-    }
+      N <= kRegisterRowChunks * C::size &&
+      with_register_chunks(N / C::size, [&](auto chunks) {
+        layer_norm_fwd_register_rows<decltype(chunks)::value, T, PT>(
+            xp, yp, begin, end, w, b, eps, rms, mp, rp, stream, low_nans);
+      })) {
+    return;
   }
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = xp + r * N;
@@ -449,21 +444,41 @@ static inline void layer_norm_bwd_sums(const T* x, const T* dy, int64_t N, const
     s_gx[k] = hsum(acc_gx[k]);
     s_g[k] = hsum(acc_g[k]);
   }
+  // Fused explicitly where the compiler may contract (it did or not as the code around changed:
+  // an ulp of dweight and dx apart between builds); g * w is rounded, as in the chunks, and
+  // used twice, so never contracted into the add.
   for (; j < N; ++j) {
     const A wj = w != nullptr ? w[j] : A(1);
     for (int k = 0; k < R; ++k) {
       const A hat = (static_cast<A>(x[k * N + j]) - mu[k]) * rs[k];
       const A g = static_cast<A>(dy[k * N + j]);
-      if (pdw != nullptr) pdw[j] += g * hat;
+      if (pdw != nullptr) pdw[j] = fused(g, hat, pdw[j]);
       if (pdb != nullptr) pdb[j] += g;
-      s_gx[k] += g * wj * hat;
-      s_g[k] += g * wj;
+      const A gw = g * wj;
+      s_gx[k] = fused(gw, hat, s_gx[k]);
+      s_g[k] += gw;
     }
   }
 }
 
-// Backward pass 2 over one row: dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), with the
-// sums of pass 1 (mean(g) is 0 for RMS); w as there.
+// dx = rstd * (g - xhat * mean(g * xhat) - mean(g)) = g * rs + (x - mu) * k_x + k_0 (g = dy * w),
+// its coefficients from pass 1's sums over a row of n values, s_gx = sum(g * xhat) and s_g =
+// sum(g) (0 for RMS).
+template <typename A>
+struct DxCoeffs {
+  A k_x, k_0;
+  DxCoeffs(A rs, A s_gx, A s_g, int64_t n)
+      : k_x(-rs * rs * (s_gx / static_cast<A>(n))), k_0(-rs * (s_g / static_cast<A>(n))) {}
+};
+
+// dx where a weight is given, lanes or a single value (g = dy * w): g * rs + k_0 fused first, then
+// (x - mu) * k_x fused onto it. Without a weight dx is grad_input_lanes (segment_grad_input's).
+template <typename V>
+static NK_ALWAYS_INLINE V weighted_dx(V dy, V x, V w, V mu, V rs, V k_x, V k_0) {
+  return fused(x - mu, k_x, fused(dy * w, rs, k_0));
+}
+
+// Backward pass 2 over one row, dx from the sums of pass 1 (DxCoeffs); w as there.
 template <typename T>
 static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N, acc_t<T> mu,
                                      acc_t<T> rs, const acc_t<T>* w, acc_t<T> s_gx,
@@ -471,11 +486,7 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
   using A = acc_t<T>;
   using Ch = Chunk<T>;
   using V = typename Ch::V;
-  const A c_gx = s_gx / static_cast<A>(N);
-  const A c_g = rms ? A(0) : s_g / static_cast<A>(N);
-  // dx = g * rs + (x - mu) * k_x + k_0
-  const A k_x = -rs * rs * c_gx;
-  const A k_0 = -rs * c_g;
+  const auto [k_x, k_0] = DxCoeffs<A>(rs, s_gx, rms ? A(0) : s_g, N);
   if (w == nullptr) {
     segment_grad_input(gr, xr, dr, N, mu, rs, k_x, k_0, stream, low_nans);
     return;
@@ -487,17 +498,15 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
       V xa, xb, ga, gb;
       Ch::load_lanes(xr + j, xa, xb);
       Ch::load_lanes(gr + j, ga, gb);
-      const int64_t h = j + V::size();
-      // g * w * rs + k_0 fused, not as the compiler chose to contract it
-      ga = at::vec::fmadd(ga * V::loadu(w + j), vrs, vk0);
-      gb = at::vec::fmadd(gb * V::loadu(w + h), vrs, vk0);
-      Ch::put_lanes(dr + j, at::vec::fmadd(xa - vmu, vkx, ga), at::vec::fmadd(xb - vmu, vkx, gb),
+      const V wa = V::loadu(w + j), wb = V::loadu(w + j + V::size());
+      Ch::put_lanes(dr + j, weighted_dx(ga, xa, wa, vmu, vrs, vkx, vk0),
+                    weighted_dx(gb, xb, wb, vmu, vrs, vkx, vk0),
                     stream && whole_line_chunk(dr + j, j, 0, N), low.value);
     }
   });
   for (; j < N; ++j) {
-    dr[j] = static_cast<T>(static_cast<A>(gr[j]) * w[j] * rs +
-                           (static_cast<A>(xr[j]) - mu) * k_x + k_0);
+    dr[j] = static_cast<T>(
+        weighted_dx(static_cast<A>(gr[j]), static_cast<A>(xr[j]), w[j], mu, rs, k_x, k_0));
   }
 }
 
@@ -551,21 +560,19 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
       }
       if (dxp == nullptr) continue;
       // layer_norm_bwd_dx's coefficients and arithmetic
-      const A c_gx = hsum(acc_gx) / static_cast<A>(N);
-      const A c_g = rms ? A(0) : hsum(acc_g) / static_cast<A>(N);
-      const V vkx(-rs * rs * c_gx), vk0(-rs * c_g);
+      const auto [k_x, k_0] = DxCoeffs<A>(rs, hsum(acc_gx), rms ? A(0) : hsum(acc_g), N);
+      const V vkx(k_x), vk0(k_0);
       T* dr = dxp + r * N;
       for (int k = 0; k < K; ++k) {
         const int64_t j = k * Ch::size;
+        const int lo = 2 * k, hi = 2 * k + 1;
         V dx_lo, dx_hi;
-        if (w == nullptr) {  // segment_grad_input's
-          dx_lo = at::vec::fmadd(gs[2 * k], vrs, at::vec::fmadd(xs[2 * k] - vmu, vkx, vk0));
-          dx_hi = at::vec::fmadd(gs[2 * k + 1], vrs, at::vec::fmadd(xs[2 * k + 1] - vmu, vkx, vk0));
+        if (w == nullptr) {
+          dx_lo = grad_input_lanes(gs[lo], xs[lo], vmu, vrs, vkx, vk0);
+          dx_hi = grad_input_lanes(gs[hi], xs[hi], vmu, vrs, vkx, vk0);
         } else {
-          const V ga = at::vec::fmadd(gs[2 * k] * w_at(2 * k), vrs, vk0);
-          const V gb = at::vec::fmadd(gs[2 * k + 1] * w_at(2 * k + 1), vrs, vk0);
-          dx_lo = at::vec::fmadd(xs[2 * k] - vmu, vkx, ga);
-          dx_hi = at::vec::fmadd(xs[2 * k + 1] - vmu, vkx, gb);
+          dx_lo = weighted_dx(gs[lo], xs[lo], w_at(lo), vmu, vrs, vkx, vk0);
+          dx_hi = weighted_dx(gs[hi], xs[hi], w_at(hi), vmu, vrs, vkx, vk0);
         }
         Ch::put_lanes(dr + j, dx_lo, dx_hi, stream && whole_line_chunk(dr + j, j, 0, N),
                       low.value);
@@ -644,18 +651,11 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
       A* pdb = want_db ? part_db.data() + blk * part_ld : nullptr;
       if (pdw != nullptr) std::fill(pdw, pdw + part_ld, A(0));
       if (pdb != nullptr) std::fill(pdb, pdb + part_ld, A(0));
-      if (register_chunks > 0) {
-        const auto rows = [&](auto chunks) {
-          layer_norm_bwd_register_rows<decltype(chunks)::value, T>(
-              xp, gp, dxp, blocks.begin(blk), blocks.end(blk), mp, rp, w, rms, pdw, pdb, stream,
-              low_nans);
-        };
-        switch (register_chunks) {
-          case 1: rows(std::integral_constant<int, 1>()); break;
-          case 2: rows(std::integral_constant<int, 2>()); break;
-          case 3: rows(std::integral_constant<int, 3>()); break;
-          default: rows(std::integral_constant<int, 4>()); break;
-        }
+      if (with_register_chunks(register_chunks, [&](auto chunks) {
+            layer_norm_bwd_register_rows<decltype(chunks)::value, T>(
+                xp, gp, dxp, blocks.begin(blk), blocks.end(blk), mp, rp, w, rms, pdw, pdb,
+                stream, low_nans);
+          })) {
         continue;
       }
       for (int64_t r0 = blocks.begin(blk); r0 < blocks.end(blk); r0 += group) {
