@@ -44,16 +44,32 @@ static NK_ALWAYS_INLINE V affine_row(V xc, V rstd, bool has_w, V w, bool has_b, 
   return xc * rstd;
 }
 
-// fn(std::integral_constant<int, K>()) for rows of K = chunks whole chunks, K from 1 to 4 (the
-// register rows, forward and backward); false, and nothing called, for any other count.
-template <typename F>
-static NK_ALWAYS_INLINE bool with_register_chunks(int64_t chunks, F&& fn) {
-  switch (chunks) {
-    case 1: fn(std::integral_constant<int, 1>()); return true;
-    case 2: fn(std::integral_constant<int, 2>()); return true;
-    case 3: fn(std::integral_constant<int, 3>()); return true;
-    case 4: fn(std::integral_constant<int, 4>()); return true;
-    default: return false;
+// Rows of one to four whole chunks are held in registers (layer_norm_fwd_register_rows,
+// layer_norm_bwd_register_rows) in the AVX2 and AVX-512 builds only: in the portable one (x86-64
+// without them), where a vector is an array and hsum a loop over memory, RMSNorm 32768x32 fp32
+// took 1.25x the time (LayerNorm 0.88x).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kRegisterRows = true;
+#else
+constexpr bool kRegisterRows = false;
+#endif
+
+// fn(std::integral_constant<int, K>()) for rows of n elements that are K = 1 to 4 whole chunks of
+// T, where this build holds such rows in registers (kRegisterRows); otherwise false, and fn is
+// neither called nor compiled.
+template <typename T, typename F>
+static NK_ALWAYS_INLINE bool with_register_rows(int64_t n, F&& fn) {
+  if constexpr (!kRegisterRows) {
+    return false;
+  } else {
+    if (n <= 0 || n % Chunk<T>::size != 0) return false;
+    switch (n / Chunk<T>::size) {
+      case 1: fn(std::integral_constant<int, 1>()); return true;
+      case 2: fn(std::integral_constant<int, 2>()); return true;
+      case 3: fn(std::integral_constant<int, 3>()); return true;
+      case 4: fn(std::integral_constant<int, 4>()); return true;
+      default: return false;
+    }
   }
 }
 
@@ -177,26 +193,16 @@ static bool params_copied(int64_t rows) {
   }
 }
 
-// Rows of exactly K whole chunks, K up to kRegisterRowChunks, for rows read in place (row ==
-// null in layer_norm_fwd_row_range): each row is loaded once into 2K registers, its statistics
-// and y computed there, the same arithmetic as the passes over memory (two passes, the squared
-// deviations from the row's own mean; bit-identical). Short rows are mostly per-row overhead:
-// the passes' loops and reductions, one row after another. Zen 4 guest, 2 threads, paired in one
-// process against the passes (time ratios, LayerNorm / RMSNorm forward): fp32 32768x32
-// 0.69-0.70 / 0.74-0.76, 4096x64 and 16384x64 0.76-0.82 / 0.81-0.86, 4096x96 and 4096x128
-// 0.82-0.91 / 0.88-0.96, 65536x128 (from memory) 0.79-0.99 / 0.99-1.01; bf16 32768x32 0.63 /
-// 0.66, 64 to 128 wide 0.67-0.87 / 0.74-0.90; the AVX2 build, rows of 32 and 64 (up to four of
-// its chunks), 0.64-0.84 / 0.78-0.98. (ATen's kernel took 2.8-4.4x our time on those in cache.)
-// Only the AVX2 and AVX-512 builds: in the portable one (x86-64 without them), where a vector is
-// an array and hsum a loop over memory, RMSNorm 32768x32 fp32 took 1.25x the time (LayerNorm
-// 0.88x).
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-constexpr int64_t kRegisterRowChunks = 4;
-constexpr int64_t kRegisterBwdChunks = 4;
-#else
-constexpr int64_t kRegisterRowChunks = 0;
-constexpr int64_t kRegisterBwdChunks = 0;
-#endif
+// Rows of exactly K whole chunks, K from 1 to 4 (with_register_rows), read in place (row null in
+// layer_norm_fwd_row_range): each row is loaded once into 2K registers, its statistics and y
+// computed there, the same arithmetic as the passes over memory (two passes, the squared deviations
+// from the row's own mean; bit-identical). Short rows are mostly per-row overhead: the passes'
+// loops and reductions, one row after another. Zen 4 guest, 2 threads, paired in one process
+// against the passes (time ratios, LayerNorm / RMSNorm forward): fp32 32768x32 0.69-0.70 /
+// 0.74-0.76, 4096x64 and 16384x64 0.76-0.82 / 0.81-0.86, 4096x96 and 4096x128 0.82-0.91 /
+// 0.88-0.96, 65536x128 (from memory) 0.79-0.99 / 0.99-1.01; bf16 32768x32 0.63 / 0.66, 64 to 128
+// wide 0.67-0.87 / 0.74-0.90; the AVX2 build, rows of 32 and 64 (up to four of its chunks),
+// 0.64-0.84 / 0.78-0.98. (ATen's kernel took 2.8-4.4x our time on those in cache.)
 template <int K, typename T, typename PT>
 static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, int64_t begin,
                                                           int64_t end, const PT* w, const PT* b,
@@ -265,10 +271,7 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
                                                       acc_t<T>* mp, acc_t<T>* rp, acc_t<T>* row,
                                                       bool stream, bool low_nans) {
   using A = acc_t<T>;
-  using C = Chunk<T>;
-  if (kRegisterRowChunks > 0 && row == nullptr && N % C::size == 0 &&
-      N <= kRegisterRowChunks * C::size &&
-      with_register_chunks(N / C::size, [&](auto chunks) {
+  if (row == nullptr && with_register_rows<T>(N, [&](auto chunks) {
         layer_norm_fwd_register_rows<decltype(chunks)::value, T, PT>(
             xp, yp, begin, end, w, b, eps, rms, mp, rp, stream, low_nans);
       })) {
@@ -510,18 +513,17 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
   }
 }
 
-// Backward over rows [r0, r1) of one block, rows of exactly K whole chunks (K up to
-// kRegisterBwdChunks): each row of x and dy is loaded once into registers, and the block's
+// Backward over rows [r0, r1) of one block, rows of exactly K whole chunks (K from 1 to 4,
+// with_register_rows): each row of x and dy is loaded once into registers, and the block's
 // dweight/dbias partials stay in registers across its rows (at four chunks, with x and dy, 32
-// vectors: AVX-512's registers, some spilled to L1; AVX2's more), added into pdw/pdb (zeroed)
-// once at the end. Pass 1's and pass 2's arithmetic for dx (the same bits); the partials are
-// summed with fused multiply-adds row after row instead of a rounded product added into memory
-// per row (dweight within an ulp or two of it). w: as the passes read it (null: ones). Zen 4
-// guest, 2 threads, backward paired in one process against the passes (time ratios, fp32 /
-// bf16): 32768x32 0.43 / 0.44, 4096x32 to 16384x64 0.52-0.65 / 0.51-0.63, 4096x96 to
-// 16384x128 0.66-0.72 / 0.65-0.72 (the fp32 4096x128 backward went from 0.95x torch's speed
-// to 1.47x); the AVX2 build, rows of 32 to 64 (two to four of its chunks), 0.64-0.92 /
-// 0.74-1.00.
+// vectors: AVX-512's registers, some spilled to L1; AVX2's more), added into pdw/pdb (zeroed) once
+// at the end. Pass 1's and pass 2's arithmetic for dx (the same bits); the partials are summed with
+// fused multiply-adds row after row instead of a rounded product added into memory per row (dweight
+// within an ulp or two of it). w: as the passes read it (null: ones). Zen 4 guest, 2 threads,
+// backward paired in one process against the passes (time ratios, fp32 / bf16): 32768x32 0.43 /
+// 0.44, 4096x32 to 16384x64 0.52-0.65 / 0.51-0.63, 4096x96 to 16384x128 0.66-0.72 / 0.65-0.72 (the
+// fp32 4096x128 backward went from 0.95x torch's speed to 1.47x); the AVX2 build, rows of 32 to 64
+// (two to four of its chunks), 0.64-0.92 / 0.74-1.00.
 template <int K, typename T>
 static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
     const T* xp, const T* gp, T* dxp, int64_t r0, int64_t r1, const acc_t<T>* mp,
@@ -629,11 +631,6 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   const int64_t group = 3 * N * static_cast<int64_t>(sizeof(A)) > 16384 ? kSweepRows : 1;
 
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
-  // rows of 1 to 4 whole chunks: layer_norm_bwd_register_rows (0: the passes)
-  const int64_t register_chunks =
-      N > 0 && N % Chunk<T>::size == 0 && N / Chunk<T>::size <= kRegisterBwdChunks
-          ? N / Chunk<T>::size
-          : 0;
   at::parallel_for(0, blocks.count, blocks.grain(N), [&](int64_t bb, int64_t be) {
     const StreamFence fence(stream);
     LineBuffer<A> w_lanes(w_to_lanes ? N : 0);
@@ -651,7 +648,7 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
       A* pdb = want_db ? part_db.data() + blk * part_ld : nullptr;
       if (pdw != nullptr) std::fill(pdw, pdw + part_ld, A(0));
       if (pdb != nullptr) std::fill(pdb, pdb + part_ld, A(0));
-      if (with_register_chunks(register_chunks, [&](auto chunks) {
+      if (with_register_rows<T>(N, [&](auto chunks) {
             layer_norm_bwd_register_rows<decltype(chunks)::value, T>(
                 xp, gp, dxp, blocks.begin(blk), blocks.end(blk), mp, rp, w, rms, pdw, pdb,
                 stream, low_nans);
