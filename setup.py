@@ -131,7 +131,10 @@ ops_sources.remove("csrc/python_entry.cpp")
 # The kernel files and headers are #included by the capability units, so they must be declared:
 # otherwise editing them does not trigger a rebuild.
 depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/cpu/*.cpp"))
-compile_args = {"cxx": ["-O3", "-fno-math-errno"] + OPENMP}
+# -ffp-contract=off: a multiply and an add fuse only where the source says so (at::vec::fmadd,
+# std::fma), so the kernels' bits follow from their source, not from the compiler's choice
+# (GCC contracts by default, and chose differently as unrelated code around changed).
+compile_args = {"cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off"] + OPENMP}
 
 setup(
     name="normkernels",

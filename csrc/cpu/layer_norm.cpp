@@ -20,18 +20,6 @@ namespace normkernels {
 namespace cpu {
 inline namespace CPU_CAPABILITY {
 
-// a * b + c fused, for vectors (at::vec::fmadd) and single values (std::fma) alike: the
-// chunks and the scalar tails after them share one arithmetic, fused where it says so, never
-// where the compiler would choose to contract.
-template <typename V>
-static NK_ALWAYS_INLINE V fused(const V& a, const V& b, const V& c) {
-  if constexpr (std::is_floating_point_v<V>) {
-    return std::fma(a, b, c);
-  } else {
-    return at::vec::fmadd(a, b, c);
-  }
-}
-
 // y from x centered (xc = x - mean: (x - mean) * rstd, not x * rstd - mean * rstd, keeps every
 // digit where |mean| >> std), lanes or a single value: (xc * rstd) * w + b fused where both
 // weight and bias are given, xc * rstd + b fused where only the bias is, xc * rstd * w, or
@@ -447,9 +435,8 @@ static inline void layer_norm_bwd_sums(const T* x, const T* dy, int64_t N, const
     s_gx[k] = hsum(acc_gx[k]);
     s_g[k] = hsum(acc_g[k]);
   }
-  // Fused explicitly where the compiler may contract (it did or not as the code around changed:
-  // an ulp of dweight and dx apart between builds); g * w is rounded, as in the chunks, and
-  // used twice, so never contracted into the add.
+  // Fused as the chunks are (the compiler contracts nothing: see fused()); g * w is rounded, as
+  // in the chunks, since it is used twice.
   for (; j < N; ++j) {
     const A wj = w != nullptr ? w[j] : A(1);
     for (int k = 0; k < R; ++k) {

@@ -6,7 +6,8 @@
 // so the helpers come in those two shapes. All arithmetic runs in the accumulation type
 // acc_t<T> (fp32 for fp32/fp16/bf16, fp64 for fp64). Variances are two-pass (segments; for
 // segments longer than L1, two passes per L1-sized block merged exactly, plane_moments) or
-// Welford merged exactly across blocks (columns); never E[x^2] - E[x]^2.
+// Welford merged exactly across blocks (columns); never E[x^2] - E[x]^2. Multiply-adds fuse only
+// where written so (fused / at::vec::fmadd below; the build forbids the compiler to contract).
 //
 // This header is compiled once per CPU capability (see capability/*.cpp): everything lives in
 // the CPU_CAPABILITY inline namespace, like ATen's own vectorized kernels, so the AVX2 and
@@ -53,6 +54,20 @@ using at::vec::Vectorized;
 
 template <typename T>
 using acc_t = at::opmath_type<T>;
+
+// a * b + c fused, for vectors (at::vec::fmadd) and single values (std::fma) alike. The kernels
+// are built with -ffp-contract=off (setup.py): the compiler never fuses a multiply and an add on
+// its own, so a result's bits follow from the source alone, not from the code around it or the
+// compiler (GCC contracts by default and chose differently as unrelated code changed; Clang and
+// MSVC have other defaults). Where a fused multiply-add is wanted, it is written: fmadd / fused.
+template <typename V>
+NK_ALWAYS_INLINE V fused(const V& a, const V& b, const V& c) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return std::fma(a, b, c);
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
+}
 
 // Allocates on cache-line (64-byte) boundaries. The kernels' scratch arrays (dweight/dbias
 // partials, per-channel coefficients, widened rows) are read and written a vector at a time,
@@ -1269,7 +1284,8 @@ inline void row_group_tile(const T* x, int64_t r, int64_t ld, int64_t c, int64_t
   using A = acc_t<T>;
   using V = typename Chunk<T>::V;
   static_assert(!Chunk<T>::widened, "fp32/fp64 rows: vector k of a row is read as it is");
-  const V inv_rows(A(1) / static_cast<A>(R)), vw_new(w_new), vw_cross(w_cross);
+  const A inv_r = A(1) / static_cast<A>(R);
+  const V inv_rows(inv_r), neg_inv_rows(-inv_r), vw_new(w_new), vw_cross(w_cross);
   // One vector of the chunk at a time: its R rows take R registers. Both at once (2R, with the
   // running statistics and temporaries) left AVX2's 16 too few: capped to AVX2, Zen 4, paired in
   // one process against both at once, channels_last GroupNorm 2x640x32x32 fp32 forward 0.96x
@@ -1280,15 +1296,16 @@ inline void row_group_tile(const T* x, int64_t r, int64_t ld, int64_t c, int64_t
     for (int i = 0; i < R; ++i) v[i] = tile_load<kMasked, V>(x + (r + i) * ld + c, width, k);
     V sum = v[0];
     for (int i = 1; i < R; ++i) sum = sum + v[i];
-    const V mean_r = sum * inv_rows;
+    // The rows' mean is never rounded on its own: sum / R fuses into each deviation (one
+    // instruction each, on the FMA pipes beside the sum's adds) and into delta.
     V m2_r(0);
     for (int i = 0; i < R; ++i) {
-      const V d = v[i] - mean_r;
+      const V d = fused(sum, neg_inv_rows, v[i]);  // v[i] - sum / R
       m2_r = at::vec::fmadd(d, d, m2_r);
     }
     V m = tile_load<kMasked, V>(mean + c, width, k);
     V s = tile_load<kMasked, V>(m2 + c, width, k);
-    const V delta = mean_r - m;
+    const V delta = at::vec::fmsub(sum, inv_rows, m);
     m = at::vec::fmadd(delta, vw_new, m);
     s = s + at::vec::fmadd(delta * delta, vw_cross, m2_r);
     tile_store<kMasked>(m, mean + c, width, k);
