@@ -422,6 +422,20 @@ def test_layer_norm_short_rows_in_registers_like_torch(n, dtype, param_dtype, rm
     _assert_layer_norm_rows_like_torch(dtype, 37, n, param_dtype, rms)
 
 
+@pytest.mark.parametrize("n", [5, 20, 48, 100, 16 * 9 + 7])
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32),
+                                                (torch.float64, torch.float64),
+                                                (torch.float16, torch.float16),
+                                                (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_norm_row_tails_like_torch(n, dtype, param_dtype, rms):
+    # the columns past a row's last whole chunk (all of a row shorter than one) are one masked
+    # chunk in the normalize, dweight/dbias and dx passes, in natural order where bf16 chunks are
+    # even/odd: their weight, bias and partials must meet them there
+    _assert_layer_norm_rows_like_torch(dtype, 11, n, param_dtype, rms)
+
+
 @pytest.mark.parametrize("n", [32, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_norm_bias_without_weight_like_torch(n, dtype):

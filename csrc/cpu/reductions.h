@@ -384,7 +384,8 @@ inline void with_low_nans(bool low_nans, F&& fn) {
 }
 
 // A chunk is two accumulator vectors: exactly one Vectorized<Half/BFloat16> widened to fp32,
-// or two plain fp32/fp64 vectors. Loops step one chunk at a time and finish with a scalar tail.
+// or two plain fp32/fp64 vectors. Loops step one chunk at a time and finish with a masked one
+// (load_first / store_first, or a chunk ending at the segment's end, keep_last).
 template <typename T>
 struct Chunk {
   using A = acc_t<T>;
@@ -570,7 +571,7 @@ struct Chunk {
   }
 #endif
   // Index, within a row of n, of the element that lane-ordered position i holds: the identity
-  // past the last full chunk (tails are scalar, in natural order).
+  // past the last full chunk (tails, masked chunks, are in natural order).
   static inline int64_t lane_element(int64_t i, int64_t n) {
     if (!even_odd || i >= n / size * size) return i;
     const int64_t k = i % size, half = size / 2;
