@@ -410,30 +410,20 @@ def test_layer_norm_bf16_every_parameter_path_like_torch(rows, n, param_dtype, r
     _assert_layer_norm_rows_like_torch(torch.bfloat16, rows, n, param_dtype, rms)
 
 
-@pytest.mark.parametrize("n", [16, 32, 64, 96, 128, 160])
-@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32),
-                                                (torch.float64, torch.float64),
-                                                (torch.bfloat16, torch.float32),
-                                                (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("rms", [False, True])
-def test_layer_norm_short_rows_in_registers_like_torch(n, dtype, param_dtype, rms):
-    # rows of one to four whole chunks (32 values under AVX-512, 16 under AVX2) are loaded once
-    # into registers (layer_norm_fwd_register_rows); 160 is five, read from memory as before
-    _assert_layer_norm_rows_like_torch(dtype, 37, n, param_dtype, rms)
-
-
-@pytest.mark.parametrize("n", [5, 20, 48, 100, 16 * 9 + 7])
+@pytest.mark.parametrize("n", [5, 16, 20, 32, 48, 64, 96, 100, 128, 16 * 9 + 7, 160])
 @pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32),
                                                 (torch.float64, torch.float64),
                                                 (torch.float16, torch.float16),
                                                 (torch.bfloat16, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("rms", [False, True])
-def test_layer_norm_row_tails_like_torch(n, dtype, param_dtype, rms):
-    # the columns past a row's last whole chunk (all of a row shorter than one) are one masked
-    # chunk in the normalize, dweight/dbias and dx passes, in natural order where bf16 chunks are
-    # even/odd: their weight, bias and partials must meet them there
-    _assert_layer_norm_rows_like_torch(dtype, 11, n, param_dtype, rms)
+def test_layer_norm_short_rows_and_tails_like_torch(n, dtype, param_dtype, rms):
+    # rows of one to four whole chunks (32 values under AVX-512, 16 under AVX2) are loaded once
+    # into registers (layer_norm_fwd_register_rows); 160 is five, read from memory. The columns
+    # past a row's last whole chunk (all of a row shorter than one: 5, 20, and 16 under AVX-512)
+    # are one masked chunk in the normalize, dweight/dbias and dx passes, in natural order where
+    # bf16 chunks are even/odd: their weight, bias and partials must meet them there
+    _assert_layer_norm_rows_like_torch(dtype, 37, n, param_dtype, rms)
 
 
 @pytest.mark.parametrize("n", [32, 100])

@@ -42,8 +42,10 @@
 // of line, through the PLT, with a vzeroupper and every live vector spilled around each call.
 #if defined(__GNUC__) || defined(__clang__)
 #define NK_ALWAYS_INLINE inline __attribute__((always_inline))
+#define NK_NOINLINE __attribute__((noinline))
 #else
 #define NK_ALWAYS_INLINE inline
+#define NK_NOINLINE
 #endif
 
 namespace normkernels {
