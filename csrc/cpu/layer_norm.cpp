@@ -203,9 +203,8 @@ static bool params_copied(int64_t rows) {
 // null in layer_norm_fwd_row_range): each row is loaded once into 2K registers, its statistics
 // and y computed there, the same arithmetic as the passes over memory (two passes, the squared
 // deviations from the row's own mean; bit-identical). A last chunk that is not whole is loaded
-// as the passes load a row's tail (accumulate_sum: the chunk that ends the row, its lanes
-// before the tail zeroed, or for a row shorter than a chunk its first elements), and its y
-// written as theirs (layer_norm_tail_apply). Short rows are mostly per-row overhead: the
+// as the passes load a row's tail (Chunk::load_tail), and its y written as theirs
+// (layer_norm_tail_apply). Short rows are mostly per-row overhead: the
 // passes' loops and reductions, one row after another. Zen 4 guest, 2 threads, paired in one
 // process against the passes (time ratios, LayerNorm / RMSNorm forward): fp32 32768x32
 // 0.69-0.70 / 0.74-0.76, 4096x64 and 16384x64 0.76-0.82 / 0.81-0.86, 4096x96 and 4096x128
@@ -223,9 +222,8 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
   using CP = Chunk<PT>;
   using V = typename C::V;
   constexpr int64_t j_last = (K - 1) * C::size;  // where the last chunk starts
-  constexpr bool whole = kWhole;
   // N a constant where the chunks are whole: a division by a power of two becomes a product
-  if constexpr (whole) N = K * C::size;
+  if constexpr (kWhole) N = K * C::size;
   const int64_t last = N - j_last;  // its elements, 1 to C::size
   with_low_nans<T>(low_nans, [&](auto low) {
     for (int64_t r = begin; r < end; ++r) {
@@ -234,13 +232,10 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
       V lo[K], hi[K];
       for (int k = 0; k < K; ++k) {
         stream_ahead(xr + k * C::size);
-        if (whole || k < K - 1) {
+        if (kWhole || k < K - 1) {
           C::load_lanes(xr + k * C::size, lo[k], hi[k]);
-        } else if (K > 1) {
-          C::load(xr + N - C::size, lo[k], hi[k]);
-          C::keep_last(last, lo[k], hi[k]);
         } else {
-          C::load_first(xr, last, lo[k], hi[k]);
+          C::load_tail(xr, j_last, N, lo[k], hi[k]);
         }
       }
       A mu = 0;
@@ -257,19 +252,13 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
       for (int k = 0; k < K; ++k) {
         lo[k] = lo[k] - vmu;
         hi[k] = hi[k] - vmu;
-        if (!whole && k == K - 1) {  // the lanes outside the row deviate by -mean: zeroed
-          if (K > 1) {
-            C::keep_last(last, lo[k], hi[k]);
-          } else {
-            C::keep_first(last, lo[k], hi[k]);
-          }
-        }
+        if (!kWhole && k == K - 1) C::keep_tail(j_last, N, lo[k], hi[k]);  // -mean outside
         sq_lo = at::vec::fmadd(lo[k], lo[k], sq_lo);
         sq_hi = at::vec::fmadd(hi[k], hi[k], sq_hi);
       }
       const A rs = A(1) / std::sqrt(hsum(sq_lo + sq_hi) / static_cast<A>(N) + eps);
       const V vrs(rs);
-      for (int k = 0; k < (whole ? K : K - 1); ++k) {
+      for (int k = 0; k < (kWhole ? K : K - 1); ++k) {
         const int64_t j = k * C::size;
         V wa(1), wb(1), ba(0), bb(0);
         if (w != nullptr) CP::load_lanes(w + j, wa, wb);
@@ -278,7 +267,7 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
                      affine_row(hi[k], vrs, w != nullptr, wb, b != nullptr, bb),
                      stream && whole_line_chunk(yr + j, j, 0, N), low.value);
       }
-      if constexpr (!whole) {
+      if constexpr (!kWhole) {
         layer_norm_tail_apply(xr + j_last, yr + j_last, last, vmu, vrs,
                               w != nullptr ? w + j_last : nullptr,
                               b != nullptr ? b + j_last : nullptr);
@@ -319,16 +308,14 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
                                                       acc_t<T>* mp, acc_t<T>* rp, acc_t<T>* row,
                                                       bool stream, bool low_nans) {
   using A = acc_t<T>;
-  if (row == nullptr && with_register_rows<T>(N, true, [&](auto chunks) {
-        layer_norm_fwd_register_rows<decltype(chunks)::value, true, T, PT>(
-            xp, yp, begin, end, N, w, b, eps, rms, mp, rp, stream, low_nans);
-      })) {
-    return;
-  }
-  if (row == nullptr && with_register_rows<T>(N, false, [&](auto chunks) {
-        layer_norm_fwd_tail_rows<decltype(chunks)::value, T, PT>(xp, yp, begin, end, N, w, b, eps,
-                                                                 rms, mp, rp, stream, low_nans);
-      })) {
+  if (row == nullptr && (with_register_rows<T>(N, true, [&](auto chunks) {
+                           layer_norm_fwd_register_rows<decltype(chunks)::value, true, T, PT>(
+                               xp, yp, begin, end, N, w, b, eps, rms, mp, rp, stream, low_nans);
+                         }) ||
+                         with_register_rows<T>(N, false, [&](auto chunks) {
+                           layer_norm_fwd_tail_rows<decltype(chunks)::value, T, PT>(
+                               xp, yp, begin, end, N, w, b, eps, rms, mp, rp, stream, low_nans);
+                         }))) {
     return;
   }
   for (int64_t r = begin; r < end; ++r) {
@@ -441,6 +428,16 @@ static inline void sweep_ahead(const T* p, int64_t k, int64_t j, int64_t N) {
       reinterpret_cast<const char*>(p + (at < N ? k * N + at : (k + R) * N + at - N)));
 }
 
+// part[0:n] += the first n lanes of (a, b), in natural order (a row's tail, n < a chunk: the
+// dweight/dbias partials' tail columns, as to_lanes leaves them).
+template <typename A>
+static NK_ALWAYS_INLINE void add_to_tail(A* part, int64_t n, const Vectorized<A>& a,
+                                         const Vectorized<A>& b) {
+  Vectorized<A> pa, pb;
+  Chunk<A>::load_first(part, n, pa, pb);
+  Chunk<A>::store_first(part, n, pa + a, pb + b);
+}
+
 // A chunk of one row (dy in ga, gb; xhat in ha, hb; the weight in wa, wb) added into pass 1's
 // sums: the dweight/dbias partials dw, db (dy * xhat, dy) and the row's acc_gx, acc_g (g * xhat,
 // g, with g = dy * w).
@@ -524,13 +521,8 @@ static inline void layer_norm_bwd_sums(const T* x, const T* dy, int64_t N, const
       Ch::keep_first(n, ha, hb);
       add_chunk_sums(ga, gb, ha, hb, wa, wb, dw_a, dw_b, db_a, db_b, acc_gx[k], acc_g[k]);
     }
-    const auto add_to_partial = [&](A* part, const V& a, const V& b) {
-      V pa, pb;
-      Chunk<A>::load_first(part + j, n, pa, pb);
-      Chunk<A>::store_first(part + j, n, pa + a, pb + b);
-    };
-    if (pdw != nullptr) add_to_partial(pdw, dw_a, dw_b);
-    if (pdb != nullptr) add_to_partial(pdb, db_a, db_b);
+    if (pdw != nullptr) add_to_tail(pdw + j, n, dw_a, dw_b);
+    if (pdb != nullptr) add_to_tail(pdb + j, n, db_a, db_b);
   }
   for (int k = 0; k < R; ++k) {
     s_gx[k] = hsum(acc_gx[k]);
@@ -595,16 +587,15 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
 // Backward over rows [r0, r1) of one block, rows of N elements spanning K chunks (K from 1 to 4,
 // with_register_rows; a last chunk that is not whole read as the passes read a row's tail, in
 // natural order, its lanes past the row zero): each row of x and dy is loaded once into
-// registers, and the block's
-// dweight/dbias partials stay in registers across its rows (at four chunks, with x and dy, 32
-// vectors: AVX-512's registers, some spilled to L1; AVX2's more), added into pdw/pdb (zeroed) once
-// at the end. Pass 1's and pass 2's arithmetic for dx (the same bits); the partials are summed with
-// fused multiply-adds row after row instead of a rounded product added into memory per row (dweight
-// within an ulp or two of it). w: as the passes read it (null: ones). Zen 4 guest, 2 threads,
-// backward paired in one process against the passes (time ratios, fp32 / bf16): 32768x32 0.43 /
-// 0.44, 4096x32 to 16384x64 0.52-0.65 / 0.51-0.63, 4096x96 to 16384x128 0.66-0.72 / 0.65-0.72 (the
-// fp32 4096x128 backward went from 0.95x torch's speed to 1.47x); the AVX2 build, rows of 32 to 64
-// (two to four of its chunks), 0.64-0.92 / 0.74-1.00.
+// registers, and the block's dweight/dbias partials stay in registers across its rows (at four
+// chunks, with x and dy, 32 vectors: AVX-512's registers, some spilled to L1; AVX2's more), added
+// into pdw/pdb (zeroed) once at the end. Pass 1's and pass 2's arithmetic for dx (the same bits);
+// the partials are summed with fused multiply-adds row after row instead of a rounded product
+// added into memory per row (dweight within an ulp or two of it). w: as the passes read it (null:
+// ones). Zen 4 guest, 2 threads, backward paired in one process against the passes (time ratios,
+// fp32 / bf16): 32768x32 0.43 / 0.44, 4096x32 to 16384x64 0.52-0.65 / 0.51-0.63, 4096x96 to
+// 16384x128 0.66-0.72 / 0.65-0.72 (the fp32 4096x128 backward went from 0.95x torch's speed to
+// 1.47x); the AVX2 build, rows of 32 to 64 (two to four of its chunks), 0.64-0.92 / 0.74-1.00.
 template <int K, bool kWhole, typename T>
 static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
     const T* xp, const T* gp, T* dxp, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* mp,
@@ -650,14 +641,8 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
         }
         V ha = (xs[2 * k] - vmu) * vrs, hb = (xs[2 * k + 1] - vmu) * vrs;
         if (is_tail(k)) Ch::keep_first(last, ha, hb);  // as pass 1's tail: nothing added there
-        const V ga = gs[2 * k], gb = gs[2 * k + 1];
-        dw[2 * k] = at::vec::fmadd(ga, ha, dw[2 * k]);
-        dw[2 * k + 1] = at::vec::fmadd(gb, hb, dw[2 * k + 1]);
-        db[2 * k] += ga;
-        db[2 * k + 1] += gb;
-        const V gwa = ga * w_at(2 * k), gwb = gb * w_at(2 * k + 1);
-        acc_gx = at::vec::fmadd(gwb, hb, at::vec::fmadd(gwa, ha, acc_gx));
-        acc_g += gwa + gwb;
+        add_chunk_sums(gs[2 * k], gs[2 * k + 1], ha, hb, w_at(2 * k), w_at(2 * k + 1), dw[2 * k],
+                       dw[2 * k + 1], db[2 * k], db[2 * k + 1], acc_gx, acc_g);
       }
       if (dxp == nullptr) continue;
       // layer_norm_bwd_dx's coefficients and arithmetic
@@ -688,9 +673,7 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
   // registers, through the rows above, a LayerNorm 4096x128 bf16 step 1.3x the time)
   const auto add_to_partial = [&](A* part, int k, const V& a, const V& b) {
     if (is_tail(k)) {
-      V pa, pb;
-      Chunk<A>::load_first(part + j_last, last, pa, pb);
-      Chunk<A>::store_first(part + j_last, last, pa + a, pb + b);
+      add_to_tail(part + j_last, last, a, b);
     } else {
       const int64_t j = k * Ch::size;
       (V::loadu(part + j) + a).store(part + j);

@@ -617,6 +617,25 @@ struct Chunk {
       lo = zero_lanes(lo, skip, true);
     }
   }
+  // The tail p[i:n] of a segment of n (after its whole chunks, i < n), as every pass reads it, in
+  // natural order, the other lanes zero: the chunk that ends the segment, its lanes before i
+  // zeroed, where the segment has a chunk's worth (no masked load), else its first n - i
+  // elements. keep_tail zeroes those other lanes again, after arithmetic that made them nonzero.
+  static NK_ALWAYS_INLINE void load_tail(const T* p, int64_t i, int64_t n, V& lo, V& hi) {
+    if (n >= size) {
+      load(p + n - size, lo, hi);
+      keep_last(n - i, lo, hi);
+    } else {
+      load_first(p + i, n - i, lo, hi);
+    }
+  }
+  static NK_ALWAYS_INLINE void keep_tail(int64_t i, int64_t n, V& lo, V& hi) {
+    if (n >= size) {
+      keep_last(n - i, lo, hi);
+    } else {
+      keep_first(n - i, lo, hi);
+    }
+  }
 };
 
 // dst[i] = src[Chunk<T>::lane_element(i, n)] for a row of n: a per-column array (weight,
@@ -790,12 +809,7 @@ inline void accumulate_sum(const T* p, int64_t n, VecSum<T>& acc) {
   });
   if (i < n) {
     V a, b;
-    if (n >= C::size) {
-      C::load(p + n - C::size, a, b);
-      C::keep_last(n - i, a, b);
-    } else {
-      C::load_first(p + i, n - i, a, b);  // lanes past n load as zero
-    }
+    C::load_tail(p, i, n, a, b);
     acc.lo += a;
     acc.hi += b;
   }
@@ -815,17 +829,10 @@ inline void accumulate_sq_dev(const T* p, int64_t n, acc_t<T> shift, VecSum<T>& 
   });
   if (i < n) {
     V a, b;
-    if (n >= C::size) {
-      C::load(p + n - C::size, a, b);
-      a = a - vshift;
-      b = b - vshift;
-      C::keep_last(n - i, a, b);
-    } else {
-      C::load_first(p + i, n - i, a, b);
-      a = a - vshift;
-      b = b - vshift;
-      C::keep_first(n - i, a, b);
-    }
+    C::load_tail(p, i, n, a, b);
+    a = a - vshift;
+    b = b - vshift;
+    C::keep_tail(i, n, a, b);  // -shift outside the tail
     acc.lo = at::vec::fmadd(a, a, acc.lo);
     acc.hi = at::vec::fmadd(b, b, acc.hi);
   }
