@@ -230,6 +230,7 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
       const T* xr = xp + r * N;
       T* yr = yp + r * N;
       V lo[K], hi[K];
+      NK_UNROLL_CHUNKS
       for (int k = 0; k < K; ++k) {
         stream_ahead(xr + k * C::size);
         if (kWhole || k < K - 1) {
@@ -241,6 +242,7 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
       A mu = 0;
       if (!rms) {
         V sum_lo = lo[0], sum_hi = hi[0];
+        NK_UNROLL_CHUNKS
         for (int k = 1; k < K; ++k) {
           sum_lo += lo[k];
           sum_hi += hi[k];
@@ -249,6 +251,7 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
       }
       const V vmu(mu);
       V sq_lo(0), sq_hi(0);
+      NK_UNROLL_CHUNKS
       for (int k = 0; k < K; ++k) {
         lo[k] = lo[k] - vmu;
         hi[k] = hi[k] - vmu;
@@ -258,6 +261,7 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
       }
       const A rs = A(1) / std::sqrt(hsum(sq_lo + sq_hi) / static_cast<A>(N) + eps);
       const V vrs(rs);
+      NK_UNROLL_CHUNKS
       for (int k = 0; k < (kWhole ? K : K - 1); ++k) {
         const int64_t j = k * C::size;
         V wa(1), wb(1), ba(0), bb(0);
@@ -620,6 +624,7 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
     return w != nullptr ? V::loadu(w + v * V::size()) : V(1);
   };
   V dw[kVecs], db[kVecs];
+  NK_UNROLL_CHUNKS
   for (int v = 0; v < kVecs; ++v) dw[v] = db[v] = V(0);
   with_low_nans<T>(low_nans, [&](auto low) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -628,6 +633,7 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
       const A mu = mp != nullptr ? mp[r] : A(0), rs = rp[r];
       const V vmu(mu), vrs(rs);
       V xs[kVecs], gs[kVecs], acc_gx(0), acc_g(0);
+      NK_UNROLL_CHUNKS
       for (int k = 0; k < K; ++k) {
         const int64_t j = k * Ch::size;
         stream_ahead(xr + j);
@@ -649,6 +655,7 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
       const auto [k_x, k_0] = DxCoeffs<A>(rs, hsum(acc_gx), rms ? A(0) : hsum(acc_g), N);
       const V vkx(k_x), vk0(k_0);
       T* dr = dxp + r * N;
+      NK_UNROLL_CHUNKS
       for (int k = 0; k < K; ++k) {
         const int64_t j = k * Ch::size;
         const int lo = 2 * k, hi = 2 * k + 1;
@@ -680,6 +687,7 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
       (V::loadu(part + j + V::size()) + b).store(part + j + V::size());
     }
   };
+  NK_UNROLL_CHUNKS
   for (int k = 0; k < K; ++k) {
     if (pdw != nullptr) add_to_partial(pdw, k, dw[2 * k], dw[2 * k + 1]);
     if (pdb != nullptr) add_to_partial(pdb, k, db[2 * k], db[2 * k + 1]);
