@@ -165,11 +165,11 @@ def _suite(device: str, dtypes: List[torch.dtype], quick: bool) -> List[Case]:
 
 def wide_suite(dtypes: List[torch.dtype]) -> List[Case]:
     """Shapes beyond issue 5's suite, where a kernel tuned on the suite can still lose to torch:
-    short and long layer-norm rows, 3-D inputs, ResNet-50's 1024- and 2048-channel stages at
-    batch 32 and 64 (tensors past the last-level cache, 14x14 and 7x7 planes) and 7x7 inference
-    at batch 1 and 2, 2-D batch norm, group norm with few groups or few channels and at a
-    diffusion UNet's 8x8 stage, 3-channel instance norm. CPU sizes; run with python -m bench
-    --wide."""
+    short and long layer-norm rows (some not a whole number of chunks), 3-D inputs, ResNet-50's
+    1024- and 2048-channel stages at batch 32 and 64 (tensors past the last-level cache, 14x14
+    and 7x7 planes) and 7x7 inference at batch 1 and 2, 2-D batch norm, group norm with few
+    groups or few channels and at a diffusion UNet's 8x8 stage, 3-channel instance norm. CPU
+    sizes; run with python -m bench --wide."""
     cases: List[Case] = []
 
     def add(family, shape, layouts=("contiguous",), modes=("fwd", "fwdbwd"), groups=32):
@@ -179,10 +179,11 @@ def wide_suite(dtypes: List[torch.dtype]) -> List[Case]:
                     cases.append(Case(family, shape, mode, dt, layout, groups))
 
     both = ("contiguous", "channels_last")
+    # 80 and 100 wide: rows whose last chunk is not whole (80: a QK-norm's head_dim)
     for s in [(4096, 64), (4096, 128), (2048, 256), (64, 768), (16, 4096), (32768, 32),
-              (8, 512, 768)]:
+              (8, 512, 768), (8192, 100)]:
         add("layer_norm", s)
-    for s in [(4096, 128), (8192, 768), (2, 2048, 2048)]:
+    for s in [(4096, 128), (8192, 768), (2, 2048, 2048), (32768, 80)]:
         add("rms_norm", s)
     # (2, 1280, 8, 8): a Stable Diffusion UNet's lowest resolution (64x64 latents) at batch 2
     for s, g in [((8, 64, 32, 32), 32), ((4, 256, 16, 16), 8), ((1, 512, 64, 64), 32),

@@ -190,4 +190,5 @@ def test_wide_suite_names_every_case_once():
     assert "instance_norm 1x3x256x256 cl fwd bf16" in names
     assert "group_norm 4x256x16x16 g8 cl fwdbwd fp32" in names
     assert "group_norm 2x1280x8x8 cl fwdbwd fp32" in names
+    assert "rms_norm 32768x80 fwdbwd bf16" in names  # a row's last chunk not whole
     assert not set(names) & {c.name for c in suite("cpu", [torch.float32, torch.bfloat16])}
