@@ -43,7 +43,8 @@ SITE="$WORK/site"
 # x86-64 capability units compile to stubs there): the library from all but python_entry.cpp,
 # without libtorch_python, and the module linked against it
 TI="$SITE/torch/include"
-FLAGS=(-O3 -fno-math-errno -fopenmp -fPIC -Wall -I"$TI" -I"$TI/torch/csrc/api/include"
+FLAGS=(-O3 -fno-math-errno -ffp-contract=off -fopenmp -fPIC -Wall
+       -I"$TI" -I"$TI/torch/csrc/api/include"
        -I"$WORK/root/usr/include/python3.11" -I"$WORK/root/usr/include"
        -DTORCH_API_INCLUDE_EXTENSION_H)
 # the standard torch's own builder would pick (as setup.py leaves it to)
