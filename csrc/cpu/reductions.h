@@ -47,12 +47,13 @@
 #define NK_ALWAYS_INLINE inline
 #define NK_NOINLINE
 #endif
-// Before a loop over a register row's K <= 4 chunks (2K <= 8 vectors): unrolled whole, so the
-// row's arrays of vectors (its chunks, the dweight/dbias partials) live in registers. GCC unrolls
-// such a loop by itself only while its body is small: with a row's tail in it (masked loads) it
-// kept the layer norm backward's loop over the chunks, its partials on the stack, loaded and
-// stored again every row, a chain through memory (fp32 RMSNorm 4096x80 backward 1.7x the time
-// of 4096x96; unrolled, 0.57x what it was, bit-identical).
+// Before a loop over a register row's K <= 4 chunks (2K <= 8 vectors), or over the rows taken
+// at once: unrolled whole, so the rows' arrays of vectors (their chunks, the dweight/dbias
+// partials) live in registers. GCC unrolls such a loop by itself only while its body is small:
+// with a row's tail in it (masked loads) it kept the layer norm backward's loop over the chunks,
+// its partials on the stack, loaded and stored again every row, a chain through memory (fp32
+// RMSNorm 4096x80 backward 1.7x the time of 4096x96; unrolled, 0.57x what it was,
+// bit-identical).
 #if defined(__GNUC__) || defined(__clang__)
 #define NK_UNROLL_CHUNKS _Pragma("GCC unroll 8")
 #else
