@@ -187,7 +187,17 @@ def test_dtensor_runs_our_kernels_on_local_shards():
         from torch.distributed.tensor.experimental import register_sharding  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no torch.distributed.tensor.experimental.register_sharding")
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    # A worker killed by SIGABRT is gloo's teardown, not a failed check (a check that fails raises
+    # in the worker, and spawn raises ProcessRaisedException): "terminate called without an active
+    # exception", once in about a dozen runs of the suite in one session, the barrier above
+    # notwithstanding. So that death alone gets one more try, on a fresh port.
+    for attempt in range(2):
+        try:
+            mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+            return
+        except mp.ProcessExitedException as e:
+            if attempt == 1 or e.signal_name != "SIGABRT":
+                raise
 
 
 def test_rules_registered_when_dtensor_is_imported_after_us():
