@@ -42,22 +42,29 @@ constexpr bool kRegisterRows = true;
 constexpr bool kRegisterRows = false;
 #endif
 
-// fn(std::integral_constant<int, K>()) for rows of n elements that span K = 1 to 4 chunks of T,
-// the last one whole or not as `whole` asks, where this build holds such rows in registers
-// (kRegisterRows); otherwise false, and fn is neither called nor compiled.
+// fn(std::integral_constant<int, K>(), std::bool_constant<whole>()) for rows of n elements that
+// span K = 1 to 4 chunks of T, whole: the last chunk is whole, where this build holds such rows in
+// registers (kRegisterRows); otherwise false, and fn is neither called nor compiled.
 template <typename T, typename F>
-static NK_ALWAYS_INLINE bool with_register_rows(int64_t n, bool whole, F&& fn) {
+static NK_ALWAYS_INLINE bool with_register_rows(int64_t n, F&& fn) {
   if constexpr (!kRegisterRows) {
     return false;
   } else {
-    if (n <= 0 || (n % Chunk<T>::size == 0) != whole) return false;
-    switch ((n + Chunk<T>::size - 1) / Chunk<T>::size) {
-      case 1: fn(std::integral_constant<int, 1>()); return true;
-      case 2: fn(std::integral_constant<int, 2>()); return true;
-      case 3: fn(std::integral_constant<int, 3>()); return true;
-      case 4: fn(std::integral_constant<int, 4>()); return true;
-      default: return false;
+    if (n <= 0 || n > 4 * Chunk<T>::size) return false;
+    const auto chunks = [&](auto whole) {
+      switch ((n + Chunk<T>::size - 1) / Chunk<T>::size) {
+        case 1: fn(std::integral_constant<int, 1>(), whole); break;
+        case 2: fn(std::integral_constant<int, 2>(), whole); break;
+        case 3: fn(std::integral_constant<int, 3>(), whole); break;
+        default: fn(std::integral_constant<int, 4>(), whole); break;
+      }
+    };
+    if (n % Chunk<T>::size == 0) {
+      chunks(std::true_type());
+    } else {
+      chunks(std::false_type());
     }
+    return true;
   }
 }
 
@@ -341,14 +348,10 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
                                                       acc_t<T>* mp, acc_t<T>* rp, acc_t<T>* row,
                                                       bool stream, bool low_nans) {
   using A = acc_t<T>;
-  if (row == nullptr && (with_register_rows<T>(N, true, [&](auto chunks) {
-                           layer_norm_fwd_rows_out_of_line<decltype(chunks)::value, true, T, PT>(
-                               xp, yp, begin, end, N, w, b, eps, rms, mp, rp, stream, low_nans);
-                         }) ||
-                         with_register_rows<T>(N, false, [&](auto chunks) {
-                           layer_norm_fwd_rows_out_of_line<decltype(chunks)::value, false, T, PT>(
-                               xp, yp, begin, end, N, w, b, eps, rms, mp, rp, stream, low_nans);
-                         }))) {
+  if (row == nullptr && with_register_rows<T>(N, [&](auto chunks, auto whole) {
+        layer_norm_fwd_rows_out_of_line<decltype(chunks)::value, decltype(whole)::value, T, PT>(
+            xp, yp, begin, end, N, w, b, eps, rms, mp, rp, stream, low_nans);
+      })) {
     return;
   }
   for (int64_t r = begin; r < end; ++r) {
@@ -723,13 +726,15 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
   }
 }
 
-// Rows whose last chunk is not whole, out of line (see layer_norm_fwd_rows_out_of_line).
+// The backward's register rows whose last chunk is not whole, called out of line, one function
+// for each K, arguments by value (inlined beside the whole-chunk ones, they made GCC call parts of
+// the parallel loop out of line: see layer_norm_fwd_rows_out_of_line). The whole-chunk rows stay
+// inlined into the backward's loop: they are one row at a time, not doubled as the forward's.
 template <int K, typename T>
-NK_NOINLINE static void layer_norm_bwd_tail_rows(const T* xp, const T* gp, T* dxp, int64_t r0,
-                                                 int64_t r1, int64_t N, const acc_t<T>* mp,
-                                                 const acc_t<T>* rp, const acc_t<T>* w, bool rms,
-                                                 acc_t<T>* pdw, acc_t<T>* pdb, bool stream,
-                                                 bool low_nans) {
+NK_NOINLINE static void layer_norm_bwd_tail_rows_out_of_line(
+    const T* xp, const T* gp, T* dxp, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* mp,
+    const acc_t<T>* rp, const acc_t<T>* w, bool rms, acc_t<T>* pdw, acc_t<T>* pdb, bool stream,
+    bool low_nans) {
   layer_norm_bwd_register_rows<K, false, T>(xp, gp, dxp, r0, r1, N, mp, rp, w, rms, pdw, pdb,
                                             stream, low_nans);
 }
@@ -796,13 +801,17 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
       if (pdw != nullptr) std::fill(pdw, pdw + part_ld, A(0));
       if (pdb != nullptr) std::fill(pdb, pdb + part_ld, A(0));
       const int64_t first = blocks.begin(blk), past = blocks.end(blk);
-      if (with_register_rows<T>(N, true, [&](auto chunks) {
-            layer_norm_bwd_register_rows<decltype(chunks)::value, true, T>(
-                xp, gp, dxp, first, past, N, mp, rp, w, rms, pdw, pdb, stream, low_nans);
-          }) ||
-          with_register_rows<T>(N, false, [&](auto chunks) {
-            layer_norm_bwd_tail_rows<decltype(chunks)::value, T>(
-                xp, gp, dxp, first, past, N, mp, rp, w, rms, pdw, pdb, stream, low_nans);
+      if (with_register_rows<T>(N, [&](auto chunks, auto whole) {
+            constexpr int K = decltype(chunks)::value;
+            // whole-chunk rows inlined here, rows with a tail out of line (see
+            // layer_norm_bwd_tail_rows_out_of_line)
+            if constexpr (decltype(whole)::value) {
+              layer_norm_bwd_register_rows<K, true, T>(xp, gp, dxp, first, past, N, mp, rp, w,
+                                                       rms, pdw, pdb, stream, low_nans);
+            } else {
+              layer_norm_bwd_tail_rows_out_of_line<K, T>(xp, gp, dxp, first, past, N, mp, rp, w,
+                                                         rms, pdw, pdb, stream, low_nans);
+            }
           })) {
         continue;
       }
