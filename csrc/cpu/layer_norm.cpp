@@ -68,23 +68,35 @@ static NK_ALWAYS_INLINE bool with_register_rows(int64_t n, F&& fn) {
   }
 }
 
-// y over a row's tail, its last n < Chunk<T>::size columns (x, y, w and b start there; w and b
-// may be null): one masked chunk, the chunks' arithmetic (the bits element by element gave, save
-// bf16 results below its smallest normal, flushed as the chunks' are: see narrow), in natural
-// order, as to_lanes leaves weight and bias there. (Element by element, as before,
-// the fp32 LayerNorm forwards 65536x16, all tail, and 21845x48 took 1.2-1.26x the time.)
+// y over a row's tail, its last n < Chunk<T>::size columns (y, w and b start there; w and b may
+// be null), from the tail's x - mean (xc_lo, xc_hi, in natural order, as Chunk::load_first
+// reads): one masked chunk, the chunks' arithmetic (the bits element by element gave, save bf16
+// results below its smallest normal, flushed as the chunks' are: see narrow), in natural order,
+// as to_lanes leaves weight and bias there. (Element by element, as before, the fp32 LayerNorm
+// forwards 65536x16, all tail, and 21845x48 took 1.2-1.26x the time.)
+template <typename T, typename PT>
+static NK_ALWAYS_INLINE void layer_norm_tail_put(T* y, int64_t n,
+                                                 const typename Chunk<T>::V& xc_lo,
+                                                 const typename Chunk<T>::V& xc_hi,
+                                                 const typename Chunk<T>::V& vrstd, const PT* w,
+                                                 const PT* b) {
+  using V = typename Chunk<T>::V;
+  V wa(1), wc(1), ba(0), bc(0);
+  if (w != nullptr) Chunk<PT>::load_first(w, n, wa, wc);
+  if (b != nullptr) Chunk<PT>::load_first(b, n, ba, bc);
+  Chunk<T>::store_first(y, n, affine_row(xc_lo, vrstd, w != nullptr, wa, b != nullptr, ba),
+                        affine_row(xc_hi, vrstd, w != nullptr, wc, b != nullptr, bc));
+}
+
+// layer_norm_tail_put from the tail's x (x starts there).
 template <typename TX, typename T, typename PT>
 static NK_ALWAYS_INLINE void layer_norm_tail_apply(const TX* x, T* y, int64_t n,
                                                    const typename Chunk<T>::V& vmean,
                                                    const typename Chunk<T>::V& vrstd, const PT* w,
                                                    const PT* b) {
-  using V = typename Chunk<T>::V;
-  V a, c, wa(1), wc(1), ba(0), bc(0);
+  typename Chunk<T>::V a, c;
   Chunk<TX>::load_first(x, n, a, c);
-  if (w != nullptr) Chunk<PT>::load_first(w, n, wa, wc);
-  if (b != nullptr) Chunk<PT>::load_first(b, n, ba, bc);
-  Chunk<T>::store_first(y, n, affine_row(a - vmean, vrstd, w != nullptr, wa, b != nullptr, ba),
-                        affine_row(c - vmean, vrstd, w != nullptr, wc, b != nullptr, bc));
+  layer_norm_tail_put<T, PT>(y, n, a - vmean, c - vmean, vrstd, w, b);
 }
 
 // y = (x - mean) * rstd * w + b over one row; w and b may be null. x is the input's dtype, or
@@ -211,7 +223,10 @@ static bool params_copied(int64_t rows) {
 // and y computed there, the same arithmetic as the passes over memory (two passes, the squared
 // deviations from the row's own mean; bit-identical). A last chunk that is not whole is loaded
 // as the passes load a row's tail (Chunk::load_tail), and its y written as theirs
-// (layer_norm_tail_apply). Short rows are mostly per-row overhead: the
+// (layer_norm_tail_put; from the registers where the row is shorter than a chunk, else from the
+// tail read again, as those registers hold a chunk ending at the row's end: reading a row of 16
+// or 24 bf16 values once instead of twice, 16384 rows forward 0.84-0.88x the time, fp32
+// 0.97-0.99x, capped to AVX2 bf16 0.88x). Short rows are mostly per-row overhead: the
 // passes' loops and reductions, one row after another. Zen 4 guest, 2 threads, paired in one
 // process against the passes (time ratios, LayerNorm / RMSNorm forward): fp32 32768x32
 // 0.69-0.70 / 0.74-0.76, 4096x64 and 16384x64 0.76-0.82 / 0.81-0.86, 4096x96 and 4096x128
@@ -299,7 +314,12 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
                      affine_row(hi[i][k], vrs, w != nullptr, wb, b != nullptr, bb),
                      stream && whole_line_chunk(yr + j, j, 0, N), low.value);
       }
-      if constexpr (!kWhole) {
+      if constexpr (!kWhole && K == 1) {
+        // a row shorter than a chunk: its registers hold x - mean in natural order (load_tail
+        // reads it as load_first does)
+        layer_norm_tail_put<T, PT>(yr, last, lo[i][0], hi[i][0], vrs, w, b);
+      } else if constexpr (!kWhole) {
+        // the registers hold the last chunk ending at the row's end: its tail read again
         layer_norm_tail_apply(xr + j_last, yr + j_last, last, vmu, vrs,
                               w != nullptr ? w + j_last : nullptr,
                               b != nullptr ? b + j_last : nullptr);
