@@ -749,7 +749,8 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
 // The backward's register rows whose last chunk is not whole, called out of line, one function
 // for each K, arguments by value (inlined beside the whole-chunk ones, they made GCC call parts of
 // the parallel loop out of line: see layer_norm_fwd_rows_out_of_line). The whole-chunk rows stay
-// inlined into the backward's loop: they are one row at a time, not doubled as the forward's.
+// inlined into the backward's loop, as they were when moving these out brought their times back
+// (the forward's went out of line too only once two rows at a time doubled their code).
 template <int K, typename T>
 NK_NOINLINE static void layer_norm_bwd_tail_rows_out_of_line(
     const T* xp, const T* gp, T* dxp, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* mp,
