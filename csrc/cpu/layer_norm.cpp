@@ -51,19 +51,14 @@ static NK_ALWAYS_INLINE bool with_register_rows(int64_t n, F&& fn) {
     return false;
   } else {
     if (n <= 0 || n > 4 * Chunk<T>::size) return false;
-    const auto chunks = [&](auto whole) {
+    with_flag(n % Chunk<T>::size == 0, [&](auto whole) {
       switch ((n + Chunk<T>::size - 1) / Chunk<T>::size) {
         case 1: fn(std::integral_constant<int, 1>(), whole); break;
         case 2: fn(std::integral_constant<int, 2>(), whole); break;
         case 3: fn(std::integral_constant<int, 3>(), whole); break;
         default: fn(std::integral_constant<int, 4>(), whole); break;
       }
-    };
-    if (n % Chunk<T>::size == 0) {
-      chunks(std::true_type());
-    } else {
-      chunks(std::false_type());
-    }
+    });
     return true;
   }
 }
