@@ -221,9 +221,13 @@ static bool params_copied(int64_t rows) {
 // (layer_norm_tail_put; from the registers where the row is shorter than a chunk, else from the
 // tail read again, as those registers hold a chunk ending at the row's end: reading a row of 16
 // or 24 bf16 values once instead of twice, 16384 rows forward 0.84-0.88x the time, fp32
-// 0.97-0.99x, capped to AVX2 bf16 0.88x). Short rows are mostly per-row overhead: the
-// passes' loops and reductions, one row after another. Zen 4 guest, 2 threads, paired in one
-// process against the passes (time ratios, LayerNorm / RMSNorm forward): fp32 32768x32
+// 0.97-0.99x, capped to AVX2 bf16 0.88x). (Where the row is longer, storing that last chunk whole,
+// before the chunks before it, whose stores then write over the lanes it shares with them, spares
+// the tail's second read and its masks: alternated processes, one thread, 8192 rows 48 to 127 wide,
+// bf16 0.91-0.97x the time, fp32 0.95-1.00x; but capped to AVX2 0.94-1.10x (bf16 24 wide, fp32
+// 40 and 56 wide 1.04-1.10x in two runs): not kept.) Short rows are mostly per-row
+// overhead: the passes' loops and reductions, one row after another. Zen 4 guest, 2 threads, paired
+// in one process against the passes (time ratios, LayerNorm / RMSNorm forward): fp32 32768x32
 // 0.69-0.70 / 0.74-0.76, 4096x64 and 16384x64 0.76-0.82 / 0.81-0.86, 4096x96 and 4096x128
 // 0.82-0.91 / 0.88-0.96, 65536x128 (from memory) 0.79-0.99 / 0.99-1.01; bf16 32768x32 0.63 /
 // 0.66, 64 to 128 wide 0.67-0.87 / 0.74-0.90; the AVX2 build, rows of 32 and 64 (up to four of
@@ -647,6 +651,12 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
 // fp32 / bf16): 32768x32 0.43 / 0.44, 4096x32 to 16384x64 0.52-0.65 / 0.51-0.63, 4096x96 to
 // 16384x128 0.66-0.72 / 0.65-0.72 (the fp32 4096x128 backward went from 0.95x torch's speed to
 // 1.47x); the AVX2 build, rows of 32 to 64 (two to four of its chunks), 0.64-0.92 / 0.74-1.00.
+// One row at a time, unlike the forward. Two at a time (the same bits; every variant then called
+// out of line: inlined as the whole-chunk rows are here, those took 1.07-1.34x the time) measured
+// 0.87-1.08x the time op by op (alternated processes, 16384 rows on 2 threads, 8192 on 1; at three
+// and four chunks, where two rows and the partials outnumber the registers, bf16 took 1.17-1.21x,
+// so only rows of one or two chunks took two) and 0.92-1.06x as forward+backward steps of 16384
+// rows 32 to 128 wide (pairs 0.6-1.3): noise, not kept.
 template <int K, bool kWhole, typename T>
 static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
     const T* xp, const T* gp, T* dxp, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* mp,
