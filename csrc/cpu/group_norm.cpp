@@ -140,11 +140,12 @@ struct ImageChunks {
 // ratios): channels_last fp32 GroupNorm 2x640x32x32 forward 0.97-1.01x, 4x320x32x32 0.92x,
 // 2x64x48x48 0.89x, bf16 2x640x32x32 0.93-0.97x, forward+backward 0.95x; InstanceNorm 4x128x64x64
 // fp32 forward+backward 0.95x, bf16 forward 0.92x; 2x320x64x64 (5.2 MB images) 0.96-1.04x.
-// Nor is an image split over the threads, one image a chunk (each thread's share of it nearer its
-// L2 for the second pass): against one task per image, alternated processes, channels_last
-// GroupNorm 2x640x32x32 forward 1.06x the time (fp32 and bf16), forward+backward 1.04x,
-// 2x320x64x64 forward 1.15x; InstanceNorm 4x128x64x64 forward 1.16x, forward+backward
-// 1.03-1.04x: the merges on one thread between two parallel regions cost more than L2 saves.
+// Splitting each image over the threads instead (the chunked walk, one image a chunk: each
+// thread's share of the image nearer its L2 for the second pass), against one task per image,
+// alternated processes: channels_last GroupNorm 2x640x32x32 forward 1.06x the time (fp32 and
+// bf16), forward+backward 1.04x, 2x320x64x64 forward 1.15x; InstanceNorm 4x128x64x64 forward
+// 1.16x, forward+backward 1.03-1.04x: the merges on one thread between two parallel regions cost
+// more than the L2 saves.
 struct ImageTasks {
   static bool apply(int64_t N, int64_t input_bytes, int64_t budget) {
     const int64_t threads = at::get_num_threads();
