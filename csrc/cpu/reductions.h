@@ -1212,12 +1212,36 @@ inline void prefetch_ahead(const T* p, int64_t r, int64_t r_end, int64_t ld, int
 #endif
 }
 
-// Calls tile(c, width) over the columns [0, C) in tiles of two chunks, then one chunk, then the
-// masked rest: tile is a generic lambda taking std::integral_constant<int, K> and a bool_constant
-// for masked. head (less than a chunk): columns taken first as a masked tile of their own, so the
-// whole tiles start at column head (where the caller's rows are aligned; see ShortPlanes::head).
-// Only for walks in natural order: the lane order (LaneColumns) is set by chunks from column 0.
-template <typename T, typename Tile>
+// The vector registers the SIMD build has: AVX-512's 32, AVX2's 16.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int kVectorRegisters = 16;
+#else
+constexpr int kVectorRegisters = 32;
+#endif
+
+// Whether a register tile of two chunks (K = 4 vectors a row) fits the registers: `held` arrays
+// of K vectors kept across its sweep of rows (per-column coefficients or running sums), and,
+// where T is rounded by bits (kRoundsByBits: bf16 under AVX2), the `loaded` arrays of the row it
+// reads (x; dy and x), widened into registers, and five more (the widening mask, the rounding's
+// two constants, its temporaries). Under AVX2's 16 the bf16 normalize tile (scale, shift, x and
+// a center where given: 17 or 21) and the backward's sums tile (shift, the two sums, dy and x:
+// 25) did not fit: GCC kept vectors on the stack, stored and reloaded every row, the stores'
+// `stream` test with them. fp32 rows feed the arithmetic straight from memory (12 fit); fp16
+// converts by F16C with no constants and keeps its two-chunk tiles (its steps went either way
+// within this guest's noise with one-chunk tiles).
+template <typename T>
+constexpr bool two_chunk_tile_fits(int held, int loaded) {
+  return 4 * held + (kRoundsByBits<T> ? 4 * loaded + 5 : 0) <= kVectorRegisters;
+}
+
+// Calls tile(c, width) over the columns [0, C) in tiles of two chunks (where kTwoChunks), then one
+// chunk, then the masked rest: tile is a generic lambda taking std::integral_constant<int, K> and
+// a bool_constant for masked. head (less than a chunk): columns taken first as a masked tile of
+// their own, so the whole tiles start at column head (where the caller's rows are aligned; see
+// ShortPlanes::head). The same values either way: a column's arithmetic does not depend on its
+// tile. Only for walks in natural order: the lane order (LaneColumns) is set by chunks from
+// column 0.
+template <typename T, bool kTwoChunks = true, typename Tile>
 inline void for_column_tiles(int64_t C, Tile&& tile, int64_t head = 0) {
   constexpr int64_t S = Chunk<T>::size;
   int64_t c = 0;
@@ -1225,8 +1249,10 @@ inline void for_column_tiles(int64_t C, Tile&& tile, int64_t head = 0) {
     tile(std::integral_constant<int, 2>(), std::true_type(), c, head);
     c = head;
   }
-  for (; c + 2 * S <= C; c += 2 * S)
-    tile(std::integral_constant<int, 4>(), std::false_type(), c, 2 * S);
+  if constexpr (kTwoChunks) {
+    for (; c + 2 * S <= C; c += 2 * S)
+      tile(std::integral_constant<int, 4>(), std::false_type(), c, 2 * S);
+  }
   for (; c + S <= C; c += S) tile(std::integral_constant<int, 2>(), std::false_type(), c, S);
   if (c < C) tile(std::integral_constant<int, 2>(), std::true_type(), c, C - c);
 }
@@ -1509,7 +1535,9 @@ inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, i
   const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
   for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
     const int64_t p1 = std::min(r1, p0 + pass_rows);
-    for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
+    // held: shift and the two sums; loaded: dy and x
+    for_column_tiles<T, two_chunk_tile_fits<T>(3, 2)>(C, [&](auto K, auto masked, int64_t c,
+                                                          int64_t width) {
       grad_sums_tile<T, K.value, masked.value, kLanes>(dy, x, p0, p1, ld, c, width, lane_shift,
                                                        lane_sum_dy, lane_sum_dy_xc);
     }, head);
@@ -1634,7 +1662,9 @@ inline void columns_affine(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, 
     with_flag(centered, [&](auto kCentered) {
       for (int64_t g0 = r0; g0 < r1; g0 += kTileRows) {
         const int64_t g1 = std::min(r1, g0 + kTileRows);
-        for_column_tiles<T>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
+        // held: scale, shift and the center where given; loaded: x
+        constexpr bool kTwoChunks = two_chunk_tile_fits<T>(kCentered.value ? 3 : 2, 1);
+        for_column_tiles<T, kTwoChunks>(C, [&](auto K, auto masked, int64_t c, int64_t width) {
           affine_tile<T, K.value, masked.value, kLanes, low.value, kCentered.value>(
               x, y, g0, g1, r1, ld, c, width, center, scale, shift, stream);
         }, head);
