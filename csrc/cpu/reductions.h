@@ -1212,7 +1212,8 @@ inline void prefetch_ahead(const T* p, int64_t r, int64_t r_end, int64_t ld, int
 #endif
 }
 
-// The vector registers the SIMD build has: AVX-512's 32, AVX2's 16.
+// The vector registers of the build: AVX2's 16, else AVX-512's 32 (the portable and Arm builds
+// round no type by bits, so two_chunk_tile_fits holds there as under AVX-512).
 #if defined(CPU_CAPABILITY_AVX2)
 constexpr int kVectorRegisters = 16;
 #else
@@ -1226,9 +1227,12 @@ constexpr int kVectorRegisters = 32;
 // two constants, its temporaries). Under AVX2's 16 the bf16 normalize tile (scale, shift, x and
 // a center where given: 17 or 21) and the backward's sums tile (shift, the two sums, dy and x:
 // 25) did not fit: GCC kept vectors on the stack, stored and reloaded every row, the stores'
-// `stream` test with them. fp32 rows feed the arithmetic straight from memory (12 fit); fp16
-// converts by F16C with no constants and keeps its two-chunk tiles (its steps went either way
-// within this guest's noise with one-chunk tiles).
+// `stream` test with them. Zen 4, capped to AVX2, the builds alternated: channels_last bf16
+// forwards 0.80-0.90x the time, a 16x512x7x7 BatchNorm forward 0.75-0.89x, its inference
+// 0.78-0.97x; bf16 steps with one-chunk sums tiles against two 0.89-0.98x. fp32 rows feed the
+// arithmetic straight from memory, so its tiles hold 12 and fit (one-chunk sums tiles: a
+// 16x512x7x7 forward+backward 1.01-1.14x the time); fp16 converts by F16C with no constants and
+// keeps its two-chunk tiles (one-chunk: 0.88-1.23x, noise either way).
 template <typename T>
 constexpr bool two_chunk_tile_fits(int held, int loaded) {
   return 4 * held + (kRoundsByBits<T> ? 4 * loaded + 5 : 0) <= kVectorRegisters;
