@@ -626,11 +626,19 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       k_0[c] = -k_dy[c] * sum_dy[c] * inv_count;
     }
   };
+  // Each plane summed in lanes of its own, then added to the channel's: summed across all planes
+  // in one set of lanes, a lane took N * HW / 32 additions in a row (6272 for 64x64x56x56 under
+  // AVX-512) and the fp32 dbias and dweight 8x and 6x the error of ATen's cascade sums.
   const auto channel_sums = [&](int64_t c) {
     VecSum<T> sg, sd;
     for (int64_t n = 0; n < s.N; ++n) {
       const int64_t off = (n * s.C + c) * s.HW;
-      accumulate_grad_sums<true>(gp + off, xp + off, s.HW, mean[c], sg, sd);
+      VecSum<T> pg, pd;
+      accumulate_grad_sums<true>(gp + off, xp + off, s.HW, mean[c], pg, pd);
+      sg.lo += pg.lo;
+      sg.hi += pg.hi;
+      sd.lo += pd.lo;
+      sd.hi += pd.hi;
     }
     sum_dy[c] = sg.total();
     sum_dy_xc[c] = sd.total();

@@ -881,13 +881,18 @@ template <bool kAhead = false, typename T>
 inline std::pair<acc_t<T>, acc_t<T>> plane_moments(const T* p, int64_t planes, int64_t len,
                                                    int64_t stride) {
   using A = acc_t<T>;
+  // The merged statistics in fp64 for fp32 values: each merge rounds the running mean, and in
+  // fp32 those roundings added up over a channel's blocks (49 at 64x64x56x56) to about 4x the
+  // error of ATen's mean; the fp32 dweight, whose error is the mean's times sum(dy), had 6x
+  // ATen's. A few scalar fp64 operations a block.
+  using M = std::conditional_t<std::is_same_v<A, float>, double, A>;
   constexpr int64_t block = kMomentsBlockBytes / static_cast<int64_t>(sizeof(T));
-  A count = 0, mean = 0, m2 = 0;
+  M count = 0, mean = 0, m2 = 0;
   // merges a block of n values, mean block_mean and squared deviations block_m2, into the rest
-  const auto merge = [&](int64_t n, A block_mean, A block_m2) {
-    const A total = count + static_cast<A>(n);
-    const A weight = static_cast<A>(n) / total;  // the block's share of the values so far
-    const A delta = block_mean - mean;
+  const auto merge = [&](int64_t n, M block_mean, M block_m2) {
+    const M total = count + static_cast<M>(n);
+    const M weight = static_cast<M>(n) / total;  // the block's share of the values so far
+    const M delta = block_mean - mean;
     mean += delta * weight;
     m2 += block_m2 + delta * delta * count * weight;
     count = total;
@@ -913,7 +918,7 @@ inline std::pair<acc_t<T>, acc_t<T>> plane_moments(const T* p, int64_t planes, i
       merge(n, block_mean, sq.total());
     }
   }
-  return {mean, m2};
+  return {static_cast<A>(mean), static_cast<A>(m2)};
 }
 
 // Where an elementwise pass over a segment of n elements starts its aligned loop: the first
