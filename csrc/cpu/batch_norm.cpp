@@ -637,10 +637,8 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       const int64_t off = (n * s.C + c) * s.HW;
       VecSum<T> pg, pd;
       accumulate_grad_sums<true>(gp + off, xp + off, s.HW, mean[c], pg, pd);
-      sg.lo += pg.lo;
-      sg.hi += pg.hi;
-      sd.lo += pd.lo;
-      sd.hi += pd.hi;
+      sg += pg;
+      sd += pd;
     }
     sum_dy[c] = sg.total();
     sum_dy_xc[c] = sd.total();

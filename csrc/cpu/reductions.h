@@ -737,6 +737,12 @@ struct VecSum {
   using V = typename Chunk<T>::V;
   V lo{0}, hi{0};
   acc_t<T> total() const { return hsum(lo + hi); }
+  // lane by lane: another set of accumulators (a second unrolled pair, a plane's own sums)
+  VecSum& operator+=(const VecSum& other) {
+    lo += other.lo;
+    hi += other.hi;
+    return *this;
+  }
 };
 
 // A pass that reads its input from memory asks for the bytes kStreamAheadBytes past each chunk
@@ -797,8 +803,7 @@ inline int64_t accumulate_chunks(const T* p, int64_t n, VecSum<T>& acc, const Ad
       add(a, b, first);
       add(c, d, second);
     }
-    first.lo += second.lo;
-    first.hi += second.hi;
+    first += second;
   }
   for (; i + C::size <= n; i += C::size) {
     V a, b;
