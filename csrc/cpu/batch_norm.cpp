@@ -139,8 +139,8 @@ struct ShortPlanes {
   // out[(c - c0) * HW + p] = per_channel[c] for the block's channels and every position p
   template <typename A>
   void spread(int64_t blk, const A* per_channel, A* out) const {
-    for (int64_t c = c0(blk); c < c1(blk); ++c)
-      std::fill(out + (c - c0(blk)) * HW, out + (c - c0(blk) + 1) * HW, per_channel[c]);
+    const EqualRuns<A> runs(HW);
+    for (int64_t c = c0(blk); c < c1(blk); ++c) runs.fill(out + (c - c0(blk)) * HW, per_channel[c]);
   }
   // per_channel[c] = sum of in over channel c's positions
   template <typename A>
@@ -477,11 +477,12 @@ static void batch_norm_fwd_typed(const at::Tensor& x, const NormShape& s,
           var[c] = count > 0 ? var[c] / static_cast<A>(count) : A(0);
           invstd[c] = A(1) / std::sqrt(var[c] + a_eps);
         }
+        const EqualRuns<A> runs(s.HW);
         for (int64_t c = c0; c < sp.c1(blk); ++c) {
           const int64_t at = (c - c0) * s.HW;
-          std::fill(ce + at, ce + at + s.HW, mean[c]);
-          std::fill(sc + at, sc + at + s.HW, invstd[c] * param_or(w, c, A(1)));
-          std::fill(sh + at, sh + at + s.HW, param_or(b, c, A(0)));
+          runs.fill(ce + at, mean[c]);
+          runs.fill(sc + at, invstd[c] * param_or(w, c, A(1)));
+          runs.fill(sh + at, param_or(b, c, A(0)));
         }
         columns_affine<kShortPlaneForwardLanes>(xp + off, yp + off, 0, s.N, span, sp.ld(), ce, sc,
                                                 sh, /*stream=*/false, low_nans, head);
