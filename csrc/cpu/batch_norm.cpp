@@ -679,10 +679,8 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
           const int64_t off = sp.c0(blk) * s.HW, span = sp.span(blk);
           sp.spread(blk, mean, ce);
           if (need_sums) {
-            std::fill(sg, sg + span, A(0));
-            std::fill(sd, sd + span, A(0));
             columns_grad_sums<kLanes>(gp + off, xp + off, 0, s.N, span, sp.ld(), ce, sg, sd,
-                                      head);
+                                      head, /*overwrite=*/true);
             sp.gather_sums(blk, sg, sum_dy.data());
             sp.gather_sums(blk, sd, sum_dy_xc.data());
           }

@@ -1522,17 +1522,22 @@ inline A merge_equal_parts(const A* part_mean, const A* part_m2, int64_t parts, 
 }
 
 // columns_grad_sums over the columns [c, c + width) and rows [p0, p1), the tile's sums held in
-// registers for the whole sweep. Masked lanes load dy as zero, so they add nothing.
+// registers for the whole sweep. Masked lanes load dy as zero, so they add nothing. first: the
+// sums start from zero (sum_dy and sum_dy_xc are only written).
 template <typename T, int K, bool kMasked, bool kLanes>
 inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int64_t ld,
                            int64_t c, int64_t width, const acc_t<T>* shift, acc_t<T>* sum_dy,
-                           acc_t<T>* sum_dy_xc) {
+                           acc_t<T>* sum_dy_xc, bool first) {
   using V = typename Chunk<T>::V;
   static_assert(K % 2 == 0, "a tile is whole chunks");
   V sh[K], sg[K], sd[K];
   tile_load_columns<kMasked, K>(shift, c, width, sh);
-  tile_load_columns<kMasked, K>(sum_dy, c, width, sg);
-  tile_load_columns<kMasked, K>(sum_dy_xc, c, width, sd);
+  if (first) {
+    for (int k = 0; k < K; ++k) sg[k] = sd[k] = V(0);
+  } else {
+    tile_load_columns<kMasked, K>(sum_dy, c, width, sg);
+    tile_load_columns<kMasked, K>(sum_dy_xc, c, width, sd);
+  }
   for (int64_t r = p0; r < p1; ++r) {
     V g[K], v[K];
     prefetch_ahead<K>(dy, r, p1, ld, c);
@@ -1549,17 +1554,24 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
 }
 
 // Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), accumulated into
-// sum_dy/sum_dy_xc (length C, not cleared here). Register tiles of columns over L2-sized passes
-// of rows, as columns_welford.
+// sum_dy/sum_dy_xc (length C), or written there where `overwrite` (their values unread, none
+// zeroed first). Register tiles of columns over L2-sized passes of rows, as columns_welford.
 template <bool kLanes = true, typename T>
 inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, int64_t C,
                               int64_t ld, const acc_t<T>* shift, acc_t<T>* sum_dy,
-                              acc_t<T>* sum_dy_xc, int64_t head = 0) {
-  if (r1 <= r0) return;
+                              acc_t<T>* sum_dy_xc, int64_t head = 0, bool overwrite = false) {
+  using A = acc_t<T>;
+  if (r1 <= r0) {
+    if (overwrite) {
+      std::fill(sum_dy, sum_dy + C, A(0));
+      std::fill(sum_dy_xc, sum_dy_xc + C, A(0));
+    }
+    return;
+  }
   LaneColumns<T, kLanes> lanes(C, 3);
-  const acc_t<T>* lane_shift = lanes.in(0, shift);
-  acc_t<T>* lane_sum_dy = lanes.in_out(1, sum_dy);
-  acc_t<T>* lane_sum_dy_xc = lanes.in_out(2, sum_dy_xc);
+  const A* lane_shift = lanes.in(0, shift);
+  A* lane_sum_dy = overwrite ? lanes.written(1, sum_dy) : lanes.in_out(1, sum_dy);
+  A* lane_sum_dy_xc = overwrite ? lanes.written(2, sum_dy_xc) : lanes.in_out(2, sum_dy_xc);
   const int64_t row_bytes = std::max<int64_t>(1, 2 * C * static_cast<int64_t>(sizeof(T)));
   const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
   for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
@@ -1568,7 +1580,8 @@ inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, i
     for_column_tiles<T, two_chunk_tile_fits<T>(3, 2)>(C, [&](auto K, auto masked, int64_t c,
                                                           int64_t width) {
       grad_sums_tile<T, K.value, masked.value, kLanes>(dy, x, p0, p1, ld, c, width, lane_shift,
-                                                       lane_sum_dy, lane_sum_dy_xc);
+                                                       lane_sum_dy, lane_sum_dy_xc,
+                                                       /*first=*/overwrite && p0 == r0);
     }, head);
   }
   lanes.out(1, sum_dy);
