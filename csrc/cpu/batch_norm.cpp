@@ -680,7 +680,7 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
           sp.spread(blk, mean, ce);
           if (need_sums) {
             columns_grad_sums<kLanes>(gp + off, xp + off, 0, s.N, span, sp.ld(), ce, sg, sd,
-                                      head, /*overwrite=*/true);
+                                      head);
             sp.gather_sums(blk, sg, sum_dy.data());
             sp.gather_sums(blk, sd, sum_dy_xc.data());
           }
@@ -733,7 +733,8 @@ static void batch_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     });
   } else if (need_sums) {
     const Blocks blocks(count, std::max<int64_t>(1, 8192 / std::max<int64_t>(s.C, 1)));
-    Scratch<A> part_dy(blocks.count * s.C, A(0)), part_dyx(blocks.count * s.C, A(0));
+    // each block writes its own sums (columns_grad_sums)
+    Scratch<A> part_dy(blocks.count * s.C), part_dyx(blocks.count * s.C);
     at::parallel_for(0, blocks.count, blocks.grain(s.C), [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         columns_grad_sums(gp, xp, blocks.begin(blk), blocks.end(blk), s.C, s.C, mean,

@@ -540,10 +540,9 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       // image n's block of rows blk: its sums per position of a row
       const auto block_sums = [&](int64_t n, int64_t blk, A* part_dy, A* part_dyx) {
         const int64_t off = n * v.HW * v.C;
-        // overwrite: an earlier block left its own sums here
+        // written over what an earlier block left here
         columns_grad_sums(gp + off, xp + off, blocks.begin(blk), blocks.end(blk), W, W,
-                          center_w.data() + n * W, part_dy, part_dyx, /*head=*/0,
-                          /*overwrite=*/true);
+                          center_w.data() + n * W, part_dy, part_dyx);
       };
       // image n's per-channel sums from its nb blocks' (position j of a row is channel j % C),
       // in a fixed order, then (with dx) its coefficients

@@ -1132,8 +1132,6 @@ class LaneColumns {
   LaneColumns(int64_t C, int slots) : C_(C), buf_(kCopy ? C * slots : 0) {}
   // p[0:C] in lane order, read-only.
   const A* in(int i, const A* p) { return kCopy ? copy_in(i, p) : p; }
-  // p[0:C] in lane order, to be updated and put back by out().
-  A* in_out(int i, A* p) { return kCopy ? copy_in(i, p) : p; }
   // Storage in place of p[0:C], unset, to be written in full and put back by out().
   A* written(int i, A* p) { return kCopy ? slot(i) : p; }
   // Writes slot i back to p[0:C] in natural order.
@@ -1522,8 +1520,8 @@ inline A merge_equal_parts(const A* part_mean, const A* part_m2, int64_t parts, 
 }
 
 // columns_grad_sums over the columns [c, c + width) and rows [p0, p1), the tile's sums held in
-// registers for the whole sweep. Masked lanes load dy as zero, so they add nothing. first: the
-// sums start from zero (sum_dy and sum_dy_xc are only written).
+// registers for the whole sweep. Masked lanes load dy as zero, so they add nothing. first: these
+// are the first rows, and the sums start from zero (sum_dy and sum_dy_xc are only written).
 template <typename T, int K, bool kMasked, bool kLanes>
 inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int64_t ld,
                            int64_t c, int64_t width, const acc_t<T>* shift, acc_t<T>* sum_dy,
@@ -1553,25 +1551,24 @@ inline void grad_sums_tile(const T* dy, const T* x, int64_t p0, int64_t p1, int6
   tile_store_columns<kMasked, K>(sd, sum_dy_xc, c, width);
 }
 
-// Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), accumulated into
-// sum_dy/sum_dy_xc (length C), or written there where `overwrite` (their values unread, none
-// zeroed first). Register tiles of columns over L2-sized passes of rows, as columns_welford.
+// Per-column sum(dy) and sum(dy * (x - shift[c])) over rows [r0, r1), written to
+// sum_dy/sum_dy_xc (length C; their values are not read, so nothing needs zeroing first: the
+// first tiles start from zero). Register tiles of columns over L2-sized passes of rows, as
+// columns_welford.
 template <bool kLanes = true, typename T>
 inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, int64_t C,
                               int64_t ld, const acc_t<T>* shift, acc_t<T>* sum_dy,
-                              acc_t<T>* sum_dy_xc, int64_t head = 0, bool overwrite = false) {
+                              acc_t<T>* sum_dy_xc, int64_t head = 0) {
   using A = acc_t<T>;
   if (r1 <= r0) {
-    if (overwrite) {
-      std::fill(sum_dy, sum_dy + C, A(0));
-      std::fill(sum_dy_xc, sum_dy_xc + C, A(0));
-    }
+    std::fill(sum_dy, sum_dy + C, A(0));
+    std::fill(sum_dy_xc, sum_dy_xc + C, A(0));
     return;
   }
   LaneColumns<T, kLanes> lanes(C, 3);
   const A* lane_shift = lanes.in(0, shift);
-  A* lane_sum_dy = overwrite ? lanes.written(1, sum_dy) : lanes.in_out(1, sum_dy);
-  A* lane_sum_dy_xc = overwrite ? lanes.written(2, sum_dy_xc) : lanes.in_out(2, sum_dy_xc);
+  A* lane_sum_dy = lanes.written(1, sum_dy);
+  A* lane_sum_dy_xc = lanes.written(2, sum_dy_xc);
   const int64_t row_bytes = std::max<int64_t>(1, 2 * C * static_cast<int64_t>(sizeof(T)));
   const int64_t pass_rows = std::max<int64_t>(1, (int64_t{256} << 10) / row_bytes);
   for (int64_t p0 = r0; p0 < r1; p0 += pass_rows) {
@@ -1581,7 +1578,7 @@ inline void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, i
                                                           int64_t width) {
       grad_sums_tile<T, K.value, masked.value, kLanes>(dy, x, p0, p1, ld, c, width, lane_shift,
                                                        lane_sum_dy, lane_sum_dy_xc,
-                                                       /*first=*/overwrite && p0 == r0);
+                                                       /*first=*/p0 == r0);
     }, head);
   }
   lanes.out(1, sum_dy);
