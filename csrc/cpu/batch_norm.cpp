@@ -8,6 +8,8 @@
 //   channels_last: per-channel Welford over fixed blocks of rows, vectorized along C and
 //                  merged exactly in block order; then one normalize pass over the rows, each
 //                  thread its rows back to front (for_rows_back_to_front).
+//   inference    : the training forward's normalize pass with the given statistics; for 16-bit
+//                  x (and short planes) the mean folded into the shift (batch_norm_elemt).
 //   backward     : per-channel sum(dy) and sum(dy * (x - mean)) in one read of x and dy; then
 //                  dx = dy * k_dy[c] + (x - mean[c]) * k_x[c] + k_0[c], for NCHW in the same task
 //                  per channel (its planes still in L2). Inference backward skips the sums
@@ -185,31 +187,37 @@ constexpr int64_t kShortPlaneBackwardLanesFrom = 32;
 constexpr int64_t kPlaneCost = 64;
 inline int64_t channel_grain(const NormShape& s) { return grain_for(s.N * (s.HW + kPlaneCost)); }
 
-// channel_affine on short NCHW planes, as y = x * scale + (shift - center * scale): the center
-// is folded into the shift once per channel (one rounding, by fma), so a block lays out and
-// loads two per-element arrays instead of three and spends no subtraction an element. ATen's
-// CPU batch norm applies the same fold; its extra error is at most half an ulp of
-// center * scale, the size of x's own rounding where x is near the center (and small against
-// y where it is not). Only for these elementwise passes with given coefficients (inference,
-// InstanceNorm with running statistics, SyncBatchNorm's elementwise op); the training forward
-// keeps x - mean, whose channels can be constant (x == mean, where the fold's rounding would
-// show against y == shift). Zen 4, 16x512x7x7 inference paired in one process against the
-// three arrays: fp32 0.89x the time (0.0325 -> 0.0290 ms), bf16 0.91x (0.024 -> 0.023 ms),
-// capped to AVX2 fp32 0.89x, bf16 0.96x (its lane-order copies of the arrays remain).
+// shift[c] - center[c] * scale[c], in one rounding (fma): the shift of y = x * scale + shift,
+// the center folded in (batch_norm_elemt)
+template <typename A>
+static Scratch<A> fold_center(int64_t C, const A* center, const A* scale, const A* shift) {
+  Scratch<A> folded(C);
+  for (int64_t c = 0; c < C; ++c) folded[c] = std::fma(-center[c], scale[c], shift[c]);
+  return folded;
+}
+
+// channel_affine on short NCHW planes as y = x * scale + shift, a center folded into the shift
+// first (fold_center): a block lays out and loads two per-element arrays instead of three and
+// spends no subtraction an element. ATen's CPU batch norm applies the same fold; its extra error
+// is at most half an ulp of center * scale, the size of x's own rounding where x is near the
+// center (and small against y where it is not). Only batch_norm_elemt's pass comes here
+// (inference, InstanceNorm with running statistics, SyncBatchNorm's elementwise op); the
+// training forward keeps x - mean, whose channels can be constant (x == mean, where the fold's
+// rounding would show against y == shift). Zen 4, 16x512x7x7 inference paired in one process
+// against the three arrays: fp32 0.89x the time (0.0325 -> 0.0290 ms), bf16 0.91x (0.024 ->
+// 0.023 ms), capped to AVX2 fp32 0.89x, bf16 0.96x (its lane-order copies of the arrays remain).
 template <typename T>
-static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
-                                const acc_t<T>* scale, const acc_t<T>* shift, bool low_nans) {
+static void short_planes_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* scale,
+                                const acc_t<T>* shift, bool low_nans) {
   using A = acc_t<T>;
   const ShortPlanes<T> sp(s, 1024);
-  Scratch<A> folded_shift(s.C);
-  for (int64_t c = 0; c < s.C; ++c) folded_shift[c] = std::fma(-center[c], scale[c], shift[c]);
   at::parallel_for(0, sp.count, sp.grain, [&](int64_t b0, int64_t b1) {
     Scratch<A> storage;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t head = sp.template head<kShortPlaneForwardLanes>(yp, blk);
       const auto [sc, sh] = sp.template scratch<2>(storage, head);
       sp.spread(blk, scale, sc);
-      sp.spread(blk, folded_shift.data(), sh);
+      sp.spread(blk, shift, sh);
       const int64_t off = sp.c0(blk) * s.HW;
       columns_affine<kShortPlaneForwardLanes>(xp + off, yp + off, 0, s.N, sp.span(blk),
                                               sp.ld(), /*center=*/nullptr, sc, sh,
@@ -335,28 +343,35 @@ static NK_ALWAYS_INLINE void plane_run(T* out, int64_t p0, int64_t p1, int64_t C
   }
 }
 
-// y = (x - center[c]) * scale[c] + shift[c] on NCHW planes [p0, p1) (plane_run).
-template <typename T>
+// y = (x - center[c]) * scale[c] + shift[c] on NCHW planes [p0, p1) (plane_run), coeffs
+// {center, scale, shift}; or y = x * scale[c] + shift[c], coeffs {scale, shift}.
+template <typename T, size_t kCoeffs>
 static NK_ALWAYS_INLINE void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1,
-                                              int64_t C, int64_t hw, const acc_t<T>* center,
-                                              const acc_t<T>* scale, const acc_t<T>* shift,
+                                              int64_t C, int64_t hw,
+                                              std::array<const acc_t<T>*, kCoeffs> coeffs,
                                               bool stream, bool low_nans) {
+  static_assert(kCoeffs == 2 || kCoeffs == 3, "scale and shift, after a center or not");
   using K = Chunk<T>;
   using V = typename K::V;
-  using Coeffs = std::array<V, 3>;  // center, scale, shift
-  plane_run<T, 3>(
-      yp, p0, p1, C, hw, {center, scale, shift}, stream, low_nans,
+  using Coeffs = std::array<V, kCoeffs>;
+  const auto affine = [](const V& v, const Coeffs& k) {
+    if constexpr (kCoeffs == 3) {
+      return affine_lanes(v, k[0], k[1], k[2]);
+    } else {
+      return affine_lanes(v, k[0], k[1]);
+    }
+  };
+  plane_run<T, kCoeffs>(
+      yp, p0, p1, C, hw, coeffs, stream, low_nans,
       [&](int64_t i, const Coeffs& lo, const Coeffs& hi, bool st, auto low) {
         V a, b;
         K::load_lanes(xp + i, a, b);
-        K::put_lanes(yp + i, affine_lanes(a, lo[0], lo[1], lo[2]),
-                     affine_lanes(b, hi[0], hi[1], hi[2]), st, low.value);
+        K::put_lanes(yp + i, affine(a, lo), affine(b, hi), st, low.value);
       },
       [&](int64_t i, int64_t m, const Coeffs& lo, const Coeffs& hi) {
         V a, b;
         K::load_first(xp + i, m, a, b);
-        K::store_first(yp + i, m, affine_lanes(a, lo[0], lo[1], lo[2]),
-                       affine_lanes(b, hi[0], hi[1], hi[2]));
+        K::store_first(yp + i, m, affine(a, lo), affine(b, hi));
       });
 }
 
@@ -389,14 +404,16 @@ static NK_ALWAYS_INLINE void plane_run_grad_input(const T* dy, const T* xp, T* d
       });
 }
 
-// y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order.
-// after_stats: the statistics pass has just read channels_last x, split over the threads in the
-// same proportions, so each thread walks its rows back to front (for_rows_back_to_front).
-// low_nans: some coefficient may be a low_nan (reductions.h).
+// y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order;
+// center nullptr, for 16-bit T (rows_affine's fp32/fp64 rows take a center): y = x * scale[c] +
+// shift[c] (batch_norm_elemt). after_stats: the statistics pass has just read channels_last x,
+// split over the threads in the same proportions, so each thread walks its rows back to front
+// (for_rows_back_to_front). low_nans: some coefficient may be a low_nan (reductions.h).
 template <typename T>
 static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T>* center,
                            const acc_t<T>* scale, const acc_t<T>* shift, bool after_stats,
                            bool low_nans) {
+  TORCH_INTERNAL_ASSERT(center != nullptr || sizeof(T) < sizeof(acc_t<T>));
   const bool stream = stream_stores(2 * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T)),
                                     Pass::kForward);
   const bool plane_run =
@@ -407,23 +424,33 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
   if (plane_run) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      plane_run_affine(xp, yp, begin, end, s.C, s.HW, center, scale, shift, stream, low_nans);
+      if (center != nullptr) {
+        plane_run_affine<T, 3>(xp, yp, begin, end, s.C, s.HW, {center, scale, shift}, stream,
+                               low_nans);
+      } else {
+        plane_run_affine<T, 2>(xp, yp, begin, end, s.C, s.HW, {scale, shift}, stream, low_nans);
+      }
     });
   } else if (ShortPlanes<T>::applies(s, /*elementwise=*/true)) {
-    short_planes_affine(xp, yp, s, center, scale, shift, low_nans);
+    const Scratch<acc_t<T>> folded =
+        center != nullptr ? fold_center(s.C, center, scale, shift) : Scratch<acc_t<T>>();
+    short_planes_affine(xp, yp, s, scale, center != nullptr ? folded.data() : shift, low_nans);
   } else if (!s.channels_last) {
     // No software prefetch ahead of x (stream_ahead) in this single pass: the hardware
     // prefetchers keep up with one sequential stream a thread. Zen 4, inference paired in one
     // process against asking 8 KB ahead: 16x64x56x56 fp32 0.88x the time, bf16 0.89x,
     // 16x128x28x28 fp32 0.89x, 8x64x112x112 bf16 0.89x, 48x1024x14x14 fp32 (from memory)
     // 0.93x; only a 205 MB 32x256x56x56 fp32 lost, 1.04x.
-    at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
-      const StreamFence fence(stream);
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const int64_t c = nc % s.C;
-        segment_affine(xp + nc * s.HW, yp + nc * s.HW, s.HW, center[c], scale[c], shift[c],
-                       stream, low_nans);
-      }
+    with_flag(center != nullptr, [&](auto kCentered) {
+      at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+        const StreamFence fence(stream);
+        for (int64_t nc = begin; nc < end; ++nc) {
+          const int64_t c = nc % s.C;
+          segment_affine<kCentered.value>(xp + nc * s.HW, yp + nc * s.HW, s.HW,
+                                          kCentered.value ? center[c] : acc_t<T>(0), scale[c],
+                                          shift[c], stream, low_nans);
+        }
+      });
     });
   } else {
     at::parallel_for(0, s.N * s.HW, grain_for(s.C), [&](int64_t begin, int64_t end) {
@@ -583,9 +610,28 @@ template <typename T>
 static void batch_norm_elemt_typed(const at::Tensor& x, const NormShape& s,
                                    const at::Tensor& coef, at::Tensor& y) {
   using A = acc_t<T>;
-  const A* k = coef.const_data_ptr<A>();
-  channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, k, k + s.C, k + 2 * s.C,
-                 /*after_stats=*/false, any_low_nan<T>({&coef}));
+  const A* k = coef.const_data_ptr<A>();  // center, scale, shift: C values each
+  const bool low_nans = any_low_nan<T>({&coef});
+  if constexpr (sizeof(T) < sizeof(A)) {
+    // 16-bit x: y = x * scale + (shift - center * scale), the center folded into the shift once
+    // a channel (one rounding, by fma), in every walk, as ATen's CPU batch norm does: one
+    // subtraction an element less. It counts where F16C's conversions bound the pass (Zen 1, in
+    // L1: widen, FMA and narrow 16 fp16 values 6.7 TSC cycles, with the subtraction 8.2). Its extra
+    // error, at most half an fp32 ulp of center * scale, is far below y's rounding to 16 bits:
+    // against an fp64 reference, the largest errors of fp16 and bf16 outputs (means 0 and 100
+    // std from zero, NCHW and channels_last) came out the same as centered, and as ATen's. Zen 1,
+    // one thread, 16x{256,128,64}x{14,28,56}^2 inference against centered, builds alternated,
+    // four pairs (median time ratios): fp16 NCHW 0.80-0.82x (14x14: 0.31 -> 0.27 ms),
+    // channels_last 0.83-0.89x; bf16 0.76-0.94x. fp32 and fp64 keep x - center and its digits
+    // (but on short planes, short_planes_affine): with a mean 100 std from zero, fp32
+    // 16x64x14x14 inference's largest error is 7.1e-7 centered, 7.3e-6 folded (ATen's).
+    const Scratch<A> shift = fold_center(s.C, k, k + s.C, k + 2 * s.C);
+    channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, /*center=*/nullptr, k + s.C,
+                   shift.data(), /*after_stats=*/false, low_nans);
+  } else {
+    channel_affine(x.const_data_ptr<T>(), y.data_ptr<T>(), s, k, k + s.C, k + 2 * s.C,
+                   /*after_stats=*/false, low_nans);
+  }
 }
 
 void batch_norm_elemt(const at::Tensor& x, const NormShape& s, const at::Tensor& coef,

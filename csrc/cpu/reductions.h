@@ -976,6 +976,12 @@ template <typename V>
 NK_ALWAYS_INLINE V affine_lanes(const V& x, const V& center, const V& scale, const V& shift) {
   return at::vec::fmadd(x - center, scale, shift);
 }
+// y = x * scale + shift: the center already folded into the shift (BatchNorm's elementwise
+// passes with given statistics, see batch_norm_elemt)
+template <typename V>
+NK_ALWAYS_INLINE V affine_lanes(const V& x, const V& scale, const V& shift) {
+  return at::vec::fmadd(x, scale, shift);
+}
 template <typename V>
 NK_ALWAYS_INLINE V grad_input_lanes(const V& dy, const V& x, const V& center, const V& k_dy,
                                     const V& k_x, const V& k_0) {
@@ -984,32 +990,40 @@ NK_ALWAYS_INLINE V grad_input_lanes(const V& dy, const V& x, const V& center, co
 
 // y = (x - center) * scale + shift over a segment. Centering first (rather than folding the
 // mean into the shift) keeps every digit when |mean| >> std, and gives exact zeros for
-// constant input. low_nans: some operand may be a low_nan, as in this and every elementwise
-// pass below.
-template <typename T>
+// constant input. kCentered false: y = x * scale + shift, center unused (a center folded into
+// the shift by the caller). low_nans: some operand may be a low_nan, as in this and every
+// elementwise pass below.
+template <bool kCentered = true, typename T>
 inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T> scale,
                            acc_t<T> shift, bool stream, bool low_nans) {
   using C = Chunk<T>;
   using V = typename C::V;
   const V vc(center), vs(scale), vb(shift);
+  const auto affine = [&](const V& v) {
+    if constexpr (kCentered) {
+      return affine_lanes(v, vc, vs, vb);
+    } else {
+      return affine_lanes(v, vs, vb);
+    }
+  };
   int64_t i = aligned_start(y, n);
   if (i > 0) {  // masked head up to the first aligned store
     V a, b;
     C::load_first(x, i, a, b);
-    C::store_first(y, i, affine_lanes(a, vc, vs, vb), affine_lanes(b, vc, vs, vb));
+    C::store_first(y, i, affine(a), affine(b));
   }
   with_low_nans<T>(low_nans, [&](auto low) {
     for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
       V a, b;
       C::load_lanes(x + i, a, b);
-      C::put_lanes(y + i, affine_lanes(a, vc, vs, vb), affine_lanes(b, vc, vs, vb),
-                   stream && whole_line_chunk(y + i, i, i0, n), low.value);
+      C::put_lanes(y + i, affine(a), affine(b), stream && whole_line_chunk(y + i, i, i0, n),
+                   low.value);
     }
   });
   if (i < n) {
     V a, b;
     C::load_first(x + i, n - i, a, b);
-    C::store_first(y + i, n - i, affine_lanes(a, vc, vs, vb), affine_lanes(b, vc, vs, vb));
+    C::store_first(y + i, n - i, affine(a), affine(b));
   }
 }
 
@@ -1670,7 +1684,7 @@ inline void affine_tile(const T* x, T* y, int64_t r0, int64_t r1, int64_t r_end,
       if constexpr (kCentered) {
         a[k] = affine_lanes(a[k], ce[k], sc[k], sh[k]);
       } else {
-        a[k] = at::vec::fmadd(a[k], sc[k], sh[k]);
+        a[k] = affine_lanes(a[k], sc[k], sh[k]);
       }
     }
     tile_put_row<kMasked, K, kLanes, kLowNans>(y + r * ld + c, width, a, stream);
