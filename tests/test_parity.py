@@ -122,6 +122,17 @@ CPP_CASES = [
     # dtype; strided: x and dy made contiguous by the kernels' callers
     Case("BatchNorm-shortplanes-aligned", lambda: nn.BatchNorm2d(64), (6, 64, 7, 7),
          ["contiguous", "strided"]),
+    # NCHW planes shorter than a chunk: each group's planes one run (ShortPlaneRuns), the weight
+    # and bias per element, the backward's per-plane sums in scalar code: 6 channels of 3x3 a
+    # group (54 values: masked head or tail, whole chunks between), 8 of 2x2 (32), 3 of 1x1 (3:
+    # one masked chunk); without affine too
+    Case("GroupNorm-shortplane-runs", lambda: nn.GroupNorm(4, 24), (3, 24, 3, 3),
+         ["contiguous", "strided"]),
+    Case("GroupNorm-shortplane-runs-2x2", lambda: nn.GroupNorm(8, 64), (4, 64, 2, 2)),
+    Case("GroupNorm-shortplane-runs-1x1", lambda: nn.GroupNorm(5, 15), (6, 15, 1, 1),
+         ["contiguous"]),
+    Case("GroupNorm-shortplane-runs-noaffine", lambda: nn.GroupNorm(4, 24, affine=False),
+         (3, 24, 2, 3), ["contiguous"]),
 ]
 
 

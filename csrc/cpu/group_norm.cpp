@@ -2,7 +2,8 @@
 // NCHW ([N, C, HW]) and channels_last ([N, HW, C]) memory, walked in its own order.
 //   NCHW         : one task per (n, group), whose D * HW elements are contiguous: statistics
 //                  in one read (two passes per L1-sized block, plane_moments), then one fused
-//                  normalize + affine pass per channel plane.
+//                  normalize + affine pass per channel plane (per group on planes shorter
+//                  than a chunk, ShortPlaneRuns).
 //   channels_last: where a stripe of whole groups (all HW pixels of some channels) fits in L2
 //                  with rows of 1 KB or more, one task per (n, stripe): statistics, then the
 //                  normalize pass reading the stripe back from L2 (GroupStripes). Otherwise
@@ -273,6 +274,123 @@ static void image_passes(int64_t N, int64_t R, int64_t W, const Blocks& blocks,
   });
 }
 
+// The NCHW tasks' grain counts each group as this many elements more than it holds: a group's fixed
+// costs (its statistics' latency chain: sums, a division, a square root, the merges) are worth
+// about that many elements of its passes, so batches of small groups (2x2 maps, 16 or 64 values a
+// group) went to one thread where their time would pay for two. Zen 3 guest, 2 threads, paired
+// against torch round by round in one process, without -> with this cost: 16x512x2x2 forward bf16
+// 1.78-2.15x torch -> 2.36-2.52x, fp32 1.46-1.95x -> 1.64-2.00x, forward+backward bf16 1.12-1.20x
+// -> 1.42-1.70x; 16x128x4x4 fp32 forward 0.88-1.02x -> 1.38-1.55x; 8x256x2x2 fp32 forward, now
+// split in two, 1.39-1.59x -> 1.34-1.71x.
+constexpr int64_t kGroupFixedCost = 128;
+
+// NCHW planes shorter than a chunk (AVX2: 1x1 to 3x3 maps): walked channel by channel, each plane
+// is one masked chunk and the walk's fixed costs come C times an image. There a group's D planes go
+// as one run of D * HW elements, the weight (and bias) per element from an array laid out once a
+// call (w_run: w[c] at c * HW + i, the same for every image and group, a chunk of zeros past the
+// end), in the plane walk's arithmetic (rstd * w[c] rounded once, then segment_affine's and
+// segment_grad_input's closed forms): y bit-identical. The backward's per-plane sums go in scalar
+// code, in order (a masked chunk and two horizontal sums a plane cost more than its few values):
+// their roundings differ from the lane sums' (dx, dweight, dbias within an ulp or two of the plane
+// walk's; largest errors against fp64 as before). Zen 3 guest, 2 threads, paired against torch
+// round by round in one process, the plane walk -> runs (with kGroupFixedCost): forward 16x512x2x2
+// fp32 0.58x torch -> 1.63x, bf16 0.60x -> 1.86x, 16x256x2x2 bf16 0.67x -> 1.74x, 8x256x3x3 bf16
+// 0.85x -> 1.29x; forward+backward 16x512x2x2 bf16 0.63x -> 1.35x, fp32 1.36x -> 2.40x, 8x512x2x2
+// bf16 0.77x -> 1.24x. Groups of two values (64 channels of 1x1 in 32 groups) stay behind torch:
+// forward 0.80-0.90x, their fixed costs per group.
+struct ShortPlaneRuns {
+  template <typename T>
+  static bool applies(const NormShape& s) {
+    return !s.channels_last && s.HW < Chunk<T>::size;
+  }
+  // values[c] (fill where values is null) repeated HW times each, then pad zeros
+  template <typename A>
+  static Scratch<A> spread(const A* values, A fill, int64_t C, int64_t HW, int64_t pad) {
+    Scratch<A> run(C * HW + pad, A(0));
+    for (int64_t c = 0; c < C; ++c)
+      std::fill_n(run.data() + c * HW, HW, values != nullptr ? values[c] : fill);
+    return run;
+  }
+  // Per plane of `planes` planes of hw values from dy and x: sum(dy) and sum(dy * (x - center)),
+  // in order, in scalar code
+  template <typename T>
+  static void sums(const T* dy, const T* x, int64_t planes, int64_t hw, acc_t<T> center,
+                   acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
+    using A = acc_t<T>;
+    for (int64_t p = 0; p < planes; ++p, dy += hw, x += hw) {
+      A s_dy = 0, s_dy_xc = 0;
+      for (int64_t i = 0; i < hw; ++i) {
+        const A g = static_cast<A>(dy[i]);
+        s_dy += g;
+        s_dy_xc += g * (static_cast<A>(x[i]) - center);
+      }
+      sum_dy[p] = s_dy;
+      sum_dy_xc[p] = s_dy_xc;
+    }
+  }
+  // whole(i, stream) on the chunks of [0, n) whose stores to `out` are aligned, part(i, m) on the
+  // masked head before them and the tail after (segment_affine's walk)
+  template <typename T, typename Whole, typename Part>
+  static void walk(T* out, int64_t n, bool stream, const Whole& whole, const Part& part) {
+    int64_t i = aligned_start(out, n);
+    if (i > 0) part(0, i);
+    for (const int64_t i0 = i; i + Chunk<T>::size <= n; i += Chunk<T>::size)
+      whole(i, stream && whole_line_chunk(out + i, i, i0, n));
+    if (i < n) part(i, n - i);
+  }
+};
+
+// y = (x - mean) * (rstd * w_run) + b_run over a group's run of n elements
+template <typename T>
+static void group_run_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rstd,
+                             const acc_t<T>* w_run, const acc_t<T>* b_run, bool stream) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  const V vm(mean), vr(rstd);
+  const auto affine = [&](int64_t i, const V& v) {
+    return affine_lanes(v, vm, vr * V::loadu(w_run + i), V::loadu(b_run + i));
+  };
+  ShortPlaneRuns::walk(
+      y, n, stream,
+      [&](int64_t i, bool st) {
+        V a, b;
+        C::load(x + i, a, b);
+        C::put(y + i, affine(i, a), affine(i + V::size(), b), st);
+      },
+      [&](int64_t i, int64_t m) {
+        V a, b;
+        C::load_first(x + i, m, a, b);
+        C::store_first(y + i, m, affine(i, a), affine(i + V::size(), b));
+      });
+}
+
+// dx = dy * (rstd * w_run) + ((x - mean) * k_x + k_0) over a group's run of n elements
+template <typename T>
+static void group_run_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mean,
+                                 acc_t<T> rstd, const acc_t<T>* w_run, acc_t<T> k_x,
+                                 acc_t<T> k_0, bool stream) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  const V vm(mean), vr(rstd), vx(k_x), v0(k_0);
+  const auto grad = [&](int64_t i, const V& g, const V& v) {
+    return grad_input_lanes(g, v, vm, vr * V::loadu(w_run + i), vx, v0);
+  };
+  ShortPlaneRuns::walk(
+      dx, n, stream,
+      [&](int64_t i, bool st) {
+        V ga, gb, xa, xb;
+        C::load(dy + i, ga, gb);
+        C::load(x + i, xa, xb);
+        C::put(dx + i, grad(i, ga, xa), grad(i + V::size(), gb, xb), st);
+      },
+      [&](int64_t i, int64_t m) {
+        V ga, gb, xa, xb;
+        C::load_first(dy + i, m, ga, gb);
+        C::load_first(x + i, m, xa, xb);
+        C::store_first(dx + i, m, grad(i, ga, xa), grad(i + V::size(), gb, xb));
+      });
+}
+
 template <typename T>
 static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_t G,
                                  const at::Tensor& weight, const at::Tensor& bias, double eps,
@@ -293,7 +411,14 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
 
   const bool stream = stream_stores(2 * x.nbytes(), Pass::kForward);
   if (!s.channels_last) {
-    at::parallel_for(0, v.N * G, grain_for(group_size), [&](int64_t begin, int64_t end) {
+    const int64_t group_grain = grain_for(group_size + kGroupFixedCost);
+    const bool short_planes = ShortPlaneRuns::applies<T>(s);
+    Scratch<A> w_run, b_run;
+    if (short_planes) {
+      w_run = ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size);
+      b_run = ShortPlaneRuns::spread(v.b, A(0), v.C, v.HW, Chunk<T>::size);
+    }
+    at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, g = ng % G;
@@ -303,6 +428,11 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         const A rs = A(1) / std::sqrt(m2 / static_cast<A>(group_size) + a_eps);
         mean[ng] = mu;
         rstd[ng] = rs;
+        if (short_planes) {
+          group_run_affine(xg, yg, group_size, mu, rs, w_run.data() + g * group_size,
+                           b_run.data() + g * group_size, stream);
+          continue;
+        }
         for (int64_t k = v.D - 1; k >= 0; --k) {  // last plane first: still in L2
           const int64_t c = g * v.D + k;
           segment_affine(xg + k * v.HW, yg + k * v.HW, v.HW, mu, rs * v.wt(c), v.bs(c), stream,
@@ -471,6 +601,31 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, mean[nc / v.D],
                        k_dy[nc], k_x[nc], k_0[nc], stream, low_nans);
   };
+  const int64_t group_grain = grain_for(v.D * v.HW + kGroupFixedCost);  // NCHW tasks by group
+  // the sums of group ng's planes: one by one, or for planes shorter than a chunk in scalar
+  // code (one masked chunk and two horizontal sums a plane cost more than its few values)
+  const bool short_planes = ShortPlaneRuns::applies<T>(s);
+  const auto group_sums = [&](int64_t ng) {
+    if (short_planes) {
+      ShortPlaneRuns::sums(gp + ng * v.D * v.HW, xp + ng * v.D * v.HW, v.D, v.HW, mean[ng],
+                           sum_dy.data() + ng * v.D, sum_dy_xc.data() + ng * v.D);
+      return;
+    }
+    for (int64_t nc = ng * v.D; nc < (ng + 1) * v.D; ++nc) plane_sums(nc);
+  };
+  // dx of group ng = n * G + g: its planes one by one, or as one run (ShortPlaneRuns)
+  const Scratch<A> w_run = short_planes && dxp != nullptr
+                               ? ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size)
+                               : Scratch<A>();
+  const auto group_grad_input = [&](int64_t ng) {
+    if (short_planes) {
+      const int64_t off = ng * v.D * v.HW, nc = ng * v.D;
+      group_run_grad_input(gp + off, xp + off, dxp + off, v.D * v.HW, mean[ng], rstd[ng],
+                           w_run.data() + (ng % G) * v.D * v.HW, k_x[nc], k_0[nc], stream);
+      return;
+    }
+    for (int64_t nc = (ng + 1) * v.D - 1; nc >= ng * v.D; --nc) plane_grad_input(nc);
+  };
   // NCHW with a group per thread at least: one task per (n, group) sums its planes and then
   // writes their dx while they are in L2 (a group is D * HW elements, 160 KB of x and of dy at
   // 320 channels and 64x64), one pass over memory instead of two.
@@ -479,14 +634,18 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   Scratch<A> center;  // channels_last: each channel's group mean, per image
   bool dx_done = fused;
   if (fused) {
-    at::parallel_for(0, v.N * G, grain_for(v.D * v.HW), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
       for (int64_t ng = begin; ng < end; ++ng) {
-        for (int64_t nc = ng * v.D; nc < (ng + 1) * v.D; ++nc) plane_sums(nc);
+        group_sums(ng);
         group_grad_coeffs(v, ng / G, ng % G, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
                           k_dy.data(), k_x.data(), k_0.data());
-        for (int64_t nc = (ng + 1) * v.D - 1; nc >= ng * v.D; --nc) plane_grad_input(nc);
+        group_grad_input(ng);
       }
+    });
+  } else if (!s.channels_last && short_planes) {
+    at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) group_sums(ng);
     });
   } else if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
@@ -584,6 +743,13 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     for (int64_t g = 0; g < G; ++g)
       group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
                         k_x.data(), k_0.data());
+  if (short_planes) {
+    at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
+      const StreamFence fence(stream);
+      for (int64_t ng = begin; ng < end; ++ng) group_grad_input(ng);
+    });
+    return;
+  }
   at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
     for (int64_t nc = begin; nc < end; ++nc) plane_grad_input(nc);
