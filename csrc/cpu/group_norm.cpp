@@ -328,16 +328,6 @@ struct ShortPlaneRuns {
       sum_dy_xc[p] = s_dy_xc;
     }
   }
-  // whole(i, stream) on the chunks of [0, n) whose stores to `out` are aligned, part(i, m) on the
-  // masked head before them and the tail after (segment_affine's walk)
-  template <typename T, typename Whole, typename Part>
-  static void walk(T* out, int64_t n, bool stream, const Whole& whole, const Part& part) {
-    int64_t i = aligned_start(out, n);
-    if (i > 0) part(0, i);
-    for (const int64_t i0 = i; i + Chunk<T>::size <= n; i += Chunk<T>::size)
-      whole(i, stream && whole_line_chunk(out + i, i, i0, n));
-    if (i < n) part(i, n - i);
-  }
 };
 
 // y = (x - mean) * (rstd * w_run) + b_run over a group's run of n elements
@@ -350,9 +340,10 @@ static void group_run_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T
   const auto affine = [&](int64_t i, const V& v) {
     return affine_lanes(v, vm, vr * V::loadu(w_run + i), V::loadu(b_run + i));
   };
-  ShortPlaneRuns::walk(
-      y, n, stream,
-      [&](int64_t i, bool st) {
+  // in natural order (load, put), as w_run and b_run are laid out
+  segment_walk(
+      y, n, stream, /*low_nans=*/true,
+      [&](int64_t i, bool st, auto) {
         V a, b;
         C::load(x + i, a, b);
         C::put(y + i, affine(i, a), affine(i + V::size(), b), st);
@@ -375,9 +366,9 @@ static void group_run_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_
   const auto grad = [&](int64_t i, const V& g, const V& v) {
     return grad_input_lanes(g, v, vm, vr * V::loadu(w_run + i), vx, v0);
   };
-  ShortPlaneRuns::walk(
-      dx, n, stream,
-      [&](int64_t i, bool st) {
+  segment_walk(
+      dx, n, stream, /*low_nans=*/true,
+      [&](int64_t i, bool st, auto) {
         V ga, gb, xa, xb;
         C::load(dy + i, ga, gb);
         C::load(x + i, xa, xb);

@@ -967,6 +967,23 @@ inline bool whole_line_chunk(const T* p, int64_t i, int64_t i0, int64_t n) {
   }
 }
 
+// The walk of an elementwise pass over a segment of n elements writing `out`: part(i, m) on the
+// masked head up to the first aligned store (aligned_start) and on the tail, whole(i, stream,
+// low) on each whole chunk between, stream set only for chunks filling whole cache lines
+// (whole_line_chunk) and low: with_low_nans' compile-time flag, for put_lanes. Every segment
+// pass walks this way (segment_affine, segment_grad_input, GroupNorm's runs of short planes).
+template <typename T, typename Whole, typename Part>
+NK_ALWAYS_INLINE void segment_walk(T* out, int64_t n, bool stream, bool low_nans,
+                                   const Whole& whole, const Part& part) {
+  int64_t i = aligned_start(out, n);
+  if (i > 0) part(0, i);
+  with_low_nans<T>(low_nans, [&](auto low) {
+    for (const int64_t i0 = i; i + Chunk<T>::size <= n; i += Chunk<T>::size)
+      whole(i, stream && whole_line_chunk(out + i, i, i0, n), low);
+  });
+  if (i < n) part(i, n - i);
+}
+
 // The lanes of the two closed forms the elementwise passes write, defined once so that passes
 // covering the same elements different ways (a segment, a run of planes, rows, register tiles)
 // agree bit for bit:
@@ -1006,25 +1023,18 @@ inline void segment_affine(const T* x, T* y, int64_t n, acc_t<T> center, acc_t<T
       return affine_lanes(v, vs, vb);
     }
   };
-  int64_t i = aligned_start(y, n);
-  if (i > 0) {  // masked head up to the first aligned store
-    V a, b;
-    C::load_first(x, i, a, b);
-    C::store_first(y, i, affine(a), affine(b));
-  }
-  with_low_nans<T>(low_nans, [&](auto low) {
-    for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
-      V a, b;
-      C::load_lanes(x + i, a, b);
-      C::put_lanes(y + i, affine(a), affine(b), stream && whole_line_chunk(y + i, i, i0, n),
-                   low.value);
-    }
-  });
-  if (i < n) {
-    V a, b;
-    C::load_first(x + i, n - i, a, b);
-    C::store_first(y + i, n - i, affine(a), affine(b));
-  }
+  segment_walk(
+      y, n, stream, low_nans,
+      [&](int64_t i, bool st, auto low) {
+        V a, b;
+        C::load_lanes(x + i, a, b);
+        C::put_lanes(y + i, affine(a), affine(b), st, low.value);
+      },
+      [&](int64_t i, int64_t m) {
+        V a, b;
+        C::load_first(x + i, m, a, b);
+        C::store_first(y + i, m, affine(a), affine(b));
+      });
 }
 
 // lanes: sum_dy += dy, sum_dy_xc += dy * (x - shift), over a segment (kAhead: read from
@@ -1088,31 +1098,23 @@ inline void segment_grad_input(const T* dy, const T* x, T* dx, int64_t n, acc_t<
   using C = Chunk<T>;
   using V = typename C::V;
   const V vc(center), vdy(k_dy), vx(k_x), v0(k_0);
-  int64_t i = aligned_start(dx, n);
-  if (i > 0) {  // masked head up to the first aligned store
-    V ga, gb, xa, xb;
-    C::load_first(dy, i, ga, gb);
-    C::load_first(x, i, xa, xb);
-    C::store_first(dx, i, grad_input_lanes(ga, xa, vc, vdy, vx, v0),
-                   grad_input_lanes(gb, xb, vc, vdy, vx, v0));
-  }
-  with_low_nans<T>(low_nans, [&](auto low) {
-    for (const int64_t i0 = i; i + C::size <= n; i += C::size) {
-      V ga, gb, xa, xb;
-      C::load_lanes(dy + i, ga, gb);
-      C::load_lanes(x + i, xa, xb);
-      C::put_lanes(dx + i, grad_input_lanes(ga, xa, vc, vdy, vx, v0),
-                   grad_input_lanes(gb, xb, vc, vdy, vx, v0),
-                   stream && whole_line_chunk(dx + i, i, i0, n), low.value);
-    }
-  });
-  if (i < n) {
-    V ga, gb, xa, xb;
-    C::load_first(dy + i, n - i, ga, gb);
-    C::load_first(x + i, n - i, xa, xb);
-    C::store_first(dx + i, n - i, grad_input_lanes(ga, xa, vc, vdy, vx, v0),
-                   grad_input_lanes(gb, xb, vc, vdy, vx, v0));
-  }
+  const auto grad = [&](const V& g, const V& v) {
+    return grad_input_lanes(g, v, vc, vdy, vx, v0);
+  };
+  segment_walk(
+      dx, n, stream, low_nans,
+      [&](int64_t i, bool st, auto low) {
+        V ga, gb, xa, xb;
+        C::load_lanes(dy + i, ga, gb);
+        C::load_lanes(x + i, xa, xb);
+        C::put_lanes(dx + i, grad(ga, xa), grad(gb, xb), st, low.value);
+      },
+      [&](int64_t i, int64_t m) {
+        V ga, gb, xa, xb;
+        C::load_first(dy + i, m, ga, gb);
+        C::load_first(x + i, m, xa, xb);
+        C::store_first(dx + i, m, grad(ga, xa), grad(gb, xb));
+      });
 }
 
 // ---------------------------------------------------------------- columns of [rows, C]
