@@ -133,6 +133,15 @@ CPP_CASES = [
          ["contiguous"]),
     Case("GroupNorm-shortplane-runs-noaffine", lambda: nn.GroupNorm(4, 24, affine=False),
          (3, 24, 2, 3), ["contiguous"]),
+    # groups shorter than a chunk, in scalar code (short_groups): two values (1x1 maps, walked
+    # as NCHW planes of one value), 2 channels of 2x2 (8; channels_last takes its own walk),
+    # 2 of 1x3 without affine (6)
+    Case("GroupNorm-short-groups-1x1", lambda: nn.GroupNorm(32, 64), (16, 64, 1, 1),
+         ["contiguous"]),
+    Case("GroupNorm-short-groups-2x2", lambda: nn.GroupNorm(8, 16), (5, 16, 2, 2),
+         ["contiguous", "channels_last", "strided"]),
+    Case("GroupNorm-short-groups-noaffine", lambda: nn.GroupNorm(6, 12, affine=False),
+         (4, 12, 1, 3), ["contiguous"]),
 ]
 
 
