@@ -142,6 +142,9 @@ CPP_CASES = [
          ["contiguous", "channels_last", "strided"]),
     Case("GroupNorm-short-groups-noaffine", lambda: nn.GroupNorm(6, 12, affine=False),
          (4, 12, 1, 3), ["contiguous"]),
+    # bf16 planes of a chunk or more ending in a masked one: a group's 8 planes of 7x7 as one run
+    # of chunks across their boundaries (planes_as_run); other dtypes walk them one by one
+    Case("GroupNorm-plane-run", lambda: nn.GroupNorm(8, 64), (3, 64, 7, 7)),
 ]
 
 

@@ -250,25 +250,16 @@ static bool short_for_channel_walk(const NormShape& s) {
   return !s.channels_last && s.HW * static_cast<int64_t>(sizeof(T)) < kChannelWalkPlaneBytes;
 }
 
-// An elementwise pass with per-channel coefficients (kCoeffs arrays indexed by channel) over NCHW
-// planes [p0, p1) of C channels each sample (plane p is channel p % C), contiguous in memory,
-// walked as one run of chunks rather than plane by plane (channel_affine's y, the backward's dx on
-// short_for_channel_walk planes): the chunks inside a plane take its channel's coefficients, and
-// the one chunk across a boundary (planes hold a chunk or more: hw >= Chunk<T>::size) its
-// channel's, blended with the next one's from the lane that holds the next plane's first element.
-// Only the run's ends are masked, and its stores to `out`, aligned from the first, stream as whole
-// lines across the planes' boundaries. whole(i, lo, hi, stream, low) does the chunk at element i in
-// lane order (coefficient k of its lanes: lo[k], hi[k]; low: with_low_nans' flag), part(i, m, lo,
-// hi) the first m elements at i, in natural order, all of one channel. Walked alone, a 7x7 bf16
-// plane under AVX2 is three or four chunks, one or two of them masked (most planes start
-// misaligned); so for the few samples over which per-element arrays (ShortPlanes) do not pay, up to
-// kPlaneRunSamples. Zen 3 guest, 512 channels, inference paired in one process (time ratios,
-// fp32/bf16), with every chunk blended: against the plane walk at one sample 0.86/0.85x (4x4),
-// 0.84/0.64x (5x5), 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's kernel 18.4), at two samples of
-// 6x6 and 7x7 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3 and 4 samples 0.75-0.99/0.55-0.79x,
-// at 8 0.95-1.26x, at 16 1.01-1.13x. Blending only the boundary's chunk, Zen 4 guest: 1x512x7x7 and
-// 2x2048x7x7 0.89-0.96x the time again (AVX2 build 0.71-0.75x), the rest 0.99-1.00x. Bit-identical
-// to the plane walk (inference).
+// Batch norm's NCHW passes run their planes as one (plane_run, reductions.h) where walked alone
+// they would end in masked chunks: a 7x7 bf16 plane under AVX2 is three or four chunks, one or two
+// of them masked (most planes start misaligned); so for the few samples over which per-element
+// arrays (ShortPlanes) do not pay, up to kPlaneRunSamples. Zen 3 guest, 512 channels, inference
+// paired in one process (time ratios, fp32/bf16), with every chunk blended: against the plane walk
+// at one sample 0.86/0.85x (4x4), 0.84/0.64x (5x5), 1.01/0.77x (7x7; bf16 15.1 -> 11.7 us, ATen's
+// kernel 18.4), at two samples of 6x6 and 7x7 0.94-0.95/0.73-0.81x; against ShortPlanes at 2, 3
+// and 4 samples 0.75-0.99/0.55-0.79x, at 8 0.95-1.26x, at 16 1.01-1.13x. Blending only the
+// boundary's chunk, Zen 4 guest: 1x512x7x7 and 2x2048x7x7 0.89-0.96x the time again (AVX2 build
+// 0.71-0.75x), the rest 0.99-1.00x. Bit-identical to the plane walk (inference).
 // Also for tensors that stream from memory (stream_stores): there the plane walk stores each
 // plane's partial first and last lines plainly (only whole lines stream, whole_line_chunk), a read
 // for ownership of a line written around the cache, and short planes are mostly such lines (a 14x14
@@ -280,129 +271,6 @@ static bool short_for_channel_walk(const NormShape& s) {
 // 128x1024x7x7 0.71x); 16-bit tensors keep the blocks there: their blends cost twice as much a byte
 // (96x2048x7x7 bf16 1.25x the time).
 constexpr int64_t kPlaneRunSamples = 4;
-template <typename T, size_t kCoeffs, typename Whole, typename Part>
-static NK_ALWAYS_INLINE void plane_run(T* out, int64_t p0, int64_t p1, int64_t C, int64_t hw,
-                                       std::array<const acc_t<T>*, kCoeffs> coeffs, bool stream,
-                                       bool low_nans, Whole&& whole, Part&& part) {
-  using A = acc_t<T>;
-  using K = Chunk<T>;
-  using V = typename K::V;
-  TORCH_INTERNAL_ASSERT(hw >= K::size);
-  // (coeffs by value: the vector stores may alias anything, and through a reference the
-  // pointers were reloaded after each store; 2x2048x7x7 fp32 inference 1.06x the time)
-  // the element of the chunk each lane holds, in the chunks' lane order
-  alignas(64) A lane_elem[K::size];
-  for (int64_t k = 0; k < K::size; ++k) lane_elem[k] = static_cast<A>(K::lane_element(k, K::size));
-  const V elem_lo = V::loadu(lane_elem), elem_hi = V::loadu(lane_elem + V::size());
-  const int64_t n = p1 * hw;
-  int64_t i = p0 * hw, c = p0 % C, plane_end = i + hw;
-  std::array<V, kCoeffs> lo, hi;  // the chunk's coefficients, lane by lane
-  // over the coefficients with constant indices, so lo and hi stay in registers (a runtime
-  // loop over them made 2x2048x7x7 fp32 inference 1.12x the time)
-  const auto each_coeff = [](auto&& f) {
-    [&]<size_t... k>(std::index_sequence<k...>) {
-      (f(std::integral_constant<size_t, k>()), ...);
-    }(std::make_index_sequence<kCoeffs>());
-  };
-  const auto channel_coeffs = [&] {
-    each_coeff([&](auto k) { lo[k] = hi[k] = V(coeffs[k][c]); });
-  };
-  // up to the first aligned store: fewer elements than a chunk, so within the first plane
-  if (const int64_t head = aligned_start(out + i, n - i); head > 0) {
-    channel_coeffs();
-    part(i, head, lo, hi);
-    i += head;
-  }
-  const int64_t i0 = i;
-  with_low_nans<T>(low_nans, [&](auto low) {
-    for (;; plane_end += hw) {
-      channel_coeffs();
-      for (; i + K::size <= plane_end; i += K::size)
-        whole(i, lo, hi, stream && whole_line_chunk(out + i, i, i0, n), low);
-      if (plane_end >= n) break;
-      const int64_t next = c + 1 == C ? 0 : c + 1;
-      if (i < plane_end) {
-        // one chunk across the boundary, whole: the next plane holds a chunk or more. Its lanes
-        // before the boundary take channel c's coefficients, the others the next channel's.
-        const V cut(static_cast<A>(plane_end - i));
-        const V here_lo = elem_lo < cut, here_hi = elem_hi < cut;
-        each_coeff([&](auto k) {
-          const V here(coeffs[k][c]), there(coeffs[k][next]);
-          lo[k] = V::blendv(there, here, here_lo);
-          hi[k] = V::blendv(there, here, here_hi);
-        });
-        whole(i, lo, hi, stream && whole_line_chunk(out + i, i, i0, n), low);
-        i += K::size;
-      }
-      c = next;
-    }
-  });
-  if (i < n) {  // the last plane's tail
-    channel_coeffs();
-    part(i, n - i, lo, hi);
-  }
-}
-
-// y = (x - center[c]) * scale[c] + shift[c] on NCHW planes [p0, p1) (plane_run), coeffs
-// {center, scale, shift}; or y = x * scale[c] + shift[c], coeffs {scale, shift}.
-template <typename T, size_t kCoeffs>
-static NK_ALWAYS_INLINE void plane_run_affine(const T* xp, T* yp, int64_t p0, int64_t p1,
-                                              int64_t C, int64_t hw,
-                                              std::array<const acc_t<T>*, kCoeffs> coeffs,
-                                              bool stream, bool low_nans) {
-  static_assert(kCoeffs == 2 || kCoeffs == 3, "scale and shift, after a center or not");
-  using K = Chunk<T>;
-  using V = typename K::V;
-  using Coeffs = std::array<V, kCoeffs>;
-  const auto affine = [](const V& v, const Coeffs& k) {
-    if constexpr (kCoeffs == 3) {
-      return affine_lanes(v, k[0], k[1], k[2]);
-    } else {
-      return affine_lanes(v, k[0], k[1]);
-    }
-  };
-  plane_run<T, kCoeffs>(
-      yp, p0, p1, C, hw, coeffs, stream, low_nans,
-      [&](int64_t i, const Coeffs& lo, const Coeffs& hi, bool st, auto low) {
-        V a, b;
-        K::load_lanes(xp + i, a, b);
-        K::put_lanes(yp + i, affine(a, lo), affine(b, hi), st, low.value);
-      },
-      [&](int64_t i, int64_t m, const Coeffs& lo, const Coeffs& hi) {
-        V a, b;
-        K::load_first(xp + i, m, a, b);
-        K::store_first(yp + i, m, affine(a, lo), affine(b, hi));
-      });
-}
-
-// dx = k_dy[c] * dy + k_x[c] * (x - center[c]) + k_0[c] on NCHW planes [p0, p1) (plane_run;
-// segment_grad_input's arithmetic).
-template <typename T>
-static NK_ALWAYS_INLINE void plane_run_grad_input(const T* dy, const T* xp, T* dx, int64_t p0,
-                                                  int64_t p1, int64_t C, int64_t hw,
-                                                  const acc_t<T>* center, const acc_t<T>* k_dy,
-                                                  const acc_t<T>* k_x, const acc_t<T>* k_0,
-                                                  bool stream, bool low_nans) {
-  using K = Chunk<T>;
-  using V = typename K::V;
-  using Coeffs = std::array<V, 4>;  // center, k_dy, k_x, k_0
-  plane_run<T, 4>(
-      dx, p0, p1, C, hw, {center, k_dy, k_x, k_0}, stream, low_nans,
-      [&](int64_t i, const Coeffs& lo, const Coeffs& hi, bool st, auto low) {
-        V ga, gb, xa, xb;
-        K::load_lanes(dy + i, ga, gb);
-        K::load_lanes(xp + i, xa, xb);
-        K::put_lanes(dx + i, grad_input_lanes(ga, xa, lo[0], lo[1], lo[2], lo[3]),
-                     grad_input_lanes(gb, xb, hi[0], hi[1], hi[2], hi[3]), st, low.value);
-      },
-      [&](int64_t i, int64_t m, const Coeffs& lo, const Coeffs& hi) {
-        V ga, gb, xa, xb;
-        K::load_first(dy + i, m, ga, gb);
-        K::load_first(xp + i, m, xa, xb);
-        K::store_first(dx + i, m, grad_input_lanes(ga, xa, lo[0], lo[1], lo[2], lo[3]),
-                       grad_input_lanes(gb, xb, hi[0], hi[1], hi[2], hi[3]));
-      });
-}
 
 // y = (x - center[c]) * scale[c] + shift[c] over the whole tensor, in its own memory order;
 // center nullptr, for 16-bit T (rows_affine's fp32/fp64 rows take a center): y = x * scale[c] +

@@ -4,7 +4,8 @@
 //                  in one read (two passes per L1-sized block, plane_moments), then one fused
 //                  normalize + affine pass per channel plane (per group on planes shorter
 //                  than a chunk, ShortPlaneRuns; groups shorter than a chunk in scalar code,
-//                  short_groups). 1x1 maps walk this way too (group_walk).
+//                  short_groups; bf16 planes under 2 KB that end in masked chunks as one run
+//                  per group, planes_as_run). 1x1 maps walk this way too (group_walk).
 //   channels_last: where a stripe of whole groups (all HW pixels of some channels) fits in L2
 //                  with rows of 1 KB or more, one task per (n, stripe): statistics, then the
 //                  normalize pass reading the stripe back from L2 (GroupStripes). Otherwise
@@ -346,6 +347,26 @@ static bool short_groups(const NormShape& s, int64_t G) {
   return !s.channels_last && s.C / G * s.HW < Chunk<T>::size;
 }
 
+// bf16 NCHW planes of a chunk or more but short (under kPlaneRunBytes), walked one by one, end in
+// masked chunks where their length is not a whole number of chunks (5x5, 7x7, 14x14), and most
+// start misaligned, a masked head as well: bf16 has no masked loads and stores, and emulates them.
+// There a group's D planes go as one run (plane_run, reductions.h: a chunk across a boundary
+// blends two channels' coefficients), as batch norm's short planes do; bit-identical. Zen 3
+// guest, 2 threads, paired against torch in one process, plane walk -> run: forward
+// 32x1024x14x14 0.84-0.86x torch -> 1.39-1.41x, 32x2048x7x7 0.82-0.87x -> 1.29-1.51x, 16x512x7x7
+// 0.97-1.01x -> 1.35-1.43x; forward+backward 32x2048x7x7 0.80-0.83x -> 1.12-1.13x, 32x1024x14x14
+// 0.95-1.01x -> 1.36-1.39x. Not for fp32 (native masked moves: forward 8x256x5x5 1.36-1.39x ->
+// 0.85x, 8x2048x7x7 1.17-1.37x -> 0.82-1.00x), fp16 (8x2048x7x7 forward 2.70-2.78x -> 1.94-2.12x)
+// or planes of whole chunks streamed from memory (bf16 64x512x8x8 forward+backward 1.05-1.06x ->
+// 0.86-0.96x); one channel per group (instance norm) has no boundary to cross.
+constexpr int64_t kPlaneRunBytes = 2048;
+template <typename T>
+static bool planes_as_run(const NormShape& s, int64_t G) {
+  return std::is_same_v<T, at::BFloat16> && !s.channels_last && s.C / G > 1 &&
+         s.HW >= Chunk<T>::size && s.HW % Chunk<T>::size != 0 &&
+         s.HW * static_cast<int64_t>(sizeof(T)) < kPlaneRunBytes;
+}
+
 // (mean, sum of squared deviations from it) of n > 0 values, two passes in order. The mean
 // from the deviations from the first value: summed in order, values far from zero (a mean of 50
 // and a standard deviation of 1) lost more digits than the lane sums' pairwise order did
@@ -472,8 +493,11 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
       w_run = ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size);
       b_run = ShortPlaneRuns::spread(v.b, A(0), v.C, v.HW, Chunk<T>::size);
     }
+    const bool plane_run = planes_as_run<T>(s, G);
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
+      // the group's coefficients per plane, for plane_run
+      Scratch<A> center(plane_run ? v.D : 0), scale(center.size()), shift(center.size());
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, g = ng % G;
         const T* xg = xp + (n * v.C + g * v.D) * v.HW;
@@ -490,6 +514,16 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         if (short_planes) {
           group_run_affine(xg, yg, group_size, mu, rs, w_run.data() + g * group_size,
                            b_run.data() + g * group_size, stream);
+          continue;
+        }
+        if (plane_run) {
+          for (int64_t k = 0; k < v.D; ++k) {
+            center[k] = mu;
+            scale[k] = rs * v.wt(g * v.D + k);
+            shift[k] = v.bs(g * v.D + k);
+          }
+          plane_run_affine<T, 3>(xg, yg, 0, v.D, v.D, v.HW,
+                                 {center.data(), scale.data(), shift.data()}, stream, low_nans);
           continue;
         }
         for (int64_t k = v.D - 1; k >= 0; --k) {  // last plane first: still in L2
@@ -706,7 +740,17 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const Scratch<A> w_run = short_planes && !scalar_groups && dxp != nullptr
                                ? ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size)
                                : Scratch<A>();
-  const auto group_grad_input = [&](int64_t ng) {
+  const bool plane_run = planes_as_run<T>(s, G);
+  // center: v.D values of scratch (the group's mean per plane, for plane_run)
+  const auto group_grad_input = [&](int64_t ng, A* center) {
+    if (plane_run) {
+      const int64_t off = ng * v.D * v.HW, nc = ng * v.D;
+      std::fill_n(center, v.D, mean[ng]);
+      plane_run_grad_input(gp + off, xp + off, dxp + off, 0, v.D, v.D, v.HW, center,
+                           k_dy.data() + nc, k_x.data() + nc, k_0.data() + nc, stream,
+                           low_nans);
+      return;
+    }
     if (scalar_groups) {
       const int64_t off = ng * v.D * v.HW, nc = ng * v.D;
       short_group_grad_input(gp + off, xp + off, dxp + off, v.D, v.HW, mean[ng],
@@ -731,11 +775,12 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   if (fused) {
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
+      Scratch<A> center(plane_run ? v.D : 0);
       for (int64_t ng = begin; ng < end; ++ng) {
         group_sums(ng);
         group_grad_coeffs(v, ng / G, ng % G, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
                           k_dy.data(), k_x.data(), k_0.data());
-        group_grad_input(ng);
+        group_grad_input(ng, center.data());
       }
     });
   } else if (!s.channels_last && short_planes) {
@@ -838,10 +883,10 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     for (int64_t g = 0; g < G; ++g)
       group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
                         k_x.data(), k_0.data());
-  if (short_planes) {
+  if (short_planes) {  // (never plane_run: planes of a chunk or more go one by one below)
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      for (int64_t ng = begin; ng < end; ++ng) group_grad_input(ng);
+      for (int64_t ng = begin; ng < end; ++ng) group_grad_input(ng, nullptr);
     });
     return;
   }
