@@ -383,6 +383,27 @@ def test_empty_batch_like_torch(backend_name):
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
+def test_empty_maps_like_torch(backend_name):
+    """Groups of no values (a spatial size of 0): outputs and every gradient as torch's, and no
+    kernel reads a value that is not there (the C++ small-group path once read a group's first
+    value). torch's dweight there is NaN (its rstd, NaN, times sums of nothing), as the C++
+    kernels'; the Triton kernels give 0, the sum over no values (left so)."""
+    for shape in ((2, 4, 0, 3), (2, 4, 0), (3, 4, 0, 1)):
+        outs = []
+        for F in (TF, NF):
+            x = torch.randn(shape, requires_grad=True)
+            w = torch.ones(4, requires_grad=True)
+            b = torch.zeros(4, requires_grad=True)
+            y = F.group_norm(x, 2, w, b)
+            outs.append([y] + list(torch.autograd.grad(y, (x, w, b), torch.randn_like(y))))
+        names = ("y", "dx", "dweight", "dbias")
+        for name, got, want in zip(names, outs[1], outs[0]):
+            if name == "dweight" and backend_name == "triton":
+                assert torch.equal(got, torch.zeros_like(want)), got
+                continue
+            torch.testing.assert_close(got, want, equal_nan=True, msg=name)
+
+
 def test_one_element_per_group_and_long_rows(backend_name):
     x = torch.randn(2, 6, 1, 1)
     torch.testing.assert_close(NF.group_norm(x, 6), TF.group_norm(x, 6))  # zeros, one element

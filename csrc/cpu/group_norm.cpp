@@ -344,7 +344,8 @@ struct ShortPlaneRuns {
 // 1.62x -> 1.82-2.26x; 4x32x3x3 bf16 1.45-1.57x -> 1.85-1.86x (groups of two: see group_walk).
 template <typename T>
 static bool short_groups(const NormShape& s, int64_t G) {
-  return !s.channels_last && s.C / G * s.HW < Chunk<T>::size;
+  const int64_t group_size = s.C / G * s.HW;  // (none for empty maps: no first value)
+  return !s.channels_last && group_size > 0 && group_size < Chunk<T>::size;
 }
 
 // bf16 NCHW planes of a chunk or more but short (under kPlaneRunBytes), walked one by one, end in
