@@ -84,24 +84,30 @@ class OutputPool final : public c10::Allocator {
   void lock() { mutex_.lock(); }
   void unlock() { mutex_.unlock(); }
 
+  // Whether n bytes come from the pool's blocks.
+  bool pools(size_t n) const { return n >= kMinPooledBytes && limit_ != 0; }
+
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinPooledBytes || limit_ == 0) {
-      return c10::GetDefaultCPUAllocator()->allocate(n);
-    }
-    const size_t bytes = pooled_bytes(n);
-    Block* block = take(bytes);
-    if (block == nullptr) {
-      void* data = fresh_memory(bytes);
-      if (data == nullptr) {
-        // Idle blocks of other sizes may be what stands between us and the memory.
-        empty();
-        data = fresh_memory(bytes);
-      }
-      TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "normkernels: could not allocate ",
-                       bytes, " bytes of CPU memory for an output");
-      block = new Block{data, bytes};
-    }
+    if (!pools(n)) return c10::GetDefaultCPUAllocator()->allocate(n);
+    Block* block = obtain(pooled_bytes(n));
     return {block->data, block, &OutputPool::give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // A block's memory for a kernel's scratch (n >= kMinPooledBytes: pools(n)), handed back by
+  // give_back_memory with the same n.
+  void* take_memory(size_t n) {
+    Block* block = obtain(pooled_bytes(n));
+    void* data = block->data;
+    delete block;
+    return data;
+  }
+  void give_back_memory(void* data, size_t n) noexcept {
+    Block* block = new (std::nothrow) Block{data, pooled_bytes(n)};
+    if (block == nullptr) {
+      free_memory(data);
+      return;
+    }
+    give_back(block);
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -131,6 +137,20 @@ class OutputPool final : public c10::Allocator {
   }
 
  private:
+  // An idle block of `bytes` (a size class), else fresh memory.
+  Block* obtain(size_t bytes) {
+    if (Block* block = take(bytes)) return block;
+    void* data = fresh_memory(bytes);
+    if (data == nullptr) {
+      // Idle blocks of other sizes may be what stands between us and the memory.
+      empty();
+      data = fresh_memory(bytes);
+    }
+    TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "normkernels: could not allocate ",
+                     bytes, " bytes of CPU memory");
+    return new Block{data, bytes};
+  }
+
   Block* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = free_.find(bytes);
@@ -182,6 +202,21 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         c10::MemoryFormat format) {
   return at::detail::empty_generic(sizes, &pool(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), format);
+}
+
+void* allocate_scratch(size_t bytes) {
+  OutputPool& p = pool();
+  if (p.pools(bytes)) return p.take_memory(bytes);
+  return ::operator new(bytes, std::align_val_t{kScratchAlignment});
+}
+
+void free_scratch(void* data, size_t bytes) noexcept {
+  OutputPool& p = pool();
+  if (p.pools(bytes)) {
+    p.give_back_memory(data, bytes);
+    return;
+  }
+  ::operator delete(data, std::align_val_t{kScratchAlignment});
 }
 
 size_t empty_cpu_cache() { return pool().empty(); }

@@ -14,6 +14,8 @@
 // AVX-512 builds of the same template never collide.
 #pragma once
 
+#include "output_pool.h"
+
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -92,16 +94,18 @@ NK_ALWAYS_INLINE V fused(const V& a, const V& b, const V& c) {
 // Side by side, scratch 16 bytes off a line against on one: layer norm 8192x768 fwd+bwd bf16
 // 1.25x the time, fp32 1.08x, its fp16 forward (widened rows) 1.24x, channels_last group norm
 // 2x640x32x32 fp32 forward 1.15x; a run's speed depended on where malloc put its scratch.
+// Large arrays come from the output pool's blocks (allocate_scratch, output_pool.h): reused
+// from call to call rather than fresh pages from malloc.
 constexpr size_t kCacheLineBytes = 64;
+static_assert(kScratchAlignment % kCacheLineBytes == 0);
 template <typename A>
 struct LineAligned {
   using value_type = A;
-  static constexpr std::align_val_t kLine{kCacheLineBytes};
   LineAligned() = default;
   template <typename B>
   LineAligned(const LineAligned<B>&) noexcept {}
-  A* allocate(size_t n) { return static_cast<A*>(::operator new(n * sizeof(A), kLine)); }
-  void deallocate(A* p, size_t) noexcept { ::operator delete(p, kLine); }
+  A* allocate(size_t n) { return static_cast<A*>(allocate_scratch(n * sizeof(A))); }
+  void deallocate(A* p, size_t n) noexcept { free_scratch(p, n * sizeof(A)); }
   template <typename B>
   bool operator==(const LineAligned<B>&) const noexcept { return true; }
   template <typename B>
@@ -124,6 +128,7 @@ class LineBuffer {
   LineBuffer(const LineBuffer&) = delete;
   LineBuffer& operator=(const LineBuffer&) = delete;
   A* data() { return p_; }
+  A& operator[](size_t i) { return p_[i]; }
 
  private:
   size_t n_;
