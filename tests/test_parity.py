@@ -145,6 +145,13 @@ CPP_CASES = [
     # bf16 planes of a chunk or more ending in a masked one: a group's 8 planes of 7x7 as one run
     # of chunks across their boundaries (planes_as_run); other dtypes walk them one by one
     Case("GroupNorm-plane-run", lambda: nn.GroupNorm(8, 64), (3, 64, 7, 7)),
+    # planes of a few chunks as one run per group with per-element weights (group_runs: batches
+    # of 32 images or more forward, 16 backward, four planes a group or more): 4x4 (one fp32
+    # chunk, forward and backward), 10x10 (400 fp32 bytes ending in a masked chunk: the
+    # backward's dx as a run, the forward plane by plane)
+    Case("GroupNorm-group-runs", lambda: nn.GroupNorm(4, 16), (32, 16, 4, 4),
+         ["contiguous", "strided"]),
+    Case("GroupNorm-group-runs-masked", lambda: nn.GroupNorm(6, 24), (16, 24, 10, 10)),
 ]
 
 

@@ -2,8 +2,8 @@
 // NCHW ([N, C, HW]) and channels_last ([N, HW, C]) memory, walked in its own order.
 //   NCHW         : one task per (n, group), whose D * HW elements are contiguous: statistics
 //                  in one read (two passes per L1-sized block, plane_moments), then one fused
-//                  normalize + affine pass per channel plane (per group on planes shorter
-//                  than a chunk, ShortPlaneRuns; groups shorter than a chunk in scalar code,
+//                  normalize + affine pass per channel plane (per group on planes of a few
+//                  chunks or less, group_runs; groups shorter than a chunk in scalar code,
 //                  short_groups; bf16 planes under 2 KB that end in masked chunks as one run
 //                  per group, planes_as_run). 1x1 maps walk this way too (group_walk).
 //   channels_last: where a stripe of whole groups (all HW pixels of some channels) fits in L2
@@ -376,6 +376,38 @@ static bool planes_as_run(const NormShape& s, int64_t G) {
          s.HW * static_cast<int64_t>(sizeof(T)) < kPlaneRunBytes;
 }
 
+// Where a group's planes go as one run with per-element weights (ShortPlaneRuns' w_run, b_run;
+// bit-identical to the plane walk): planes shorter than a chunk, and planes of a few chunks too,
+// whose walk one by one paid a segment walk's fixed costs (its coefficients, alignment, head and
+// tail) a plane for a few chunks of work: in the forward, planes under four chunks (fp32 4x4 to
+// 7x7); in the backward's dx, planes of 256 bytes or less (fp32 up to 8x8) and planes of 1 KB or
+// less that end in a masked chunk (fp32 9x9 to 15x15). Zen 3 guest, 2 threads, paired in one
+// process, plane walk -> runs (time ratios): forward fp32 128x256x4x4 0.73-0.77x, 64x512x5x5
+// 0.63x, 64x256x6x6 0.77x, 64x2048x7x7 0.72x, 32x1024x4x4 0.90x, bf16 128x256x4x4 0.89x, fp16
+// 64x256x7x7 0.73x; backward (torch autograd's: x, weight and bias) fp32 64x512x4x4 0.75x,
+// 64x512x5x5 0.57x, 64x256x6x6 0.71x, 64x2048x7x7 0.60x, 32x512x8x8 0.91x, 64x512x10x10 0.69x,
+// 32x256x13x13 0.78x, 16x2048x15x15 0.87x, 16x2048x4x4 0.91x, bf16 64x2048x4x4 0.61x. Left to
+// the plane walk, where runs lost: forward fp32 8x8 (0.91-1.33x), 13x13 (1.44x), bf16 8x8
+// (1.16-1.20x); backward bf16 16x16 (1.20x), 2x1280x16x16 fp32 (1.33x); batches too small to
+// pay for laying out the weights, C * HW values a call (forward 16x2048x4x4 1.11x, 8x256x4x4
+// 1.25x: so 32 images or more forward, 16 backward), and groups of fewer than four planes (a
+// backward 128x64x8x8, two a group, 1.10x; instance norm, one, saves nothing). bf16 planes that
+// end in masked chunks go as plane_run (planes_as_run), groups under a chunk in scalar code
+// (short_groups).
+template <typename T>
+static bool group_runs(const NormShape& s, int64_t G, Pass pass) {
+  if (s.channels_last || short_groups<T>(s, G) || planes_as_run<T>(s, G)) return false;
+  if (ShortPlaneRuns::applies<T>(s)) return true;
+  // the weights laid out per element cost C * HW values a call (and bias too, forward), the
+  // batch must pay for them; a group of one or two planes saves little of the plane walk
+  const bool forward = pass == Pass::kForward;
+  if (s.C / G < 4 || s.N < (forward ? 32 : 16)) return false;
+  constexpr int64_t chunk = Chunk<T>::size;
+  const int64_t bytes = s.HW * static_cast<int64_t>(sizeof(T));
+  if (forward) return s.HW < 4 * chunk;
+  return bytes <= 256 || (s.HW % chunk != 0 && bytes <= 1024);
+}
+
 // (mean, sum of squared deviations from it) of n > 0 values, two passes in order. The mean
 // from the deviations from the first value: summed in order, values far from zero (a mean of 50
 // and a standard deviation of 1) lost more digits than the lane sums' pairwise order did
@@ -496,7 +528,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   if (!s.channels_last) {
     const int64_t group_grain = grain_for(group_size + kGroupFixedCost);
     const bool scalar_groups = short_groups<T>(s, G);
-    const bool short_planes = !scalar_groups && ShortPlaneRuns::applies<T>(s);
+    const bool short_planes = group_runs<T>(s, G, Pass::kForward);
     Scratch<A> w_run, b_run;
     if (short_planes) {
       w_run = ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size);
@@ -730,13 +762,15 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     std::tie(sum_dy[nc], sum_dy_xc[nc]) =
         segment_grad_sums<true>(gp + nc * v.HW, xp + nc * v.HW, v.HW, mean[nc / v.D]);
   };
-  const auto plane_grad_input = [&](int64_t nc) {
-    segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, mean[nc / v.D],
-                       k_dy[nc], k_x[nc], k_0[nc], stream, low_nans);
+  // (center: the mean of its group, mean[nc / D], passed in: a division a plane cost)
+  const auto plane_grad_input = [&](int64_t nc, A center) {
+    segment_grad_input(gp + nc * v.HW, xp + nc * v.HW, dxp + nc * v.HW, v.HW, center, k_dy[nc],
+                       k_x[nc], k_0[nc], stream, low_nans);
   };
   const int64_t group_grain = grain_for(v.D * v.HW + kGroupFixedCost);  // NCHW tasks by group
-  // the sums of group ng's planes: one by one, or for planes shorter than a chunk in scalar
-  // code (one masked chunk and two horizontal sums a plane cost more than its few values)
+  // the sums of group ng's planes: plane by plane (planes_grad_sums), or for planes shorter than
+  // a chunk in scalar code (one masked chunk and two horizontal sums a plane cost more than its
+  // few values)
   const bool short_planes = ShortPlaneRuns::applies<T>(s);
   const auto group_sums = [&](int64_t ng) {
     if (short_planes) {
@@ -744,15 +778,19 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                            sum_dy.data() + ng * v.D, sum_dy_xc.data() + ng * v.D);
       return;
     }
-    for (int64_t nc = ng * v.D; nc < (ng + 1) * v.D; ++nc) plane_sums(nc);
+    const int64_t off = ng * v.D * v.HW;
+    planes_grad_sums<true>(gp + off, xp + off, v.D, v.HW, mean[ng], sum_dy.data() + ng * v.D,
+                           sum_dy_xc.data() + ng * v.D);
   };
-  // dx of group ng = n * G + g: its planes one by one, as one run (ShortPlaneRuns) or, for
-  // groups shorter than a chunk, in scalar code (short_groups)
+  // dx of group ng = n * G + g: its planes one by one, as one run (plane_run for bf16 planes
+  // ending in masked chunks; group_runs: ShortPlaneRuns' weights) or, for groups shorter than a
+  // chunk, in scalar code (short_groups)
   const bool scalar_groups = short_groups<T>(s, G);
-  const Scratch<A> w_run = short_planes && !scalar_groups && dxp != nullptr
+  const bool plane_run = planes_as_run<T>(s, G);
+  const bool run_planes = group_runs<T>(s, G, Pass::kBackward);
+  const Scratch<A> w_run = run_planes && dxp != nullptr
                                ? ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size)
                                : Scratch<A>();
-  const bool plane_run = planes_as_run<T>(s, G);
   // center: v.D values of scratch (the group's mean per plane, for plane_run)
   const auto group_grad_input = [&](int64_t ng, A* center) {
     if (plane_run) {
@@ -769,13 +807,13 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                              k_dy.data() + nc, k_x.data() + nc, k_0.data() + nc);
       return;
     }
-    if (short_planes) {
+    if (run_planes) {
       const int64_t off = ng * v.D * v.HW, nc = ng * v.D;
       group_run_grad_input(gp + off, xp + off, dxp + off, v.D * v.HW, mean[ng], rstd[ng],
                            w_run.data() + (ng % G) * v.D * v.HW, k_x[nc], k_0[nc], stream);
       return;
     }
-    for (int64_t nc = (ng + 1) * v.D - 1; nc >= ng * v.D; --nc) plane_grad_input(nc);
+    for (int64_t nc = (ng + 1) * v.D - 1; nc >= ng * v.D; --nc) plane_grad_input(nc, mean[ng]);
   };
   // NCHW with a group per thread at least: one task per (n, group) sums its planes and then
   // writes their dx while they are in L2 (a group is D * HW elements, 160 KB of x and of dy at
@@ -905,7 +943,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   }
   at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
-    for (int64_t nc = begin; nc < end; ++nc) plane_grad_input(nc);
+    for (int64_t nc = begin; nc < end; ++nc) plane_grad_input(nc, mean[nc / v.D]);
   });
 }
 
