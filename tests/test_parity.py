@@ -152,6 +152,14 @@ CPP_CASES = [
     Case("GroupNorm-group-runs", lambda: nn.GroupNorm(4, 16), (32, 16, 4, 4),
          ["contiguous", "strided"]),
     Case("GroupNorm-group-runs-masked", lambda: nn.GroupNorm(6, 24), (16, 24, 10, 10)),
+    # the backward of groups of fewer than eight short planes, eight planes or more at a time
+    # across groups and images (group blocks: one plane a group, 12 an image; two a group): fp32
+    # planes of one chunk, 16-bit planes of up to four (7x7 ending in a masked one)
+    Case("InstanceNorm-group-blocks", lambda: nn.InstanceNorm2d(12, affine=True), (3, 12, 4, 4),
+         ["contiguous", "strided"]),
+    Case("InstanceNorm-group-blocks-7x7", lambda: nn.InstanceNorm2d(10, affine=True),
+         (2, 10, 7, 7)),
+    Case("GroupNorm-group-blocks", lambda: nn.GroupNorm(6, 12), (4, 12, 4, 4)),
 ]
 
 

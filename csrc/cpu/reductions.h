@@ -1266,11 +1266,12 @@ inline std::pair<acc_t<T>, acc_t<T>> segment_grad_sums(const T* dy, const T* x, 
   return {g.total(), d.total()};
 }
 
-// segment_grad_sums of each of `planes` contiguous planes of hw values (one shift for all): the
-// same sums bit for bit, their horizontal sums eight planes at a time (hsum_each).
-template <bool kAhead = false, typename T>
+// segment_grad_sums of each of `planes` contiguous planes of hw values (plane p's shift:
+// shift_of(p)): the same sums bit for bit, their horizontal sums eight planes at a time
+// (hsum_each).
+template <bool kAhead = false, typename T, typename ShiftOf>
 inline void planes_grad_sums(const T* dy, const T* x, int64_t planes, int64_t hw,
-                             acc_t<T> shift, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
+                             const ShiftOf& shift_of, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
   using V = typename Chunk<T>::V;
   constexpr int64_t kBatch = 8;
   for (int64_t p0 = 0; p0 < planes; p0 += kBatch) {
@@ -1278,8 +1279,8 @@ inline void planes_grad_sums(const T* dy, const T* x, int64_t planes, int64_t hw
     V g[kBatch], d[kBatch];
     for (int64_t k = 0; k < m; ++k) {
       VecSum<T> plane_dy, plane_dy_xc;
-      accumulate_grad_sums<kAhead>(dy + (p0 + k) * hw, x + (p0 + k) * hw, hw, shift, plane_dy,
-                                   plane_dy_xc);
+      accumulate_grad_sums<kAhead>(dy + (p0 + k) * hw, x + (p0 + k) * hw, hw, shift_of(p0 + k),
+                                   plane_dy, plane_dy_xc);
       g[k] = plane_dy.lo + plane_dy.hi;
       d[k] = plane_dy_xc.lo + plane_dy_xc.hi;
     }
