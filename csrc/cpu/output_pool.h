@@ -1,4 +1,4 @@
-// Where the CPU ops' large outputs (y, dx) come from.
+// Where the CPU ops' large outputs (y, dx), and the kernels' large scratch arrays, come from.
 //
 // torch's CPU allocator hands big blocks straight back to the OS when they are freed (glibc
 // mmaps blocks past its threshold and trims the heap top past another), so the next step's
