@@ -528,9 +528,9 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   if (!s.channels_last) {
     const int64_t group_grain = grain_for(group_size + kGroupFixedCost);
     const bool scalar_groups = short_groups<T>(s, G);
-    const bool short_planes = group_runs<T>(s, G, Pass::kForward);
+    const bool run_planes = group_runs<T>(s, G, Pass::kForward);
     Scratch<A> w_run, b_run;
-    if (short_planes) {
+    if (run_planes) {
       w_run = ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size);
       b_run = ShortPlaneRuns::spread(v.b, A(0), v.C, v.HW, Chunk<T>::size);
     }
@@ -552,7 +552,7 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
           short_group_affine(xg, yg, v, g, mu, rs);
           continue;
         }
-        if (short_planes) {
+        if (run_planes) {
           group_run_affine(xg, yg, group_size, mu, rs, w_run.data() + g * group_size,
                            b_run.data() + g * group_size, stream);
           continue;
@@ -841,29 +841,30 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   // writes their dx while they are in L2 (a group is D * HW elements, 160 KB of x and of dy at
   // 320 channels and 64x64), one pass over memory instead of two.
   const bool fused = !s.channels_last && dxp != nullptr && v.N * G >= at::get_num_threads();
-  const bool group_blocks = fused && group_blocks_apply<T>(s, G) && !short_planes &&
-                            !scalar_groups && !plane_run && !run_planes;
+  // (group_blocks_apply's planes of a chunk or more are neither short planes nor short groups)
+  const bool group_blocks = fused && group_blocks_apply<T>(s, G) && !plane_run && !run_planes;
 
   LineBuffer<A> center(s.channels_last ? v.N * v.C : 0);  // each channel's group mean, per image
   bool dx_done = fused;
   if (fused) {
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      Scratch<A> center(plane_run ? v.D : group_blocks ? 2 * kGroupBlockPlanes : 0);
+      // each plane's group mean: a group's (plane_run) or a block's (group_blocks)
+      Scratch<A> plane_center(plane_run ? v.D : group_blocks ? 2 * kGroupBlockPlanes : 0);
       for (int64_t ng = begin; ng < end; ++ng) {
         if (group_blocks) {
           const int64_t ng1 = std::min(end, ng + (kGroupBlockPlanes + v.D - 1) / v.D);
           const int64_t planes = (ng1 - ng) * v.D, nc0 = ng * v.D, off = nc0 * v.HW;
           for (int64_t g = ng; g < ng1; ++g)
-            std::fill_n(center.data() + (g - ng) * v.D, v.D, mean[g]);
+            std::fill_n(plane_center.data() + (g - ng) * v.D, v.D, mean[g]);
           planes_grad_sums<true>(gp + off, xp + off, planes, v.HW,
-                                 [&](int64_t p) { return center[p]; }, sum_dy.data() + nc0,
-                                 sum_dy_xc.data() + nc0);
+                                 [&](int64_t p) { return plane_center[p]; },
+                                 sum_dy.data() + nc0, sum_dy_xc.data() + nc0);
           for (int64_t g = ng; g < ng1; ++g)
             group_grad_coeffs(v, g / G, g % G, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
                               k_dy.data(), k_x.data(), k_0.data());
           plane_run_grad_input(gp + off, xp + off, dxp + off, 0, planes, planes, v.HW,
-                               center.data(), k_dy.data() + nc0, k_x.data() + nc0,
+                               plane_center.data(), k_dy.data() + nc0, k_x.data() + nc0,
                                k_0.data() + nc0, stream, low_nans);
           ng = ng1 - 1;
           continue;
@@ -871,7 +872,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
         group_sums(ng);
         group_grad_coeffs(v, ng / G, ng % G, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
                           k_dy.data(), k_x.data(), k_0.data());
-        group_grad_input(ng, center.data());
+        group_grad_input(ng, plane_center.data());
       }
     });
   } else if (!s.channels_last && short_planes) {
