@@ -147,19 +147,27 @@ CPP_CASES = [
     Case("GroupNorm-plane-run", lambda: nn.GroupNorm(8, 64), (3, 64, 7, 7)),
     # planes of a few chunks as one run per group with per-element weights (group_runs: batches
     # of 32 images or more forward, 16 backward, four planes a group or more): 4x4 (one fp32
-    # chunk, forward and backward), 10x10 (400 fp32 bytes ending in a masked chunk: the
-    # backward's dx as a run, the forward plane by plane)
+    # chunk: the forward, and the 16-bit backward), 10x10 (200 bf16 bytes: the 16-bit backward's
+    # dx as a run; fp32 and fp64 planes walk vector by vector, as below)
     Case("GroupNorm-group-runs", lambda: nn.GroupNorm(4, 16), (32, 16, 4, 4),
          ["contiguous", "strided"]),
     Case("GroupNorm-group-runs-masked", lambda: nn.GroupNorm(6, 24), (16, 24, 10, 10)),
-    # the backward of groups of fewer than eight short planes, eight planes or more at a time
-    # across groups and images (group blocks: one plane a group, 12 an image; two a group): fp32
-    # planes of one chunk, 16-bit planes of up to four (7x7 ending in a masked one)
+    # the backward in blocks of 16 planes or more across groups and images (one plane a group,
+    # 12 an image: a thread's 18 groups in blocks of 16 and 2; two a group); 16-bit planes of up
+    # to four chunks (7x7 ending in a masked one) as one run a block
     Case("InstanceNorm-group-blocks", lambda: nn.InstanceNorm2d(12, affine=True), (3, 12, 4, 4),
          ["contiguous", "strided"]),
     Case("InstanceNorm-group-blocks-7x7", lambda: nn.InstanceNorm2d(10, affine=True),
          (2, 10, 7, 7)),
     Case("GroupNorm-group-blocks", lambda: nn.GroupNorm(6, 12), (4, 12, 4, 4)),
+    # fp32/fp64 planes vector by vector, each plane's last vector overlapping the one before
+    # (vector_planes): 5x5 (25 values: three vectors and an overlapping fourth under AVX2)
+    # forward and backward; 3x3 (9: one vector and one overlapping) in the backward (the
+    # forward's groups of 9 values go in scalar code)
+    Case("GroupNorm-vector-planes", lambda: nn.GroupNorm(3, 6), (4, 6, 5, 5),
+         ["contiguous", "strided"]),
+    Case("InstanceNorm-vector-planes-3x3", lambda: nn.InstanceNorm2d(8, affine=True),
+         (4, 8, 3, 3)),
 ]
 
 

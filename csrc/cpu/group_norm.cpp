@@ -2,10 +2,11 @@
 // NCHW ([N, C, HW]) and channels_last ([N, HW, C]) memory, walked in its own order.
 //   NCHW         : one task per (n, group), whose D * HW elements are contiguous: statistics
 //                  in one read (two passes per L1-sized block, plane_moments), then one fused
-//                  normalize + affine pass per channel plane (per group on planes of a few
-//                  chunks or less, group_runs; groups shorter than a chunk in scalar code,
-//                  short_groups; bf16 planes under 2 KB that end in masked chunks as one run
-//                  per group, planes_as_run). 1x1 maps walk this way too (group_walk).
+//                  normalize + affine pass per channel plane (fp32/fp64 planes of a vector or
+//                  more vector by vector, vector_planes; per group on planes of a few chunks or
+//                  less, group_runs; groups shorter than a chunk in scalar code, short_groups;
+//                  bf16 planes under 2 KB that end in masked chunks as one run per group,
+//                  planes_as_run). 1x1 maps walk this way too (group_walk).
 //   channels_last: where a stripe of whole groups (all HW pixels of some channels) fits in L2
 //                  with rows of 1 KB or more, one task per (n, stripe): statistics, then the
 //                  normalize pass reading the stripe back from L2 (GroupStripes). Otherwise
@@ -18,9 +19,10 @@
 //                  in L2, one task per image runs both (ImageTasks). Pixels of few channels go
 //                  several to a row (PixelRows).
 //   backward     : per-(n, channel) sums of dy and dy * (x - mean), then
-//                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0; for NCHW both in one task per
-//                  (n, group), the second pass reading the group from L2 (last plane first:
-//                  the planes the first pass read last are the ones still there); for
+//                  dx = dy * k_dy[c] + (x - mean) * k_x + k_0; for NCHW both in turn per
+//                  block of consecutive groups (kGroupBlockPlanes), the second pass reading
+//                  the block from L1 or L2 (one group's planes one by one last first: the
+//                  planes the first pass read last are the ones still there); for
 //                  channels_last by stripes as the forward where they fit, else one task per
 //                  image (ImageTasks) or two passes a chunk of images at a time, the second
 //                  back to front;
@@ -393,7 +395,9 @@ static bool planes_as_run(const NormShape& s, int64_t G) {
 // 1.25x: so 32 images or more forward, 16 backward), and groups of fewer than four planes (a
 // backward 128x64x8x8, two a group, 1.10x; instance norm, one, saves nothing). bf16 planes that
 // end in masked chunks go as plane_run (planes_as_run), groups under a chunk in scalar code
-// (short_groups).
+// (short_groups). fp32/fp64 planes of a vector or more walk vector by vector instead (see
+// vector_planes): in the forward where the weights exceed kRunWeightsBytes, in the backward
+// (measured above against the plane walk before these runs) always unless stored streaming.
 template <typename T>
 static bool group_runs(const NormShape& s, int64_t G, Pass pass) {
   if (s.channels_last || short_groups<T>(s, G) || planes_as_run<T>(s, G)) return false;
@@ -406,6 +410,35 @@ static bool group_runs(const NormShape& s, int64_t G, Pass pass) {
   const int64_t bytes = s.HW * static_cast<int64_t>(sizeof(T));
   if (forward) return s.HW < 4 * chunk;
   return bytes <= 256 || (s.HW % chunk != 0 && bytes <= 1024);
+}
+
+// fp32/fp64 NCHW planes of a vector or more walk plane by plane and vector by vector, a plane's
+// last vector ending at its end, overlapping the one before it (plane_vectors: planes_affine,
+// planes_grad_input): no masked moves (~50 cycles each on this Zen 3), no alignment head, none
+// of a segment walk's fixed costs a plane, and front to back. Not where stores stream and planes
+// end mid-chunk (their vector stores would not align). Bit-identical (elementwise). Zen 3 guest,
+// 2 threads, the op alone, paired in one process against the walks before (time ratios):
+// forward, against the plane walk, fp32 64x512x8x8 0.61x, 32x256x16x16 0.80x, 8x512x5x5 0.80x,
+// 64x256x10x10 0.81x, 32x256x14x14 0.81x, 128x64x8x8 0.88x, InstanceNorm 64x256x7x7 0.88x,
+// 8x256x32x32 0.90x, 16x64x56x56 0.92x, 2x320x64x64 0.94x, 1x128x128x128 1.00x; against
+// group_runs, 32x2048x7x7 0.86x, 64x1024x5x5 0.98x, but 64x256x5x5 1.08x, 64x512x5x5 1.08x,
+// 64x256x6x6 1.06x: where the runs' weights (w_run and b_run, 2 * C * HW values) stay near,
+// their whole chunks beat the vectors' overlaps, so the forward keeps the runs within
+// kRunWeightsBytes of weights (there 64x256x7x7 and 64x128x7x7, 100 and 50 KB of them, measured
+// 0.97x as vectors: left). Backward (in blocks; x, weight and bias gradients), against group_runs
+// or the plane walk: InstanceNorm 64x256x7x7 0.77x, 64x128x3x3 0.81x, GroupNorm 8x512x5x5
+// 0.83x, 32x256x10x10 0.85x, 128x64x3x3 0.85x, 64x256x6x6 0.90x, 16x512x7x7 0.91x, 64x256x5x5
+// 0.99x, 64x512x7x7 1.01x; planes of whole chunks, over four, 16x64x56x56 0.96x, 2x640x32x32
+// 0.97x, 32x256x16x16 0.98x, 2x320x64x64 1.01x.
+constexpr int64_t kRunWeightsBytes = int64_t{128} << 10;
+template <typename T>
+static bool vector_planes(const NormShape& s, bool stream) {
+  if constexpr (Chunk<T>::widened) {
+    return false;
+  } else {
+    return !s.channels_last && s.HW >= Chunk<T>::V::size() &&
+           (!stream || s.HW % Chunk<T>::size == 0);
+  }
 }
 
 // (mean, sum of squared deviations from it) of n > 0 values, two passes in order. The mean
@@ -528,7 +561,13 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
   if (!s.channels_last) {
     const int64_t group_grain = grain_for(group_size + kGroupFixedCost);
     const bool scalar_groups = short_groups<T>(s, G);
-    const bool run_planes = group_runs<T>(s, G, Pass::kForward);
+    // fp32/fp64 planes of a vector or more vector by vector (planes_affine), but where
+    // group_runs' per-element weights fit kRunWeightsBytes (see vector_planes)
+    const bool runs = group_runs<T>(s, G, Pass::kForward);
+    const bool vector_walk =
+        vector_planes<T>(s, stream) && !scalar_groups &&
+        !(runs && 2 * v.C * v.HW * static_cast<int64_t>(sizeof(A)) <= kRunWeightsBytes);
+    const bool run_planes = runs && !vector_walk;
     Scratch<A> w_run, b_run;
     if (run_planes) {
       w_run = ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size);
@@ -551,6 +590,15 @@ static void group_norm_fwd_typed(const at::Tensor& x, const NormShape& s, int64_
         if (scalar_groups) {
           short_group_affine(xg, yg, v, g, mu, rs);
           continue;
+        }
+        if constexpr (!Chunk<T>::widened) {
+          if (vector_walk) {
+            planes_affine(xg, yg, v.D, v.HW, mu, [&](int64_t k) {
+              const int64_t c = g * v.D + k;
+              return std::pair<A, A>(rs * v.wt(c), v.bs(c));
+            }, stream);
+            continue;
+          }
         }
         if (run_planes) {
           group_run_affine(xg, yg, group_size, mu, rs, w_run.data() + g * group_size,
@@ -685,11 +733,13 @@ void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
 // From per-(n, c) sum_dy and sum_dy_xc = sum(dy * (x - mean_g)), the coefficients of
 // dx = dy * k_dy[c] + (x - mean) * k_x[n, g] + k_0[n, g] (stored per (n, c)) of one group:
 //   g = dy * w,  xhat = (x - mean) * rstd,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+// inv_count: 1 / (D * HW), from the caller. Called per group, dividing per group, this was a
+// tenth of a GroupNorm 128x128x8x8 fp32 backward's profile; inlined with the division hoisted,
+// paired in one process, the op alone took 0.91-0.96x the time (128x64x4x4, 64x256x8x8).
 template <typename A>
-static void group_grad_coeffs(const GroupView<A>& v, int64_t n, int64_t g, const A* mean,
-                              const A* rstd, const A* sum_dy, const A* sum_dy_xc, A* k_dy,
-                              A* k_x, A* k_0) {
-  const A inv_count = A(1) / static_cast<A>(v.D * v.HW);
+NK_ALWAYS_INLINE void group_grad_coeffs(const GroupView<A>& v, A inv_count, int64_t n, int64_t g,
+                                        const A* rstd, const A* sum_dy, const A* sum_dy_xc,
+                                        A* k_dy, A* k_x, A* k_0) {
   const int64_t ng = n * v.G + g;
   A s_g = 0, s_gxc = 0;
   for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
@@ -711,7 +761,10 @@ static void group_grad_coeffs(const GroupView<A>& v, int64_t n, int64_t g, const
 // to channel by channel, whose sums were C apart, a page and more at 1024 channels and up, on
 // one thread). Zen 3 guest, 2 threads, backward paired against torch in one process: 64x2048x1x1
 // fp32 0.49-0.54x torch -> 0.77-1.05x, 64x2048x2x2 fp32 2.48-2.65x -> 3.22-4.01x, 64x512x8x8
-// bf16 0.87-0.92x -> 1.02-1.04x.
+// bf16 0.87-0.92x -> 1.02-1.04x. Group by group from the range's first group, one division a
+// range; one channel a group (instance norm) as one flat loop, which the compiler vectorizes:
+// with an integer division per group and image, this had been nearly half of an InstanceNorm
+// 64x256x4x4 fp32 backward (the op alone took 0.55x the time without, paired in one process).
 template <typename A>
 static void group_param_grads(const GroupView<A>& v, const A* rstd, const A* sum_dy,
                               const A* sum_dy_xc, at::Tensor& dweight, at::Tensor& dbias) {
@@ -719,12 +772,21 @@ static void group_param_grads(const GroupView<A>& v, const A* rstd, const A* sum
   A* db = dbias.defined() ? dbias.data_ptr<A>() : nullptr;
   at::parallel_for(0, v.C, grain_for(2 * v.N), [&](int64_t c0, int64_t c1) {
     Scratch<A> sw(c1 - c0, A(0)), sb(c1 - c0, A(0));
+    const int64_t g0 = c0 / v.D;
     for (int64_t n = 0; n < v.N; ++n) {
       const A* row_dy = sum_dy + n * v.C;
       const A* row_dy_xc = sum_dy_xc + n * v.C;
-      for (int64_t c = c0; c < c1;) {  // group by group (no division per channel)
-        const int64_t g = c / v.D, end = std::min(c1, (g + 1) * v.D);
-        const A rs = rstd[n * v.G + g];
+      const A* row_rstd = rstd + n * v.G;
+      if (v.D == 1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          sw[c - c0] += row_dy_xc[c] * row_rstd[c];
+          sb[c - c0] += row_dy[c];
+        }
+        continue;
+      }
+      for (int64_t c = c0, g = g0; c < c1; ++g) {
+        const int64_t end = std::min(c1, (g + 1) * v.D);
+        const A rs = row_rstd[g];
         for (; c < end; ++c) {
           sw[c - c0] += row_dy_xc[c] * rs;
           sb[c - c0] += row_dy[c];
@@ -736,25 +798,39 @@ static void group_param_grads(const GroupView<A>& v, const A* rstd, const A* sum
   });
 }
 
-// The NCHW backward of groups of fewer than kGroupBlockPlanes short planes (instance norm's one,
-// GroupNorm's few) takes blocks of consecutive groups, kGroupBlockPlanes planes or more, across
-// images too: their sums eight planes at a time (planes_grad_sums: hsum_each), then each group's
-// coefficients, then dx as one run of the block's planes (plane_run_grad_input, each plane's own
-// coefficients). Group by group, each plane paid its own horizontal sums and a segment walk's
-// fixed costs for a chunk or a few. Bit-identical. Zen 3 guest, 2 threads, paired in one process
-// (torch autograd's backward: x, weight and bias), group by group -> blocks, time ratios:
-// InstanceNorm bf16 64x256x4x4 0.73x, 64x256x6x6 0.76x, 64x256x7x7 0.74x, 32x128x8x8 0.95x,
-// fp16 64x256x4x4 0.89x, fp32 64x256x4x4 0.90-0.92x. For 16-bit planes of up to four chunks
-// (masked moves emulated, and plane_run needs none inside a run), fp32 planes of one chunk and one
-// a group: fp32 lost at 8x8 (InstanceNorm 32x128x8x8 1.14x; GroupNorm 128x64x8x8, two planes a
-// group, 1.21x) and at GroupNorm 128x64x4x4 (1.05x); 5x5 and 6x6 within noise (0.96-0.97x).
-constexpr int64_t kGroupBlockPlanes = 8;
+// The NCHW backward (with a group per thread at least) walks blocks of consecutive groups,
+// kGroupBlockPlanes planes or more, across images too (a group of that many planes is a block
+// of its own): the block's per-plane sums eight planes at a time (planes_grad_sums: hsum_each),
+// its groups' coefficients, then its dx while the block is in L1 or L2, one pass over memory
+// instead of two. Group by group, each group's chain of latencies (its sums, their horizontal
+// sums, its coefficients) stood between its two passes with little else to overlap; a block's
+// groups' chains are independent. Bit-identical to group by group (the same sums, coefficients
+// and elementwise arithmetic). Blocks of eight planes for groups of fewer than eight short
+// planes came first, against group by group (torch autograd's backward: x, weight and bias;
+// Zen 3 guest, 2 threads, paired in one process, time ratios): InstanceNorm bf16 64x256x4x4
+// 0.73x, 64x256x6x6 0.76x, 64x256x7x7 0.74x, 32x128x8x8 0.95x, fp16 64x256x4x4 0.89x, fp32
+// 64x256x4x4 0.90-0.92x. Then every group in blocks (group_runs' and the plane walk's groups
+// too), the op alone, paired in one process against group by group: fp32 64x256x6x6 0.84x,
+// 64x256x10x10 0.92x, 32x256x16x16 0.78x (with the requests ahead dropped in the L3, below);
+// and blocks of 16 planes against 8: fp32 128x64x4x4 0.97x, 64x256x8x8 0.97x, 16x256x8x8 0.94x,
+// 256x128x8x8 0.97x, bf16 128x64x4x4 0.94x, InstanceNorm bf16 64x256x4x4 0.93x, 64x256x7x7
+// 0.92x, fp16 GroupNorm 128x64x8x8 0.91x (32 planes within a few percent of 16 either way; 64
+// out of the L3 1.2x).
+constexpr int64_t kGroupBlockPlanes = 16;
+
+// A block's dx (after its sums and coefficients), the first that applies:
+//   vector_planes: fp32/fp64 planes of a vector or more, plane by plane and vector by vector
+//     (planes_grad_input).
+//   block_as_run: 16-bit planes of one to four chunks in groups of fewer than eight, and bf16
+//     planes_as_run: the block's planes as one run (plane_run_grad_input, each plane its own
+//     coefficients; masked moves are emulated for 16-bit, and a run needs none inside it).
+//   otherwise group by group (group_runs' per-element weights, short_groups' scalar code, or
+//     the plane walk, last plane first).
 template <typename T>
-static bool group_blocks_apply(const NormShape& s, int64_t G) {
+static bool block_as_run(const NormShape& s, int64_t G) {
   const int64_t D = s.C / G;
-  if (s.channels_last || D >= kGroupBlockPlanes || s.HW < Chunk<T>::size) return false;
-  if (sizeof(T) == 2) return s.HW <= 4 * Chunk<T>::size;
-  return D == 1 && s.HW <= Chunk<T>::size;
+  return !s.channels_last && sizeof(T) == 2 && D < 8 && s.HW >= Chunk<T>::size &&
+         s.HW <= 4 * Chunk<T>::size;
 }
 
 template <typename T>
@@ -770,6 +846,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const A* mean = mean_t.const_data_ptr<A>();
   const A* rstd = rstd_t.const_data_ptr<A>();
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
+  const A inv_count = A(1) / static_cast<A>(v.D * v.HW);  // (a group's values)
   // Every walk writes each (n, c) sum (or zeroes it first) and each coefficient before reading it:
   // left unzeroed (a 64x2048x1x1 fp32 backward zeroed 2.5 MB a call for 0.5 MB of x)
   LineBuffer<A> sum_dy(v.N * v.C), sum_dy_xc(v.N * v.C);
@@ -789,95 +866,94 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                        k_x[nc], k_0[nc], stream, low_nans);
   };
   const int64_t group_grain = grain_for(v.D * v.HW + kGroupFixedCost);  // NCHW tasks by group
-  // the sums of group ng's planes: plane by plane (planes_grad_sums), or for planes shorter than
-  // a chunk in scalar code (one masked chunk and two horizontal sums a plane cost more than its
-  // few values)
+  // the sums of group ng's planes shorter than a chunk, in scalar code (one masked chunk and two
+  // horizontal sums a plane cost more than its few values)
   const bool short_planes = ShortPlaneRuns::applies<T>(s);
-  const auto group_sums = [&](int64_t ng) {
-    if (short_planes) {
-      ShortPlaneRuns::sums(gp + ng * v.D * v.HW, xp + ng * v.D * v.HW, v.D, v.HW, mean[ng],
-                           sum_dy.data() + ng * v.D, sum_dy_xc.data() + ng * v.D);
-      return;
-    }
-    const int64_t off = ng * v.D * v.HW;
-    const A center = mean[ng];
-    planes_grad_sums<true>(gp + off, xp + off, v.D, v.HW, [&](int64_t) { return center; },
-                           sum_dy.data() + ng * v.D, sum_dy_xc.data() + ng * v.D);
+  const auto short_plane_sums = [&](int64_t ng) {
+    ShortPlaneRuns::sums(gp + ng * v.D * v.HW, xp + ng * v.D * v.HW, v.D, v.HW, mean[ng],
+                         sum_dy.data() + ng * v.D, sum_dy_xc.data() + ng * v.D);
   };
-  // dx of group ng = n * G + g: its planes one by one, as one run (plane_run for bf16 planes
-  // ending in masked chunks; group_runs: ShortPlaneRuns' weights) or, for groups shorter than a
-  // chunk, in scalar code (short_groups)
+  // NCHW with a group per thread at least: blocks of groups (kGroupBlockPlanes), each task's
+  // blocks its sums, coefficients and dx in turn.
+  const bool fused = !s.channels_last && dxp != nullptr && v.N * G >= at::get_num_threads();
+  const bool vector_walk = fused && vector_planes<T>(s, stream);
+  // dx of group ng = n * G + g: as one run (group_runs: ShortPlaneRuns' weights), for groups
+  // shorter than a chunk in scalar code (short_groups), else its planes one by one, last first
   const bool scalar_groups = short_groups<T>(s, G);
-  const bool plane_run = planes_as_run<T>(s, G);
-  const bool run_planes = group_runs<T>(s, G, Pass::kBackward);
+  const bool run_planes = !vector_walk && group_runs<T>(s, G, Pass::kBackward);
   const Scratch<A> w_run = run_planes && dxp != nullptr
                                ? ShortPlaneRuns::spread(v.w, A(1), v.C, v.HW, Chunk<T>::size)
                                : Scratch<A>();
-  // center: v.D values of scratch (the group's mean per plane, for plane_run)
-  const auto group_grad_input = [&](int64_t ng, A* center) {
-    if (plane_run) {
-      const int64_t off = ng * v.D * v.HW, nc = ng * v.D;
-      std::fill_n(center, v.D, mean[ng]);
-      plane_run_grad_input(gp + off, xp + off, dxp + off, 0, v.D, v.D, v.HW, center,
-                           k_dy.data() + nc, k_x.data() + nc, k_0.data() + nc, stream,
-                           low_nans);
-      return;
-    }
+  const auto group_grad_input = [&](int64_t ng) {
+    const int64_t off = ng * v.D * v.HW, nc = ng * v.D;
     if (scalar_groups) {
-      const int64_t off = ng * v.D * v.HW, nc = ng * v.D;
       short_group_grad_input(gp + off, xp + off, dxp + off, v.D, v.HW, mean[ng],
                              k_dy.data() + nc, k_x.data() + nc, k_0.data() + nc);
-      return;
-    }
-    if (run_planes) {
-      const int64_t off = ng * v.D * v.HW, nc = ng * v.D;
+    } else if (run_planes) {
       group_run_grad_input(gp + off, xp + off, dxp + off, v.D * v.HW, mean[ng], rstd[ng],
                            w_run.data() + (ng % G) * v.D * v.HW, k_x[nc], k_0[nc], stream);
-      return;
+    } else {
+      for (int64_t p = nc + v.D - 1; p >= nc; --p) plane_grad_input(p, mean[ng]);
     }
-    for (int64_t nc = (ng + 1) * v.D - 1; nc >= ng * v.D; --nc) plane_grad_input(nc, mean[ng]);
   };
-  // NCHW with a group per thread at least: one task per (n, group) sums its planes and then
-  // writes their dx while they are in L2 (a group is D * HW elements, 160 KB of x and of dy at
-  // 320 channels and 64x64), one pass over memory instead of two.
-  const bool fused = !s.channels_last && dxp != nullptr && v.N * G >= at::get_num_threads();
-  // (group_blocks_apply's planes of a chunk or more are neither short planes nor short groups)
-  const bool group_blocks = fused && group_blocks_apply<T>(s, G) && !plane_run && !run_planes;
+  // (planes_as_run and block_as_run planes hold a chunk or more: never short planes)
+  const bool block_run = planes_as_run<T>(s, G) || (block_as_run<T>(s, G) && !run_planes);
 
   LineBuffer<A> center(s.channels_last ? v.N * v.C : 0);  // each channel's group mean, per image
   bool dx_done = fused;
   if (fused) {
+    const int64_t block_groups = std::max<int64_t>(1, (kGroupBlockPlanes + v.D - 1) / v.D);
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      // each plane's group mean: a group's (plane_run) or a block's (group_blocks)
-      Scratch<A> plane_center(plane_run ? v.D : group_blocks ? 2 * kGroupBlockPlanes : 0);
-      for (int64_t ng = begin; ng < end; ++ng) {
-        if (group_blocks) {
-          const int64_t ng1 = std::min(end, ng + (kGroupBlockPlanes + v.D - 1) / v.D);
-          const int64_t planes = (ng1 - ng) * v.D, nc0 = ng * v.D, off = nc0 * v.HW;
-          for (int64_t g = ng; g < ng1; ++g)
-            std::fill_n(plane_center.data() + (g - ng) * v.D, v.D, mean[g]);
-          planes_grad_sums<true>(gp + off, xp + off, planes, v.HW,
-                                 [&](int64_t p) { return plane_center[p]; },
-                                 sum_dy.data() + nc0, sum_dy_xc.data() + nc0);
-          for (int64_t g = ng; g < ng1; ++g)
-            group_grad_coeffs(v, g / G, g % G, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
-                              k_dy.data(), k_x.data(), k_0.data());
+      Scratch<A> plane_center(block_groups * v.D);  // each plane's group mean
+      for (int64_t ng0 = begin; ng0 < end; ng0 += block_groups) {
+        const int64_t ng1 = std::min(end, ng0 + block_groups);
+        const int64_t planes = (ng1 - ng0) * v.D, nc0 = ng0 * v.D, off = nc0 * v.HW;
+        if (!short_planes || vector_walk) {  // (short planes' sums and runs need none)
+          for (int64_t ng = ng0; ng < ng1; ++ng)
+            std::fill_n(plane_center.data() + (ng - ng0) * v.D, v.D, mean[ng]);
+        }
+        if (short_planes) {
+          for (int64_t ng = ng0; ng < ng1; ++ng) short_plane_sums(ng);
+        } else {
+          // The requests ahead (stream_ahead) only where dy and x come from memory: from the L3
+          // they cost, paired in one process, GroupNorm fp32 128x128x8x8 1.14x the time (op
+          // alone), 64x256x8x8 1.18x, 16x256x8x8 1.15x; from memory (stores streaming) they
+          // paid at 256x128x8x8 (0.93-0.99x) and not at 128x256x8x8 in 256 groups (0.98-1.10x):
+          // kept there, as every first pass from memory has them.
+          with_flag(stream, [&](auto ahead) {
+            planes_grad_sums<ahead.value>(gp + off, xp + off, planes, v.HW,
+                                          [&](int64_t p) { return plane_center[p]; },
+                                          sum_dy.data() + nc0, sum_dy_xc.data() + nc0);
+          });
+        }
+        for (int64_t ng = ng0, n = ng0 / G, g = ng0 % G; ng < ng1; ++ng) {
+          group_grad_coeffs(v, inv_count, n, g, rstd, sum_dy.data(), sum_dy_xc.data(),
+                            k_dy.data(), k_x.data(), k_0.data());
+          if (++g == G) {  // (no division a group)
+            g = 0;
+            ++n;
+          }
+        }
+        if constexpr (!Chunk<T>::widened) {
+          if (vector_walk) {
+            planes_grad_input(gp + off, xp + off, dxp + off, planes, v.HW, plane_center.data(),
+                              k_dy.data() + nc0, k_x.data() + nc0, k_0.data() + nc0, stream);
+            continue;
+          }
+        }
+        if (block_run) {
           plane_run_grad_input(gp + off, xp + off, dxp + off, 0, planes, planes, v.HW,
                                plane_center.data(), k_dy.data() + nc0, k_x.data() + nc0,
                                k_0.data() + nc0, stream, low_nans);
-          ng = ng1 - 1;
           continue;
         }
-        group_sums(ng);
-        group_grad_coeffs(v, ng / G, ng % G, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
-                          k_dy.data(), k_x.data(), k_0.data());
-        group_grad_input(ng, plane_center.data());
+        for (int64_t ng = ng0; ng < ng1; ++ng) group_grad_input(ng);
       }
     });
   } else if (!s.channels_last && short_planes) {
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
-      for (int64_t ng = begin; ng < end; ++ng) group_sums(ng);
+      for (int64_t ng = begin; ng < end; ++ng) short_plane_sums(ng);
     });
   } else if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {
@@ -902,7 +978,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
           columns_grad_sums(gp + off, xp + off, 0, v.HW, c1 - c0, v.C, center.data() + nc0,
                             sum_dy.data() + nc0, sum_dy_xc.data() + nc0);
           for (int64_t g = g0; g < g1; ++g)
-            group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(),
+            group_grad_coeffs(v, inv_count, n, g, rstd, sum_dy.data(), sum_dy_xc.data(),
                               k_dy.data(), k_x.data(), k_0.data());
           columns_grad_input(gp + off, xp + off, dxp + off, 0, v.HW, c1 - c0, v.C,
                              center.data() + nc0, k_dy.data() + nc0, k_x.data() + nc0,
@@ -947,7 +1023,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
             }
         if (dxp == nullptr) return;
         for (int64_t g = 0; g < G; ++g)
-          group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
+          group_grad_coeffs(v, inv_count, n, g, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
                             k_x.data(), k_0.data());
         pr.spread(k_dy.data() + n * v.C, k_dy_w.data() + n * W);
         pr.spread(k_x.data() + n * v.C, k_x_w.data() + n * W);
@@ -974,12 +1050,12 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   // The second pass over memory, NCHW with fewer groups than threads.
   for (int64_t n = 0; n < v.N; ++n)
     for (int64_t g = 0; g < G; ++g)
-      group_grad_coeffs(v, n, g, mean, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
+      group_grad_coeffs(v, inv_count, n, g, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
                         k_x.data(), k_0.data());
   if (short_planes) {  // (never plane_run: planes of a chunk or more go one by one below)
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
-      for (int64_t ng = begin; ng < end; ++ng) group_grad_input(ng, nullptr);
+      for (int64_t ng = begin; ng < end; ++ng) group_grad_input(ng);
     });
     return;
   }

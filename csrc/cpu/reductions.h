@@ -1289,6 +1289,83 @@ inline void planes_grad_sums(const T* dy, const T* x, int64_t planes, int64_t hw
   }
 }
 
+// fn(i, stream) for the vectors of a plane of hw >= V::size() values (i: the vector's first
+// element) of a type held in natural order (fp32, fp64): chunk by chunk where hw is a whole number
+// of chunks, streamed where asked (the caller checks the plane starts a line); else vector by
+// vector, the last one ending at the plane's end, overlapping the one before it, whose values it
+// rewrites identically (the output must not alias the inputs). No masked moves, no alignment head.
+template <typename T, typename Fn>
+NK_ALWAYS_INLINE void plane_vectors(int64_t hw, bool stream, const Fn& fn) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  static_assert(!C::widened && !C::even_odd, "lanes in natural order");
+  if (hw % C::size == 0) {
+    for (int64_t i = 0; i < hw; i += C::size) {
+      fn(i, stream);
+      fn(i + V::size(), stream);
+    }
+    return;
+  }
+  int64_t i = 0;
+  for (; i + V::size() <= hw; i += V::size()) fn(i, false);
+  if (i < hw) fn(hw - V::size(), false);
+}
+
+// Whether planes of hw values at out can stream their stores: whole lines, from a line boundary.
+template <typename T>
+inline bool planes_stream(const T* out, int64_t hw, bool stream) {
+  constexpr int64_t kLine = static_cast<int64_t>(kCacheLineBytes);
+  return stream && reinterpret_cast<uintptr_t>(out) % kLine == 0 &&
+         (hw * static_cast<int64_t>(sizeof(T))) % kLine == 0;
+}
+
+// One vector's store for plane_vectors' walks: streamed where asked (aligned there).
+template <typename V>
+NK_ALWAYS_INLINE void put_plane_vector(typename V::value_type* p, const V& v, bool stream) {
+  if (stream) {
+    stream_vec(p, v);
+  } else {
+    v.store(p);
+  }
+}
+
+// segment_grad_input over each of `planes` contiguous planes of hw >= V::size() values of a type
+// held in natural order (fp32, fp64), plane p's coefficients center[p], k_dy[p], k_x[p], k_0[p],
+// by plane_vectors: the same arithmetic, bit for bit, without segment_grad_input's head, tail and
+// alignment a plane. dx must not alias dy or x.
+template <typename T>
+inline void planes_grad_input(const T* dy, const T* x, T* dx, int64_t planes, int64_t hw,
+                              const acc_t<T>* center, const acc_t<T>* k_dy, const acc_t<T>* k_x,
+                              const acc_t<T>* k_0, bool stream) {
+  using V = typename Chunk<T>::V;
+  stream = planes_stream(dx, hw, stream);
+  for (int64_t p = 0; p < planes; ++p, dy += hw, x += hw, dx += hw) {
+    const V vc(center[p]), vdy(k_dy[p]), vx(k_x[p]), v0(k_0[p]);
+    plane_vectors<T>(hw, stream, [&](int64_t i, bool st) {
+      const V g = V::loadu(dy + i), v = V::loadu(x + i);
+      put_plane_vector(dx + i, grad_input_lanes(g, v, vc, vdy, vx, v0), st);
+    });
+  }
+}
+
+// segment_affine over each of `planes` contiguous planes of hw >= V::size() values of a type held
+// in natural order, all centered on `center`, plane p's scale and shift from coeffs(p) (a pair),
+// by plane_vectors (see planes_grad_input). y must not alias x.
+template <typename T, typename Coeffs>
+inline void planes_affine(const T* x, T* y, int64_t planes, int64_t hw, acc_t<T> center,
+                          const Coeffs& coeffs, bool stream) {
+  using V = typename Chunk<T>::V;
+  stream = planes_stream(y, hw, stream);
+  const V vc(center);
+  for (int64_t p = 0; p < planes; ++p, x += hw, y += hw) {
+    const auto [scale, shift] = coeffs(p);
+    const V vs(scale), vb(shift);
+    plane_vectors<T>(hw, stream, [&](int64_t i, bool st) {
+      put_plane_vector(y + i, affine_lanes(V::loadu(x + i), vc, vs, vb), st);
+    });
+  }
+}
+
 // dx = dy * k_dy + (x - center) * k_x + k_0 over a segment: the closed form of every norm's
 // input gradient once its per-segment reductions are known (centered, like segment_affine).
 template <typename T>
