@@ -1319,16 +1319,6 @@ inline bool planes_stream(const T* out, int64_t hw, bool stream) {
          (hw * static_cast<int64_t>(sizeof(T))) % kLine == 0;
 }
 
-// One vector's store for plane_vectors' walks: streamed where asked (aligned there).
-template <typename V>
-NK_ALWAYS_INLINE void put_plane_vector(typename V::value_type* p, const V& v, bool stream) {
-  if (stream) {
-    stream_vec(p, v);
-  } else {
-    v.store(p);
-  }
-}
-
 // segment_grad_input over each of `planes` contiguous planes of hw >= V::size() values of a type
 // held in natural order (fp32, fp64), plane p's coefficients center[p], k_dy[p], k_x[p], k_0[p],
 // by plane_vectors: the same arithmetic, bit for bit, without segment_grad_input's head, tail and
@@ -1343,7 +1333,7 @@ inline void planes_grad_input(const T* dy, const T* x, T* dx, int64_t planes, in
     const V vc(center[p]), vdy(k_dy[p]), vx(k_x[p]), v0(k_0[p]);
     plane_vectors<T>(hw, stream, [&](int64_t i, bool st) {
       const V g = V::loadu(dy + i), v = V::loadu(x + i);
-      put_plane_vector(dx + i, grad_input_lanes(g, v, vc, vdy, vx, v0), st);
+      Chunk<T>::put_vector(dx + i, grad_input_lanes(g, v, vc, vdy, vx, v0), st);
     });
   }
 }
@@ -1361,7 +1351,7 @@ inline void planes_affine(const T* x, T* y, int64_t planes, int64_t hw, acc_t<T>
     const auto [scale, shift] = coeffs(p);
     const V vs(scale), vb(shift);
     plane_vectors<T>(hw, stream, [&](int64_t i, bool st) {
-      put_plane_vector(y + i, affine_lanes(V::loadu(x + i), vc, vs, vb), st);
+      Chunk<T>::put_vector(y + i, affine_lanes(V::loadu(x + i), vc, vs, vb), st);
     });
   }
 }
