@@ -317,7 +317,7 @@ static void channel_affine(const T* xp, T* yp, const NormShape& s, const acc_t<T
     // process against asking 8 KB ahead: 16x64x56x56 fp32 0.88x the time, bf16 0.89x,
     // 16x128x28x28 fp32 0.89x, 8x64x112x112 bf16 0.89x, 48x1024x14x14 fp32 (from memory)
     // 0.93x; only a 205 MB 32x256x56x56 fp32 lost, 1.04x.
-    with_flag(center != nullptr, [&](auto kCentered) {
+    with_flag(center != nullptr, [&](auto kCentered) NK_INLINE_LAMBDA {
       at::parallel_for(0, s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
         const StreamFence fence(stream);
         for (int64_t nc = begin; nc < end; ++nc) {

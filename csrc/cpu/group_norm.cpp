@@ -922,7 +922,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
           // alone), 64x256x8x8 1.18x, 16x256x8x8 1.15x; from memory (stores streaming) they
           // paid at 256x128x8x8 (0.93-0.99x) and not at 128x256x8x8 in 256 groups (0.98-1.10x):
           // kept there, as every first pass from memory has them.
-          with_flag(stream, [&](auto ahead) {
+          with_flag(stream, [&](auto ahead) NK_INLINE_LAMBDA {
             planes_grad_sums<ahead.value>(gp + off, xp + off, planes, v.HW,
                                           [&](int64_t p) { return plane_center[p]; },
                                           sum_dy.data() + nc0, sum_dy_xc.data() + nc0);

@@ -51,7 +51,7 @@ static NK_ALWAYS_INLINE bool with_register_rows(int64_t n, F&& fn) {
     return false;
   } else {
     if (n <= 0 || n > 4 * Chunk<T>::size) return false;
-    with_flag(n % Chunk<T>::size == 0, [&](auto whole) {
+    with_flag(n % Chunk<T>::size == 0, [&](auto whole) NK_INLINE_LAMBDA {
       switch ((n + Chunk<T>::size - 1) / Chunk<T>::size) {
         case 1: fn(std::integral_constant<int, 1>(), whole); break;
         case 2: fn(std::integral_constant<int, 2>(), whole); break;
@@ -116,7 +116,7 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
   }
   const V vmean(mean), vrstd(rstd);
   int64_t j = 0;
-  with_low_nans<T>(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) NK_INLINE_LAMBDA {
     for (; j + C::size <= N; j += C::size) {
       V a, c;
       CX::load_lanes(x + j, a, c);
@@ -327,7 +327,7 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_register_rows(const T* xp, T* yp, in
       rp[r + i] = rs[i];
     }
   };
-  with_low_nans<T>(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) NK_INLINE_LAMBDA {
     int64_t r = begin;
     for (; r + 2 <= end; r += 2) rows(r, std::integral_constant<int, 2>(), low);
     if (r < end) rows(r, std::integral_constant<int, 1>(), low);
@@ -617,7 +617,7 @@ static inline void layer_norm_bwd_dx(const T* xr, const T* gr, T* dr, int64_t N,
   }
   const V vmu(mu), vrs(rs), vkx(k_x), vk0(k_0);
   int64_t j = 0;
-  with_low_nans<T>(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) NK_INLINE_LAMBDA {
     for (; j + Ch::size <= N; j += Ch::size) {
       V xa, xb, ga, gb;
       Ch::load_lanes(xr + j, xa, xb);
@@ -683,7 +683,7 @@ static NK_ALWAYS_INLINE void layer_norm_bwd_register_rows(
   V dw[kVecs], db[kVecs];
   NK_UNROLL_CHUNKS
   for (int v = 0; v < kVecs; ++v) dw[v] = db[v] = V(0);
-  with_low_nans<T>(low_nans, [&](auto low) {
+  with_low_nans<T>(low_nans, [&](auto low) NK_INLINE_LAMBDA {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = xp + r * N;
       const T* gr = gp + r * N;
