@@ -47,7 +47,7 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define NK_ALWAYS_INLINE inline __attribute__((always_inline))
 #define NK_NOINLINE __attribute__((noinline))
-// The same for a lambda holding a loop, handed a compile-time flag by with_flag or
+// NK_ALWAYS_INLINE's twin for a lambda holding a loop, handed a compile-time flag by with_flag or
 // with_low_nans (`[&](auto low) NK_INLINE_LAMBDA { ... }`): left out of line, the loop reached
 // what it captured by reference through the closure, and since a vector store may alias
 // anything, every chunk reloaded its pointers and, where the loop's index or coefficients were
