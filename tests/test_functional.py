@@ -384,11 +384,16 @@ def test_empty_batch_like_torch(backend_name):
 
 
 def test_empty_maps_like_torch(backend_name):
-    """Groups of no values (a spatial size of 0): outputs and every gradient as torch's, and no
-    kernel reads a value that is not there (the C++ small-group path once read a group's first
-    value). torch's dweight there is NaN (its rstd, NaN, times sums of nothing), as the C++
-    kernels'; the Triton kernels give 0, the sum over no values (left so)."""
+    """Groups of no values (a spatial size of 0): the statistics, outputs and every gradient as
+    torch's, and no kernel reads a value that is not there (the C++ small-group path once read a
+    group's first value). torch's rstd there is NaN (the variance of nothing), and so its dweight
+    (that rstd times sums of nothing); the Triton forward once gave 1/sqrt(eps), and dweight 0."""
     for shape in ((2, 4, 0, 3), (2, 4, 0), (3, 4, 0, 1)):
+        x = torch.randn(shape)
+        want = torch.ops.aten.native_group_norm(x, None, None, shape[0], 4, 0, 2, 1e-5)[1:]
+        got = torch.ops.normkernels.group_norm_fwd(x, 2, None, None, 1e-5)[1:]
+        for name, g, w in zip(("mean", "rstd"), got, want):
+            torch.testing.assert_close(g.reshape(w.shape), w, equal_nan=True, msg=name)
         outs = []
         for F in (TF, NF):
             x = torch.randn(shape, requires_grad=True)
@@ -398,9 +403,6 @@ def test_empty_maps_like_torch(backend_name):
             outs.append([y] + list(torch.autograd.grad(y, (x, w, b), torch.randn_like(y))))
         names = ("y", "dx", "dweight", "dbias")
         for name, got, want in zip(names, outs[1], outs[0]):
-            if name == "dweight" and backend_name == "triton":
-                assert torch.equal(got, torch.zeros_like(want)), got
-                continue
             torch.testing.assert_close(got, want, equal_nan=True, msg=name)
 
 

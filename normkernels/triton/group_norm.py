@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -108,9 +110,9 @@ def group_norm_fwd(x, num_groups, weight, bias, eps):
     sdt = acc_dtype(x)
     y = w.empty()
     S, K = N * G, D * HW
-    if S == 0 or K == 0:  # no values: torch's statistics of nothing
+    if S == 0 or K == 0:  # no values: torch's statistics of nothing (mean 0, rstd nan)
         mean = torch.zeros((S,), dtype=sdt, device=x.device)
-        rstd = torch.full((S,), 1.0 / (eps ** 0.5), dtype=sdt, device=x.device)
+        rstd = torch.full((S,), math.nan, dtype=sdt, device=x.device)
         return y, mean.view(N, G), rstd.view(N, G)
     mean = torch.empty((S,), dtype=sdt, device=x.device)
     rstd = torch.empty((S,), dtype=sdt, device=x.device)
