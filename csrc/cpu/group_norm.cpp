@@ -730,17 +730,35 @@ void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
                                   });
 }
 
+// Group ng = n * G + g's sums of dy * (x - mean_g), done with, become its channels' dweight
+// terms: sum_dy_xc[n, c] * rstd[n, g], which group_param_grads sums over n. Multiplied here,
+// where rstd is at hand for every group, group_param_grads is one flat loop over channels that
+// the compiler vectorizes; multiplying by rstd there, group by group, it ran D channels at a time
+// in scalar code (an eighth of a GroupNorm 128x64x4x4 fp32 backward's profile, 32 groups of two
+// channels). The same products (multiplied, rounded, then summed in the same order):
+// bit-identical. Not for one channel a group (instance norm), whose rstd is per channel:
+// group_param_grads multiplies it in its flat loop (here, an InstanceNorm 64x256x4x4 fp32
+// backward took 1.11x the time, the op alone, one thread).
+template <typename A>
+NK_ALWAYS_INLINE void group_dweight_terms(const GroupView<A>& v, int64_t n, int64_t g,
+                                          const A* rstd, A* sum_dy_xc) {
+  if (v.D == 1) return;
+  const A rs = rstd[n * v.G + g];
+  for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) sum_dy_xc[n * v.C + c] *= rs;
+}
+
 // From per-(n, c) sum_dy and sum_dy_xc = sum(dy * (x - mean_g)), the coefficients of
 // dx = dy * k_dy[c] + (x - mean) * k_x[n, g] + k_0[n, g] (stored per (n, c)) of one group:
 //   g = dy * w,  xhat = (x - mean) * rstd,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 // inv_count: 1 / (D * HW), from the caller. Called per group, dividing per group, this was a
 // tenth of a GroupNorm 128x128x8x8 fp32 backward's profile; inlined with the division hoisted,
 // paired in one process, the op alone took 0.91-0.96x the time (64x256x4x4 in 256 groups,
-// 128x64x4x4, 128x128x8x8, 64x256x8x8; 16x256x8x8 1.00x).
+// 128x64x4x4, 128x128x8x8, 64x256x8x8; 16x256x8x8 1.00x). Then the group's sums of
+// dy * (x - mean_g) become its dweight terms (group_dweight_terms).
 template <typename A>
 NK_ALWAYS_INLINE void group_grad_coeffs(const GroupView<A>& v, A inv_count, int64_t n, int64_t g,
-                                        const A* rstd, const A* sum_dy, const A* sum_dy_xc,
-                                        A* k_dy, A* k_x, A* k_0) {
+                                        const A* rstd, const A* sum_dy, A* sum_dy_xc, A* k_dy,
+                                        A* k_x, A* k_0) {
   const int64_t ng = n * v.G + g;
   A s_g = 0, s_gxc = 0;
   for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) {
@@ -755,17 +773,19 @@ NK_ALWAYS_INLINE void group_grad_coeffs(const GroupView<A>& v, A inv_count, int6
     k_x[n * v.C + c] = -rs * rs * mean_gxhat;
     k_0[n * v.C + c] = -rs * mean_g;
   }
+  group_dweight_terms(v, n, g, rstd, sum_dy_xc);
 }
 
 // dweight[c] = sum_n sum_dy_xc[n, c] * rstd[n, g];  dbias[c] = sum_n sum_dy[n, c], over n in
-// order. Image by image along the rows of C sums, blocks of channels in parallel (bit-identical
-// to channel by channel, whose sums were C apart, a page and more at 1024 channels and up, on
-// one thread). Zen 3 guest, 2 threads, backward paired against torch in one process: 64x2048x1x1
-// fp32 0.49-0.54x torch -> 0.77-1.05x, 64x2048x2x2 fp32 2.48-2.65x -> 3.22-4.01x, 64x512x8x8
-// bf16 0.87-0.92x -> 1.02-1.04x. Group by group from the range's first group, one division a
-// range; one channel a group (instance norm) as one flat loop, which the compiler vectorizes:
-// with an integer division per group and image, this had been nearly half of an InstanceNorm
-// 64x256x4x4 fp32 backward (the op alone took 0.55x the time without, paired in one process).
+// order, the products as group_dweight_terms left them in sum_dy_xc, or, one channel a group,
+// made here. Image by image along the rows of C values, blocks of channels in parallel
+// (bit-identical to channel by channel, whose sums were C apart, a page and more at 1024
+// channels and up, on one thread). Zen 3 guest, 2 threads, backward paired against torch in one
+// process: 64x2048x1x1 fp32 0.49-0.54x torch -> 0.77-1.05x, 64x2048x2x2 fp32 2.48-2.65x ->
+// 3.22-4.01x, 64x512x8x8 bf16 0.87-0.92x -> 1.02-1.04x. Flat loops, which the compiler
+// vectorizes: with an integer division per group and image, this had been nearly half of an
+// InstanceNorm 64x256x4x4 fp32 backward (the op alone took 0.55x the time without, paired in one
+// process).
 template <typename A>
 static void group_param_grads(const GroupView<A>& v, const A* rstd, const A* sum_dy,
                               const A* sum_dy_xc, at::Tensor& dweight, at::Tensor& dbias) {
@@ -773,25 +793,20 @@ static void group_param_grads(const GroupView<A>& v, const A* rstd, const A* sum
   A* db = dbias.defined() ? dbias.data_ptr<A>() : nullptr;
   at::parallel_for(0, v.C, grain_for(2 * v.N), [&](int64_t c0, int64_t c1) {
     Scratch<A> sw(c1 - c0, A(0)), sb(c1 - c0, A(0));
-    const int64_t g0 = c0 / v.D;
     for (int64_t n = 0; n < v.N; ++n) {
       const A* row_dy = sum_dy + n * v.C;
       const A* row_dy_xc = sum_dy_xc + n * v.C;
-      const A* row_rstd = rstd + n * v.G;
       if (v.D == 1) {
+        const A* row_rstd = rstd + n * v.G;
         for (int64_t c = c0; c < c1; ++c) {
           sw[c - c0] += row_dy_xc[c] * row_rstd[c];
           sb[c - c0] += row_dy[c];
         }
         continue;
       }
-      for (int64_t c = c0, g = g0; c < c1; ++g) {
-        const int64_t end = std::min(c1, (g + 1) * v.D);
-        const A rs = row_rstd[g];
-        for (; c < end; ++c) {
-          sw[c - c0] += row_dy_xc[c] * rs;
-          sb[c - c0] += row_dy[c];
-        }
+      for (int64_t c = c0; c < c1; ++c) {  // (group_dweight_terms' products)
+        sw[c - c0] += row_dy_xc[c];
+        sb[c - c0] += row_dy[c];
       }
     }
     if (dw != nullptr) std::copy_n(sw.data(), c1 - c0, dw + c0);
@@ -849,7 +864,9 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   T* dxp = dx.defined() ? dx.data_ptr<T>() : nullptr;
   const A inv_count = A(1) / static_cast<A>(v.D * v.HW);  // (a group's values)
   // Every walk writes each (n, c) sum (or zeroes it first) and each coefficient before reading it:
-  // left unzeroed (a 64x2048x1x1 fp32 backward zeroed 2.5 MB a call for 0.5 MB of x)
+  // left unzeroed (a 64x2048x1x1 fp32 backward zeroed 2.5 MB a call for 0.5 MB of x).
+  // sum_dy_xc holds a group's dweight terms once its coefficients are computed, D > 1
+  // (group_dweight_terms).
   LineBuffer<A> sum_dy(v.N * v.C), sum_dy_xc(v.N * v.C);
   const int64_t coeffs = dxp != nullptr ? v.N * v.C : 0;
   LineBuffer<A> k_dy(coeffs), k_x(coeffs), k_0(coeffs);
@@ -1043,16 +1060,26 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     }
   }
 
+  // Every group's coefficients (and with them its dweight terms) where dx is wanted: the walks
+  // above computed them, but for NCHW with fewer groups than threads, whose are computed here.
+  if (dxp != nullptr && !dx_done) {
+    for (int64_t n = 0; n < v.N; ++n)
+      for (int64_t g = 0; g < G; ++g)
+        group_grad_coeffs(v, inv_count, n, g, rstd, sum_dy.data(), sum_dy_xc.data(),
+                          k_dy.data(), k_x.data(), k_0.data());
+  }
   if (dweight.defined() || dbias.defined()) {
+    if (dxp == nullptr && v.D > 1) {  // (no coefficients computed)
+      at::parallel_for(0, v.N, grain_for(v.C), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t g = 0; g < G; ++g) group_dweight_terms(v, n, g, rstd, sum_dy_xc.data());
+      });
+    }
     group_param_grads(v, rstd, sum_dy.data(), sum_dy_xc.data(), dweight, dbias);
   }
   if (dxp == nullptr || dx_done) return;
 
   // The second pass over memory, NCHW with fewer groups than threads.
-  for (int64_t n = 0; n < v.N; ++n)
-    for (int64_t g = 0; g < G; ++g)
-      group_grad_coeffs(v, inv_count, n, g, rstd, sum_dy.data(), sum_dy_xc.data(), k_dy.data(),
-                        k_x.data(), k_0.data());
   if (short_planes) {  // (never plane_run: planes of a chunk or more go one by one below)
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
       const StreamFence fence(stream);
