@@ -1061,7 +1061,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   }
 
   // Every group's coefficients (and with them its dweight terms) where dx is wanted: the walks
-  // above computed them, but for NCHW with fewer groups than threads, whose are computed here.
+  // above computed them, except for NCHW with fewer groups than threads, computed here.
   if (dxp != nullptr && !dx_done) {
     for (int64_t n = 0; n < v.N; ++n)
       for (int64_t g = 0; g < G; ++g)
