@@ -738,11 +738,17 @@ void group_norm_fwd(const at::Tensor& x, const NormShape& s, int64_t num_groups,
 // channels). The same products (multiplied, rounded, then summed in the same order):
 // bit-identical. Not for one channel a group (instance norm), whose rstd is per channel:
 // group_param_grads multiplies it in its flat loop (here, an InstanceNorm 64x256x4x4 fp32
-// backward took 1.11x the time, the op alone, one thread).
+// backward took 1.11x the time, the op alone, one thread). dweight_terms_in_sums says which:
+// group_dweight_terms and group_param_grads both ask it.
+template <typename A>
+NK_ALWAYS_INLINE bool dweight_terms_in_sums(const GroupView<A>& v) {
+  return v.D > 1;
+}
+
 template <typename A>
 NK_ALWAYS_INLINE void group_dweight_terms(const GroupView<A>& v, int64_t n, int64_t g,
                                           const A* rstd, A* sum_dy_xc) {
-  if (v.D == 1) return;
+  if (!dweight_terms_in_sums(v)) return;
   const A rs = rstd[n * v.G + g];
   for (int64_t c = g * v.D; c < (g + 1) * v.D; ++c) sum_dy_xc[n * v.C + c] *= rs;
 }
@@ -796,7 +802,7 @@ static void group_param_grads(const GroupView<A>& v, const A* rstd, const A* sum
     for (int64_t n = 0; n < v.N; ++n) {
       const A* row_dy = sum_dy + n * v.C;
       const A* row_dy_xc = sum_dy_xc + n * v.C;
-      if (v.D == 1) {
+      if (!dweight_terms_in_sums(v)) {  // (one channel a group: rstd per channel)
         const A* row_rstd = rstd + n * v.G;
         for (int64_t c = c0; c < c1; ++c) {
           sw[c - c0] += row_dy_xc[c] * row_rstd[c];
@@ -865,8 +871,8 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   const A inv_count = A(1) / static_cast<A>(v.D * v.HW);  // (a group's values)
   // Every walk writes each (n, c) sum (or zeroes it first) and each coefficient before reading it:
   // left unzeroed (a 64x2048x1x1 fp32 backward zeroed 2.5 MB a call for 0.5 MB of x).
-  // sum_dy_xc holds a group's dweight terms once its coefficients are computed, D > 1
-  // (group_dweight_terms).
+  // sum_dy_xc holds a group's dweight terms once its coefficients are computed, where
+  // dweight_terms_in_sums (group_dweight_terms).
   LineBuffer<A> sum_dy(v.N * v.C), sum_dy_xc(v.N * v.C);
   const int64_t coeffs = dxp != nullptr ? v.N * v.C : 0;
   LineBuffer<A> k_dy(coeffs), k_x(coeffs), k_0(coeffs);
@@ -1069,7 +1075,7 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                           k_dy.data(), k_x.data(), k_0.data());
   }
   if (dweight.defined() || dbias.defined()) {
-    if (dxp == nullptr && v.D > 1) {  // (no coefficients computed)
+    if (dxp == nullptr && dweight_terms_in_sums(v)) {  // (no coefficients computed)
       at::parallel_for(0, v.N, grain_for(v.C), [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t g = 0; g < G; ++g) group_dweight_terms(v, n, g, rstd, sum_dy_xc.data());
