@@ -123,9 +123,10 @@ CPP_CASES = [
     Case("BatchNorm-shortplanes-aligned", lambda: nn.BatchNorm2d(64), (6, 64, 7, 7),
          ["contiguous", "strided"]),
     # NCHW planes shorter than a chunk: each group's planes one run (ShortPlaneRuns), the weight
-    # and bias per element, the backward's per-plane sums in scalar code: 6 channels of 3x3 a
-    # group (54 values: masked head or tail, whole chunks between), 8 of 2x2 (32), 3 of 1x1 (3:
-    # one masked chunk); without affine too
+    # and bias per element, the backward's per-plane sums a chunk a plane (16-bit planes of four
+    # values or more, fp32 of seven: short_planes_grad_sums), the shortest in scalar code: 6
+    # channels of 3x3 a group (54 values: masked head or tail, whole chunks between), 8 of 2x2
+    # (32), 3 of 1x1 (3: one masked chunk); without affine too
     Case("GroupNorm-shortplane-runs", lambda: nn.GroupNorm(4, 24), (3, 24, 3, 3),
          ["contiguous", "strided"]),
     Case("GroupNorm-shortplane-runs-2x2", lambda: nn.GroupNorm(8, 64), (4, 64, 2, 2)),

@@ -293,10 +293,11 @@ constexpr int64_t kGroupFixedCost = 128;
 // as one run of D * HW elements, the weight (and bias) per element from an array laid out once a
 // call (w_run: w[c] at c * HW + i, the same for every image and group, a chunk of zeros past the
 // end), in the plane walk's arithmetic (rstd * w[c] rounded once, then segment_affine's and
-// segment_grad_input's closed forms): y bit-identical. The backward's per-plane sums go in scalar
-// code, in order (a masked chunk and two horizontal sums a plane cost more than its few values):
-// their roundings differ from the lane sums' (dx, dweight, dbias within an ulp or two of the plane
-// walk's; largest errors against fp64 as before). Zen 3 guest, 2 threads, paired against torch
+// segment_grad_input's closed forms): y bit-identical. The backward's per-plane sums of the
+// shortest planes go in scalar code, in order (a masked chunk and two horizontal sums a plane
+// cost more than its few values): their roundings differ from the lane sums' (dx, dweight, dbias
+// within an ulp or two of the plane walk's; largest errors against fp64 as before); longer ones
+// as kShortPlaneVectorSumsFrom says. Zen 3 guest, 2 threads, paired against torch
 // round by round in one process, the plane walk -> runs (with kGroupFixedCost): forward 16x512x2x2
 // fp32 0.58x torch -> 1.63x, bf16 0.60x -> 1.86x, 16x256x2x2 bf16 0.67x -> 1.74x, 8x256x3x3 bf16
 // 0.85x -> 1.29x; forward+backward 16x512x2x2 bf16 0.63x -> 1.35x, fp32 1.36x -> 2.40x, 8x512x2x2
@@ -341,6 +342,23 @@ struct ShortPlaneRuns {
     }
   }
 };
+
+// Values a plane from which the backward's sums of planes shorter than a chunk go a chunk a
+// plane, loaded whole (short_planes_grad_sums: lane sums, as planes_grad_sums' bit for bit,
+// eight planes' horizontal sums at once) instead of in scalar code, where each value cost two
+// dependent adds, and a 16-bit one two conversions through the integer registers. Zen 3 guest,
+// the backward op alone, one thread, builds with scalar and with vector sums alternated three
+// times (min of 41 batches; time ratios vector / scalar; 32 groups): bf16 128x64x3x3 0.79x,
+// 64x256x2x4 0.70x, 2x3 0.80x, 1x5 0.89x, 2x2 0.95x, 1x3 1.06x, 1x2 1.22x; fp16 128x64x3x3 0.83x;
+// fp32 128x64x3x3 0.87x, 2x6 0.73x, 2x5 0.78x, 2x4 0.86x, 1x7 0.97x, 2x3 1.04x, 1x5 1.08x, 2x2
+// 1.18x, 1x2 1.19x; InstanceNorm bf16 128x64x3x3 0.82x (fp32 needs no conversion: scalar code
+// holds out longer). Two threads: bf16 128x64x3x3 0.82x, 64x256x3x3 0.70x, 32x512x3x3 0.67x.
+// Tried with it and dropped: the dx runs of these planes (group_run_grad_input) walked without
+// their masked head and tail, whole chunks from the run's start and the last one overlapping
+// the one before: fp16 128x64x3x3 0.83x, but bf16 0.99x, 64x256x2x2 1.05x, and forwards the same
+// way 1.05-1.07x (stores across lines).
+template <typename T>
+constexpr int64_t kShortPlaneVectorSumsFrom = Chunk<T>::widened ? 4 : 7;
 
 // Groups shorter than a chunk (GroupNorm 64 channels in 32 groups on 1x1 maps: two values a
 // group) in scalar code. Their vector statistics (two masked chunks, four horizontal sums, the
@@ -890,12 +908,21 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
                        k_x[nc], k_0[nc], stream, low_nans);
   };
   const int64_t group_grain = grain_for(v.D * v.HW + kGroupFixedCost);  // NCHW tasks by group
-  // the sums of group ng's planes shorter than a chunk, in scalar code (one masked chunk and two
-  // horizontal sums a plane cost more than its few values)
+  // the sums of the planes of groups [ng0, ng1), planes shorter than a chunk, plane p's shift
+  // center_of(p): a chunk a plane (short_planes_grad_sums), or the shortest in scalar code
   const bool short_planes = ShortPlaneRuns::applies<T>(s);
-  const auto short_plane_sums = [&](int64_t ng) {
-    ShortPlaneRuns::sums(gp + ng * v.D * v.HW, xp + ng * v.D * v.HW, v.D, v.HW, mean[ng],
-                         sum_dy.data() + ng * v.D, sum_dy_xc.data() + ng * v.D);
+  const bool short_vector_sums = short_planes && v.HW >= kShortPlaneVectorSumsFrom<T>;
+  const int64_t numel = v.N * v.C * v.HW;
+  const auto short_plane_sums = [&](int64_t ng0, int64_t ng1, const auto& center_of) {
+    const int64_t off = ng0 * v.D * v.HW, nc0 = ng0 * v.D;
+    if (short_vector_sums) {
+      short_planes_grad_sums(gp + off, xp + off, (ng1 - ng0) * v.D, v.HW, numel - off, center_of,
+                             sum_dy.data() + nc0, sum_dy_xc.data() + nc0);
+      return;
+    }
+    for (int64_t ng = ng0; ng < ng1; ++ng)
+      ShortPlaneRuns::sums(gp + ng * v.D * v.HW, xp + ng * v.D * v.HW, v.D, v.HW, mean[ng],
+                           sum_dy.data() + ng * v.D, sum_dy_xc.data() + ng * v.D);
   };
   // NCHW with a group per thread at least: blocks of groups (kGroupBlockPlanes), each task's
   // blocks its sums, coefficients and dx in turn.
@@ -933,12 +960,12 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
       for (int64_t ng0 = begin; ng0 < end; ng0 += block_groups) {
         const int64_t ng1 = std::min(end, ng0 + block_groups);
         const int64_t planes = (ng1 - ng0) * v.D, nc0 = ng0 * v.D, off = nc0 * v.HW;
-        if (!short_planes || vector_walk) {  // (short planes' sums and runs need none)
+        if (!short_planes || vector_walk || short_vector_sums) {  // (else none needs them)
           for (int64_t ng = ng0; ng < ng1; ++ng)
             std::fill_n(plane_center.data() + (ng - ng0) * v.D, v.D, mean[ng]);
         }
         if (short_planes) {
-          for (int64_t ng = ng0; ng < ng1; ++ng) short_plane_sums(ng);
+          short_plane_sums(ng0, ng1, [&](int64_t p) { return plane_center[p]; });
         } else {
           // The requests ahead (stream_ahead) only where dy and x come from memory: from the L3
           // they cost, paired in one process, GroupNorm fp32 128x128x8x8 1.14x the time (op
@@ -977,7 +1004,8 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
     });
   } else if (!s.channels_last && short_planes) {
     at::parallel_for(0, v.N * G, group_grain, [&](int64_t begin, int64_t end) {
-      for (int64_t ng = begin; ng < end; ++ng) short_plane_sums(ng);
+      for (int64_t ng = begin; ng < end; ++ng)
+        short_plane_sums(ng, ng + 1, [&](int64_t) { return mean[ng]; });
     });
   } else if (!s.channels_last) {
     at::parallel_for(0, v.N * v.C, grain_for(v.HW), [&](int64_t begin, int64_t end) {

@@ -1298,6 +1298,46 @@ inline void planes_grad_sums(const T* dy, const T* x, int64_t planes, int64_t hw
   }
 }
 
+// planes_grad_sums for planes shorter than a chunk (hw < Chunk<T>::size), bit for bit: each
+// plane one chunk loaded whole from its start, where `readable` values from dy and x hold it
+// (the last planes of a tensor load masked), its lanes from hw on zeroed in dy and in the
+// product (x's are another plane's, maybe an inf). A masked load a plane costs more than a
+// plane's few values (16-bit ones are emulated); so did scalar code, two conversions and two
+// dependent adds a value.
+template <typename T, typename ShiftOf>
+inline void short_planes_grad_sums(const T* dy, const T* x, int64_t planes, int64_t hw,
+                                   int64_t readable, const ShiftOf& shift_of, acc_t<T>* sum_dy,
+                                   acc_t<T>* sum_dy_xc) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  constexpr int64_t kBatch = 8;
+  const V zero(0);
+  for (int64_t p0 = 0; p0 < planes; p0 += kBatch) {
+    const int64_t m = std::min(kBatch, planes - p0);
+    V g[kBatch], d[kBatch];
+    for (int64_t k = 0; k < m; ++k) {
+      const int64_t off = (p0 + k) * hw;
+      V ga, gb, xa, xb;
+      if (off + C::size <= readable) {
+        C::load(dy + off, ga, gb);
+        C::load(x + off, xa, xb);
+        C::keep_first(hw, ga, gb);
+      } else {
+        C::load_first(dy + off, hw, ga, gb);
+        C::load_first(x + off, hw, xa, xb);
+      }
+      const V shift(shift_of(p0 + k));
+      // (accumulate_grad_sums' arithmetic from zero sums: 0 + dy, fma(dy, x - shift, 0))
+      V da = at::vec::fmadd(ga, xa - shift, zero), db = at::vec::fmadd(gb, xb - shift, zero);
+      C::keep_first(hw, da, db);
+      g[k] = (zero + ga) + (zero + gb);
+      d[k] = da + db;
+    }
+    hsum_each(g, m, sum_dy + p0);
+    hsum_each(d, m, sum_dy_xc + p0);
+  }
+}
+
 // fn(i, stream) for the vectors of a plane of hw >= V::size() values (i: the vector's first
 // element) of a type held in natural order (fp32, fp64): chunk by chunk where hw is a whole number
 // of chunks, streamed where asked (the caller checks the plane starts a line); else vector by
