@@ -266,6 +266,33 @@ def test_inf_stays_in_its_group_in_the_backward_of_short_planes(hw, dtype, backe
         torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, equal_nan=True, msg=what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_group_norm_backward_of_short_planes_same_bits_for_any_thread_count(dtype):
+    # The threads split the NCHW groups into tasks, and a task's blocks start where it starts; a
+    # plane's sums (short_planes_grad_sums: a whole chunk from its start, or masked near the
+    # tensor's end) and the sums over images must not depend on where: 37 images of 3x3 maps,
+    # 2x2 and 2x5, on 1, 3 and 8 threads, the same bits.
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        for shape, groups in (((37, 64, 3, 3), 32), ((16, 24, 2, 2), 4), ((9, 40, 2, 5), 8)):
+            x = torch.randn(shape, generator=g).to(dtype)
+            dy = torch.randn(shape, generator=g).to(dtype)
+            w = torch.randn(shape[1], generator=g)
+            runs = []
+            for n in (1, 3, 8):
+                torch.set_num_threads(n)
+                xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+                with normkernels.backend("cpp"):
+                    y = NF.group_norm(xg, groups, wg, wg)
+                    runs.append(torch.autograd.grad(y, (xg, wg), dy))
+            for run in runs[1:]:
+                for what, ours, one_thread in zip(("dx", "dweight"), run, runs[0]):
+                    assert torch.equal(ours, one_thread), (shape, what)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_constant_input_gives_zeros(dtype, backend_name):
     x = torch.full((3, 8, 4, 4), 3.7, dtype=dtype)
