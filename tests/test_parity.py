@@ -134,6 +134,9 @@ CPP_CASES = [
          ["contiguous"]),
     Case("GroupNorm-shortplane-runs-noaffine", lambda: nn.GroupNorm(4, 24, affine=False),
          (3, 24, 2, 3), ["contiguous"]),
+    # 1x7 maps: the backward's sums a chunk a plane in every dtype (fp64's chunk is 8 values)
+    Case("GroupNorm-shortplane-runs-1x7", lambda: nn.GroupNorm(4, 16), (3, 16, 1, 7),
+         ["contiguous"]),
     # groups shorter than a chunk, in scalar code (short_groups): two values (1x1 maps, walked
     # as NCHW planes of one value), 2 channels of 2x2 (8; channels_last takes its own walk),
     # 2 of 1x3 without affine (6)
