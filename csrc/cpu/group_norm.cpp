@@ -912,12 +912,11 @@ static void group_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, cons
   // center_of(p): a chunk a plane (short_planes_grad_sums), or the shortest in scalar code
   const bool short_planes = ShortPlaneRuns::applies<T>(s);
   const bool short_vector_sums = short_planes && v.HW >= kShortPlaneVectorSumsFrom<T>;
-  const int64_t numel = v.N * v.C * v.HW;
   const auto short_plane_sums = [&](int64_t ng0, int64_t ng1, const auto& center_of) {
     const int64_t off = ng0 * v.D * v.HW, nc0 = ng0 * v.D;
     if (short_vector_sums) {
-      short_planes_grad_sums(gp + off, xp + off, (ng1 - ng0) * v.D, v.HW, numel - off, center_of,
-                             sum_dy.data() + nc0, sum_dy_xc.data() + nc0);
+      short_planes_grad_sums(gp + off, xp + off, (ng1 - ng0) * v.D, v.HW, x.numel() - off,
+                             center_of, sum_dy.data() + nc0, sum_dy_xc.data() + nc0);
       return;
     }
     for (int64_t ng = ng0; ng < ng1; ++ng)

@@ -1275,27 +1275,38 @@ inline std::pair<acc_t<T>, acc_t<T>> segment_grad_sums(const T* dy, const T* x, 
   return {g.total(), d.total()};
 }
 
-// segment_grad_sums of each of `planes` contiguous planes of hw values (plane p's shift:
-// shift_of(p)): the same sums bit for bit, their horizontal sums eight planes at a time
-// (hsum_each).
-template <bool kAhead = false, typename T, typename ShiftOf>
-inline void planes_grad_sums(const T* dy, const T* x, int64_t planes, int64_t hw,
-                             const ShiftOf& shift_of, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
+// sum_dy[p] and sum_dy_xc[p] for each of `planes` planes, the horizontal sums of the lane sums
+// plane_sums(p) gives (a pair of vectors), eight planes at a time (hsum_each).
+template <typename T, typename PlaneSums>
+NK_ALWAYS_INLINE void hsum_planes(int64_t planes, const PlaneSums& plane_sums, acc_t<T>* sum_dy,
+                                  acc_t<T>* sum_dy_xc) {
   using V = typename Chunk<T>::V;
   constexpr int64_t kBatch = 8;
   for (int64_t p0 = 0; p0 < planes; p0 += kBatch) {
     const int64_t m = std::min(kBatch, planes - p0);
     V g[kBatch], d[kBatch];
-    for (int64_t k = 0; k < m; ++k) {
-      VecSum<T> plane_dy, plane_dy_xc;
-      accumulate_grad_sums<kAhead>(dy + (p0 + k) * hw, x + (p0 + k) * hw, hw, shift_of(p0 + k),
-                                   plane_dy, plane_dy_xc);
-      g[k] = plane_dy.lo + plane_dy.hi;
-      d[k] = plane_dy_xc.lo + plane_dy_xc.hi;
-    }
+    for (int64_t k = 0; k < m; ++k) std::tie(g[k], d[k]) = plane_sums(p0 + k);
     hsum_each(g, m, sum_dy + p0);
     hsum_each(d, m, sum_dy_xc + p0);
   }
+}
+
+// segment_grad_sums of each of `planes` contiguous planes of hw values (plane p's shift:
+// shift_of(p)): the same sums bit for bit, their horizontal sums eight planes at a time
+// (hsum_planes).
+template <bool kAhead = false, typename T, typename ShiftOf>
+inline void planes_grad_sums(const T* dy, const T* x, int64_t planes, int64_t hw,
+                             const ShiftOf& shift_of, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xc) {
+  using V = typename Chunk<T>::V;
+  hsum_planes<T>(
+      planes,
+      [&](int64_t p) {
+        VecSum<T> plane_dy, plane_dy_xc;
+        accumulate_grad_sums<kAhead>(dy + p * hw, x + p * hw, hw, shift_of(p), plane_dy,
+                                     plane_dy_xc);
+        return std::pair<V, V>(plane_dy.lo + plane_dy.hi, plane_dy_xc.lo + plane_dy_xc.hi);
+      },
+      sum_dy, sum_dy_xc);
 }
 
 // planes_grad_sums for planes shorter than a chunk (hw < Chunk<T>::size), bit for bit: each
@@ -1310,32 +1321,27 @@ inline void short_planes_grad_sums(const T* dy, const T* x, int64_t planes, int6
                                    acc_t<T>* sum_dy_xc) {
   using C = Chunk<T>;
   using V = typename C::V;
-  constexpr int64_t kBatch = 8;
   const V zero(0);
-  for (int64_t p0 = 0; p0 < planes; p0 += kBatch) {
-    const int64_t m = std::min(kBatch, planes - p0);
-    V g[kBatch], d[kBatch];
-    for (int64_t k = 0; k < m; ++k) {
-      const int64_t off = (p0 + k) * hw;
-      V ga, gb, xa, xb;
-      if (off + C::size <= readable) {
-        C::load(dy + off, ga, gb);
-        C::load(x + off, xa, xb);
-        C::keep_first(hw, ga, gb);
-      } else {
-        C::load_first(dy + off, hw, ga, gb);
-        C::load_first(x + off, hw, xa, xb);
-      }
-      const V shift(shift_of(p0 + k));
-      // (accumulate_grad_sums' arithmetic from zero sums: 0 + dy, fma(dy, x - shift, 0))
-      V da = at::vec::fmadd(ga, xa - shift, zero), db = at::vec::fmadd(gb, xb - shift, zero);
-      C::keep_first(hw, da, db);
-      g[k] = (zero + ga) + (zero + gb);
-      d[k] = da + db;
-    }
-    hsum_each(g, m, sum_dy + p0);
-    hsum_each(d, m, sum_dy_xc + p0);
-  }
+  hsum_planes<T>(
+      planes,
+      [&](int64_t p) {
+        const int64_t off = p * hw;
+        V ga, gb, xa, xb;
+        if (off + C::size <= readable) {
+          C::load(dy + off, ga, gb);
+          C::load(x + off, xa, xb);
+          C::keep_first(hw, ga, gb);
+        } else {
+          C::load_first(dy + off, hw, ga, gb);
+          C::load_first(x + off, hw, xa, xb);
+        }
+        const V shift(shift_of(p));
+        // (accumulate_grad_sums' arithmetic from zero sums: 0 + dy, fma(dy, x - shift, 0))
+        V da = at::vec::fmadd(ga, xa - shift, zero), db = at::vec::fmadd(gb, xb - shift, zero);
+        C::keep_first(hw, da, db);
+        return std::pair<V, V>((zero + ga) + (zero + gb), da + db);
+      },
+      sum_dy, sum_dy_xc);
 }
 
 // fn(i, stream) for the vectors of a plane of hw >= V::size() values (i: the vector's first
