@@ -277,7 +277,13 @@ Three layer_norm_fwd(const Tensor& x, int64_t ndim, const Opt& w, const Opt& b, 
   return record<LayerNormBackward>(
       x, w, b, [&] { return ops::layer_norm_fwd().call(x, ndim, w, b, eps, rms); },
       [&](LayerNormBackward& n, const Three& out) {
-        n.save(x, w, std::get<1>(out), std::get<2>(out), eps);
+        // An inference tensor (made under torch.inference_mode) cannot be saved for backward.
+        // torch's rms_norm is a composite of elementwise ops that saves no x where x needs no
+        // gradient (an inference tensor cannot), so features made under inference_mode and a
+        // trainable weight work there: save an ordinary copy of x (the copy is made outside
+        // inference mode). layer_norm saves x in torch as here, and raises as it does.
+        n.save(rms && x.is_inference() ? x.clone() : x, w, std::get<1>(out), std::get<2>(out),
+               eps);
         n.norm_.kind = Norm::Kind::kLayer;
         n.norm_.ndim = ndim;
         n.norm_.rms = rms;

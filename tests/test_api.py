@@ -80,6 +80,28 @@ def test_revert_gives_torchs_modules_back():
     torch.testing.assert_close(fused(x), conv_bn(x))
 
 
+def test_conv_batch_norm_folding_with_ours():
+    """torch.nn.utils.fusion folds our BatchNorm into a conv; fx's fuse matches torch's classes
+    by exact type and leaves ours unfolded (right, not folded): fold first, then convert."""
+    from torch.fx.experimental.optimization import fuse
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    torch.manual_seed(0)
+    conv_bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with torch.no_grad():
+        conv_bn[1].running_mean.uniform_(-1, 1)
+        conv_bn[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    ours = normkernels.convert(copy.deepcopy(conv_bn))
+    folded = fuse_conv_bn_eval(ours[0], ours[1])
+    torch.testing.assert_close(folded(x), conv_bn[1](conv_bn[0](x)))
+    unfolded = fuse(ours)
+    assert any(isinstance(m, normkernels.nn.BatchNorm2d) for m in unfolded.modules())
+    torch.testing.assert_close(unfolded(x), conv_bn(x))
+    folded_model = normkernels.convert(fuse(copy.deepcopy(conv_bn)))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded_model.modules())
+    torch.testing.assert_close(folded_model(x), conv_bn(x))
+
+
 def test_convert_leaves_user_subclasses_alone():
     class MyLN(nn.LayerNorm):
         pass
@@ -228,6 +250,143 @@ def test_pickle_and_deepcopy():
     assert type(loaded[1][0]) is normkernels.nn.BatchNorm2d
     torch.testing.assert_close(_forward(loaded, x), _forward(model, x))
     torch.testing.assert_close(_forward(clone, x), _forward(model, x))
+
+
+# One module of each family, for the inference-mode tests: (factory, input shape)
+_FAMILIES = {
+    "BatchNorm2d": (lambda: nn.BatchNorm2d(8), (4, 8, 5, 5)),
+    "BatchNorm1d": (lambda: nn.BatchNorm1d(8), (4, 8)),
+    "GroupNorm": (lambda: nn.GroupNorm(2, 8), (4, 8, 5, 5)),
+    "InstanceNorm2d": (lambda: nn.InstanceNorm2d(8, affine=True, track_running_stats=True), (4, 8, 5, 5)),
+    "LayerNorm": (lambda: nn.LayerNorm(5), (4, 8, 5)),
+    "RMSNorm": (lambda: nn.RMSNorm(5), (4, 8, 5)),
+}
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_modules_under_inference_mode_match_torch(family, training):
+    # serving code runs models under torch.inference_mode: outputs are inference tensors, and a
+    # training-mode BatchNorm still updates its running statistics (in place, as torch's does)
+    make, shape = _FAMILIES[family]
+    torch.manual_seed(0)
+    theirs = make().train(training)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+    ours = normkernels.convert(copy.deepcopy(theirs))
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        y_theirs, y_ours = theirs(x), ours(x)
+    assert y_ours.is_inference()
+    torch.testing.assert_close(y_ours, y_theirs)
+    for (name, b_theirs), (_, b_ours) in zip(theirs.named_buffers(), ours.named_buffers()):
+        torch.testing.assert_close(b_ours, b_theirs, msg=name)
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_inference_tensor_input_to_a_trained_module_as_torch(family):
+    # features made under inference_mode (a frozen backbone) fed to a module being trained:
+    # torch's rms_norm saves no input that needs no gradient, so its weight trains; the other
+    # norms save x and raise. Ours does the same in each case.
+    make, shape = _FAMILIES[family]
+    theirs = make()
+    ours = normkernels.convert(copy.deepcopy(theirs))
+    with torch.inference_mode():
+        x = torch.randn(shape)
+    results = []
+    for m in (theirs, ours):
+        try:
+            m(x).square().sum().backward()
+            results.append([p.grad for p in m.parameters()])
+        except RuntimeError as e:
+            assert "Inference tensors cannot be saved for backward" in str(e)
+            results.append(None)
+    if results[0] is None:
+        assert results[1] is None
+    else:
+        assert results[1] is not None and len(results[1]) == len(results[0]) > 0
+        for g_ours, g_theirs in zip(results[1], results[0]):
+            torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_meta_device_model_converts_infers_shapes_and_materializes():
+    # large models are built on the meta device, converted, then materialized and loaded
+    torch.manual_seed(0)
+    theirs = _nested()
+    with torch.device("meta"):
+        ours = normkernels.convert(_nested())
+    assert type(ours[1][0]) is normkernels.nn.BatchNorm2d and ours[1][0].weight.is_meta
+    x_meta = torch.empty(2, 3, 6, 6, device="meta", requires_grad=True)
+    y_meta = _forward(ours, x_meta)
+    assert y_meta.is_meta and y_meta.shape == (2, 8 * 4 * 4)
+    grads = torch.autograd.grad(y_meta.sum(), [x_meta, *ours.parameters()])
+    assert all(g.is_meta and g.shape == p.shape for g, p in zip(grads, [x_meta, *ours.parameters()]))
+    ours.to_empty(device="cpu")
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(_forward(ours, x), _forward(theirs, x))
+    for (name, b_ours), b_theirs in zip(ours.named_buffers(), theirs.buffers()):
+        torch.testing.assert_close(b_ours, b_theirs, msg=name)
+
+
+def test_activation_checkpointing_matches_torch():
+    # torch.utils.checkpoint reruns the forward during backward (a training-mode BatchNorm
+    # updates its running statistics twice, in torch's modules as in ours)
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    theirs = _nested()
+    ours = normkernels.convert(copy.deepcopy(theirs))
+    x = torch.randn(2, 3, 6, 6)
+    results = []
+    for model in (theirs, ours):
+        xg = x.clone().requires_grad_()
+        y = checkpoint(_forward, model, xg, use_reentrant=False)
+        y.square().sum().backward()
+        results.append((y.detach(), xg.grad, [p.grad for p in model.parameters()],
+                        list(model.buffers())))
+    (y_t, dx_t, dp_t, b_t), (y_o, dx_o, dp_o, b_o) = results
+    torch.testing.assert_close(y_o, y_t)
+    torch.testing.assert_close(dx_o, dx_t, atol=1e-4, rtol=1e-4)
+    for g_o, g_t in zip(dp_o, dp_t):
+        torch.testing.assert_close(g_o, g_t, atol=1e-4, rtol=1e-4)
+    for b_ours, b_theirs in zip(b_o, b_t):
+        torch.testing.assert_close(b_ours, b_theirs)
+    assert int(ours[1][0].num_batches_tracked) == 2
+
+
+def test_python_threads_running_models_at_once_get_the_serial_results():
+    # servers run requests on threads: our ops share the output pool and ATen's thread pool;
+    # results must not depend on what runs beside them (bit-identical to one call at a time)
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(0)
+    base = normkernels.convert(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GroupNorm(4, 16),
+        nn.InstanceNorm2d(16, affine=True), nn.Flatten(), nn.LayerNorm(16 * 16 * 16),
+        nn.RMSNorm(16 * 16 * 16)))
+    xs = [torch.randn(4, 3, 16, 16) for _ in range(6)]
+
+    def train_step(i, model):
+        x = xs[i].clone().requires_grad_()
+        y = model(x)
+        y.square().mean().backward()
+        return [y.detach(), x.grad, *(p.grad for p in model.parameters()), *model.buffers()]
+
+    serial = [train_step(i, copy.deepcopy(base)) for i in range(len(xs))]
+    for _ in range(3):
+        models = [copy.deepcopy(base) for _ in xs]
+        with ThreadPoolExecutor(len(xs)) as pool:
+            threaded = list(pool.map(lambda i: train_step(i, models[i]), range(len(xs))))
+        for one, other in zip(serial, threaded):
+            assert all(torch.equal(a, b) for a, b in zip(one, other))
+    shared = copy.deepcopy(base).eval().to(torch.bfloat16)  # one model, many requests
+    requests = [torch.randn(2, 3, 16, 16, dtype=torch.bfloat16) for _ in range(12)]
+    with torch.inference_mode():
+        serial = [shared(x) for x in requests]
+        for _ in range(3):
+            with ThreadPoolExecutor(len(requests)) as pool:
+                threaded = list(pool.map(shared, requests))
+            assert all(torch.equal(a, b) for a, b in zip(serial, threaded))
 
 
 def test_backend_selection():
