@@ -923,19 +923,36 @@ inline acc_t<T> segment_sq_dev(const T* p, int64_t n, acc_t<T> shift) {
 // Bytes of a block of plane_moments (its second pass reads the block back from L1).
 constexpr int64_t kMomentsBlockBytes = 16384;
 
+// (mean, sum of squared deviations from it) of one block of plane_moments: `planes` segments of
+// `len` values, `stride` apart, summed, then their squared deviations from that mean (read back
+// from L1). Out of line: inlined into plane_moments, whose fp64 merges keep values in registers
+// across these loops, GCC kept one of the fp16 squared-deviation accumulators on the stack, each
+// FMA waiting on the store of the one before (62% of the fp16 BatchNorm forward's statistics
+// samples on that one instruction); a call a block costs nothing against its 8K values.
+template <bool kAhead, typename T>
+NK_NOINLINE std::pair<acc_t<T>, acc_t<T>> block_moments(const T* p, int64_t planes, int64_t len,
+                                                        int64_t stride) {
+  using A = acc_t<T>;
+  VecSum<T> sum, sq;
+  for (int64_t k = 0; k < planes; ++k) accumulate_sum<kAhead>(p + k * stride, len, sum);
+  const A mean = sum.total() / static_cast<A>(planes * len);
+  for (int64_t k = 0; k < planes; ++k) accumulate_sq_dev(p + k * stride, len, mean, sq);
+  return {mean, sq.total()};
+}
+
 // (mean, sum of squared deviations from it) of `planes` segments of `len` values, `stride`
 // apart (one group of NCHW GroupNorm: one plane; one channel of NCHW BatchNorm: N planes), in
 // one read from memory or L2: block by block of about kMomentsBlockBytes (a long plane cut in
-// pieces, short ones taken several at a time), each block's two passes (its sum, then the
-// squared deviations from its own mean, read back from L1), the blocks merged in order by the
+// pieces, short ones taken several at a time), each block's two passes (block_moments), the
+// blocks merged in order by the
 // exact combination (Chan, Golub and LeVeque), as stable as two passes over the whole. Two
 // whole passes read a GroupNorm group (80-160 KB) or a BatchNorm channel (200 KB at 16x64x56x56
 // fp32) back from L2: skipping that second read made GroupNorm 2x320x64x64 and 2x640x32x32
 // forwards 10% (fp32) to 19% (bf16) faster on the Xeon guest; these blocks, 8-10% fp32 (bf16
 // 2-8%: it widens each value twice still). kAhead: the values come from memory (stream_ahead).
 template <bool kAhead = false, typename T>
-inline std::pair<acc_t<T>, acc_t<T>> plane_moments(const T* p, int64_t planes, int64_t len,
-                                                   int64_t stride) {
+NK_NOINLINE std::pair<acc_t<T>, acc_t<T>> plane_moments(const T* p, int64_t planes, int64_t len,
+                                                        int64_t stride) {
   using A = acc_t<T>;
   // The merged statistics in fp64 for fp32 values: each merge rounds the running mean, and in
   // fp32 those roundings added up over a channel's blocks (49 at 64x64x56x56) to about 4x the
@@ -945,12 +962,13 @@ inline std::pair<acc_t<T>, acc_t<T>> plane_moments(const T* p, int64_t planes, i
   constexpr int64_t block = kMomentsBlockBytes / static_cast<int64_t>(sizeof(T));
   M count = 0, mean = 0, m2 = 0;
   // merges a block of n values, mean block_mean and squared deviations block_m2, into the rest
-  const auto merge = [&](int64_t n, M block_mean, M block_m2) {
+  const auto merge = [&](int64_t n, const std::pair<A, A>& moments) {
+    const auto [block_mean, block_m2] = moments;
     const M total = count + static_cast<M>(n);
     const M weight = static_cast<M>(n) / total;  // the block's share of the values so far
-    const M delta = block_mean - mean;
+    const M delta = static_cast<M>(block_mean) - mean;
     mean += delta * weight;
-    m2 += block_m2 + delta * delta * count * weight;
+    m2 += static_cast<M>(block_m2) + delta * delta * count * weight;
     count = total;
   };
   if (len >= block) {
@@ -958,20 +976,14 @@ inline std::pair<acc_t<T>, acc_t<T>> plane_moments(const T* p, int64_t planes, i
       const T* q = p + k * stride;
       for (int64_t i = 0; i < len; i += block) {
         const int64_t n = std::min(block, len - i);
-        const A block_mean = segment_sum<kAhead>(q + i, n) / static_cast<A>(n);
-        merge(n, block_mean, segment_sq_dev(q + i, n, block_mean));
+        merge(n, block_moments<kAhead>(q + i, 1, n, 0));
       }
     }
   } else if (len > 0) {
     const int64_t per_block = block / len;
     for (int64_t k0 = 0; k0 < planes; k0 += per_block) {
       const int64_t k1 = std::min(planes, k0 + per_block);
-      const int64_t n = (k1 - k0) * len;
-      VecSum<T> sum, sq;
-      for (int64_t k = k0; k < k1; ++k) accumulate_sum<kAhead>(p + k * stride, len, sum);
-      const A block_mean = sum.total() / static_cast<A>(n);
-      for (int64_t k = k0; k < k1; ++k) accumulate_sq_dev(p + k * stride, len, block_mean, sq);
-      merge(n, block_mean, sq.total());
+      merge((k1 - k0) * len, block_moments<kAhead>(p + k0 * stride, k1 - k0, len, stride));
     }
   }
   return {static_cast<A>(mean), static_cast<A>(m2)};
