@@ -929,6 +929,9 @@ constexpr int64_t kMomentsBlockBytes = 16384;
 // across these loops, GCC kept one of the fp16 squared-deviation accumulators on the stack, each
 // FMA waiting on the store of the one before (62% of the fp16 BatchNorm forward's statistics
 // samples on that one instruction); a call a block costs nothing against its 8K values.
+// plane_moments is out of line too, as GCC had left it for the GroupNorm forward: inlined there
+// (its blocks out of line), that forward's normalize pass moved in the code and the fp16 forward
+// took 1.03-1.06x the time.
 template <bool kAhead, typename T>
 NK_NOINLINE std::pair<acc_t<T>, acc_t<T>> block_moments(const T* p, int64_t planes, int64_t len,
                                                         int64_t stride) {
@@ -944,12 +947,12 @@ NK_NOINLINE std::pair<acc_t<T>, acc_t<T>> block_moments(const T* p, int64_t plan
 // apart (one group of NCHW GroupNorm: one plane; one channel of NCHW BatchNorm: N planes), in
 // one read from memory or L2: block by block of about kMomentsBlockBytes (a long plane cut in
 // pieces, short ones taken several at a time), each block's two passes (block_moments), the
-// blocks merged in order by the
-// exact combination (Chan, Golub and LeVeque), as stable as two passes over the whole. Two
-// whole passes read a GroupNorm group (80-160 KB) or a BatchNorm channel (200 KB at 16x64x56x56
-// fp32) back from L2: skipping that second read made GroupNorm 2x320x64x64 and 2x640x32x32
-// forwards 10% (fp32) to 19% (bf16) faster on the Xeon guest; these blocks, 8-10% fp32 (bf16
-// 2-8%: it widens each value twice still). kAhead: the values come from memory (stream_ahead).
+// blocks merged in order by the exact combination (Chan, Golub and LeVeque), as stable as two
+// passes over the whole. Two whole passes read a GroupNorm group (80-160 KB) or a BatchNorm
+// channel (200 KB at 16x64x56x56 fp32) back from L2: skipping that second read made GroupNorm
+// 2x320x64x64 and 2x640x32x32 forwards 10% (fp32) to 19% (bf16) faster on the Xeon guest; these
+// blocks, 8-10% fp32 (bf16 2-8%: it widens each value twice still). kAhead: the values come from
+// memory (stream_ahead).
 template <bool kAhead = false, typename T>
 NK_NOINLINE std::pair<acc_t<T>, acc_t<T>> plane_moments(const T* p, int64_t planes, int64_t len,
                                                         int64_t stride) {
