@@ -34,6 +34,10 @@ class OpRecorder(TorchDispatchMode):
         """How many normkernels ops ran."""
         return sum(n.startswith("normkernels.") for n in self.names)
 
+    def aten_norms(self):
+        """The ATen normalization ops that ran (none should, where our modules do the work)."""
+        return [n for n in self.names if n.startswith("aten.") and any(k in n for k in ATEN_NORM_OPS)]
+
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF = (torch.float16, torch.bfloat16)
