@@ -1,8 +1,10 @@
 // Layer norm and RMS norm over the last dims, CPU: x is [M, N] contiguous rows.
 //   forward : two-pass mean/variance per row (the row stays in L1/L2 between passes), then one
-//             fused normalize + affine pass.
+//             fused normalize + affine pass; rows of up to four chunks held in registers,
+//             short rows two at a time (row_pairs).
 //   backward: one pass accumulating each row's sum(g * xhat), sum(g) and this block's
-//             dweight/dbias partials (long rows kSweepRows at a time), a second pass per row
+//             dweight/dbias partials (long rows kSweepRows at a time, short ones two), a
+//             second pass per row
 //             writing dx; the per-block partials are then summed in a fixed order
 //             (deterministic, no atomics).
 // Rows, weight and bias are read in the lane order of the chunks (Chunk::load_lanes): even/odd
@@ -213,6 +215,33 @@ static bool params_copied(int64_t rows) {
   }
 }
 
+// Whether rows of N elements go two at a time through the forward's passes where they are read
+// in place, not widened (segments_moment; each row's arithmetic unchanged, bit-identical; where
+// `forward`), or through the backward's first pass (see layer_norm_bwd_typed): a short row's time
+// is mostly its chain of statistics (the sums' adds, two horizontal sums, a division, a square
+// root), which then runs beside the other row's. Up to 512 elements; 16-bit rows always, as
+// their conversions make the passes compute-bound; fp32/fp64 rows where the pass fits the cache
+// (stream false), in the forward only where they are long enough for the passes' two-chunk
+// steps (kUnrollFrom chunks), in the backward also where they are shorter than that. Zen 3 guest,
+// the forward op alone, 2 threads, pairs against rows one by one (time ratios, min of 3
+// alternated runs): bf16 LayerNorm 25088x96 0.66-0.74 (0.87 -> 0.58 ms), 18816x128 0.75,
+// 32768x192 0.78-0.83, 6272x192 0.76, 16384x384 0.85-0.87, 1568x384 0.83, 4096x512 0.91,
+// 12288x512 1.00, from memory 131072x96 0.76, 65536x192 0.84; RMSNorm bf16 16384x96 0.81-0.82,
+// 8192x256 0.88; fp32 in cache 12544x192 0.74-0.86, 4096x256 0.82 (one thread), 4096x512 0.94,
+// RMSNorm 12544x192 0.93, fp64 4096x100 0.79-0.87. Not taken: fp32 forwards of rows shorter than
+// the two-chunk steps (25088x96, 16384x80, one thread: 1.02-1.03, RMSNorm 1.03-1.07; from
+// memory 0.94-0.97), fp32 rows of two-chunk steps from memory (forward 16384x384, 24576x256,
+// 12288x512: 1.17-1.25, RMSNorm 65536x112 1.37; backward 12288x512 1.36), where the pass waits
+// on memory and the pairs' interleaved reads cost; rows of 768 (bf16 8192x768 forward 1.22).
+constexpr int64_t kRowPairsMax = 512;
+template <typename T>
+static bool row_pairs(int64_t N, bool stream, bool forward) {
+  if (N > kRowPairsMax) return false;
+  if (sizeof(T) < sizeof(acc_t<T>)) return true;
+  const bool two_chunk_steps = N >= kUnrollFrom * Chunk<T>::size;
+  return forward ? two_chunk_steps && !stream : !stream || !two_chunk_steps;
+}
+
 // Rows of N elements spanning K chunks, K from 1 to 4 (with_register_rows), read in place (row
 // null in layer_norm_fwd_row_range): each row is loaded once into 2K registers, its statistics
 // and y computed there, the same arithmetic as the passes over memory (two passes, the squared
@@ -373,7 +402,35 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
       })) {
     return;
   }
-  for (int64_t r = begin; r < end; ++r) {
+  int64_t r = begin;
+  // Only where short rows are read in place: T's rows up to kWidenRowMax are otherwise widened
+  // (layer_norm_fwd_rows), and the pairs' code compiled in anyway cost the DEFAULT build's bf16
+  // forward 1.2x the time (25088x96, 6272x192) on the rows it never took.
+  constexpr bool kShortRowsInPlace = !Chunk<T>::widened || Chunk<T>::even_odd;
+  if constexpr (kShortRowsInPlace) {
+    if (row == nullptr && row_pairs<T>(N, stream, /*forward=*/true)) {
+      // two rows at a time, each row's arithmetic as below (see row_pairs)
+      for (; r + 2 <= end; r += 2) {
+        const T* xr[2] = {xp + r * N, xp + (r + 1) * N};
+        A mu[2] = {A(0), A(0)}, sq[2];
+        if (!rms) {
+          segments_moment<2, true>(xr, N, nullptr, mu);
+          mu[0] = mu[0] / static_cast<A>(N);
+          mu[1] = mu[1] / static_cast<A>(N);
+          segments_moment<2, false>(xr, N, mu, sq);
+        } else {
+          segments_moment<2, true>(xr, N, mu, sq);
+        }
+        for (int i = 0; i < 2; ++i) {
+          const A rs = A(1) / std::sqrt(sq[i] / static_cast<A>(N) + eps);
+          layer_norm_row_apply(xr[i], yp + (r + i) * N, N, mu[i], rs, w, b, stream, low_nans);
+          if (mp != nullptr) mp[r + i] = mu[i];
+          rp[r + i] = rs;
+        }
+      }
+    }
+  }
+  for (; r < end; ++r) {
     const T* xr = xp + r * N;
     // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
     A mu, var;
@@ -805,10 +862,21 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
   // their loads and stores bound the sweep (1024x4096 bf16 backward, one thread: 1.1-1.3 -> 0.8
   // cycles per element). Shorter rows go one at a time, which keeps consecutive rows one
   // sequential stream for the prefetcher: four interleaved 1024-element rows read from L3
-  // measured 10-20% slower than one at a time.
-  const int64_t group = 3 * N * static_cast<int64_t>(sizeof(A)) > 16384 ? kSweepRows : 1;
-
+  // measured 10-20% slower than one at a time. But short rows (row_pairs) go two at a time:
+  // there a row's time is mostly its fixed costs (two horizontal sums, dx's coefficients),
+  // which then run beside the other row's; the pair's dweight/dbias partials are added as
+  // their sum, so those roundings change. Zen 3 guest, 2 threads, the backward op, pairs
+  // against one at a time (min of 3 alternated runs): bf16 LayerNorm 25088x96 0.88x the time,
+  // 16384x128 0.88x, 12544x192 0.91x, 6272x384 0.94x, 4096x512 0.95x, from memory 131072x96
+  // 0.89x, 65536x192 0.91x; RMSNorm bf16 16384x96 0.85x; fp32 25088x96 0.92x, from memory
+  // 65536x96 0.96x, RMSNorm 65536x112 0.93x (fp32 from memory 12288x512: 1.36x, not taken).
   const bool stream = dxp != nullptr && stream_stores(3 * x.nbytes(), Pass::kBackward);
+  int64_t group = 1;
+  if (3 * N * static_cast<int64_t>(sizeof(A)) > 16384) {
+    group = kSweepRows;
+  } else if (row_pairs<T>(N, stream, /*forward=*/false)) {
+    group = 2;
+  }
   at::parallel_for(0, blocks.count, blocks.grain(N), [&](int64_t bb, int64_t be) {
     const StreamFence fence(stream);
     LineBuffer<A> w_lanes(w_to_lanes ? N : 0);
@@ -849,6 +917,9 @@ static void layer_norm_bwd_typed(const at::Tensor& dy, const at::Tensor& x, int6
         if (rows == kSweepRows) {
           layer_norm_bwd_sums<T, kSweepRows>(xp + r0 * N, gp + r0 * N, N, mu, rp + r0, w, pdw,
                                              pdb, s_gx, s_g);
+        } else if (rows == 2) {
+          layer_norm_bwd_sums<T, 2>(xp + r0 * N, gp + r0 * N, N, mu, rp + r0, w, pdw, pdb, s_gx,
+                                    s_g);
         } else {
           for (int64_t k = 0; k < rows; ++k) {
             const int64_t r = r0 + k;

@@ -920,6 +920,79 @@ inline acc_t<T> segment_sq_dev(const T* p, int64_t n, acc_t<T> shift) {
   return acc.total();
 }
 
+// segment_sum (shift null) or segment_sq_dev (deviations from shift[i]) of R segments p[i] of n
+// values each, into out[i]: each segment's arithmetic exactly theirs (the same accumulators,
+// chunks and tail in the same order: the same bits), the R segments' chunks side by side in one
+// loop, so that their chains of adds run beside each other instead of one after another.
+template <int R, bool kAhead, typename T>
+NK_ALWAYS_INLINE void segments_moment(const T* const* p, int64_t n, const acc_t<T>* shift,
+                                      acc_t<T>* out) {
+  using C = Chunk<T>;
+  using V = typename C::V;
+  V vshift[R];
+  VecSum<T> first[R];
+  NK_UNROLL_CHUNKS
+  for (int r = 0; r < R; ++r) vshift[r] = V(shift != nullptr ? shift[r] : acc_t<T>(0));
+  const auto add = [&](int r, V a, V b, VecSum<T>& s) NK_INLINE_LAMBDA {
+    if (shift == nullptr) {
+      s.lo += a;
+      s.hi += b;
+    } else {
+      a = a - vshift[r];
+      b = b - vshift[r];
+      s.lo = at::vec::fmadd(a, a, s.lo);
+      s.hi = at::vec::fmadd(b, b, s.hi);
+    }
+  };
+  int64_t i = 0;
+  if (n >= kUnrollFrom * C::size) {  // (accumulate_chunks' two chunks a step)
+    VecSum<T> second[R];
+    for (; i + 2 * C::size <= n; i += 2 * C::size) {
+      NK_UNROLL_CHUNKS
+      for (int r = 0; r < R; ++r) {
+        V a, b, c, d;
+        if constexpr (kAhead) {
+          stream_ahead(p[r] + i);
+          stream_ahead(p[r] + i + C::size);
+        }
+        C::load_lanes(p[r] + i, a, b);
+        C::load_lanes(p[r] + i + C::size, c, d);
+        add(r, a, b, first[r]);
+        add(r, c, d, second[r]);
+      }
+    }
+    NK_UNROLL_CHUNKS
+    for (int r = 0; r < R; ++r) first[r] += second[r];
+  }
+  for (; i + C::size <= n; i += C::size) {
+    NK_UNROLL_CHUNKS
+    for (int r = 0; r < R; ++r) {
+      V a, b;
+      if constexpr (kAhead) stream_ahead(p[r] + i);
+      C::load_lanes(p[r] + i, a, b);
+      add(r, a, b, first[r]);
+    }
+  }
+  NK_UNROLL_CHUNKS
+  for (int r = 0; r < R; ++r) {
+    if (i < n) {
+      V a, b;
+      C::load_tail(p[r], i, n, a, b);
+      if (shift == nullptr) {
+        first[r].lo += a;
+        first[r].hi += b;
+      } else {
+        a = a - vshift[r];
+        b = b - vshift[r];
+        C::keep_tail(i, n, a, b);  // -shift outside the tail
+        first[r].lo = at::vec::fmadd(a, a, first[r].lo);
+        first[r].hi = at::vec::fmadd(b, b, first[r].hi);
+      }
+    }
+    out[r] = first[r].total();
+  }
+}
+
 // Bytes of a block of plane_moments (its second pass reads the block back from L1).
 constexpr int64_t kMomentsBlockBytes = 16384;
 
