@@ -215,24 +215,24 @@ static bool params_copied(int64_t rows) {
   }
 }
 
-// Whether rows of N elements go two at a time through the forward's passes where they are read
-// in place, not widened (segments_moment; each row's arithmetic unchanged, bit-identical; where
+// Whether rows of N elements go two at a time through the forward's passes where they are read in
+// place, not widened (segments_moment; each row's arithmetic unchanged, bit-identical; where
 // `forward`), or through the backward's first pass (see layer_norm_bwd_typed): a short row's time
 // is mostly its chain of statistics (the sums' adds, two horizontal sums, a division, a square
-// root), which then runs beside the other row's. Up to 512 elements; 16-bit rows always, as
-// their conversions make the passes compute-bound; fp32/fp64 rows where the pass fits the cache
-// (stream false), in the forward only where they are long enough for the passes' two-chunk
-// steps (kUnrollFrom chunks), in the backward also where they are shorter than that. Zen 3 guest,
-// the forward op alone, 2 threads, pairs against rows one by one (time ratios, min of 3
-// alternated runs): bf16 LayerNorm 25088x96 0.66-0.74 (0.87 -> 0.58 ms), 18816x128 0.75,
-// 32768x192 0.78-0.83, 6272x192 0.76, 16384x384 0.85-0.87, 1568x384 0.83, 4096x512 0.91,
-// 12288x512 1.00, from memory 131072x96 0.76, 65536x192 0.84; RMSNorm bf16 16384x96 0.81-0.82,
-// 8192x256 0.88; fp32 in cache 12544x192 0.74-0.86, 4096x256 0.82 (one thread), 4096x512 0.94,
-// RMSNorm 12544x192 0.93, fp64 4096x100 0.79-0.87. Not taken: fp32 forwards of rows shorter than
-// the two-chunk steps (25088x96, 16384x80, one thread: 1.02-1.03, RMSNorm 1.03-1.07; from
-// memory 0.94-0.97), fp32 rows of two-chunk steps from memory (forward 16384x384, 24576x256,
-// 12288x512: 1.17-1.25, RMSNorm 65536x112 1.37; backward 12288x512 1.36), where the pass waits
-// on memory and the pairs' interleaved reads cost; rows of 768 (bf16 8192x768 forward 1.22).
+// root), which then runs beside the other row's. Up to 512 elements; 16-bit rows always, as their
+// conversions make the passes compute-bound; fp32/fp64 rows in the forward where they are eight
+// chunks long or more (kUnrollFrom: the passes' two-chunk steps) and the pass fits the cache
+// (stream false), in the backward where the pass fits the cache or the rows are shorter than eight
+// chunks. Zen 3 guest, the forward op alone, 2 threads, pairs against rows one by one (time ratios,
+// min of 3 alternated runs): bf16 LayerNorm 25088x96 0.66-0.74 (0.87 -> 0.58 ms), 18816x128 0.75,
+// 32768x192 0.78-0.83, 6272x192 0.76, 16384x384 0.85-0.87, 1568x384 0.83, 4096x512 0.91, 12288x512
+// 1.00, from memory 131072x96 0.76, 65536x192 0.84; RMSNorm bf16 16384x96 0.81-0.82, 8192x256 0.88;
+// fp32 in cache 12544x192 0.74-0.86, 4096x256 0.82 (one thread), 4096x512 0.94, RMSNorm 12544x192
+// 0.93, fp64 4096x100 0.79-0.87. Not taken: fp32 forwards of rows shorter than the two-chunk steps
+// (25088x96, 16384x80, one thread: 1.02-1.03, RMSNorm 1.03-1.07; from memory 0.94-0.97), fp32 rows
+// of two-chunk steps from memory (forward 16384x384, 24576x256, 12288x512: 1.17-1.25, RMSNorm
+// 65536x112 1.37; backward 12288x512 1.36), where the pass waits on memory and the pairs'
+// interleaved reads cost; rows of 768 (bf16 8192x768 forward 1.22).
 constexpr int64_t kRowPairsMax = 512;
 template <typename T>
 static bool row_pairs(int64_t N, bool stream, bool forward) {
