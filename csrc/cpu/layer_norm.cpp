@@ -4,9 +4,8 @@
 //             short rows two at a time (row_pairs).
 //   backward: one pass accumulating each row's sum(g * xhat), sum(g) and this block's
 //             dweight/dbias partials (long rows kSweepRows at a time, short ones two), a
-//             second pass per row
-//             writing dx; the per-block partials are then summed in a fixed order
-//             (deterministic, no atomics).
+//             second pass per row writing dx; the per-block partials are then summed in a
+//             fixed order (deterministic, no atomics).
 // Rows, weight and bias are read in the lane order of the chunks (Chunk::load_lanes): even/odd
 // for bf16 under AVX-512 and AVX2, the natural order otherwise.
 // RMS norm is the same kernel with the centering (and bias) switched off.
@@ -174,6 +173,9 @@ static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
 // copy twice the size (512x8192 bf16 forward, side by side with the copy and in-order loads:
 // 0.87-1.04 -> 0.51-0.56 ms).
 constexpr int64_t kWidenRowMax = 4096;
+// Whether T's rows up to kWidenRowMax are widened so (not bf16 where it loads even/odd).
+template <typename T>
+constexpr bool kWidensRows = Chunk<T>::widened && !Chunk<T>::even_odd;
 constexpr int64_t kWidenParamsRows = 4;
 // Rows of a backward block at least: its dweight/dbias partials are summed once per block.
 constexpr int64_t kRows = 4;
@@ -404,22 +406,26 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
   }
   int64_t r = begin;
   // Only where short rows are read in place: T's rows up to kWidenRowMax are otherwise widened
-  // (layer_norm_fwd_rows), and the pairs' code compiled in anyway cost the DEFAULT build's bf16
-  // forward 1.2x the time (25088x96, 6272x192) on the rows it never took.
-  constexpr bool kShortRowsInPlace = !Chunk<T>::widened || Chunk<T>::even_odd;
-  if constexpr (kShortRowsInPlace) {
+  // (kWidensRows), and the pairs' code compiled in anyway cost the DEFAULT build's bf16 forward
+  // 1.2x the time (25088x96, 6272x192) on the rows it never took.
+  if constexpr (!kWidensRows<T>) {
     if (row == nullptr && row_pairs<T>(N, stream, /*forward=*/true)) {
       // two rows at a time, each row's arithmetic as below (see row_pairs)
       for (; r + 2 <= end; r += 2) {
+        using V = typename Chunk<T>::V;
         const T* xr[2] = {xp + r * N, xp + (r + 1) * N};
         A mu[2] = {A(0), A(0)}, sq[2];
         if (!rms) {
-          segments_moment<2, true>(xr, N, nullptr, mu);
+          const SumStep<T> sums[2]{};
+          segments_moment<2, true>(xr, N, sums, mu);
           mu[0] = mu[0] / static_cast<A>(N);
           mu[1] = mu[1] / static_cast<A>(N);
-          segments_moment<2, false>(xr, N, mu, sq);
+        }
+        const SqDevStep<T> devs[2] = {{V(mu[0])}, {V(mu[1])}};
+        if (rms) {  // (the first pass over the rows: they come from memory)
+          segments_moment<2, true>(xr, N, devs, sq);
         } else {
-          segments_moment<2, true>(xr, N, mu, sq);
+          segments_moment<2, false>(xr, N, devs, sq);
         }
         for (int i = 0; i < 2; ++i) {
           const A rs = A(1) / std::sqrt(sq[i] / static_cast<A>(N) + eps);
@@ -460,10 +466,9 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
                                 const PT* b, acc_t<T> eps, bool rms, acc_t<T>* mp, acc_t<T>* rp,
                                 bool stream, bool low_nans) {
   using A = acc_t<T>;
-  constexpr bool widened = Chunk<T>::widened;
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
-    Scratch<A> row(widened && !Chunk<T>::even_odd && N <= kWidenRowMax ? N : 0);
+    Scratch<A> row(kWidensRows<T> && N <= kWidenRowMax ? N : 0);
     A* row_data = row.empty() ? nullptr : row.data();
     if (params_copied<T, PT>(end - begin) && (w != nullptr || b != nullptr)) {
       LineBuffer<A> params(2 * N);

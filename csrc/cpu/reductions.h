@@ -866,44 +866,60 @@ inline int64_t accumulate_chunks(const T* p, int64_t n, VecSum<T>& acc, const Ad
   return i;
 }
 
+// One chunk's lanes a, b (or a tail's, as Chunk::load_tail loads them, zero past n) added into
+// a sums pass's accumulators: SumStep the values, SqDevStep their squared deviations from a
+// shift. The one-segment passes (accumulate_sum, accumulate_sq_dev) and the R-segment one
+// (segments_moment) take these same steps, so their results are the same bits.
+template <typename T>
+struct SumStep {
+  using V = typename Chunk<T>::V;
+  NK_ALWAYS_INLINE void operator()(V a, V b, VecSum<T>& s) const {
+    s.lo += a;
+    s.hi += b;
+  }
+  NK_ALWAYS_INLINE void tail(V a, V b, int64_t, int64_t, VecSum<T>& s) const { (*this)(a, b, s); }
+};
+template <typename T>
+struct SqDevStep {
+  using V = typename Chunk<T>::V;
+  V shift;
+  NK_ALWAYS_INLINE void operator()(V a, V b, VecSum<T>& s) const {
+    a = a - shift;
+    b = b - shift;
+    s.lo = at::vec::fmadd(a, a, s.lo);
+    s.hi = at::vec::fmadd(b, b, s.hi);
+  }
+  // the tail's lanes from i on, of n: -shift outside it zeroed
+  NK_ALWAYS_INLINE void tail(V a, V b, int64_t i, int64_t n, VecSum<T>& s) const {
+    a = a - shift;
+    b = b - shift;
+    Chunk<T>::keep_tail(i, n, a, b);
+    s.lo = at::vec::fmadd(a, a, s.lo);
+    s.hi = at::vec::fmadd(b, b, s.hi);
+  }
+};
+
+// lanes += step over p[0:n]: its chunks (accumulate_chunks), then its tail
+template <bool kAhead, typename T, typename Step>
+inline void accumulate_steps(const T* p, int64_t n, const Step& step, VecSum<T>& acc) {
+  const int64_t i = accumulate_chunks<kAhead>(p, n, acc, step);
+  if (i < n) {
+    typename Chunk<T>::V a, b;
+    Chunk<T>::load_tail(p, i, n, a, b);
+    step.tail(a, b, i, n, acc);
+  }
+}
+
 // lanes += p[0:n]
 template <bool kAhead = false, typename T>
 inline void accumulate_sum(const T* p, int64_t n, VecSum<T>& acc) {
-  using C = Chunk<T>;
-  using V = typename C::V;
-  const int64_t i = accumulate_chunks<kAhead>(p, n, acc, [](const V& a, const V& b, VecSum<T>& s) {
-    s.lo += a;
-    s.hi += b;
-  });
-  if (i < n) {
-    V a, b;
-    C::load_tail(p, i, n, a, b);
-    acc.lo += a;
-    acc.hi += b;
-  }
+  accumulate_steps<kAhead>(p, n, SumStep<T>{}, acc);
 }
 
 // lanes += (p[0:n] - shift)^2
 template <bool kAhead = false, typename T>
 inline void accumulate_sq_dev(const T* p, int64_t n, acc_t<T> shift, VecSum<T>& acc) {
-  using C = Chunk<T>;
-  using V = typename C::V;
-  const V vshift(shift);
-  const int64_t i = accumulate_chunks<kAhead>(p, n, acc, [&](V a, V b, VecSum<T>& s) {
-    a = a - vshift;
-    b = b - vshift;
-    s.lo = at::vec::fmadd(a, a, s.lo);
-    s.hi = at::vec::fmadd(b, b, s.hi);
-  });
-  if (i < n) {
-    V a, b;
-    C::load_tail(p, i, n, a, b);
-    a = a - vshift;
-    b = b - vshift;
-    C::keep_tail(i, n, a, b);  // -shift outside the tail
-    acc.lo = at::vec::fmadd(a, a, acc.lo);
-    acc.hi = at::vec::fmadd(b, b, acc.hi);
-  }
+  accumulate_steps<kAhead>(p, n, SqDevStep<T>{typename Chunk<T>::V(shift)}, acc);
 }
 
 template <bool kAhead = false, typename T>
@@ -920,30 +936,17 @@ inline acc_t<T> segment_sq_dev(const T* p, int64_t n, acc_t<T> shift) {
   return acc.total();
 }
 
-// segment_sum (shift null) or segment_sq_dev (deviations from shift[i]) of R segments p[i] of n
-// values each, into out[i]: each segment's arithmetic exactly theirs (the same accumulators,
-// chunks and tail in the same order: the same bits), the R segments' chunks side by side in one
-// loop, so that their chains of adds run beside each other instead of one after another.
-template <int R, bool kAhead, typename T>
-NK_ALWAYS_INLINE void segments_moment(const T* const* p, int64_t n, const acc_t<T>* shift,
+// accumulate_steps over R segments p[r] of n values each, step steps[r] (SumStep or SqDevStep),
+// each segment's total into out[r]: each segment's arithmetic exactly that of its own pass (the
+// same accumulators, chunks and tail in the same order: the same bits; a segment_sum or
+// segment_sq_dev), the R segments' chunks side by side in one loop, so that their chains of adds
+// run beside each other instead of one after another.
+template <int R, bool kAhead, typename T, typename Step>
+NK_ALWAYS_INLINE void segments_moment(const T* const* p, int64_t n, const Step* steps,
                                       acc_t<T>* out) {
   using C = Chunk<T>;
   using V = typename C::V;
-  V vshift[R];
   VecSum<T> first[R];
-  NK_UNROLL_CHUNKS
-  for (int r = 0; r < R; ++r) vshift[r] = V(shift != nullptr ? shift[r] : acc_t<T>(0));
-  const auto add = [&](int r, V a, V b, VecSum<T>& s) NK_INLINE_LAMBDA {
-    if (shift == nullptr) {
-      s.lo += a;
-      s.hi += b;
-    } else {
-      a = a - vshift[r];
-      b = b - vshift[r];
-      s.lo = at::vec::fmadd(a, a, s.lo);
-      s.hi = at::vec::fmadd(b, b, s.hi);
-    }
-  };
   int64_t i = 0;
   if (n >= kUnrollFrom * C::size) {  // (accumulate_chunks' two chunks a step)
     VecSum<T> second[R];
@@ -957,8 +960,8 @@ NK_ALWAYS_INLINE void segments_moment(const T* const* p, int64_t n, const acc_t<
         }
         C::load_lanes(p[r] + i, a, b);
         C::load_lanes(p[r] + i + C::size, c, d);
-        add(r, a, b, first[r]);
-        add(r, c, d, second[r]);
+        steps[r](a, b, first[r]);
+        steps[r](c, d, second[r]);
       }
     }
     NK_UNROLL_CHUNKS
@@ -970,7 +973,7 @@ NK_ALWAYS_INLINE void segments_moment(const T* const* p, int64_t n, const acc_t<
       V a, b;
       if constexpr (kAhead) stream_ahead(p[r] + i);
       C::load_lanes(p[r] + i, a, b);
-      add(r, a, b, first[r]);
+      steps[r](a, b, first[r]);
     }
   }
   NK_UNROLL_CHUNKS
@@ -978,16 +981,7 @@ NK_ALWAYS_INLINE void segments_moment(const T* const* p, int64_t n, const acc_t<
     if (i < n) {
       V a, b;
       C::load_tail(p[r], i, n, a, b);
-      if (shift == nullptr) {
-        first[r].lo += a;
-        first[r].hi += b;
-      } else {
-        a = a - vshift[r];
-        b = b - vshift[r];
-        C::keep_tail(i, n, a, b);  // -shift outside the tail
-        first[r].lo = at::vec::fmadd(a, a, first[r].lo);
-        first[r].hi = at::vec::fmadd(b, b, first[r].hi);
-      }
+      steps[r].tail(a, b, i, n, first[r]);
     }
     out[r] = first[r].total();
   }
