@@ -36,7 +36,7 @@ class OpRecorder(TorchDispatchMode):
 
     def aten_norms(self):
         """The ATen normalization ops that ran (none should, where our modules do the work)."""
-        return [n for n in self.names if n.startswith("aten.") and any(k in n for k in ATEN_NORM_OPS)]
+        return aten_norms(self.names)
 
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -187,6 +187,11 @@ def triple(case: Case, dtype, device="cpu") -> Dict[str, nn.Module]:
 
 # ATen's norm ops (as substrings of op names): none may run where ours should.
 ATEN_NORM_OPS = ("norm", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
+
+
+def aten_norms(names):
+    """The ATen normalization ops among op names (``aten.native_layer_norm.default``)."""
+    return [n for n in names if n.startswith("aten.") and any(k in n for k in ATEN_NORM_OPS)]
 
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
