@@ -80,6 +80,7 @@ def test_heuristics():
     from normkernels.triton import heuristics as H
 
     assert [H.next_pow2(n) for n in (0, 1, 2, 3, 768, 1024, 1025)] == [1, 1, 2, 4, 1024, 1024, 2048]
+    assert [H.cdiv(n, 4) for n in (0, 1, 4, 5, 8, 2**40 + 1)] == [0, 1, 1, 2, 2, 2**38 + 1]
     assert H.row_block(768) == 1024 and H.row_block(10**6) == H.MAX_ROW_BLOCK
     assert 1 <= H.row_warps(32) <= H.row_warps(1024) <= H.row_warps(8192) <= 16
     cpu = torch.device("cpu")

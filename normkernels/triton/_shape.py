@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch import walk_format
+from .. import _ops  # (names looked up at call time: _ops imports this package as it loads)
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Walk:
 
 
 def walk(x: torch.Tensor, rows_2d: bool) -> Walk:
-    fmt = walk_format(x, rows_2d)
+    fmt = _ops.walk_format(x, rows_2d)
     xc = x.contiguous(memory_format=fmt)
     N, C = x.shape[0], x.shape[1]
     HW = 1

@@ -24,7 +24,7 @@ from .launch import acc_dtype, count_launch, tl_acc
 
 
 @triton.jit
-def batch_moments_partial_kernel(X, PCount, PMean, PM2, C, HW, R, sN, sC, sHW, rows_per_split,
+def batch_moments_partial_kernel(X, Parts, plane, C, HW, R, sN, sC, sHW, rows_per_split,
                                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     cb = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
@@ -49,9 +49,9 @@ def batch_moments_partial_kernel(X, PCount, PMean, PM2, C, HW, R, sN, sC, sHW, r
         bm2 = tl.sum(dev * dev, axis=1)
         count, mean, m2 = chan_merge(count, mean, m2, cnt, bmean, bm2)
     out = split * C + c
-    tl.store(PCount + out, tl.zeros([BLOCK_C], ACC) + count, mask=cmask)
-    tl.store(PMean + out, mean, mask=cmask)
-    tl.store(PM2 + out, m2, mask=cmask)
+    tl.store(Parts + out, tl.zeros([BLOCK_C], ACC) + count, mask=cmask)
+    tl.store(Parts + plane + out, mean, mask=cmask)
+    tl.store(Parts + 2 * plane + out, m2, mask=cmask)
 
 
 @triton.jit
@@ -101,12 +101,12 @@ def batch_norm_fwd(x, weight, bias, eps):
     # version counter)
     mean, invstd, var = (torch.empty((C,), dtype=sdt, device=x.device) for _ in range(3))
     block_c, block_k = H.tile_2d(C, w.channels_last)
-    cblocks = triton.cdiv(C, block_c)
+    cblocks = H.cdiv(C, block_c)
     rows_per, splits = H.split_range(R, H.split_count(cblocks, R * block_c, x.device))
     parts = torch.empty((3, splits, C), dtype=sdt, device=x.device)
     count_launch("batch_moments_partial")
     batch_moments_partial_kernel[(cblocks, splits)](
-        w.x, parts[0], parts[1], parts[2], C, HW, R, w.sN, w.sC, w.sHW, rows_per,
+        w.x, parts, splits * C, C, HW, R, w.sN, w.sC, w.sHW, rows_per,
         BLOCK_C=block_c, BLOCK_K=block_k, ACC=tl_acc(x))
     merge_moments(parts, mean, var, invstd, splits, 1, C, eps)
     norm_affine(w, y, mean, invstd, flat(weight), flat(bias))
@@ -150,7 +150,7 @@ def batch_norm_bwd(dy, x, mean, invstd, weight, train, output_mask):
         if C > 0:
             block_c = min(H.next_pow2(C), 64)
             count_launch("batch_grad_coeffs")
-            batch_grad_coeffs_kernel[(triton.cdiv(C, block_c),)](
+            batch_grad_coeffs_kernel[(H.cdiv(C, block_c),)](
                 p_dy, p_dyx, invstd, wt, dwt if want_dw else None, dbs if want_db else None,
                 k_x, k_0, C, p_dy.shape[0] * p_dy.shape[1], max(N * HW, 1), HAS_W=wt is not None,
                 HAS_DW=want_dw, HAS_DB=want_db, HAS_K=with_k, BLOCK_R=2048 // block_c,

@@ -52,15 +52,16 @@ def split_eps(eps: float) -> tuple:
 
 
 @triton.jit
-def moments_merge_kernel(PCount, PMean, PM2, Mean, Var, Rstd, num_parts, stride_stat, stride_part,
+def moments_merge_kernel(Parts, plane, Mean, Var, Rstd, num_parts, stride_stat, stride_part,
                          eps_hi, eps_lo, HAS_VAR: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Parts: the partials' counts, means and M2s, three planes of `plane` values."""
     s = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     mask = p < num_parts
     off = s * stride_stat + p * stride_part
-    cnt = tl.load(PCount + off, mask=mask, other=0.0)
-    mu = tl.load(PMean + off, mask=mask, other=0.0)
-    m2 = tl.load(PM2 + off, mask=mask, other=0.0)
+    cnt = tl.load(Parts + off, mask=mask, other=0.0)
+    mu = tl.load(Parts + plane + off, mask=mask, other=0.0)
+    m2 = tl.load(Parts + 2 * plane + off, mask=mask, other=0.0)
     total = tl.sum(cnt, axis=0)
     safe = tl.where(total > 0, total, 1.0)
     mean = tl.sum(cnt * mu, axis=0) / safe
@@ -164,7 +165,7 @@ def norm_affine(w, out, mean, rstd, weight, bias, stats_per_n=0, D=1, k_x=None, 
         return
     eps_hi, eps_lo = split_eps(eps) if eps is not None else (0.0, 0.0)  # (unread without eps)
     count_launch("norm_affine")
-    norm_affine_kernel[(triton.cdiv(numel, H.ELEMENTWISE_BLOCK),)](
+    norm_affine_kernel[(H.cdiv(numel, H.ELEMENTWISE_BLOCK),)](
         w.x, dy, out, mean, rstd, weight, bias, k_x, k_0, numel, w.C, w.HW, D, stats_per_n,
         eps_hi, eps_lo, CHANNELS_LAST=w.channels_last, HAS_W=weight is not None,
         HAS_B=bias is not None, HAS_DY=dy is not None, HAS_K=k_x is not None,
@@ -173,10 +174,10 @@ def norm_affine(w, out, mean, rstd, weight, bias, stats_per_n=0, D=1, k_x=None, 
 
 def merge_moments(parts, mean, var, rstd, splits, stride_stat, stride_part, eps) -> None:
     """mean, var (optional) and rstd of each statistic from its `splits` (count, mean, M2)
-    partials, parts[0..2] at stat * stride_stat + part * stride_part."""
+    partials, parts[0..2] (contiguous) at stat * stride_stat + part * stride_part."""
     count_launch("moments_merge")
     moments_merge_kernel[(mean.numel(),)](
-        parts[0], parts[1], parts[2], mean, var, rstd, splits, stride_stat, stride_part,
+        parts, parts.numel() // 3, mean, var, rstd, splits, stride_stat, stride_part,
         *split_eps(eps), HAS_VAR=var is not None, BLOCK_P=H.next_pow2(splits))
 
 
@@ -189,11 +190,11 @@ def channel_grad_sums(w, dy, mean, dtype, stats_per_n=0, D=1):
         return zeros, zeros.clone()
     block_c, block_k = H.tile_2d(C, w.channels_last)
     hw_per, splits = H.split_range(
-        HW, H.split_count(N * triton.cdiv(C, block_c), HW, w.x.device, min_elems=block_k))
+        HW, H.split_count(N * H.cdiv(C, block_c), HW, w.x.device, min_elems=block_k))
     p_dy = torch.empty((splits, N, C), dtype=dtype, device=w.x.device)
     p_dyx = torch.empty((splits, N, C), dtype=dtype, device=w.x.device)
     count_launch("channel_grad_sums")
-    channel_grad_sums_kernel[(N, triton.cdiv(C, block_c), splits)](
+    channel_grad_sums_kernel[(N, H.cdiv(C, block_c), splits)](
         dy, w.x, mean, p_dy, p_dyx, C, HW, D, stats_per_n, w.sN, w.sC, w.sHW, hw_per,
         BLOCK_C=block_c, BLOCK_K=block_k, ACC=tl_acc(w.x))
     return p_dy, p_dyx
@@ -205,7 +206,7 @@ def sum_rows(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((n,), dtype=dtype, device=parts.device)
     if n:
         count_launch("sum_rows")
-        sum_rows_kernel[(triton.cdiv(n, H.SUM_ROWS_BLOCK[1]),)](
+        sum_rows_kernel[(H.cdiv(n, H.SUM_ROWS_BLOCK[1]),)](
             parts, out, rows, n, BLOCK_R=H.SUM_ROWS_BLOCK[0], BLOCK_N=H.SUM_ROWS_BLOCK[1])
     return out
 

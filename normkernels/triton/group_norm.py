@@ -26,7 +26,7 @@ from .launch import acc_dtype, count_launch, tl_acc
 
 
 @triton.jit
-def group_moments_partial_kernel(X, PCount, PMean, PM2, HW, G, D, sN, sC, sHW, k_per_split,
+def group_moments_partial_kernel(X, Parts, plane, HW, G, D, sN, sC, sHW, k_per_split,
                                  CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
                                  ACC: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
@@ -57,9 +57,9 @@ def group_moments_partial_kernel(X, PCount, PMean, PM2, HW, G, D, sN, sC, sHW, k
         bm2 = tl.sum(dev * dev, axis=0)
         count, mean, m2 = chan_merge(count, mean, m2, cnt, bmean, bm2)
     out = s * nsplit + split
-    tl.store(PCount + out, count)
-    tl.store(PMean + out, mean)
-    tl.store(PM2 + out, m2)
+    tl.store(Parts + out, count)
+    tl.store(Parts + plane + out, mean)
+    tl.store(Parts + 2 * plane + out, m2)
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def group_norm_fwd(x, num_groups, weight, bias, eps):
     parts = torch.empty((3, S, splits), dtype=sdt, device=x.device)
     count_launch("group_moments_partial")
     group_moments_partial_kernel[(S, splits)](
-        w.x, parts[0], parts[1], parts[2], HW, G, D, w.sN, w.sC, w.sHW, k_per,
+        w.x, parts, S * splits, HW, G, D, w.sN, w.sC, w.sHW, k_per,
         CHANNELS_LAST=w.channels_last, BLOCK=H.ELEMENTWISE_BLOCK, ACC=tl_acc(x))
     merge_moments(parts, mean, None, rstd, splits, splits, 1, eps)
     norm_affine(w, y, mean, rstd, flat(weight), flat(bias), stats_per_n=G, D=D)

@@ -8,6 +8,12 @@ from __future__ import annotations
 import torch
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for sizes. (triton.cdiv is a constexpr function on recent Tritons: 2.6 us a
+    call from Python on the Zen 3 guest, against 0.04 for this.)"""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -21,9 +21,3 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 def tl_acc(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
-def walk_format(x: torch.Tensor, rows_2d: bool) -> torch.memory_format:
-    from .._ops import walk_format as fmt
-
-    return fmt(x, rows_2d)

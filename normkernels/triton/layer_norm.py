@@ -221,7 +221,7 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask)
         layer_norm_bwd_kernel[(P,)](
             dyc, xc, flat(weight),
             mean if not rms else rstd, rstd, dx if want_dx else None, dw_part, db_part, M, N,
-            triton.cdiv(M, P), RMS=rms, HAS_W=weight is not None, HAS_DX=want_dx,
+            H.cdiv(M, P), RMS=rms, HAS_W=weight is not None, HAS_DX=want_dx,
             HAS_DW=want_dw, HAS_DB=want_db, BLOCK_N=block, SINGLE=N <= block, ACC=tl_acc(x),
             num_warps=H.row_warps(block))
     pdtype = weight.dtype if weight is not None else x.dtype
