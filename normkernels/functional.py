@@ -337,12 +337,19 @@ def _check_channel_args(input, running_mean, running_var, weight, bias, op) -> i
     return channels
 
 
-def _update_running(running: Tensor, batch_value: Tensor, momentum: float) -> None:
-    # torch's rule: running = momentum * batch + (1 - momentum) * running. No no_grad block: the
+def _update_running(running: Tensor, batch_value: Tensor, momentum: float,
+                    batch_scale: float = 1.0) -> None:
+    # torch's rule: running = momentum * batch + (1 - momentum) * running, the batch value scaled
+    # by batch_scale (the variance's count / (count - 1)) within add_'s factor, as the C++ fast
+    # path multiplies momentum * batch_scale first: on CUDA, where each op here is a launch,
+    # scaling the batch value on its own cost one more a step. No no_grad block: the
     # statistics have no history and running statistics cannot require grad (checked), so no
     # graph is recorded anyway, and torch.export would keep the block as a set_grad_enabled
     # region that torch.export.load then refuses ("wrap_with_set_grad_enabled is missing val").
-    running.mul_(1.0 - momentum).add_(batch_value.detach().to(running.dtype), alpha=momentum)
+    batch = batch_value.detach()
+    if batch.dtype != running.dtype:
+        batch = batch.to(running.dtype)
+    running.mul_(1.0 - momentum).add_(batch, alpha=momentum * batch_scale)
 
 
 def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -355,7 +362,7 @@ def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[
     if running_mean is not None:
         _update_running(running_mean, mean, momentum)
     if running_var is not None:
-        _update_running(running_var, biased_var * (count / max(count - 1, 1)), momentum)
+        _update_running(running_var, biased_var, momentum, count / max(count - 1, 1))
 
 
 def _normalize_with_running_stats(input: Tensor, running_mean: Optional[Tensor],
@@ -448,7 +455,7 @@ def instance_norm(
         if running_var is not None:
             # per-instance biased variance back from rstd, in fp64 to keep its digits
             var = rstd.detach().double().pow(-2).sub_(eps).clamp_(min=0)
-            _update_running(running_var, (var * (count / max(count - 1, 1))).mean(0), momentum)
+            _update_running(running_var, var.mean(0), momentum, count / max(count - 1, 1))
     return y
 
 
