@@ -308,6 +308,46 @@ def test_constant_input_gives_zeros(dtype, backend_name):
         assert y.float().abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_values_normalized_alone_give_exact_outputs_and_gradients(dtype, backend_name):
+    # A layer norm row or a group of one value is its own mean: its output is exactly the bias
+    # whatever x is, its dx and its dweight terms exactly 0. The closed forms (ours for dx, and
+    # torch's) leave up to about 1/sqrt(eps) ulps of dy * w there (torch: fp32 dweight 2.7e-5,
+    # fp16 outputs an ulp off the bias); ours are exact. A NaN in x still gives NaN where torch's
+    # does.
+    eps = 1e-6
+    calls = {
+        "layer_norm (1,)": ((4, 5, 1), lambda F, x, w, b: F.layer_norm(x, (1,), w, b, eps)),
+        "group_norm 1x1 maps": ((3, 8, 1, 1), lambda F, x, w, b: F.group_norm(x, 8, w, b, eps)),
+        "group_norm (N, C)": ((3, 8), lambda F, x, w, b: F.group_norm(x, 8, w, b, eps)),
+    }
+    for name, (shape, call) in calls.items():
+        channels = 1 if name.startswith("layer") else 8
+        bias_shape = (1,) * (len(shape) - 1) + (1,) if channels == 1 else (1, 8) + (1,) * (len(shape) - 2)
+        for poison in (False, True):
+            x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+            if poison:
+                x.view(-1)[1] = float("nan")
+            w = (torch.rand(channels, dtype=torch.float64) + 0.5).to(dtype)
+            b = torch.randn(channels, dtype=torch.float64).to(dtype)
+            dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+            results = []
+            for F in (TF, NF):
+                xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+                y = call(F, xr, wr, br)
+                results.append((y, *torch.autograd.grad(y, (xr, wr, br), dy)))
+            exact = (b.view(bias_shape).expand(shape), torch.zeros(shape, dtype=dtype),
+                     torch.zeros(channels, dtype=dtype))
+            for what, ref, ours, truth in zip(("y", "dx", "dweight"), results[0], results[1], exact):
+                assert torch.equal(ours.isnan(), ref.isnan()), (name, what)
+                clean = ~ours.isnan()
+                assert torch.equal(ours[clean], truth[clean]), (name, what)
+            dims = [d for d in range(len(shape)) if d != (len(shape) - 1 if channels == 1 else 1)]
+            dbias = dy.double().sum(dims)  # (a sum of 12-20 values: the dtype's own tolerance)
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}.get(dtype, 2e-3)
+            torch.testing.assert_close(results[1][3].double(), dbias, rtol=tol, atol=tol)
+
+
 def test_parameter_dtypes_accepted_and_refused_like_torch():
     # torch's CPU norms take parameters (and batch norm's running statistics) all of one dtype,
     # the input's or fp32 for a half-precision input, and raise RuntimeError otherwise; every

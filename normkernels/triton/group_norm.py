@@ -21,7 +21,7 @@ from . import heuristics as H
 from ._shape import walk
 from .checks import check_dy, check_groups, check_param, stats_arg
 from .common import (chan_merge, channel_grad_sums, flat, grad_mask, merge_moments, norm_affine,
-                     sum_rows)
+                     sum_rows, zero_lone_values_grad)
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -158,4 +158,6 @@ def group_norm_bwd(dy, x, mean, rstd, weight, num_groups, output_mask):
         return x.new_empty((0,)), dwt, dbs
     dx = w.empty()
     norm_affine(w, dx, mean, rstd, wt, None, stats_per_n=G, D=D, k_x=k_x, k_0=k_0, dy=dyc)
+    if D * HW == 1:  # one value a group
+        zero_lone_values_grad(dx)
     return dx, dwt, dbs

@@ -17,7 +17,7 @@ import triton.language as tl
 from .. import _ops  # (names looked up at call time: _ops imports this package as it loads)
 from . import heuristics as H
 from .checks import check_dy, check_param, check_rows, stats_arg
-from .common import flat, plus_eps, split_eps, sum_rows
+from .common import flat, plus_eps, split_eps, sum_rows, zero_lone_values_grad
 from .launch import acc_dtype, count_launch, tl_acc
 
 
@@ -224,6 +224,8 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, normalized_ndim, rms, output_mask)
             H.cdiv(M, P), RMS=rms, HAS_W=weight is not None, HAS_DX=want_dx,
             HAS_DW=want_dw, HAS_DB=want_db, BLOCK_N=block, SINGLE=N <= block, ACC=tl_acc(x),
             num_warps=H.row_warps(block))
+        if want_dx and N == 1 and not rms:
+            zero_lone_values_grad(dx)
     pdtype = weight.dtype if weight is not None else x.dtype
     dw = sum_rows(dw_part, pdtype).view(pshape) if want_dw else x.new_empty((0,))
     db = sum_rows(db_part, pdtype).view(pshape) if want_db else x.new_empty((0,))
