@@ -319,6 +319,35 @@ def _verify_spatial_size(size: List[int]) -> None:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
 
 
+def _torch_refuses_one_running_statistic() -> bool:
+    """Whether the installed torch refuses batch statistics given one running statistic without
+    the other: recent torch raises ValueError; 2.6 updated the one given (as we then do)."""
+    try:
+        with torch.no_grad():
+            torch.batch_norm(torch.zeros(2, 1), None, None, torch.zeros(1), None, True, 0.1, 1e-5,
+                             False)
+    except ValueError:
+        return True
+    return False
+
+
+# asked once, at import (not while a caller traces or compiles)
+_REFUSES_ONE_RUNNING_STATISTIC = _torch_refuses_one_running_statistic()
+
+
+def _check_batch_statistics_args(input, running_mean, running_var, per_instance: bool) -> None:
+    """What torch checks first when statistics come from the batch (batch norm training,
+    instance norm with its input's statistics), before the other checks' RuntimeErrors: enough
+    values per statistic, and running statistics given both or neither (as the installed torch
+    asks)."""
+    if per_instance:
+        _verify_spatial_size(list(input.shape))
+    else:
+        _verify_batch_size(list(input.shape))
+    if (running_mean is None) != (running_var is None) and _REFUSES_ONE_RUNNING_STATISTIC:
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+
+
 def _check_channel_args(input, running_mean, running_var, weight, bias, op) -> int:
     """Checks shared by the per-channel norms (batch, instance, sync batch); returns C."""
     _check_nc(input, op)
@@ -399,14 +428,17 @@ def batch_norm(
                 running_var, weight=weight, bias=bias, training=training, momentum=momentum,
                 eps=eps)
         _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
+        if training:
+            _check_batch_statistics_args(input, running_mean, running_var, per_instance=False)
         _check_param_dtypes(input, (weight, bias, running_mean, running_var), "batch_norm")
         _runnable(input, "batch_norm")
+    elif training:
+        _verify_batch_size(list(input.shape))
     if not training:
         return _normalize_with_running_stats(
             input, running_mean, running_var, weight, bias, eps,
             "batch_norm: running_mean and running_var must be given in evaluation mode "
             "(training=False)")
-    _verify_batch_size(list(input.shape))
     y, mean, _invstd, var = _ops_ns.batch_norm_fwd(input, weight, bias, eps)
     count = input.numel() // max(input.shape[1], 1)  # (the op has checked there is a dim 1)
     _update_running_stats(running_mean, running_var, mean, var, count, momentum)
@@ -432,20 +464,24 @@ def instance_norm(
                 running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
                 use_input_stats=use_input_stats, momentum=momentum, eps=eps)
         _check_channel_args(input, running_mean, running_var, weight, bias, "instance_norm")
+        if use_input_stats:
+            _check_batch_statistics_args(input, running_mean, running_var, per_instance=True)
         # torch ignores the running statistics' dtype here (it updates them out of place)
         _check_param_dtypes(input, (weight, bias), "instance_norm")
         _runnable(input, "instance_norm")
-    elif input.dim() < 2:  # (the channel count below needs dim 1)
-        raise RuntimeError(
-            f"instance_norm: expected at least 2 dimensions for input tensor but received "
-            f"{input.dim()}"
-        )
+    else:
+        if input.dim() < 2:  # (the channel count below needs dim 1)
+            raise RuntimeError(
+                f"instance_norm: expected at least 2 dimensions for input tensor but received "
+                f"{input.dim()}"
+            )
+        if use_input_stats:
+            _verify_spatial_size(list(input.shape))
     if not use_input_stats:
         return _normalize_with_running_stats(
             input, running_mean, running_var, weight, bias, eps,
             "instance_norm: expected running_mean and running_var to be defined when "
             "use_input_stats is false")
-    _verify_spatial_size(list(input.shape))
     channels = input.shape[1]
     y, mean, rstd = _ops_ns.group_norm_fwd(input, channels, weight, bias, eps)
     count = input.numel() // max(input.shape[0] * channels, 1)

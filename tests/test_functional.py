@@ -29,6 +29,11 @@ BAD_INPUT = {
     "batch_norm-weight": lambda F: F.batch_norm(torch.randn(4, 3), None, None, torch.ones(2), training=True),
     "batch_norm-int": lambda F: F.batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True),
     "instance_norm-spatial": lambda F: F.instance_norm(torch.randn(2, 3, 1)),
+    # torch checks the values per statistic before the parameters' dtypes: ValueError first
+    "batch_norm-one-value-and-dtype": lambda F: F.batch_norm(
+        torch.randn(1, 3), None, None, torch.ones(3, dtype=torch.float64), training=True),
+    "instance_norm-spatial-and-dtype": lambda F: F.instance_norm(
+        torch.randn(2, 3, 1), weight=torch.ones(3, dtype=torch.float64)),
     "instance_norm-no-stats": lambda F: F.instance_norm(torch.randn(2, 3, 4), use_input_stats=False),
 }
 
@@ -44,6 +49,32 @@ def test_bad_input_raises_like_torch_before_any_kernel(name):
             call(NF)
     assert not any(n.startswith("normkernels.") for n in recorder.names), recorder.names
     assert str(ours.value), "the message must tell the user what is wrong"
+
+
+@pytest.mark.parametrize("family", ["batch_norm", "instance_norm"])
+def test_one_running_statistic_like_torch(family, backend_name):
+    # running_mean without running_var (or the reverse) with batch statistics: recent torch
+    # raises ValueError, torch 2.6 updated the one given; ours does what the installed torch does
+    x = torch.randn(4, 3, 5)
+    for given in ("running_mean", "running_var"):
+        outcomes = []
+        for F in (TF, NF):
+            stats = {"running_mean": None, "running_var": None}
+            stats[given] = torch.full((3,), 0.5)
+            call = F.batch_norm if family == "batch_norm" else F.instance_norm
+            kwargs = {"training": True} if family == "batch_norm" else {}
+            try:
+                y = call(x, stats["running_mean"], stats["running_var"], **kwargs)
+                outcomes.append(("returned", y, stats[given]))
+            except Exception as e:  # noqa: BLE001 (compared below)
+                outcomes.append(("raised", type(e)))
+        theirs, ours = outcomes
+        assert theirs[0] == ours[0], (given, theirs, ours)
+        if theirs[0] == "raised":
+            assert ours[1] is theirs[1], given
+        else:  # the output, and the one running statistic updated
+            for t, o in zip(theirs[1:], ours[1:]):
+                torch.testing.assert_close(o, t)
 
 
 def test_module_errors_match_torch():
