@@ -354,7 +354,7 @@ def test_values_normalized_alone_give_exact_outputs_and_gradients(dtype, backend
     }
     for name, (shape, call) in calls.items():
         channels = 1 if name.startswith("layer") else 8
-        bias_shape = (1,) * (len(shape) - 1) + (1,) if channels == 1 else (1, 8) + (1,) * (len(shape) - 2)
+        bias_shape = (1,) * len(shape) if channels == 1 else (1, 8) + (1,) * (len(shape) - 2)
         for poison in (False, True):
             x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
             if poison:

@@ -219,17 +219,17 @@ struct GradOutputs {
 
 // ---------------------------------------------------------------- layer norm
 
-// x as layer norm's rows: {rows (its leading dims), values a row (its last normalized_ndim)}
 // A value normalized alone (a layer norm row or a group of one value) is its mean, so its output
 // is the bias whatever x is, and its gradient 0. The kernels' closed form for dx (dy * rstd * w
 // less the row's mean of it, each rounded its own way) leaves a residue there of about
-// rstd = 1 / sqrt(eps) times an ulp of dy * w: 2.5e-5 in fp32 at eps 1e-5, where torch's
-// formula cancels to exactly 0. Times 0 the residue is 0, and a NaN or inf (from a non-finite
-// x, dy or weight, or eps 0) still gives NaN, as torch's does.
+// rstd = 1 / sqrt(eps) times an ulp of dy * w: 2.5e-5 in fp32 at eps 1e-5 (torch's closed forms
+// leave such residues too, 1e-4 in its fp32 layer norm dx at eps 1e-6). Times 0 the residue is
+// 0, and a NaN or inf (from a non-finite x, dy or weight, or eps 0) still gives NaN, as torch's.
 void zero_lone_values_grad(at::Tensor& dx) {
   if (dx.numel() > 0) dx.mul_(0);
 }
 
+// x as layer norm's rows: {rows (its leading dims), values a row (its last normalized_ndim)}
 std::pair<int64_t, int64_t> rows_and_width(const at::Tensor& x, int64_t normalized_ndim) {
   const int64_t lead = x.dim() - normalized_ndim;
   return {c10::multiply_integers(x.sizes().slice(0, lead)),

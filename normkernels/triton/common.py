@@ -214,8 +214,8 @@ def sum_rows(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def zero_lone_values_grad(dx: torch.Tensor) -> None:
     """dx of values normalized alone (a layer norm row, or a group, of one value), whose true
     gradient is 0: the kernels' closed form leaves about rstd = 1 / sqrt(eps) times an ulp of
-    dy * w there, where torch's cancels to 0. Times 0 that is 0, and a NaN or inf stays NaN, as
-    torch's (csrc/cpu/register.cpp does the same for the C++ kernels)."""
+    dy * w there. Times 0 that is 0, and a NaN or inf stays NaN, as torch's
+    (csrc/cpu/register.cpp does the same for the C++ kernels)."""
     if dx.numel():
         dx.mul_(0)
 
