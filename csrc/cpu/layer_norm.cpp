@@ -135,30 +135,49 @@ static inline void layer_norm_row_apply(const TX* x, T* y, int64_t N, acc_t<T> m
   }
 }
 
+// Widens R rows of n elements, p[r] into out[r] (accumulation type, lane order of T's chunks),
+// and writes each one's sum to sums[r]: the rows' chunks side by side in one loop, each row's
+// arithmetic that of a row alone (R = 1: widen_and_sum), so the same bits.
+template <int R, typename T>
+static NK_ALWAYS_INLINE void widen_and_sum_rows(const T* const* p, int64_t n,
+                                                acc_t<T>* const* out, acc_t<T>* sums) {
+  using A = acc_t<T>;
+  using C = Chunk<T>;
+  using V = typename C::V;
+  V lo[R], hi[R];
+  NK_UNROLL_CHUNKS
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = V(0);
+  int64_t i = 0;
+  for (; i + C::size <= n; i += C::size) {
+    NK_UNROLL_CHUNKS
+    for (int r = 0; r < R; ++r) {
+      V a, b;
+      stream_ahead(p[r] + i);
+      C::load_lanes(p[r] + i, a, b);
+      a.store(out[r] + i);
+      b.store(out[r] + i + V::size());
+      lo[r] += a;
+      hi[r] += b;
+    }
+  }
+  NK_UNROLL_CHUNKS
+  for (int r = 0; r < R; ++r) {
+    A total = hsum(lo[r] + hi[r]);
+    for (int64_t j = i; j < n; ++j) {
+      out[r][j] = static_cast<A>(p[r][j]);
+      total += out[r][j];
+    }
+    sums[r] = total;
+  }
+}
+
 // Widens a row of n elements into out (accumulation type, lane order of T's chunks) and
 // returns its sum.
 template <typename T>
 static inline acc_t<T> widen_and_sum(const T* p, int64_t n, acc_t<T>* out) {
-  using A = acc_t<T>;
-  using C = Chunk<T>;
-  using V = typename C::V;
-  V lo(0), hi(0);
-  int64_t i = 0;
-  for (; i + C::size <= n; i += C::size) {
-    V a, b;
-    stream_ahead(p + i);
-    C::load_lanes(p + i, a, b);
-    a.store(out + i);
-    b.store(out + i + V::size());
-    lo += a;
-    hi += b;
-  }
-  A total = hsum(lo + hi);
-  for (; i < n; ++i) {
-    out[i] = static_cast<A>(p[i]);
-    total += out[i];
-  }
-  return total;
+  acc_t<T> sum;
+  widen_and_sum_rows<1>(&p, n, &out, &sum);
+  return sum;
 }
 
 // Half-precision rows up to this long are widened to fp32 once and the statistics and
@@ -217,8 +236,8 @@ static bool params_copied(int64_t rows) {
   }
 }
 
-// Whether rows of N elements go two at a time through the forward's passes where they are read in
-// place, not widened (segments_moment; each row's arithmetic unchanged, bit-identical; where
+// Whether rows of N elements go two at a time through the forward's passes (read in place:
+// segments_moment; widened: kWidenedRowPairs; each row's arithmetic unchanged, bit-identical; where
 // `forward`), or through the backward's first pass (see layer_norm_bwd_typed): a short row's time
 // is mostly its chain of statistics (the sums' adds, two horizontal sums, a division, a square
 // root), which then runs beside the other row's. Up to 512 elements; 16-bit rows always, as their
@@ -236,6 +255,16 @@ static bool params_copied(int64_t rows) {
 // 65536x112 1.37; backward 12288x512 1.36), where the pass waits on memory and the pairs'
 // interleaved reads cost; rows of 768 (bf16 8192x768 forward 1.22).
 constexpr int64_t kRowPairsMax = 512;
+// Widened rows (kWidensRows) go two at a time through the forward too, where the widening is
+// vector code (AVX2, AVX-512): fp16 LayerNorm 25088x96 0.74-0.75x the time, 6272x192 0.79-0.81x,
+// 8192x128 0.77x, 4096x512 0.86x, RMSNorm 16384x96 0.82x (the op alone, 1 and 2 threads,
+// alternated builds; bit-identical). Not in the DEFAULT build, whose fp16 conversions are
+// scalar: there they cost fp16 25088x96 1.20x the time.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kWidenedRowPairs = true;
+#else
+constexpr bool kWidenedRowPairs = false;
+#endif
 template <typename T>
 static bool row_pairs(int64_t N, bool stream, bool forward) {
   if (N > kRowPairsMax) return false;
@@ -385,12 +414,12 @@ NK_NOINLINE static void layer_norm_fwd_rows_out_of_line(const T* xp, T* yp, int6
 }
 
 // Forward over rows [begin, end) with weight and bias w, b as the rows read them (see
-// params_copied); row: scratch for a widened row (N values), or null where rows are read in
-// place. Forced inline into the parallel loop's body: called out of line (once per task, with
-// both weight types a half dtype can take), short rows lost to the loop it came from, in one
-// process 4096x64 fp32 forward 1.17x the time, 32768x32 1.19x; inlined, against the build
-// before it in alternated processes, 4096x64 fp32 0.62-0.85x, 32768x32 0.80-0.87x, bf16
-// 0.89-0.93x, 8192x768 and 4096x1024 bf16 0.97-1.01x.
+// params_copied); row: scratch for a widened row (N values; 2N where widened rows go two at a
+// time), or null where rows are read in place. Forced inline into the parallel loop's body: called
+// out of line (once per task, with both weight types a half dtype can take), short rows lost to the
+// loop it came from, in one process 4096x64 fp32 forward 1.17x the time, 32768x32 1.19x; inlined,
+// against the build before it in alternated processes, 4096x64 fp32 0.62-0.85x, 32768x32
+// 0.80-0.87x, bf16 0.89-0.93x, 8192x768 and 4096x1024 bf16 0.97-1.01x.
 template <typename T, typename PT>
 static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_t begin,
                                                       int64_t end, int64_t N, const PT* w,
@@ -436,6 +465,29 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
       }
     }
   }
+  if constexpr (kWidensRows<T> && kWidenedRowPairs) {
+    if (row != nullptr && row_pairs<T>(N, stream, /*forward=*/true)) {
+      // two rows at a time through their widened copies (row: 2N values there), each row's
+      // arithmetic as below (widen_and_sum_rows, segments_moment: the same bits; see row_pairs)
+      for (; r + 2 <= end; r += 2) {
+        const T* xr[2] = {xp + r * N, xp + (r + 1) * N};
+        A* wide[2] = {row, row + N};
+        A sum[2], sq[2];
+        widen_and_sum_rows<2>(xr, N, wide, sum);
+        const A mu[2] = {rms ? A(0) : sum[0] / static_cast<A>(N),
+                         rms ? A(0) : sum[1] / static_cast<A>(N)};
+        const SqDevStep<A> devs[2] = {{Vectorized<A>(mu[0])}, {Vectorized<A>(mu[1])}};
+        const A* const rows[2] = {wide[0], wide[1]};
+        segments_moment<2, false>(rows, N, devs, sq);
+        for (int i = 0; i < 2; ++i) {
+          const A rs = A(1) / std::sqrt(sq[i] / static_cast<A>(N) + eps);
+          layer_norm_row_apply(wide[i], yp + (r + i) * N, N, mu[i], rs, w, b, stream, low_nans);
+          if (mp != nullptr) mp[r + i] = mu[i];
+          rp[r + i] = rs;
+        }
+      }
+    }
+  }
   for (; r < end; ++r) {
     const T* xr = xp + r * N;
     // two passes; the row stays in L1/L2 between them (rms: no centering, mean of squares)
@@ -468,7 +520,10 @@ static void layer_norm_fwd_rows(const T* xp, T* yp, int64_t M, int64_t N, const 
   using A = acc_t<T>;
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     const StreamFence fence(stream);
-    Scratch<A> row(kWidensRows<T> && N <= kWidenRowMax ? N : 0);
+    // (two rows' worth where they go two at a time: layer_norm_fwd_row_range)
+    const int64_t widened =
+        kWidenedRowPairs && row_pairs<T>(N, stream, /*forward=*/true) ? 2 * N : N;
+    Scratch<A> row(kWidensRows<T> && N <= kWidenRowMax ? widened : 0);
     A* row_data = row.empty() ? nullptr : row.data();
     if (params_copied<T, PT>(end - begin) && (w != nullptr || b != nullptr)) {
       LineBuffer<A> params(2 * N);
