@@ -413,6 +413,24 @@ NK_NOINLINE static void layer_norm_fwd_rows_out_of_line(const T* xp, T* yp, int6
                                                  stream, low_nans);
 }
 
+// The end of a pair of rows of the forward (layer_norm_fwd_row_range): each row's rstd from its
+// sum of squared deviations sq[i], its normalize pass from src[i] (the row itself, or its widened
+// copy) into y's row i, its statistics into mp[i] (unless null) and rp[i].
+template <typename TX, typename T, typename PT>
+static NK_ALWAYS_INLINE void layer_norm_fwd_finish_pair(const TX* const* src, T* y, int64_t N,
+                                                        const acc_t<T>* mu, const acc_t<T>* sq,
+                                                        acc_t<T> eps, const PT* w, const PT* b,
+                                                        acc_t<T>* mp, acc_t<T>* rp, bool stream,
+                                                        bool low_nans) {
+  using A = acc_t<T>;
+  for (int i = 0; i < 2; ++i) {
+    const A rs = A(1) / std::sqrt(sq[i] / static_cast<A>(N) + eps);
+    layer_norm_row_apply(src[i], y + i * N, N, mu[i], rs, w, b, stream, low_nans);
+    if (mp != nullptr) mp[i] = mu[i];
+    rp[i] = rs;
+  }
+}
+
 // Forward over rows [begin, end) with weight and bias w, b as the rows read them (see
 // params_copied); row: scratch for a widened row (N values; 2N where widened rows go two at a
 // time), or null where rows are read in place. Forced inline into the parallel loop's body: called
@@ -456,12 +474,8 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
         } else {
           segments_moment<2, false>(xr, N, devs, sq);
         }
-        for (int i = 0; i < 2; ++i) {
-          const A rs = A(1) / std::sqrt(sq[i] / static_cast<A>(N) + eps);
-          layer_norm_row_apply(xr[i], yp + (r + i) * N, N, mu[i], rs, w, b, stream, low_nans);
-          if (mp != nullptr) mp[r + i] = mu[i];
-          rp[r + i] = rs;
-        }
+        layer_norm_fwd_finish_pair(xr, yp + r * N, N, mu, sq, eps, w, b,
+                                   mp != nullptr ? mp + r : nullptr, rp + r, stream, low_nans);
       }
     }
   }
@@ -479,12 +493,8 @@ static NK_ALWAYS_INLINE void layer_norm_fwd_row_range(const T* xp, T* yp, int64_
         const SqDevStep<A> devs[2] = {{Vectorized<A>(mu[0])}, {Vectorized<A>(mu[1])}};
         const A* const rows[2] = {wide[0], wide[1]};
         segments_moment<2, false>(rows, N, devs, sq);
-        for (int i = 0; i < 2; ++i) {
-          const A rs = A(1) / std::sqrt(sq[i] / static_cast<A>(N) + eps);
-          layer_norm_row_apply(wide[i], yp + (r + i) * N, N, mu[i], rs, w, b, stream, low_nans);
-          if (mp != nullptr) mp[r + i] = mu[i];
-          rp[r + i] = rs;
-        }
+        layer_norm_fwd_finish_pair(rows, yp + r * N, N, mu, sq, eps, w, b,
+                                   mp != nullptr ? mp + r : nullptr, rp + r, stream, low_nans);
       }
     }
   }
