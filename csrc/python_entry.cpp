@@ -243,7 +243,7 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   const int64_t count = channels > 0 ? x.numel() / channels : 0;
   // torch's "more than 1 value per channel" error; one running statistic without the other
-  // (which recent torch refuses: functional._check_batch_statistics_args)
+  // (which recent torch refuses: functional._check_running_pair)
   if (count == 1 || channels == 0 || rm.has_value() != rv.has_value()) return fall_back();
   return wrap(without_gil([&] {
     auto [y, mean, invstd, var] = ops::batch_norm_fwd().call(x, w, b, eps);

@@ -335,15 +335,9 @@ def _torch_refuses_one_running_statistic() -> bool:
 _REFUSES_ONE_RUNNING_STATISTIC = _torch_refuses_one_running_statistic()
 
 
-def _check_batch_statistics_args(input, running_mean, running_var, per_instance: bool) -> None:
-    """What torch checks first when statistics come from the batch (batch norm training,
-    instance norm with its input's statistics), before the other checks' RuntimeErrors: enough
-    values per statistic, and running statistics given both or neither (as the installed torch
-    asks)."""
-    if per_instance:
-        _verify_spatial_size(list(input.shape))
-    else:
-        _verify_batch_size(list(input.shape))
+def _check_running_pair(running_mean, running_var) -> None:
+    """Statistics from the batch with running statistics given both or neither, where the
+    installed torch asks that."""
     if (running_mean is None) != (running_var is None) and _REFUSES_ONE_RUNNING_STATISTIC:
         raise ValueError("running_mean and running_var must either both be None or neither be None")
 
@@ -428,8 +422,9 @@ def batch_norm(
                 running_var, weight=weight, bias=bias, training=training, momentum=momentum,
                 eps=eps)
         _check_channel_args(input, running_mean, running_var, weight, bias, "batch_norm")
-        if training:
-            _check_batch_statistics_args(input, running_mean, running_var, per_instance=False)
+        if training:  # torch's ValueErrors come before the dtype checks' RuntimeErrors
+            _verify_batch_size(list(input.shape))
+            _check_running_pair(running_mean, running_var)
         _check_param_dtypes(input, (weight, bias, running_mean, running_var), "batch_norm")
         _runnable(input, "batch_norm")
     elif training:
@@ -464,8 +459,9 @@ def instance_norm(
                 running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
                 use_input_stats=use_input_stats, momentum=momentum, eps=eps)
         _check_channel_args(input, running_mean, running_var, weight, bias, "instance_norm")
-        if use_input_stats:
-            _check_batch_statistics_args(input, running_mean, running_var, per_instance=True)
+        if use_input_stats:  # torch's ValueErrors come before the dtype checks' RuntimeErrors
+            _verify_spatial_size(list(input.shape))
+            _check_running_pair(running_mean, running_var)
         # torch ignores the running statistics' dtype here (it updates them out of place)
         _check_param_dtypes(input, (weight, bias), "instance_norm")
         _runnable(input, "instance_norm")
